@@ -1,0 +1,5 @@
+//! The `kvferry` command.
+
+fn main() {
+    println!("kvferry {}", env!("CARGO_PKG_VERSION"));
+}

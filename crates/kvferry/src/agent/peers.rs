@@ -1,0 +1,297 @@
+//! Metadata: what this agent publishes, and the cache of what peers published.
+
+use std::sync::Arc;
+
+use super::ranges::{RangeMap, Span};
+use super::Agent;
+use crate::backend::{AccessKey, PeerInfo};
+use crate::desc::{RegDescList, XferDescList};
+use crate::error::{Error, Result};
+use crate::host::HostId;
+use crate::metadata::{AgentMetadata, BackendMeta, RegionMeta};
+
+/// A region a peer published, with its backends translated to local slots.
+#[derive(Clone, Debug)]
+pub(crate) struct RemoteRegion {
+    pub(crate) len: u64,
+    pub(crate) key: AccessKey,
+    /// Bit `i`: the peer registered the region with the backend in local slot `i`.
+    pub(crate) local_mask: u32,
+}
+
+impl Span for RemoteRegion {
+    fn span_len(&self) -> u64 {
+        self.len
+    }
+}
+
+/// What this agent knows of one peer.
+#[derive(Debug)]
+pub(crate) struct RemotePeer {
+    pub(crate) name: Arc<str>,
+    pub(crate) instance: u64,
+    pub(crate) host: HostId,
+    pub(crate) backends: Vec<BackendMeta>,
+    pub(crate) regions: RangeMap<RemoteRegion>,
+    /// Bit `i`: the backend in local slot `i` loaded the peer's connection info.
+    pub(crate) loaded_mask: u32,
+    pub(crate) extensions: Vec<(String, Vec<u8>)>,
+}
+
+impl Agent {
+    /// This agent's full metadata: name, host, each backend's connection
+    /// info, and every registered region with its access key. Hand it to
+    /// peers through any channel; they load it with [`load_remote_metadata`](Self::load_remote_metadata).
+    pub fn local_metadata(&self) -> Result<Vec<u8>> {
+        let slots = self.slots();
+        let regions = self.inner.regions.read();
+        let md = AgentMetadata {
+            name: self.name().to_string(),
+            instance: self.inner.instance,
+            host: HostId::current().clone(),
+            partial: false,
+            backends: slots
+                .iter()
+                .map(|s| BackendMeta { name: s.name.to_string(), conn_info: Some(s.backend.conn_info()) })
+                .collect(),
+            regions: regions
+                .iter()
+                .map(|(_, r)| RegionMeta {
+                    mem_type: r.region.mem_type,
+                    addr: r.region.addr,
+                    len: r.region.len,
+                    dev_id: r.region.dev_id,
+                    key: r.region.key,
+                    backend_mask: r.backend_mask,
+                    public: r.public.clone(),
+                })
+                .collect(),
+            extensions: Vec::new(),
+        };
+        Ok(md.encode())
+    }
+
+    /// A partial blob: the regions that hold `descs` (each must be
+    /// registered), only for `backends` (all if empty), with or without
+    /// connection info. A peer that loads it adds to what it already knows.
+    pub fn partial_metadata(&self, descs: &RegDescList, include_conn_info: bool, backends: &[&str]) -> Result<Vec<u8>> {
+        let slots = self.slots();
+        for b in backends {
+            self.require_backend(b)?;
+        }
+        let chosen: Vec<usize> = (0..slots.len())
+            .filter(|&i| backends.is_empty() || backends.iter().any(|b| slots[i].name.eq_ignore_ascii_case(b)))
+            .collect();
+        let remap = |mask: u32| -> u32 {
+            chosen.iter().enumerate().filter(|(_, &i)| mask & (1 << i) != 0).fold(0, |m, (j, _)| m | (1 << j))
+        };
+        let regions = self.inner.regions.read();
+        let mut out = Vec::with_capacity(descs.len());
+        for (i, d) in descs.iter().enumerate() {
+            let (_, r) = regions.covering(descs.mem_type(), &d.xfer()).ok_or_else(|| {
+                Error::not_found(format!(
+                    "partial_metadata: {} descriptor {i} ({:#x}+{}) is not registered on agent '{}'",
+                    descs.mem_type(),
+                    d.addr,
+                    d.len,
+                    self.name()
+                ))
+            })?;
+            let mask = remap(r.backend_mask);
+            if mask == 0 {
+                return Err(Error::not_found(format!(
+                    "partial_metadata: descriptor {i} is not registered with any of the backends {backends:?}"
+                )));
+            }
+            let public = r
+                .public
+                .iter()
+                .filter_map(|(b, p)| chosen.iter().position(|&c| c == usize::from(*b)).map(|j| (j as u8, p.clone())))
+                .collect();
+            out.push(RegionMeta {
+                mem_type: r.region.mem_type,
+                addr: r.region.addr,
+                len: r.region.len,
+                dev_id: r.region.dev_id,
+                key: r.region.key,
+                backend_mask: mask,
+                public,
+            });
+        }
+        let md = AgentMetadata {
+            name: self.name().to_string(),
+            instance: self.inner.instance,
+            host: HostId::current().clone(),
+            partial: true,
+            backends: chosen
+                .iter()
+                .map(|&i| BackendMeta {
+                    name: slots[i].name.to_string(),
+                    conn_info: include_conn_info.then(|| slots[i].backend.conn_info()),
+                })
+                .collect(),
+            regions: out,
+            extensions: Vec::new(),
+        };
+        Ok(md.encode())
+    }
+
+    /// Loads a peer's metadata blob and returns the peer's name.
+    ///
+    /// A full blob replaces what was known of the peer; a partial blob of the
+    /// same peer instance adds to it. A blob from a restarted peer (a new
+    /// instance) replaces the old peer entirely. Garbage, truncated or
+    /// future-version bytes and this agent's own metadata get clear errors.
+    pub fn load_remote_metadata(&self, bytes: &[u8]) -> Result<String> {
+        let md = AgentMetadata::decode(bytes)?;
+        if md.name == self.name() {
+            return Err(Error::invalid(format!(
+                "this is agent '{}''s own metadata; load a peer's metadata instead (transfers to itself need no loading)",
+                md.name
+            )));
+        }
+        let slots = self.slots();
+        let to_local: Vec<Option<usize>> =
+            md.backends.iter().map(|b| slots.iter().position(|s| s.name.as_ref() == b.name)).collect();
+        let translate = |mask: u32| -> u32 {
+            to_local.iter().enumerate().fold(0, |m, (j, l)| match l {
+                Some(i) if mask & (1 << j) != 0 => m | (1 << i),
+                _ => m,
+            })
+        };
+
+        let mut peers = self.inner.peers.write();
+        let name: Arc<str> = md.name.as_str().into();
+        let old = peers.get(&name).cloned();
+        let same_instance = old.as_ref().is_some_and(|p| p.instance == md.instance);
+        if let Some(old) = old.as_ref().filter(|_| !same_instance) {
+            tracing::info!(agent = %self.name(), peer = %name, "peer restarted: dropping its old metadata");
+            self.unload_from_backends(old);
+        }
+        let (mut regions, mut backends, mut loaded_mask, mut extensions) =
+            match old.filter(|_| same_instance && md.partial) {
+                Some(p) => (p.regions_clone(), p.backends.clone(), p.loaded_mask, p.extensions.clone()),
+                None => (RangeMap::default(), Vec::new(), 0, Vec::new()),
+            };
+        if same_instance && !md.partial {
+            // Keep what backends already loaded; a full blob refreshes the rest.
+            loaded_mask = peers.get(&name).map(|p| p.loaded_mask).unwrap_or(0);
+        }
+        for b in &md.backends {
+            match backends.iter_mut().find(|x: &&mut BackendMeta| x.name == b.name) {
+                Some(x) if b.conn_info.is_some() => x.conn_info = b.conn_info.clone(),
+                Some(_) => {}
+                None => backends.push(b.clone()),
+            }
+        }
+        let mut failures = Vec::new();
+        for b in md.backends.iter().filter(|b| b.conn_info.is_some()) {
+            let Some(i) = slots.iter().position(|s| s.name.as_ref() == b.name) else { continue };
+            let info = PeerInfo {
+                name: name.clone(),
+                host: md.host.clone(),
+                instance: md.instance,
+                conn_info: b.conn_info.clone().unwrap_or_default(),
+            };
+            match slots[i].backend.load_remote(&info) {
+                Ok(()) => loaded_mask |= 1 << i,
+                Err(e) => failures.push(format!("{}: {e}", b.name)),
+            }
+        }
+        if loaded_mask == 0 && !failures.is_empty() {
+            return Err(Error::new(
+                crate::ErrorKind::Backend,
+                format!("could not load agent '{name}' into any backend: {}", failures.join("; ")),
+            ));
+        }
+        for f in &failures {
+            tracing::warn!(agent = %self.name(), peer = %name, failure = %f, "a backend could not load the peer");
+        }
+        for r in &md.regions {
+            regions.insert(
+                (r.mem_type, r.dev_id, r.addr),
+                RemoteRegion { len: r.len, key: r.key, local_mask: translate(r.backend_mask) },
+            );
+        }
+        for (k, v) in md.extensions {
+            extensions.retain(|(n, _)| *n != k);
+            extensions.push((k, v));
+        }
+        let peer = RemotePeer {
+            name: name.clone(),
+            instance: md.instance,
+            host: md.host,
+            backends,
+            regions,
+            loaded_mask,
+            extensions,
+        };
+        peers.insert(name, Arc::new(peer));
+        Ok(md.name)
+    }
+
+    fn unload_from_backends(&self, peer: &RemotePeer) {
+        for (i, s) in self.slots().iter().enumerate() {
+            if peer.loaded_mask & (1 << i) != 0 {
+                s.backend.unload_remote(&peer.name);
+            }
+        }
+    }
+
+    /// Forgets a peer's metadata and closes its connections. Requests to it
+    /// created before fail from then on.
+    pub fn invalidate_remote(&self, name: &str) -> Result<()> {
+        let removed = self.inner.peers.write().remove(name);
+        match removed {
+            Some(p) => {
+                self.unload_from_backends(&p);
+                Ok(())
+            }
+            None => Err(Error::not_found(format!("agent '{name}' is not loaded on agent '{}'", self.name()))),
+        }
+    }
+
+    /// Called by backends (through `PeerEvents`) when a peer is gone.
+    pub(crate) fn peer_lost(&self, name: &str, instance: u64) {
+        let mut peers = self.inner.peers.write();
+        if peers.get(name).is_some_and(|p| p.instance == instance) {
+            if let Some(p) = peers.remove(name) {
+                drop(peers);
+                tracing::warn!(agent = %self.name(), peer = %name, "peer disconnected: metadata invalidated");
+                self.unload_from_backends(&p);
+            }
+        }
+    }
+
+    /// Whether `name`'s metadata is loaded and, given `descs`, whether every
+    /// descriptor lies inside a region the peer published.
+    pub fn check_remote(&self, name: &str, descs: Option<&XferDescList>) -> bool {
+        let peers = self.inner.peers.read();
+        let Some(p) = peers.get(name) else { return false };
+        descs.is_none_or(|l| l.iter().all(|d| p.regions.covering(l.mem_type(), d).is_some()))
+    }
+
+    /// Names of the peers whose metadata is loaded.
+    pub fn remote_agents(&self) -> Vec<String> {
+        self.inner.peers.read().keys().map(|k| k.to_string()).collect()
+    }
+
+    pub(crate) fn peer(&self, name: &str) -> Result<Arc<RemotePeer>> {
+        self.inner.peers.read().get(name).cloned().ok_or_else(|| {
+            Error::not_found(format!(
+                "agent '{name}' is not loaded on agent '{}': load its metadata first (load_remote_metadata or fetch_remote_metadata)",
+                self.name()
+            ))
+        })
+    }
+}
+
+impl RemotePeer {
+    fn regions_clone(&self) -> RangeMap<RemoteRegion> {
+        let mut m = RangeMap::default();
+        for (p, r) in self.regions.iter() {
+            m.insert(*p, r.clone());
+        }
+        m
+    }
+}

@@ -1,0 +1,437 @@
+//! Building requests: validation, resolution of every descriptor to its
+//! region, merging of contiguous runs, and the choice of backend.
+//!
+//! Backend choice is deterministic: among the backends that support both
+//! memory types, serve both sides' regions, have loaded the peer and can reach
+//! it, the caller's hints win in the caller's order; without hints the lowest
+//! [`Capabilities::rank`](crate::backend::Capabilities::rank) wins (LOCAL,
+//! then SHM, POSIX, TCP), ties broken by creation order.
+
+use std::fmt;
+use std::sync::Arc;
+
+use super::{Agent, BackendSlot, RemotePeer};
+use crate::backend::{AccessKey, RegionId, Segment, XferOp, XferPlan};
+use crate::desc::{XferDesc, XferDescList};
+use crate::error::{Error, Result};
+use crate::host::HostId;
+use crate::mem::MemType;
+use crate::request::Request;
+
+/// One descriptor resolved to the region that holds it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Resolved {
+    desc: XferDesc,
+    region: RegionId,
+    key: AccessKey,
+    region_addr: u64,
+    mask: u32,
+}
+
+/// A descriptor list resolved once against registrations (local side) or a
+/// peer's published regions (remote side), for building many requests cheaply
+/// with [`Agent::make_request`]. NIXL's prepped descriptor list handle.
+pub struct PreparedList {
+    agent: Agent,
+    /// `None`: the local side. `Some`: the named agent's side (maybe this agent).
+    peer: Option<Arc<str>>,
+    peer_instance: u64,
+    mem_type: MemType,
+    entries: Vec<Resolved>,
+}
+
+impl fmt::Debug for PreparedList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PreparedList")
+            .field("agent", &self.agent.name())
+            .field("side", &self.peer.as_deref().unwrap_or("<local>"))
+            .field("mem_type", &self.mem_type)
+            .field("len", &self.entries.len())
+            .finish()
+    }
+}
+
+impl PreparedList {
+    /// Number of descriptors.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the list is empty.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Memory type of the list.
+    pub fn mem_type(&self) -> MemType {
+        self.mem_type
+    }
+
+    /// The agent whose memory the list describes (`None` for the local side).
+    pub fn peer(&self) -> Option<&str> {
+        self.peer.as_deref()
+    }
+
+    /// Releases the list (the same as dropping it).
+    pub fn release(self) {}
+}
+
+/// The remote side of a request: this agent (loopback) or a loaded peer.
+enum Target {
+    Loopback,
+    Peer(Arc<RemotePeer>),
+}
+
+impl Agent {
+    /// Creates a request moving `local[i]` to or from `remote[i]` of
+    /// `remote_agent` (this agent's own name for local transfers such as
+    /// DRAM ↔ FILE). Counts and pairwise lengths must match, local memory must
+    /// be registered, and remote ranges must lie in regions the peer published.
+    pub fn create_request(
+        &self,
+        op: XferOp,
+        local: &XferDescList,
+        remote: &XferDescList,
+        remote_agent: &str,
+        notif: Option<&[u8]>,
+    ) -> Result<Request> {
+        self.create_request_with(op, local, remote, remote_agent, notif, &[])
+    }
+
+    /// [`create_request`](Self::create_request) with backend hints: only the
+    /// hinted backends are considered, the first that can serve wins.
+    pub fn create_request_with(
+        &self,
+        op: XferOp,
+        local: &XferDescList,
+        remote: &XferDescList,
+        remote_agent: &str,
+        notif: Option<&[u8]>,
+        hints: &[&str],
+    ) -> Result<Request> {
+        if local.len() != remote.len() {
+            return Err(Error::mismatch(format!(
+                "local list has {} descriptors but remote list has {}; they pair up one to one",
+                local.len(),
+                remote.len()
+            )));
+        }
+        if local.is_empty() {
+            return Err(Error::invalid("a request needs at least one descriptor"));
+        }
+        for (i, (l, r)) in local.iter().zip(remote.iter()).enumerate() {
+            if l.len != r.len {
+                return Err(Error::mismatch(format!(
+                    "descriptor {i}: local length {} differs from remote length {}",
+                    l.len, r.len
+                )));
+            }
+        }
+        local.validate(false)?;
+        let target = self.target(remote_agent)?;
+        let l = self.resolve_local(local)?;
+        let r = self.resolve_remote(&target, remote_agent, remote)?;
+        self.build(op, local.mem_type(), &l, remote.mem_type(), &r, remote_agent, &target, notif, hints)
+    }
+
+    /// Resolves `descs` once for [`make_request`](Self::make_request):
+    /// `agent = None` for the local side, `Some(name)` for a peer's side
+    /// (this agent's own name for local transfers).
+    pub fn prepare(&self, agent: Option<&str>, descs: &XferDescList) -> Result<PreparedList> {
+        descs.validate(false)?;
+        let (entries, peer, peer_instance) = match agent {
+            None => (self.resolve_local(descs)?, None, 0),
+            Some(name) => {
+                let target = self.target(name)?;
+                let instance = match &target {
+                    Target::Loopback => self.inner.instance,
+                    Target::Peer(p) => p.instance,
+                };
+                (self.resolve_remote(&target, name, descs)?, Some(Arc::from(name)), instance)
+            }
+        };
+        Ok(PreparedList { agent: self.clone(), peer, peer_instance, mem_type: descs.mem_type(), entries })
+    }
+
+    /// Builds a request from entries of two prepared lists: `local[li[k]]`
+    /// pairs with `remote[ri[k]]`. Runs contiguous on both sides are merged.
+    #[allow(clippy::too_many_arguments)]
+    pub fn make_request(
+        &self,
+        op: XferOp,
+        local: &PreparedList,
+        local_idx: &[usize],
+        remote: &PreparedList,
+        remote_idx: &[usize],
+        notif: Option<&[u8]>,
+        hints: &[&str],
+    ) -> Result<Request> {
+        if local.peer.is_some() || !Arc::ptr_eq(&local.agent.inner, &self.inner) {
+            return Err(Error::invalid(
+                "make_request: the local list must be prepared by this agent with agent = None",
+            ));
+        }
+        let Some(peer_name) = remote.peer.as_deref() else {
+            return Err(Error::invalid(
+                "make_request: the remote list was prepared for the local side; prepare it with the peer's name",
+            ));
+        };
+        if local_idx.len() != remote_idx.len() {
+            return Err(Error::mismatch(format!(
+                "make_request: {} local indices but {} remote indices",
+                local_idx.len(),
+                remote_idx.len()
+            )));
+        }
+        if local_idx.is_empty() {
+            return Err(Error::invalid("make_request: a request needs at least one descriptor"));
+        }
+        let target = self.target(peer_name)?;
+        let instance = match &target {
+            Target::Loopback => self.inner.instance,
+            Target::Peer(p) => p.instance,
+        };
+        if instance != remote.peer_instance {
+            return Err(Error::invalid(format!(
+                "make_request: agent '{peer_name}' was reloaded (restarted) since the remote list was prepared; prepare it again"
+            )));
+        }
+        let pick = |list: &PreparedList, idx: &[usize], side: &str| -> Result<Vec<Resolved>> {
+            idx.iter()
+                .map(|&i| {
+                    list.entries.get(i).copied().ok_or_else(|| {
+                        Error::invalid(format!(
+                            "make_request: {side} index {i} is out of range for a list of {}",
+                            list.len()
+                        ))
+                    })
+                })
+                .collect()
+        };
+        let l = pick(local, local_idx, "local")?;
+        let r = pick(remote, remote_idx, "remote")?;
+        for (k, (a, b)) in l.iter().zip(&r).enumerate() {
+            if a.desc.len != b.desc.len {
+                return Err(Error::mismatch(format!(
+                    "make_request: pair {k} (local {}, remote {}): lengths {} and {} differ",
+                    local_idx[k], remote_idx[k], a.desc.len, b.desc.len
+                )));
+            }
+        }
+        self.build(op, local.mem_type, &l, remote.mem_type, &r, peer_name, &target, notif, hints)
+    }
+
+    fn target(&self, remote_agent: &str) -> Result<Target> {
+        if remote_agent == self.name() {
+            Ok(Target::Loopback)
+        } else {
+            Ok(Target::Peer(self.peer(remote_agent)?))
+        }
+    }
+
+    fn resolve_local(&self, descs: &XferDescList) -> Result<Vec<Resolved>> {
+        let mt = descs.mem_type();
+        let table = self.inner.regions.read();
+        descs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let (_, r) = table.covering(mt, d).ok_or_else(|| {
+                    Error::not_allowed(format!(
+                        "local {mt} descriptor {i} ({:#x}+{}, dev {}) is not inside memory registered on agent '{}'; register it first",
+                        d.addr, d.len, d.dev_id, self.name()
+                    ))
+                })?;
+                Ok(Resolved { desc: *d, region: r.region.id, key: r.region.key, region_addr: r.region.addr, mask: r.backend_mask })
+            })
+            .collect()
+    }
+
+    fn resolve_remote(&self, target: &Target, name: &str, descs: &XferDescList) -> Result<Vec<Resolved>> {
+        let Target::Peer(peer) = target else { return self.resolve_local(descs) };
+        let mt = descs.mem_type();
+        descs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let (pos, r) = peer.regions.covering(mt, d).ok_or_else(|| {
+                    Error::not_allowed(format!(
+                        "remote {mt} descriptor {i} ({:#x}+{}, dev {}) is not inside any region agent '{name}' published; fetch its newer metadata or fix the address",
+                        d.addr, d.len, d.dev_id
+                    ))
+                })?;
+                Ok(Resolved { desc: *d, region: 0, key: r.key, region_addr: pos.2, mask: r.local_mask })
+            })
+            .collect()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        &self,
+        op: XferOp,
+        local_mem: MemType,
+        local: &[Resolved],
+        remote_mem: MemType,
+        remote: &[Resolved],
+        peer_name: &str,
+        target: &Target,
+        notif: Option<&[u8]>,
+        hints: &[&str],
+    ) -> Result<Request> {
+        if let Some(n) = notif {
+            if n.len() > crate::notif::MAX_NOTIF_LEN {
+                return Err(Error::invalid(format!(
+                    "notification is {} bytes, more than {}",
+                    n.len(),
+                    crate::notif::MAX_NOTIF_LEN
+                )));
+            }
+        }
+        let mut mask = u32::MAX;
+        let mut segments: Vec<Segment> = Vec::with_capacity(local.len());
+        let mut total = 0u64;
+        for (l, r) in local.iter().zip(remote) {
+            mask &= l.mask & r.mask;
+            total += l.desc.len;
+            if let Some(last) = segments.last_mut() {
+                if last.local_addr + last.len == l.desc.addr
+                    && last.remote_addr + last.len == r.desc.addr
+                    && last.local_dev == l.desc.dev_id
+                    && last.remote_dev == r.desc.dev_id
+                    && last.local_region == l.region
+                    && last.remote_key == r.key
+                {
+                    last.len += l.desc.len;
+                    continue;
+                }
+            }
+            segments.push(Segment {
+                local_addr: l.desc.addr,
+                local_dev: l.desc.dev_id,
+                remote_addr: r.desc.addr,
+                remote_dev: r.desc.dev_id,
+                len: l.desc.len,
+                local_region: l.region,
+                remote_key: r.key,
+                remote_region_addr: r.region_addr,
+            });
+        }
+        let slot = self.choose_backend(local_mem, remote_mem, mask, peer_name, target, hints)?;
+        let peer: Arc<str> = match target {
+            Target::Loopback => self.inner.name.clone(),
+            Target::Peer(p) => p.name.clone(),
+        };
+        let plan = XferPlan {
+            op,
+            peer: peer.clone(),
+            loopback: matches!(target, Target::Loopback),
+            local_mem,
+            remote_mem,
+            segments,
+            total_bytes: total,
+        };
+        let n = plan.segments.len();
+        let cost = slot.backend.estimate_cost(&plan);
+        let xfer = slot.backend.prepare(plan)?;
+        Ok(Request::new(self.clone(), slot.name.clone(), op, peer, total, n, cost, xfer, notif.map(<[u8]>::to_vec)))
+    }
+
+    fn choose_backend(
+        &self,
+        local_mem: MemType,
+        remote_mem: MemType,
+        mask: u32,
+        peer_name: &str,
+        target: &Target,
+        hints: &[&str],
+    ) -> Result<Arc<BackendSlot>> {
+        let slots = self.slots();
+        let why_not = |i: usize, s: &BackendSlot| -> Option<String> {
+            if !s.caps.mem_types.contains(&local_mem) || !s.caps.mem_types.contains(&remote_mem) {
+                return Some(format!("{} does not move {local_mem} ↔ {remote_mem}", s.name));
+            }
+            if mask & (1 << i) == 0 {
+                return Some(format!(
+                    "{}: not every descriptor lies in a region registered with it on both sides",
+                    s.name
+                ));
+            }
+            match target {
+                Target::Loopback if !s.caps.local => Some(format!("{} does not do transfers within one agent", s.name)),
+                Target::Peer(_) if !s.caps.remote => Some(format!("{} does not do transfers to other agents", s.name)),
+                Target::Peer(p) if p.loaded_mask & (1 << i) == 0 => {
+                    Some(format!("{}: agent '{peer_name}' published no connection info for it", s.name))
+                }
+                Target::Peer(p) if !s.backend.reaches(&p.host) => {
+                    Some(format!("{} cannot reach agent '{peer_name}' from here", s.name))
+                }
+                _ => None,
+            }
+        };
+        let mut reasons = Vec::new();
+        if hints.is_empty() {
+            let mut best: Option<(u16, usize)> = None;
+            for (i, s) in slots.iter().enumerate() {
+                match why_not(i, s) {
+                    None if best.is_none_or(|(rank, _)| s.caps.rank < rank) => best = Some((s.caps.rank, i)),
+                    None => {}
+                    Some(r) => reasons.push(r),
+                }
+            }
+            if let Some((_, i)) = best {
+                return Ok(slots[i].clone());
+            }
+        } else {
+            for h in hints {
+                match slots.iter().enumerate().find(|(_, s)| s.name.eq_ignore_ascii_case(h)) {
+                    None => reasons.push(format!("{} is not a backend of this agent", h.to_ascii_uppercase())),
+                    Some((i, s)) => match why_not(i, s) {
+                        None => return Ok(s.clone()),
+                        Some(r) => reasons.push(r),
+                    },
+                }
+            }
+        }
+        Err(Error::not_supported(format!(
+            "no backend of agent '{}' can move {local_mem} ↔ {remote_mem} with '{peer_name}'{}: {}",
+            self.name(),
+            if hints.is_empty() { String::new() } else { format!(" among hints {hints:?}") },
+            if reasons.is_empty() { "the agent has no backends".to_string() } else { reasons.join("; ") }
+        )))
+    }
+
+    pub(crate) fn notif_backend(&self, peer: &str, hints: &[&str]) -> Result<Arc<BackendSlot>> {
+        let target = self.target(peer)?;
+        let slots = self.slots();
+        let ok = |i: usize, s: &BackendSlot| {
+            s.caps.notifications
+                && match &target {
+                    Target::Loopback => s.caps.local,
+                    Target::Peer(p) => s.caps.remote && p.loaded_mask & (1 << i) != 0 && s.backend.reaches(&p.host),
+                }
+        };
+        let mut order: Vec<usize> = (0..slots.len()).collect();
+        if hints.is_empty() {
+            order.sort_by_key(|&i| slots[i].caps.rank);
+        } else {
+            order = hints.iter().filter_map(|h| slots.iter().position(|s| s.name.eq_ignore_ascii_case(h))).collect();
+        }
+        order.into_iter().find(|&i| ok(i, &slots[i])).map(|i| slots[i].clone()).ok_or_else(|| {
+            Error::not_supported(format!(
+                "no backend of agent '{}' can send a notification to '{peer}' (backends: {:?}); create one with notification support that the peer also runs",
+                self.name(),
+                self.backends()
+            ))
+        })
+    }
+
+    /// The identity of this agent's process, as published in its metadata.
+    pub fn host_id(&self) -> &'static HostId {
+        HostId::current()
+    }
+
+    /// The backend a request will use (NIXL's `query_xfer_backend`).
+    pub fn chosen_backend(&self, req: &Request) -> String {
+        req.backend().to_string()
+    }
+}

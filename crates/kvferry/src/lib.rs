@@ -1,0 +1,71 @@
+//! kvferry moves bytes between the memories and storage of AI inference
+//! workers: KV-cache blocks from prefill to decode workers, blocks to and from
+//! SSD tiers, weights between processes and hosts.
+//!
+//! It does what NVIDIA NIXL and Mooncake's Transfer Engine do, in Rust:
+//! [`Agent`]s register memory, exchange [metadata](crate::metadata), and post
+//! READ/WRITE [`Request`]s over pluggable [backends](crate::backend), with
+//! [notifications](crate::notif) that arrive after the data.
+//!
+//! ```text
+//!   Agent ── registry of backends, regions, peers, requests, notifications
+//!     │  validates, resolves every descriptor to a registered region,
+//!     │  merges contiguous runs, chooses a backend
+//!   Backend trait ── LOCAL │ TCP │ SHM │ POSIX …
+//!     │
+//!   wire protocol (no I/O)       metadata codec (no I/O)
+//! ```
+//!
+//! What kvferry does not do: it does not allocate GPU memory or manage
+//! KV-cache layouts; it moves the bytes it is told to, between regions their
+//! owners registered, and nothing else.
+//!
+//! # Example: two agents in one process
+//!
+//! ```
+//! use std::time::Duration;
+//! use kvferry::{Agent, AlignedBuf, XferOp};
+//!
+//! let prefill = Agent::with_backends("prefill", &["local"])?;
+//! let decode = Agent::with_backends("decode", &["local"])?;
+//! let mut kv = AlignedBuf::new(64 << 10)?;
+//! kv.as_mut_slice().fill(7);
+//! let dst = AlignedBuf::new(64 << 10)?;
+//! let _r1 = prefill.register_buf(&kv)?;
+//! let _r2 = decode.register_buf(&dst)?;
+//!
+//! prefill.load_remote_metadata(&decode.local_metadata()?)?;
+//! let req = prefill.create_request(
+//!     XferOp::Write,
+//!     &kv.xfer_blocks(0, 16 << 10, 4)?,
+//!     &dst.xfer_blocks(0, 16 << 10, 4)?,
+//!     "decode",
+//!     Some(b"layer-0"),
+//! )?;
+//! req.post(None)?;
+//! req.wait(Duration::from_secs(5))?;
+//! assert!(dst.as_slice().iter().all(|&b| b == 7));
+//! assert_eq!(decode.take_notifications()["prefill"], vec![b"layer-0".to_vec()]);
+//! # Ok::<(), kvferry::Error>(())
+//! ```
+
+pub mod agent;
+pub mod backend;
+pub mod desc;
+pub mod error;
+pub mod host;
+pub mod mem;
+pub mod metadata;
+pub mod notif;
+pub mod params;
+pub mod request;
+
+pub use agent::xfer_types::PreparedList;
+pub use agent::{Agent, AgentConfig, Registration};
+pub use backend::{XferOp, XferState};
+pub use desc::{RegDesc, RegDescList, XferDesc, XferDescList};
+pub use error::{Error, ErrorKind, Result};
+pub use mem::{AlignedBuf, MemType};
+pub use notif::Notifications;
+pub use params::{ParamSpec, Params};
+pub use request::Request;
