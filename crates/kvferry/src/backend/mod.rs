@@ -196,10 +196,12 @@ pub struct BackendContext {
     pub peer_events: PeerEvents,
 }
 
+type LostFn = dyn Fn(&str, u64) + Send + Sync;
+
 /// A handle through which a backend reports that a peer disconnected.
 #[derive(Clone)]
 pub struct PeerEvents {
-    pub(crate) on_lost: Arc<dyn Fn(&str, u64) + Send + Sync>,
+    pub(crate) on_lost: Arc<LostFn>,
 }
 
 impl PeerEvents {
