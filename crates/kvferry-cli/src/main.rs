@@ -1,5 +1,67 @@
-//! The `kvferry` command.
+//! The `kvferry` command: benchmarks, a storage/memory target, a setup check.
+
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod info;
+mod rendezvous;
+mod serve;
+
+/// kvferry: move bytes between the memories and storage of inference workers.
+#[derive(Parser, Debug)]
+#[command(name = "kvferry", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Benchmarks. With no subcommand: a short sweep of every backend and a summary table.
+    Bench {
+        #[command(subcommand)]
+        which: Option<BenchCmd>,
+        /// Summary as JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Setup check: plugins, io_uring, cross-memory attach, namespaces, GPU, etcd.
+    Info {
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A long-running target agent serving memory and files until signalled.
+    Serve(Box<serve::ServeArgs>),
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCmd {
+    /// Point-to-point transfers between two agents (loopback, target, initiator).
+    P2p(Box<bench::p2p::P2pArgs>),
+    /// DRAM ↔ file or block device transfers through the POSIX backend.
+    Storage(Box<bench::storage::StorageArgs>),
+}
 
 fn main() {
-    println!("kvferry {}", env!("CARGO_PKG_VERSION"));
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Bench { which: None, json } => bench::summary::run(json),
+        Cmd::Bench { which: Some(BenchCmd::P2p(a)), .. } => {
+            bench::p2p::run(&a)
+                .and_then(|pts| if pts.is_empty() { Ok(()) } else { a.common.plot(&pts, "kvferry bench p2p") })
+        }
+        Cmd::Bench { which: Some(BenchCmd::Storage(a)), .. } => {
+            bench::storage::run(&a).and_then(|pts| a.common.plot(&pts, "kvferry bench storage"))
+        }
+        Cmd::Info { json } => {
+            info::run(json);
+            Ok(())
+        }
+        Cmd::Serve(a) => serve::run(&a),
+    };
+    if let Err(e) = r {
+        eprintln!("kvferry: {e}");
+        std::process::exit(1);
+    }
 }

@@ -1,0 +1,161 @@
+//! `kvferry info`: a setup check. Says what works on this machine and, for
+//! every "no", what to do about it.
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use kvferry::Agent;
+use serde::Serialize;
+
+/// One line of the check.
+#[derive(Debug, Serialize)]
+pub struct Check {
+    pub what: String,
+    pub ok: bool,
+    pub detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+}
+
+fn check(what: &str, r: Result<String, (String, String)>) -> Check {
+    match r {
+        Ok(detail) => Check { what: what.into(), ok: true, detail, hint: None },
+        Err((detail, hint)) => Check { what: what.into(), ok: false, detail, hint: Some(hint) },
+    }
+}
+
+fn io_uring() -> Result<String, (String, String)> {
+    if let Ok(v) = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled") {
+        if v.trim() == "2" {
+            return Err((
+                "disabled by kernel.io_uring_disabled=2".into(),
+                "sysctl -w kernel.io_uring_disabled=0, or use engine=threads".into(),
+            ));
+        }
+    }
+    let mut params = [0u8; 120]; // struct io_uring_params
+                                 // SAFETY: io_uring_setup reads and writes only the 120-byte params struct we pass.
+    let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 4, params.as_mut_ptr()) };
+    if fd < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err((
+            format!("io_uring_setup failed: {e}"),
+            "a kernel ≥ 5.6 without seccomp limits on io_uring; until then use the POSIX engine=threads".into(),
+        ));
+    }
+    // SAFETY: fd is a descriptor we own, returned just above.
+    unsafe { libc::close(fd as i32) };
+    Ok("io_uring_setup works".into())
+}
+
+fn cma() -> Result<String, (String, String)> {
+    let src = [7u8; 64];
+    let mut dst = [0u8; 64];
+    let local = libc::iovec { iov_base: dst.as_mut_ptr().cast(), iov_len: dst.len() };
+    let remote = libc::iovec { iov_base: src.as_ptr() as *mut _, iov_len: src.len() };
+    // SAFETY: both iovecs describe live buffers of this process of the given lengths.
+    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    let scope = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "n/a".into());
+    if n == 64 && dst == src {
+        Ok(format!("process_vm_readv works (yama ptrace_scope {scope})"))
+    } else {
+        let e = std::io::Error::last_os_error();
+        Err((format!("process_vm_readv failed: {e} (yama ptrace_scope {scope})"), "allow ptrace between the processes (ptrace_scope 0 or CAP_SYS_PTRACE); SHM is skipped and TCP carries same-host traffic".into()))
+    }
+}
+
+fn netns() -> Result<String, (String, String)> {
+    let st = Command::new("unshare").args(["--net", "true"]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    match st {
+        Ok(s) if s.success() => Ok("unshare --net works (multi-host tests can run)".into()),
+        Ok(s) => Err((
+            format!("unshare --net exited with {s}"),
+            "run as root (or with CAP_SYS_ADMIN) to create network namespaces".into(),
+        )),
+        Err(e) => Err((format!("unshare not runnable: {e}"), "apt-get install util-linux iproute2".into())),
+    }
+}
+
+fn gpu() -> Result<String, (String, String)> {
+    let dev = std::path::Path::new("/dev/nvidia0").exists();
+    let driver = std::fs::read_to_string("/proc/driver/nvidia/version").ok();
+    match (dev, driver) {
+        (true, Some(v)) => Ok(format!("NVIDIA driver: {}", v.lines().next().unwrap_or("").trim())),
+        (true, None) => Ok("/dev/nvidia0 present".into()),
+        _ => Err((
+            "no NVIDIA GPU visible (/dev/nvidia0 missing)".into(),
+            "VRAM backends need a GPU with its driver; DRAM, FILE and BLOCK work without".into(),
+        )),
+    }
+}
+
+fn etcd() -> Result<String, (String, String)> {
+    let eps =
+        std::env::var("KVFERRY_ETCD_ENDPOINTS").or_else(|_| std::env::var("NIXL_ETCD_ENDPOINTS")).unwrap_or_default();
+    if eps.trim().is_empty() {
+        return Err((
+            "no etcd endpoints configured".into(),
+            "set KVFERRY_ETCD_ENDPOINTS=http://host:2379 to use etcd for metadata".into(),
+        ));
+    }
+    let mut bad = Vec::new();
+    for ep in eps.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let hostport = ep.trim_start_matches("http://").trim_start_matches("https://").trim_end_matches('/');
+        let reachable = hostport
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_secs(1)).is_ok());
+        if !reachable {
+            bad.push(ep.to_string());
+        }
+    }
+    if bad.is_empty() {
+        Ok(format!("reachable: {eps}"))
+    } else {
+        Err((format!("unreachable: {}", bad.join(", ")), "start etcd there, or fix KVFERRY_ETCD_ENDPOINTS".into()))
+    }
+}
+
+/// Runs every check.
+pub fn checks() -> Vec<Check> {
+    let mut v = Vec::new();
+    for p in kvferry::backend::plugins() {
+        let mems: Vec<&str> = p.mem_types().iter().map(|m| m.as_str()).collect();
+        let params: Vec<String> = p.params().iter().map(|s| format!("{}={}", s.name, s.default)).collect();
+        let detail = format!("mem [{}] params [{}]", mems.join(","), params.join(" "));
+        v.push(match p.probe() {
+            Ok(()) => check(&format!("plugin {}", p.name()), Ok(detail)),
+            Err(e) => check(
+                &format!("plugin {}", p.name()),
+                Err((format!("{detail}: {e}"), "see the message; other backends still work".into())),
+            ),
+        });
+    }
+    v.push(check("io_uring", io_uring()));
+    v.push(check("cross-memory attach", cma()));
+    v.push(check("network namespaces", netns()));
+    v.push(check("GPU", gpu()));
+    v.push(check("etcd", etcd()));
+    v
+}
+
+/// `kvferry info`.
+pub fn run(json: bool) {
+    let checks = checks();
+    if json {
+        let out = serde_json::json!({ "version": env!("CARGO_PKG_VERSION"), "plugins": Agent::available_plugins(), "checks": checks });
+        println!("{out}");
+        return;
+    }
+    println!("kvferry {}", env!("CARGO_PKG_VERSION"));
+    for c in &checks {
+        println!("[{}] {:<22} {}", if c.ok { "yes" } else { "no " }, c.what, c.detail);
+        if let Some(h) = &c.hint {
+            println!("      hint: {h}");
+        }
+    }
+}

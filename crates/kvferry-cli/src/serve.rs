@@ -1,0 +1,120 @@
+//! `kvferry serve`: a long-running target agent. It registers memory (and
+//! files, with the POSIX backend), hands its metadata to every client that
+//! connects to its rendezvous port, and serves transfers until SIGINT or
+//! SIGTERM.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use kvferry::params::parse_size;
+use kvferry::{Agent, AgentConfig, AlignedBuf, Error, MemType, Params, RegDesc, RegDescList, Result};
+
+use crate::rendezvous::{self, Msg};
+
+/// Arguments of `kvferry serve`.
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Agent name.
+    #[arg(long, default_value = "kvferry-target")]
+    pub name: String,
+    /// Backends to run (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "tcp")]
+    pub backends: Vec<String>,
+    /// DRAM to register and serve (e.g. 1G); 0 for none.
+    #[arg(long, default_value = "256M")]
+    pub mem_size: String,
+    /// Files to register with the POSIX backend (path mode, created if missing).
+    #[arg(long, value_delimiter = ',')]
+    pub files: Vec<PathBuf>,
+    /// Open the files with O_DIRECT.
+    #[arg(long)]
+    pub direct: bool,
+    /// Address of the rendezvous port.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub ip: String,
+    /// Rendezvous port (0: any free port, printed on start).
+    #[arg(long, default_value_t = 5555)]
+    pub port: u16,
+    /// Backend parameter BACKEND.NAME=VALUE (repeatable), e.g. --param tcp.lanes=4.
+    #[arg(long)]
+    pub param: Vec<String>,
+}
+
+fn config(a: &ServeArgs) -> Result<AgentConfig> {
+    let mut cfg = AgentConfig::default();
+    for b in &a.backends {
+        let mut p = Params::new();
+        for kv in &a.param {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| Error::invalid(format!("--param '{kv}' is not BACKEND.NAME=VALUE")))?;
+            let (be, name) = k
+                .split_once('.')
+                .ok_or_else(|| Error::invalid(format!("--param '{kv}': name the backend, e.g. tcp.lanes=4")))?;
+            if be.eq_ignore_ascii_case(b) {
+                p.set(name, v);
+            }
+        }
+        cfg = cfg.with_backend(b, p);
+    }
+    Ok(cfg)
+}
+
+/// `kvferry serve`.
+pub fn run(a: &ServeArgs) -> Result<()> {
+    let agent = Agent::new(&a.name, config(a)?)?;
+    let mem =
+        parse_size(&a.mem_size).ok_or_else(|| Error::invalid(format!("--mem-size '{}' is not a size", a.mem_size)))?;
+    let buf = if mem > 0 { Some(AlignedBuf::new(mem as usize)?) } else { None };
+    let _mreg = buf.as_ref().map(|b| agent.register_buf(b)).transpose()?;
+    let mut files = RegDescList::new(MemType::File);
+    for (i, f) in a.files.iter().enumerate() {
+        let mode = if a.direct { "rw,direct,create" } else { "rw,create" };
+        files.push(RegDesc::with_meta(0, 0, i as u64 + 1, format!("{mode}:{}", f.display())));
+    }
+    let _freg = if files.is_empty() { None } else { Some(agent.register_storage(&files, &[])?) };
+    let listener = rendezvous::listen(&a.ip, a.port)?;
+    listener.set_nonblocking(true).map_err(|e| Error::io("rendezvous: nonblocking", e))?;
+    let addr = listener.local_addr().map_err(|e| Error::io("rendezvous: local address", e))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).map_err(|e| Error::io("installing signal handlers", e))?;
+    }
+    println!("KVFERRY-TARGET listening on {addr} as '{}' with backends {:?}", agent.name(), agent.backends());
+    let descs =
+        buf.as_ref().map(|b| b.xfer_blocks(0, b.len(), 1)).transpose()?.map(|l| l.to_bytes()).unwrap_or_default();
+    let files_bytes = files.to_bytes();
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((mut s, peer)) => {
+                let _ = s.set_nonblocking(false);
+                let r = rendezvous::recv(&mut s, Duration::from_secs(10)).and_then(|m| match m {
+                    Msg::Hello { metadata, .. } => {
+                        let name = agent.load_remote_metadata(&metadata)?;
+                        rendezvous::send(
+                            &mut s,
+                            &Msg::Ready {
+                                metadata: agent.local_metadata()?,
+                                descs: descs.clone(),
+                                files: files_bytes.clone(),
+                            },
+                        )?;
+                        Ok(name)
+                    }
+                    _ => Err(Error::malformed("expected Hello")),
+                });
+                match r {
+                    Ok(name) => eprintln!("serve: agent '{name}' connected from {peer}"),
+                    Err(e) => eprintln!("serve: client {peer}: {e}"),
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => eprintln!("serve: accept: {e}"),
+        }
+    }
+    eprintln!("serve: signalled, shutting down");
+    Ok(())
+}

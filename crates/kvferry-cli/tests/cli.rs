@@ -1,0 +1,173 @@
+//! The `kvferry` command end to end: help, argument errors, short real runs
+//! in each mode, JSON that parses.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn kvferry(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kvferry")).args(args).output().expect("kvferry runs")
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+#[test]
+fn every_command_has_help() {
+    for (args, expect) in [
+        (&["--help"][..], "bench"),
+        (&["bench", "--help"][..], "p2p"),
+        (&["bench", "p2p", "--help"][..], "--check-consistency"),
+        (&["bench", "storage", "--help"][..], "--engine"),
+        (&["info", "--help"][..], "--json"),
+        (&["serve", "--help"][..], "--mem-size"),
+    ] {
+        let o = kvferry(args);
+        assert!(o.status.success(), "{args:?}: {}", text(&o));
+        assert!(text(&o).contains(expect), "{args:?} help lacks {expect}: {}", text(&o));
+    }
+}
+
+#[test]
+fn argument_errors_are_clear() {
+    let o = kvferry(&["bench", "p2p", "--backend", "local", "--op", "sideways"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("expected READ or WRITE"), "{}", text(&o));
+    let o = kvferry(&["bench", "p2p", "--backend", "local", "--block-sizes", "4Q"]);
+    assert!(text(&o).contains("'4Q'"), "{}", text(&o));
+    let o = kvferry(&["bench", "p2p", "--mode", "sideways"]);
+    assert_eq!(o.status.code(), Some(2), "clap rejects unknown values");
+    let o = kvferry(&["bench", "p2p", "--backend", "nosuch", "--block-sizes", "4K"]);
+    assert!(text(&o).contains("available plugins"), "{}", text(&o));
+    let o = kvferry(&["bench", "p2p", "--backend", "local", "--param", "bogus=1"]);
+    assert!(text(&o).contains("'bogus'"), "{}", text(&o));
+    let o = kvferry(&["bench", "storage", "--mode", "initiator"]);
+    assert_eq!(o.status.code(), Some(1));
+}
+
+#[test]
+fn p2p_loopback_json_parses_and_verifies() {
+    let o = kvferry(&[
+        "bench",
+        "p2p",
+        "--backend",
+        "local",
+        "--block-sizes",
+        "4K,64K",
+        "--batch-sizes",
+        "1,8",
+        "--num_iter",
+        "20",
+        "--json",
+        "--check-consistency",
+        "--op_type",
+        "READ",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect();
+    assert_eq!(lines.len(), 4);
+    for l in &lines {
+        for k in [
+            "bench",
+            "backend",
+            "op",
+            "block_size",
+            "batch_size",
+            "iters",
+            "bytes",
+            "seconds",
+            "gbps",
+            "lat_us_avg",
+            "lat_us_p50",
+            "lat_us_p99",
+            "prep_us_avg",
+        ] {
+            assert!(l.get(k).is_some(), "missing {k} in {l}");
+        }
+        assert_eq!(l["iters"], 20);
+        assert_eq!(l["verified"], true);
+        assert!(l["gbps"].as_f64().unwrap() > 0.0);
+    }
+}
+
+#[test]
+fn p2p_duration_table_and_plot() {
+    let dir = std::env::temp_dir().join(format!("kvferry-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let svg = dir.join("bw.svg");
+    let o = kvferry(&[
+        "bench",
+        "p2p",
+        "--backend",
+        "local",
+        "--start-block-size",
+        "4K",
+        "--max-block-size",
+        "16K",
+        "--duration",
+        "0.05",
+        "--threads",
+        "2",
+        "--plot",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("GB/s") && out.contains("prep p50"), "{out}");
+    assert_eq!(out.lines().count(), 4, "header and three block sizes: {out}");
+    assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn info_reports_checks_with_hints() {
+    let o = kvferry(&["info", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["plugins"].as_array().unwrap().iter().any(|p| p == "LOCAL"));
+    let checks = v["checks"].as_array().unwrap();
+    for what in ["io_uring", "cross-memory attach", "network namespaces", "GPU", "etcd"] {
+        let c = checks.iter().find(|c| c["what"] == what).unwrap_or_else(|| panic!("no {what} check"));
+        if c["ok"] == false {
+            assert!(c["hint"].as_str().is_some_and(|h| !h.is_empty()), "a 'no' comes with a hint: {c}");
+        }
+    }
+    let o = kvferry(&["info"]);
+    assert!(text(&o).contains("plugin LOCAL"), "{}", text(&o));
+}
+
+#[test]
+fn summary_runs() {
+    let o = kvferry(&["bench"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = text(&o);
+    assert!(out.contains("memcpy") && out.contains("LOCAL    WRITE"), "{out}");
+}
+
+#[test]
+fn serve_answers_and_stops_on_sigterm() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvferry"))
+        .args(["serve", "--backends", "local", "--mem-size", "1M", "--ip", "127.0.0.1", "--port", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert!(line.starts_with("KVFERRY-TARGET listening on 127.0.0.1:"), "{line}");
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            assert!(st.success(), "serve exits cleanly on SIGTERM: {st}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "serve did not stop within 10 s of SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Runs every kvferry test. Installs what a fresh Debian machine lacks first,
+# so this one command works on a new machine and in CI alike.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+command -v losetup >/dev/null 2>&1 || need_apt+=(mount)
+command -v mkfs.ext2 >/dev/null 2>&1 || need_apt+=(e2fsprogs)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "==> installing ${need_apt[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "==> cargo test"
+cargo test --workspace --all-targets
+cargo test --workspace --doc
