@@ -69,3 +69,8 @@ pub use mem::{AlignedBuf, MemType};
 pub use notif::Notifications;
 pub use params::{ParamSpec, Params};
 pub use request::Request;
+
+/// The README's examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
