@@ -32,6 +32,18 @@ pub struct AgentConfig {
     /// A shared secret: peers without the same token are refused at the
     /// handshake. Default: `KVFERRY_AUTH_TOKEN` if set, else none.
     pub auth_token: Option<String>,
+    /// URL of a kvferry metadata server (`http://host:port`) for central
+    /// metadata. Default: `KVFERRY_METADATA_URL` if set, else none.
+    pub metadata_url: Option<String>,
+    /// etcd endpoints for central metadata (needs the `etcd` feature).
+    /// Default: `KVFERRY_ETCD_ENDPOINTS` (or NIXL's `NIXL_ETCD_ENDPOINTS`), comma-separated.
+    pub etcd_endpoints: Vec<String>,
+    /// Key prefix of agents' metadata in the central store. Default:
+    /// `KVFERRY_ETCD_NAMESPACE` (or `NIXL_ETCD_NAMESPACE`), else `/kvferry/agents/`.
+    pub metadata_namespace: String,
+    /// Lease on everything the agent publishes centrally: a crashed agent's
+    /// metadata disappears this long after its last renewal. Default: 5 s.
+    pub metadata_lease: Duration,
     /// Backends created with the agent, in order, with their parameters.
     /// Default: none (add them with `create_backend`), or `KVFERRY_BACKENDS`
     /// through [`AgentConfig::from_env`].
@@ -48,10 +60,24 @@ impl Default for AgentConfig {
             connect_timeout: Duration::from_secs(2),
             peer_timeout: Duration::from_secs(2),
             metadata_timeout: Duration::from_secs(5),
-            auth_token: std::env::var("KVFERRY_AUTH_TOKEN").ok().filter(|t| !t.is_empty()),
+            auth_token: env("KVFERRY_AUTH_TOKEN", None),
+            metadata_url: env("KVFERRY_METADATA_URL", None),
+            etcd_endpoints: env("KVFERRY_ETCD_ENDPOINTS", Some("NIXL_ETCD_ENDPOINTS"))
+                .map(|s| s.split(',').map(|e| e.trim().to_string()).filter(|e| !e.is_empty()).collect())
+                .unwrap_or_default(),
+            metadata_namespace: env("KVFERRY_ETCD_NAMESPACE", Some("NIXL_ETCD_NAMESPACE"))
+                .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string()),
+            metadata_lease: Duration::from_secs(5),
             backends: Vec::new(),
         }
     }
+}
+
+/// Default key prefix of agents' metadata in a central store.
+pub const DEFAULT_NAMESPACE: &str = "/kvferry/agents/";
+
+fn env(name: &str, alias: Option<&str>) -> Option<String> {
+    std::env::var(name).ok().or_else(|| alias.and_then(|a| std::env::var(a).ok())).filter(|v| !v.trim().is_empty())
 }
 
 impl AgentConfig {
@@ -71,6 +97,20 @@ impl AgentConfig {
     /// Sets the shared secret (see [`auth_token`](Self::auth_token)).
     pub fn with_auth_token(mut self, token: impl Into<String>) -> Self {
         self.auth_token = Some(token.into());
+        self
+    }
+
+    /// Uses the kvferry metadata server at `url` for central metadata.
+    pub fn with_metadata_url(mut self, url: impl Into<String>) -> Self {
+        self.metadata_url = Some(url.into());
+        self.etcd_endpoints.clear();
+        self
+    }
+
+    /// Uses etcd at `endpoints` for central metadata.
+    pub fn with_etcd(mut self, endpoints: &[&str]) -> Self {
+        self.etcd_endpoints = endpoints.iter().map(|e| e.to_string()).collect();
+        self.metadata_url = None;
         self
     }
 

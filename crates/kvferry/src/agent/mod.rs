@@ -21,6 +21,7 @@ use crate::metadata::codec::check_agent_name;
 use crate::notif::{NotifSink, Notifications};
 use crate::params::{ParamSpec, Params};
 
+mod central;
 mod config;
 mod memory;
 mod peers;
@@ -32,6 +33,7 @@ pub mod xfer_types {
     pub use super::xfer::PreparedList;
 }
 
+pub use central::{MetaPeer, Store};
 pub use config::AgentConfig;
 pub(crate) use memory::LocalRegion;
 pub use memory::Registration;
@@ -56,10 +58,15 @@ pub(crate) struct AgentInner {
     pub(crate) notifs: NotifSink,
     /// Serializes backend creation so two threads cannot create the same one.
     create_lock: Mutex<()>,
+    /// The central metadata store link, opened on first use.
+    pub(crate) central: Mutex<Option<Arc<central::Central>>>,
 }
 
 impl Drop for AgentInner {
     fn drop(&mut self) {
+        if let Some(c) = self.central.get_mut().take() {
+            c.shutdown();
+        }
         live_names().lock().remove(&*self.name);
     }
 }
@@ -126,6 +133,7 @@ impl Agent {
                 peers: RwLock::new(Default::default()),
                 notifs: NotifSink::new(),
                 create_lock: Mutex::new(()),
+                central: Mutex::new(None),
             }),
         };
         agent.with_all(&backends)?;

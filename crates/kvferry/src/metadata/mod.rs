@@ -5,5 +5,7 @@
 //! peer, a metadata server, etcd) live beside it.
 
 pub mod codec;
+pub mod server;
+pub mod store;
 
 pub use codec::{AgentMetadata, BackendMeta, RegionMeta, FORMAT_VERSION, MAGIC};

@@ -1,0 +1,189 @@
+//! The client of the embedded metadata server (see [`crate::metadata::server`]).
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::{MetaStore, WatchBatch};
+use crate::error::{Error, ErrorKind, Result};
+use crate::metadata::server::percent_encode;
+
+/// A client of a kvferry metadata server at `http://host:port`.
+#[derive(Debug)]
+pub struct HttpStore {
+    base: String,
+    agent: ureq::Agent,
+    timeout: Duration,
+}
+
+impl HttpStore {
+    /// A client for `url` (`http://host:port`); every call is bounded by
+    /// `timeout` (plus the wait of long-polls).
+    pub fn new(url: &str, timeout: Duration) -> Result<Self> {
+        let base = url.trim_end_matches('/').to_string();
+        if !base.starts_with("http://") {
+            return Err(Error::invalid(format!("metadata URL '{url}' must look like http://host:port")));
+        }
+        let agent =
+            ureq::Agent::config_builder().http_status_as_error(false).timeout_connect(Some(timeout)).build().into();
+        Ok(HttpStore { base, agent, timeout })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn fail(&self, what: &str, e: ureq::Error) -> Error {
+        let kind = match e {
+            ureq::Error::Timeout(_) => ErrorKind::Timeout,
+            _ => ErrorKind::RemoteDisconnect,
+        };
+        Error::new(kind, format!("metadata server {}: {what}: {e}; is `kvferry meta-server` running there?", self.base))
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<&[u8]>, wait: Duration) -> Result<(u16, Vec<u8>)> {
+        let url = self.url(path);
+        let total = Some(self.timeout + wait);
+        let resp = match (method, body) {
+            ("GET", _) => self.agent.get(&url).config().timeout_global(total).build().call(),
+            ("DELETE", _) => self.agent.delete(&url).config().timeout_global(total).build().call(),
+            ("PUT", Some(b)) => self.agent.put(&url).config().timeout_global(total).build().send(b),
+            ("POST", _) => self.agent.post(&url).config().timeout_global(total).build().send_empty(),
+            _ => return Err(Error::internal(format!("HttpStore: unsupported call {method}"))),
+        };
+        let mut resp = resp.map_err(|e| self.fail(&format!("{method} {path}"), e))?;
+        let status = resp.status().as_u16();
+        let bytes = resp
+            .body_mut()
+            .with_config()
+            .limit(crate::metadata::server::MAX_VALUE as u64 + 1024)
+            .read_to_vec()
+            .map_err(|e| self.fail(&format!("reading the answer to {method} {path}"), e))?;
+        Ok((status, bytes))
+    }
+
+    fn json(&self, what: &str, status: u16, bytes: &[u8]) -> Result<Value> {
+        let v: Value = serde_json::from_slice(bytes)
+            .map_err(|e| Error::malformed(format!("metadata server {}: {what}: answer is not JSON: {e}", self.base)))?;
+        if status != 200 {
+            let msg = v.get("error").and_then(Value::as_str).unwrap_or("no details");
+            return Err(Error::new(
+                ErrorKind::Backend,
+                format!("metadata server {}: {what}: HTTP {status}: {msg}", self.base),
+            ));
+        }
+        Ok(v)
+    }
+
+    fn kv(key: &str) -> String {
+        format!("/v1/kv/{}", percent_encode(key))
+    }
+}
+
+impl MetaStore for HttpStore {
+    fn endpoint(&self) -> String {
+        self.base.clone()
+    }
+
+    fn put(&self, key: &str, value: &[u8], lease: Option<u64>) -> Result<()> {
+        let path = match lease {
+            Some(l) => format!("{}?lease={l}", Self::kv(key)),
+            None => Self::kv(key),
+        };
+        let (st, b) = self.call("PUT", &path, Some(value), Duration::ZERO)?;
+        if st == 404 && lease.is_some() {
+            return Err(Error::not_found(format!(
+                "metadata server {}: lease {} is gone (expired, or the server restarted)",
+                self.base,
+                lease.unwrap_or(0)
+            )));
+        }
+        self.json(&format!("put {key}"), st, &b).map(drop)
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        self.wait_for(key, Duration::ZERO)
+    }
+
+    fn wait_for(&self, key: &str, timeout: Duration) -> Result<Option<Vec<u8>>> {
+        let path = format!("{}?wait_ms={}", Self::kv(key), timeout.as_millis());
+        let (st, b) = self.call("GET", &path, None, timeout)?;
+        match st {
+            200 => Ok(Some(b)),
+            404 => Ok(None),
+            _ => self.json(&format!("get {key}"), st, &b).map(|_| None),
+        }
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        let (st, b) = self.call("DELETE", &Self::kv(key), None, Duration::ZERO)?;
+        self.json(&format!("delete {key}"), st, &b).map(drop)
+    }
+
+    fn delete_prefix(&self, prefix: &str) -> Result<usize> {
+        let (st, b) = self.call("DELETE", &format!("/v1/prefix/{}", percent_encode(prefix)), None, Duration::ZERO)?;
+        Ok(self.json(&format!("delete prefix {prefix}"), st, &b)?.get("deleted").and_then(Value::as_u64).unwrap_or(0)
+            as usize)
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        let (st, b) = self.call("GET", &format!("/v1/prefix/{}", percent_encode(prefix)), None, Duration::ZERO)?;
+        let v = self.json(&format!("list {prefix}"), st, &b)?;
+        Ok(v.get("keys")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(|k| k.get("key").and_then(Value::as_str).map(String::from)).collect())
+            .unwrap_or_default())
+    }
+
+    fn grant_lease(&self, ttl: Duration) -> Result<u64> {
+        let (st, b) =
+            self.call("POST", &format!("/v1/lease?ttl_ms={}", ttl.as_millis().max(1)), None, Duration::ZERO)?;
+        self.json("grant lease", st, &b)?
+            .get("id")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| Error::malformed(format!("metadata server {}: lease answer has no id", self.base)))
+    }
+
+    fn keep_alive(&self, lease: u64) -> Result<bool> {
+        let (st, b) = self.call("POST", &format!("/v1/lease/{lease}/keepalive"), None, Duration::ZERO)?;
+        match st {
+            404 => Ok(false),
+            _ => self.json("keep lease alive", st, &b).map(|_| true),
+        }
+    }
+
+    fn revoke(&self, lease: u64) -> Result<()> {
+        let (st, b) = self.call("DELETE", &format!("/v1/lease/{lease}"), None, Duration::ZERO)?;
+        self.json("revoke lease", st, &b).map(drop)
+    }
+
+    fn revision(&self) -> Result<u64> {
+        let (st, b) = self.call("GET", "/v1/health", None, Duration::ZERO)?;
+        Ok(self.json("health", st, &b)?.get("revision").and_then(Value::as_u64).unwrap_or(0))
+    }
+
+    fn watch(&self, prefix: &str, since: u64, timeout: Duration) -> Result<WatchBatch> {
+        let path =
+            format!("/v1/events?prefix={}&since={since}&wait_ms={}", percent_encode(prefix), timeout.as_millis());
+        let (st, b) = self.call("GET", &path, None, timeout)?;
+        let v = self.json("watch", st, &b)?;
+        let mut w = WatchBatch {
+            revision: v.get("revision").and_then(Value::as_u64).unwrap_or(since),
+            compacted: v.get("compacted").and_then(Value::as_bool).unwrap_or(false),
+            ..WatchBatch::default()
+        };
+        for e in v.get("events").and_then(Value::as_array).into_iter().flatten() {
+            let key = e.get("key").and_then(Value::as_str).unwrap_or_default().to_string();
+            match e.get("kind").and_then(Value::as_str) {
+                Some("put") => w.put.push(key),
+                Some("delete") => w.deleted.push(key),
+                _ => return Err(Error::malformed(format!("metadata server {}: unknown event {e}", self.base))),
+            }
+        }
+        // A restarted server counts from 0 again: everything since is news.
+        if w.revision < since {
+            w.compacted = true;
+        }
+        Ok(w)
+    }
+}

@@ -1,0 +1,89 @@
+//! Central metadata stores: the embedded HTTP server ([`HttpStore`]) and etcd
+//! (`EtcdStore`, with the `etcd` cargo feature). Agents publish their metadata
+//! here under a lease, fetch peers' metadata by name, watch for peers that
+//! disappear, and applications exchange small values.
+//!
+//! Every call is bounded in time; an unreachable store is an error that names
+//! the endpoint.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::agent::AgentConfig;
+use crate::error::{Error, Result};
+
+mod http;
+pub use http::HttpStore;
+
+#[cfg(feature = "etcd")]
+mod etcd;
+#[cfg(feature = "etcd")]
+pub use etcd::EtcdStore;
+
+/// What changed under a watched prefix.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WatchBatch {
+    /// The store's revision after these changes: pass it as `since` next time.
+    pub revision: u64,
+    /// Keys written.
+    pub put: Vec<String>,
+    /// Keys deleted (or expired with their lease).
+    pub deleted: Vec<String>,
+    /// The store no longer has every change since `since`: re-list to catch up.
+    pub compacted: bool,
+}
+
+/// A key-value store with leases and watches, as agents need it.
+pub trait MetaStore: Send + Sync + fmt::Debug + 'static {
+    /// Where the store is, for error messages.
+    fn endpoint(&self) -> String;
+    /// Writes `value` at `key`, attached to `lease` if given.
+    fn put(&self, key: &str, value: &[u8], lease: Option<u64>) -> Result<()>;
+    /// Reads `key`; `None` if absent.
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
+    /// Reads `key`, waiting up to `timeout` for it to appear.
+    fn wait_for(&self, key: &str, timeout: Duration) -> Result<Option<Vec<u8>>>;
+    /// Deletes `key` (absent is fine).
+    fn delete(&self, key: &str) -> Result<()>;
+    /// Deletes every key under `prefix`; returns how many.
+    fn delete_prefix(&self, prefix: &str) -> Result<usize>;
+    /// Keys under `prefix`, sorted.
+    fn list(&self, prefix: &str) -> Result<Vec<String>>;
+    /// Grants a lease of `ttl`; keys attached to it vanish unless it is kept alive.
+    fn grant_lease(&self, ttl: Duration) -> Result<u64>;
+    /// Renews a lease; `false` if it no longer exists (expired, or the store restarted).
+    fn keep_alive(&self, lease: u64) -> Result<bool>;
+    /// Revokes a lease and deletes its keys.
+    fn revoke(&self, lease: u64) -> Result<()>;
+    /// The current revision (pass to [`watch`](Self::watch) to see later changes only).
+    fn revision(&self) -> Result<u64>;
+    /// Changes under `prefix` after revision `since`, waiting up to `timeout` for one.
+    fn watch(&self, prefix: &str, since: u64, timeout: Duration) -> Result<WatchBatch>;
+}
+
+/// Opens the store the configuration names: `metadata_url` (the embedded
+/// server) or `etcd_endpoints`. `None` when neither is set.
+pub fn open(cfg: &AgentConfig) -> Result<Option<Arc<dyn MetaStore>>> {
+    match (&cfg.metadata_url, cfg.etcd_endpoints.is_empty()) {
+        (Some(_), false) => Err(Error::invalid(
+            "both KVFERRY_METADATA_URL and KVFERRY_ETCD_ENDPOINTS are set; choose one metadata store",
+        )),
+        (Some(url), true) => Ok(Some(Arc::new(HttpStore::new(url, cfg.connect_timeout)?))),
+        (None, false) => open_etcd(cfg),
+        (None, true) => Ok(None),
+    }
+}
+
+#[cfg(feature = "etcd")]
+fn open_etcd(cfg: &AgentConfig) -> Result<Option<Arc<dyn MetaStore>>> {
+    Ok(Some(Arc::new(EtcdStore::connect(&cfg.etcd_endpoints, cfg.connect_timeout)?)))
+}
+
+#[cfg(not(feature = "etcd"))]
+fn open_etcd(cfg: &AgentConfig) -> Result<Option<Arc<dyn MetaStore>>> {
+    Err(Error::not_supported(format!(
+        "etcd endpoints {:?} are configured but this kvferry was built without the `etcd` feature; rebuild with --features etcd or use KVFERRY_METADATA_URL",
+        cfg.etcd_endpoints
+    )))
+}
