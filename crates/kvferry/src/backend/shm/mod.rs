@@ -469,3 +469,33 @@ impl BackendXfer for ShmXfer {
         // Copies are synchronous: nothing is ever in flight after post returns.
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_process_identity_is_refused() {
+        let me = HostId::current();
+        let mut info =
+            ConnInfo { pid: me.pid, start_time: me.start_time, nonce: 1, nonce_addr: 8, socket: b"x".to_vec() };
+        check_process("me", &info).unwrap();
+        info.start_time += 1;
+        let e = check_process("me", &info).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::RemoteDisconnect);
+        assert!(e.message().contains("another process"), "{e}");
+        info.pid = i32::MAX as u32;
+        assert!(check_process("me", &info).unwrap_err().message().contains("no longer running"));
+    }
+
+    #[test]
+    fn attach_errors_say_what_to_do() {
+        let e = attach_error("p", 7, std::io::Error::from_raw_os_error(libc::EPERM));
+        assert_eq!(e.kind(), ErrorKind::NotAllowed);
+        assert!(e.message().contains("ptrace") && e.message().contains("TCP"), "{e}");
+        assert_eq!(
+            attach_error("p", 7, std::io::Error::from_raw_os_error(libc::ESRCH)).kind(),
+            ErrorKind::RemoteDisconnect
+        );
+    }
+}
