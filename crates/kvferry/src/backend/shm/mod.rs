@@ -224,6 +224,13 @@ impl ShmBackend {
     }
 }
 
+/// Same host for cross-memory attach, and the same network namespace, which
+/// scopes the abstract Unix socket of the control channel.
+fn same_host_and_net(peer: &HostId) -> bool {
+    let me = HostId::current();
+    me.same_host(peer) && me.net_ns == peer.net_ns
+}
+
 /// Fails unless `info.pid` is still the process that published `info`.
 fn check_process(peer: &str, info: &ConnInfo) -> Result<()> {
     match info::process_start_time(info.pid) {
@@ -270,13 +277,14 @@ impl Backend for ShmBackend {
     }
 
     fn reaches(&self, peer: &HostId) -> bool {
-        HostId::current().same_host(peer)
+        same_host_and_net(peer)
     }
 
     fn load_remote(&self, peer: &PeerInfo) -> Result<()> {
-        if !HostId::current().same_host(&peer.host) {
+        if !same_host_and_net(&peer.host) {
             return Err(Error::not_supported(format!(
-                "SHM reaches agents on this host only; '{}' runs on '{}' or in another PID namespace (TCP will be used)",
+                "SHM reaches agents on this host, in this PID and network namespace, only; '{}' runs on '{}' or in \
+                 another namespace (TCP will be used)",
                 peer.name, peer.host.hostname
             )));
         }
@@ -473,6 +481,18 @@ impl BackendXfer for ShmXfer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reach_needs_same_host_and_network_namespace() {
+        let me = HostId::current();
+        assert!(same_host_and_net(me));
+        let mut other = me.clone();
+        other.net_ns += 1;
+        assert!(!same_host_and_net(&other), "abstract sockets do not cross network namespaces");
+        let mut other = me.clone();
+        other.boot_id = "another-host".into();
+        assert!(!same_host_and_net(&other));
+    }
 
     #[test]
     fn stale_process_identity_is_refused() {
