@@ -1,0 +1,521 @@
+//! `SHM`: DRAM ↔ DRAM between processes of one host by cross-memory attach.
+//!
+//! A transfer is one copy straight between the two address spaces
+//! (`process_vm_writev` for WRITE, `process_vm_readv` for READ), up to
+//! [`IOV_MAX`](cma::IOV_MAX) descriptors per system call, done on the posting
+//! thread: `post` returns `Done` once every byte has moved. The iovec arrays
+//! are built once, at `prepare`, and reused by every post.
+//!
+//! ```text
+//!  initiator process                          owner process
+//!  ┌───────────────┐  process_vm_writev/readv  ┌───────────────┐
+//!  │ local regions │ ═════════════════════════▶│ its regions   │  (one copy, kernel)
+//!  │  ShmXfer      │                           │               │
+//!  │  Link ────────┼── Unix socket (control) ──┼── Server       │
+//!  └───────────────┘  NOTIF, QUERY ▶  ◀ STATUS, REVOKE          └
+//! ```
+//!
+//! **Reach.** Only peers on the same host ([`HostId::same_host`]: same boot
+//! id and PID namespace) and whose process the kernel lets this one attach
+//! to. Loading a peer's connection info reads a nonce out of its memory: a
+//! refusal (`EPERM`, Yama `ptrace_scope`, different user) makes `load_remote`
+//! fail with a clear error, and the agent uses TCP for that peer instead.
+//!
+//! **Choice.** Rank 10: preferred over TCP (50) for same-host peers; LOCAL
+//! (0) stays first for agents of one process. Hints from the caller win.
+//!
+//! **Guarantees.** The owner cannot check each copy (the kernel does it
+//! without asking it), so the initiator does: the agent checks every remote
+//! range against the regions the peer published, and the backend checks that
+//! each region's key is still live. Keys are confirmed live by the owner over
+//! the control channel at `prepare`, and revoked by it at deregistration:
+//! the owner's `deregister` returns once every connected initiator has
+//! acknowledged (so no copy into the region is in flight), or after the
+//! agent's `peer_timeout`, closing the connections that did not answer.
+//!
+//! **Failures.** A peer that exited gives `RemoteDisconnect` (the kernel's
+//! `ESRCH`, or the control connection's end) and is reported lost to the
+//! agent. Stale connection info (the pid gone or reused by a restarted
+//! process) is refused at load: the start time and the nonce must match.
+//!
+//! See `docs/SHM.md` for the full story and the measured performance.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
+
+use super::{
+    AccessKey, Backend, BackendContext, BackendPlugin, BackendXfer, Capabilities, CostEstimate, PeerEvents, PeerInfo,
+    Region, XferOp, XferPlan, XferState,
+};
+use crate::error::{Error, ErrorKind, Result};
+use crate::host::HostId;
+use crate::mem::MemType;
+use crate::params::{ParamSpec, Params};
+
+pub mod cma;
+pub mod info;
+pub mod notify;
+pub mod wire;
+
+use cma::{Cma, Dir, Iov};
+use info::ConnInfo;
+use notify::{Hello, Link, Server};
+
+/// The `SHM` plugin.
+#[derive(Debug)]
+pub struct ShmPlugin;
+
+const NAME: &str = "SHM";
+
+const PARAMS: &[ParamSpec] = &[ParamSpec {
+    name: "ptracer_any",
+    default: "false",
+    doc: "Under Yama ptrace_scope=1, let any process of this user attach to this one \
+          (prctl PR_SET_PTRACER_ANY) so that same-host peers that are not its ancestors can use SHM. \
+          Process-wide. Default false: it widens who may read this process's memory; without it such \
+          peers fall back to TCP.",
+}];
+
+/// Yama's `ptrace_scope`, if the Yama LSM is present.
+fn ptrace_scope() -> Option<u32> {
+    std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope").ok()?.trim().parse().ok()
+}
+
+impl BackendPlugin for ShmPlugin {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn mem_types(&self) -> Vec<MemType> {
+        vec![MemType::Dram]
+    }
+
+    fn params(&self) -> &'static [ParamSpec] {
+        PARAMS
+    }
+
+    fn probe(&self) -> Result<()> {
+        cma::probe_self().map_err(|e| {
+            Error::io(
+                "SHM needs cross-memory attach (process_vm_readv), which this process may not use \
+                 (kernel without CONFIG_CROSS_MEMORY_ATTACH, or a seccomp filter); use TCP",
+                e,
+            )
+        })?;
+        match ptrace_scope() {
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            Some(2) if unsafe { libc::geteuid() } != 0 => Err(Error::not_supported(
+                "SHM: Yama ptrace_scope is 2 (admin-only attach), so processes cannot attach to each other; \
+                 use TCP, or lower /proc/sys/kernel/yama/ptrace_scope to 0 or 1",
+            )),
+            Some(s) if s >= 3 => Err(Error::not_supported(
+                "SHM: Yama ptrace_scope is 3 (no attach at all), so cross-memory attach is impossible; use TCP",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn create(&self, ctx: BackendContext, params: &Params) -> Result<Arc<dyn Backend>> {
+        let params = params.resolved(PARAMS);
+        if params.parse_bool(NAME, "ptracer_any")? && ptrace_scope() == Some(1) {
+            // SAFETY: prctl(PR_SET_PTRACER) takes integer arguments only and changes process attributes.
+            let r = unsafe { libc::prctl(libc::PR_SET_PTRACER, libc::PR_SET_PTRACER_ANY, 0, 0, 0) };
+            if r != 0 {
+                return Err(Error::io("SHM: prctl(PR_SET_PTRACER_ANY)", std::io::Error::last_os_error()));
+            }
+        }
+        let nonce = loop {
+            let k = AccessKey::random()?;
+            let n = u64::from_le_bytes(k.0[..8].try_into().unwrap_or([0; 8]));
+            if n != 0 {
+                break n;
+            }
+        };
+        // Peers read this word through cross-memory attach; it never changes.
+        let nonce_cell = Box::new(nonce);
+        let me = HostId::current();
+        let socket = format!("kvferry-shm-{}-{nonce:016x}", me.pid).into_bytes();
+        let server = Server::start(
+            socket.clone(),
+            ctx.agent_name.clone(),
+            nonce,
+            ctx.config.auth_token.clone(),
+            ctx.notifs.clone(),
+            ctx.config.connect_timeout,
+        )?;
+        let info = ConnInfo {
+            pid: me.pid,
+            start_time: me.start_time,
+            nonce,
+            nonce_addr: &*nonce_cell as *const u64 as u64,
+            socket,
+        };
+        Ok(Arc::new(ShmBackend {
+            ctx,
+            params,
+            info,
+            _nonce_cell: nonce_cell,
+            server,
+            peers: RwLock::new(HashMap::new()),
+        }))
+    }
+}
+
+/// A loaded peer: its connection info and, once opened, the link to it.
+#[derive(Debug)]
+struct PeerSlot {
+    info: ConnInfo,
+    instance: u64,
+    link: Mutex<Option<Arc<Link>>>,
+}
+
+/// The SHM backend instance of one agent.
+#[derive(Debug)]
+pub struct ShmBackend {
+    ctx: BackendContext,
+    params: Params,
+    info: ConnInfo,
+    _nonce_cell: Box<u64>,
+    server: Server,
+    peers: RwLock<HashMap<Arc<str>, Arc<PeerSlot>>>,
+}
+
+impl Drop for ShmBackend {
+    fn drop(&mut self) {
+        for (_, p) in self.peers.write().drain() {
+            if let Some(l) = p.link.lock().take() {
+                l.close("the SHM backend was dropped");
+            }
+        }
+    }
+}
+
+impl ShmBackend {
+    /// The open link to `peer`, opening it on first use.
+    fn link(&self, peer: &str) -> Result<Arc<Link>> {
+        let slot = self.peers.read().get(peer).cloned().ok_or_else(|| {
+            Error::disconnected(format!("SHM: agent '{peer}' is not loaded (invalidated or never loaded)"))
+        })?;
+        let mut g = slot.link.lock();
+        if let Some(l) = g.as_ref() {
+            return Ok(l.clone());
+        }
+        check_process(peer, &slot.info)?;
+        let cfg = &self.ctx.config;
+        let link = Link::connect(
+            &slot.info.socket,
+            Hello {
+                agent: &self.ctx.agent_name,
+                instance: self.ctx.instance,
+                nonce: slot.info.nonce,
+                token: cfg.auth_token.as_deref(),
+            },
+            peer.into(),
+            slot.instance,
+            slot.info.pid as i32,
+            (cfg.connect_timeout, cfg.peer_timeout),
+            self.ctx.peer_events.clone(),
+        )?;
+        *g = Some(link.clone());
+        Ok(link)
+    }
+}
+
+/// Same host for cross-memory attach, and the same network namespace, which
+/// scopes the abstract Unix socket of the control channel.
+fn same_host_and_net(peer: &HostId) -> bool {
+    let me = HostId::current();
+    me.same_host(peer) && me.net_ns == peer.net_ns
+}
+
+/// Fails unless `info.pid` is still the process that published `info`.
+fn check_process(peer: &str, info: &ConnInfo) -> Result<()> {
+    match info::process_start_time(info.pid) {
+        Some(t) if t == info.start_time => Ok(()),
+        Some(_) => Err(Error::disconnected(format!(
+            "SHM: agent '{peer}''s metadata is stale: pid {} now belongs to another process (the agent restarted?); fetch its fresh metadata",
+            info.pid
+        ))),
+        None => Err(Error::disconnected(format!(
+            "SHM: agent '{peer}''s metadata is stale: process {} is no longer running; fetch the metadata of its new process",
+            info.pid
+        ))),
+    }
+}
+
+impl Backend for ShmBackend {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { mem_types: vec![MemType::Dram], local: false, remote: true, notifications: true, rank: 10 }
+    }
+
+    fn params(&self) -> Params {
+        self.params.clone()
+    }
+
+    fn conn_info(&self) -> Vec<u8> {
+        self.info.encode()
+    }
+
+    fn register(&self, region: &Region) -> Result<Vec<u8>> {
+        if region.mem_type != MemType::Dram {
+            return Err(Error::not_supported(format!("SHM moves DRAM only, not {}", region.mem_type)));
+        }
+        self.server.add(region.key);
+        Ok(Vec::new())
+    }
+
+    fn deregister(&self, region: &Region) -> Result<()> {
+        self.server.revoke(region.key, self.ctx.config.peer_timeout);
+        Ok(())
+    }
+
+    fn reaches(&self, peer: &HostId) -> bool {
+        same_host_and_net(peer)
+    }
+
+    fn load_remote(&self, peer: &PeerInfo) -> Result<()> {
+        if !same_host_and_net(&peer.host) {
+            return Err(Error::not_supported(format!(
+                "SHM reaches agents on this host, in this PID and network namespace, only; '{}' runs on '{}' or in \
+                 another namespace (TCP will be used)",
+                peer.name, peer.host.hostname
+            )));
+        }
+        let info = ConnInfo::decode(&peer.conn_info).map_err(|e| e.context(format!("agent '{}'", peer.name)))?;
+        if info.pid != peer.host.pid || info.start_time != peer.host.start_time {
+            return Err(Error::mismatch(format!(
+                "SHM connection info of '{}' names pid {} (start {}) but its metadata says pid {} (start {})",
+                peer.name, info.pid, info.start_time, peer.host.pid, peer.host.start_time
+            )));
+        }
+        check_process(&peer.name, &info)?;
+        match cma::read_u64(info.pid as i32, info.nonce_addr) {
+            Ok(n) if n == info.nonce => {}
+            Ok(_) => {
+                return Err(Error::disconnected(format!(
+                    "SHM: agent '{}''s metadata is stale: pid {} no longer holds the SHM backend that published it; fetch fresh metadata",
+                    peer.name, info.pid
+                )))
+            }
+            Err(e) => return Err(attach_error(&peer.name, info.pid, e)),
+        }
+        let slot = Arc::new(PeerSlot { info, instance: peer.instance, link: Mutex::new(None) });
+        if let Some(old) = self.peers.write().insert(peer.name.clone(), slot) {
+            if let Some(l) = old.link.lock().take() {
+                l.close("the peer's metadata was replaced");
+            }
+        }
+        Ok(())
+    }
+
+    fn unload_remote(&self, peer: &str) {
+        let old = self.peers.write().remove(peer);
+        if let Some(l) = old.and_then(|p| p.link.lock().take()) {
+            l.close("the peer was unloaded (invalidated)");
+        }
+    }
+
+    fn connect(&self, peer: &str) -> Result<()> {
+        self.link(peer).map(drop)
+    }
+
+    fn prepare(&self, plan: XferPlan) -> Result<Box<dyn BackendXfer>> {
+        if plan.local_mem != MemType::Dram || plan.remote_mem != MemType::Dram {
+            return Err(Error::not_supported("SHM moves DRAM ↔ DRAM only"));
+        }
+        if plan.loopback {
+            return Err(Error::not_supported("SHM does not do transfers within one agent; use LOCAL"));
+        }
+        let link = self.link(&plan.peer)?;
+        let mut keys: Vec<AccessKey> = plan.segments.iter().map(|s| s.remote_key).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        link.ensure_live(&keys, self.ctx.config.peer_timeout)?;
+        let mut local = Vec::with_capacity(plan.segments.len());
+        let mut remote = Vec::with_capacity(plan.segments.len());
+        for s in &plan.segments {
+            let len = usize::try_from(s.len).map_err(|_| Error::invalid("SHM: a segment is larger than memory"))?;
+            local.push(Iov { base: s.local_addr as usize, len });
+            remote.push(Iov { base: s.remote_addr as usize, len });
+        }
+        Ok(Box::new(ShmXfer {
+            link,
+            dir: match plan.op {
+                XferOp::Write => Dir::Write,
+                XferOp::Read => Dir::Read,
+            },
+            local,
+            remote,
+            keys,
+            total: plan.total_bytes,
+            cma: Cma::new(),
+            frame: Vec::new(),
+            events: self.ctx.peer_events.clone(),
+        }))
+    }
+
+    fn send_notification(&self, peer: &str, msg: &[u8]) -> Result<()> {
+        let link = self.link(peer)?;
+        if let Some(why) = &link.state.read().dead {
+            return Err(link.dead_error(why));
+        }
+        let mut buf = Vec::new();
+        wire::encode_notif(msg, &mut buf);
+        link.send_bytes(&buf)
+    }
+
+    fn estimate_cost(&self, plan: &XferPlan) -> CostEstimate {
+        // About memcpy speed plus one system call per IOV_MAX segments.
+        let calls = plan.segments.len().div_ceil(cma::IOV_MAX) as f64;
+        let secs = plan.total_bytes as f64 / 8e9 + calls * 2e-6;
+        CostEstimate {
+            duration: Duration::from_secs_f64(secs),
+            err_margin: Duration::from_secs_f64(secs / 2.0),
+            method: "ANALYTICAL",
+        }
+    }
+}
+
+/// Turns a failed attach to `pid` into an error that says why and what to do.
+fn attach_error(peer: &str, pid: u32, e: std::io::Error) -> Error {
+    match e.raw_os_error() {
+        Some(libc::ESRCH) => Error::disconnected(format!("SHM: agent '{peer}' (pid {pid}) has exited")).with_source(e),
+        Some(libc::EPERM) => Error::not_allowed(format!(
+            "SHM: the kernel refuses cross-memory attach to agent '{peer}' (pid {pid}): EPERM. The processes run as \
+             different users, or Yama ptrace_scope ({}) forbids it (set SHM parameter ptracer_any=true on the peer, \
+             or ptrace_scope=0); TCP will be used for this peer",
+            ptrace_scope().map_or("absent".to_string(), |s| s.to_string())
+        ))
+        .with_source(e),
+        _ => Error::io(format!("SHM: cross-memory attach to agent '{peer}' (pid {pid})"), e),
+    }
+}
+
+/// A prepared SHM transfer: iovec arrays built once, posted many times.
+#[derive(Debug)]
+struct ShmXfer {
+    link: Arc<Link>,
+    dir: Dir,
+    local: Vec<Iov>,
+    remote: Vec<Iov>,
+    /// The distinct remote region keys, checked live at each post.
+    keys: Vec<AccessKey>,
+    total: u64,
+    cma: Cma,
+    frame: Vec<u8>,
+    events: PeerEvents,
+}
+
+impl ShmXfer {
+    fn copy(&mut self) -> Result<()> {
+        let st = self.link.state.read();
+        if let Some(why) = &st.dead {
+            return Err(self.link.dead_error(why));
+        }
+        if let Some(k) = self.keys.iter().find(|k| !st.live.contains(*k)) {
+            return Err(Error::not_allowed(format!(
+                "SHM: agent '{}' deregistered region {k:?} since this request was prepared; nothing was copied",
+                self.link.peer
+            )));
+        }
+        // SAFETY: every local range lies in memory this agent registered (the
+        // agent resolved it at request creation), which the registrant keeps
+        // valid while registered; the kernel checks the remote ranges against
+        // the peer's mappings. The read lock on the link state is held for the
+        // whole copy, so a revocation (the owner deregistering) waits for it.
+        let r = unsafe { self.cma.transfer(self.dir, self.link.pid, &self.local, &self.remote) };
+        drop(st);
+        match r {
+            Ok(n) if n == self.total => Ok(()),
+            Ok(n) => Err(Error::internal(format!("SHM: moved {n} of {} bytes without an error", self.total))),
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+                self.link.mark_dead(format!("process {} exited", self.link.pid));
+                self.events.peer_lost(&self.link.peer, self.link.instance);
+                Err(attach_error(&self.link.peer, self.link.pid as u32, e))
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EFAULT) || e.kind() == std::io::ErrorKind::WriteZero => {
+                Err(Error::new(
+                    ErrorKind::Backend,
+                    format!(
+                        "SHM: {} with agent '{}' hit unmapped memory: a range is no longer mapped in this process or \
+                         in the peer (memory freed while still registered?): {e}",
+                        if self.dir == Dir::Write { "WRITE" } else { "READ" },
+                        self.link.peer
+                    ),
+                )
+                .with_source(e))
+            }
+            Err(e) => Err(attach_error(&self.link.peer, self.link.pid as u32, e)),
+        }
+    }
+}
+
+impl BackendXfer for ShmXfer {
+    fn post(&mut self, notif: Option<&[u8]>) -> Result<XferState> {
+        self.copy()?;
+        if let Some(n) = notif {
+            // The copy returned: the data is in the peer's memory before it can see this.
+            self.frame.clear();
+            wire::encode_notif(n, &mut self.frame);
+            self.link.send_bytes(&self.frame)?;
+        }
+        Ok(XferState::Done)
+    }
+
+    fn poll(&mut self) -> Result<XferState> {
+        Ok(XferState::Done)
+    }
+
+    fn cancel(&mut self) {
+        // Copies are synchronous: nothing is ever in flight after post returns.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reach_needs_same_host_and_network_namespace() {
+        let me = HostId::current();
+        assert!(same_host_and_net(me));
+        let mut other = me.clone();
+        other.net_ns += 1;
+        assert!(!same_host_and_net(&other), "abstract sockets do not cross network namespaces");
+        let mut other = me.clone();
+        other.boot_id = "another-host".into();
+        assert!(!same_host_and_net(&other));
+    }
+
+    #[test]
+    fn stale_process_identity_is_refused() {
+        let me = HostId::current();
+        let mut info =
+            ConnInfo { pid: me.pid, start_time: me.start_time, nonce: 1, nonce_addr: 8, socket: b"x".to_vec() };
+        check_process("me", &info).unwrap();
+        info.start_time += 1;
+        let e = check_process("me", &info).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::RemoteDisconnect);
+        assert!(e.message().contains("another process"), "{e}");
+        info.pid = i32::MAX as u32;
+        assert!(check_process("me", &info).unwrap_err().message().contains("no longer running"));
+    }
+
+    #[test]
+    fn attach_errors_say_what_to_do() {
+        let e = attach_error("p", 7, std::io::Error::from_raw_os_error(libc::EPERM));
+        assert_eq!(e.kind(), ErrorKind::NotAllowed);
+        assert!(e.message().contains("ptrace") && e.message().contains("TCP"), "{e}");
+        assert_eq!(
+            attach_error("p", 7, std::io::Error::from_raw_os_error(libc::ESRCH)).kind(),
+            ErrorKind::RemoteDisconnect
+        );
+    }
+}

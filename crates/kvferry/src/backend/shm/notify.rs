@@ -1,0 +1,571 @@
+//! The same-host control channel: one abstract-namespace Unix socket per SHM
+//! backend instance, with the frames of [`wire`](super::wire).
+//!
+//! Each initiator opens one connection to each owner it transfers to (lazily,
+//! on first use, then kept). Over it the initiator sends notifications and
+//! asks whether region keys are still live; the owner sends revocations when
+//! it deregisters a region, and waits (bounded) for their acknowledgement.
+//!
+//! * [`Server`] — the owner side: a listener thread, one reader thread per
+//!   incoming connection, the owner's table of live keys.
+//! * [`Link`] — the initiator side of one connection: the keys known live,
+//!   whether the peer is gone, and one reader thread.
+//!
+//! Abstract sockets vanish with their last descriptor: nothing to clean up on disk.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{self, Read, Write};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex, RwLock};
+
+use super::wire::{frame_len, Frame, MAX_QUERY_KEYS, VERSION};
+use crate::backend::{AccessKey, PeerEvents};
+use crate::error::{Error, Result};
+use crate::notif::NotifSink;
+
+/// Reads one frame; `buf` is reused between calls.
+fn read_frame(s: &mut UnixStream, buf: &mut Vec<u8>) -> Result<Frame> {
+    let mut prefix = [0u8; 4];
+    s.read_exact(&mut prefix).map_err(|e| Error::io("SHM control channel: read", e))?;
+    let n = frame_len(prefix)?;
+    buf.clear();
+    buf.resize(n, 0);
+    s.read_exact(buf).map_err(|e| Error::io("SHM control channel: read", e))?;
+    Frame::decode(buf)
+}
+
+fn abstract_addr(name: &[u8]) -> Result<SocketAddr> {
+    SocketAddr::from_abstract_name(name).map_err(|e| Error::io("SHM: abstract socket name", e))
+}
+
+// ───────────────────────────── owner side ─────────────────────────────
+
+/// What the owner side shares between its threads.
+#[derive(Debug)]
+struct ServerShared {
+    agent: Arc<str>,
+    nonce: u64,
+    token: Option<String>,
+    sink: NotifSink,
+    handshake_timeout: Duration,
+    /// Keys of the regions registered with this backend now.
+    live: RwLock<HashSet<AccessKey>>,
+    conns: Mutex<Vec<Arc<ServerConn>>>,
+    stop: AtomicBool,
+}
+
+/// One accepted connection from an initiator.
+#[derive(Debug)]
+struct ServerConn {
+    peer: Arc<str>,
+    writer: Mutex<UnixStream>,
+    next_seq: AtomicU64,
+    acked: Mutex<u64>,
+    acked_cv: Condvar,
+}
+
+impl ServerConn {
+    fn shutdown(&self) {
+        let _ = self.writer.lock().shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// The owner side of the control channel of one SHM backend.
+#[derive(Debug)]
+pub struct Server {
+    shared: Arc<ServerShared>,
+    name: Vec<u8>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Binds the abstract socket `name` and starts the listener thread.
+    pub fn start(
+        name: Vec<u8>,
+        agent: Arc<str>,
+        nonce: u64,
+        token: Option<String>,
+        sink: NotifSink,
+        handshake_timeout: Duration,
+    ) -> Result<Server> {
+        let listener = UnixListener::bind_addr(&abstract_addr(&name)?).map_err(|e| {
+            Error::io(format!("SHM: binding the control socket @{}", String::from_utf8_lossy(&name)), e)
+        })?;
+        let shared = Arc::new(ServerShared {
+            agent,
+            nonce,
+            token,
+            sink,
+            handshake_timeout,
+            live: RwLock::new(HashSet::new()),
+            conns: Mutex::new(Vec::new()),
+            stop: AtomicBool::new(false),
+        });
+        let s = shared.clone();
+        let accept = std::thread::Builder::new()
+            .name("kvferry-shm-accept".into())
+            .spawn(move || accept_loop(listener, s))
+            .map_err(|e| Error::io("SHM: starting the control listener thread", e))?;
+        Ok(Server { shared, name, accept: Some(accept) })
+    }
+
+    /// Marks a region live (registered).
+    pub fn add(&self, key: AccessKey) {
+        self.shared.live.write().insert(key);
+    }
+
+    /// Deregisters a region: from now on QUERY answers say it is gone, every
+    /// connected initiator is told, and this waits until each acknowledged
+    /// (which it does only once no copy into the region is in flight) or
+    /// `timeout` passes. A connection that does not acknowledge in time is
+    /// closed, so that its initiator can no longer post to this backend.
+    pub fn revoke(&self, key: AccessKey, timeout: Duration) {
+        if !self.shared.live.write().remove(&key) {
+            return;
+        }
+        let conns = self.shared.conns.lock().clone();
+        if conns.is_empty() {
+            return;
+        }
+        let deadline = Instant::now() + timeout;
+        let mut buf = Vec::with_capacity(32);
+        let mut waiting = Vec::with_capacity(conns.len());
+        for c in conns {
+            let seq = c.next_seq.fetch_add(1, Ordering::Relaxed) + 1;
+            buf.clear();
+            Frame::Revoke { seq, key }.encode(&mut buf);
+            if c.writer.lock().write_all(&buf).is_ok() {
+                waiting.push((c, seq));
+            } else {
+                c.shutdown();
+            }
+        }
+        for (c, seq) in waiting {
+            let mut acked = c.acked.lock();
+            while *acked < seq {
+                if c.acked_cv.wait_until(&mut acked, deadline).timed_out() {
+                    break;
+                }
+            }
+            if *acked < seq {
+                drop(acked);
+                tracing::warn!(
+                    agent = %self.shared.agent, peer = %c.peer,
+                    "SHM: peer did not acknowledge a deregistration within {timeout:?}; closing its connection"
+                );
+                c.shutdown();
+            }
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        for c in self.shared.conns.lock().drain(..) {
+            c.shutdown();
+        }
+        // Wake the blocking accept with a connection of our own.
+        if let Ok(addr) = abstract_addr(&self.name) {
+            let _ = UnixStream::connect_addr(&addr);
+        }
+        if let Some(h) = self.accept.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn accept_loop(listener: UnixListener, shared: Arc<ServerShared>) {
+    loop {
+        let stream = listener.accept();
+        if shared.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        match stream {
+            Ok((s, _)) => {
+                let sh = shared.clone();
+                let spawned = std::thread::Builder::new().name("kvferry-shm-conn".into()).spawn(move || serve(s, sh));
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "SHM: cannot start a connection thread; connection dropped");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "SHM: accept failed");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+/// Serves one incoming connection until it closes.
+fn serve(mut s: UnixStream, shared: Arc<ServerShared>) {
+    let mut buf = Vec::new();
+    let conn = match handshake(&mut s, &shared, &mut buf) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(agent = %shared.agent, error = %e, "SHM: connection refused");
+            return;
+        }
+    };
+    let mut out = Vec::new();
+    loop {
+        let f = match read_frame(&mut s, &mut buf) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::debug!(agent = %shared.agent, peer = %conn.peer, error = %e, "SHM: connection closed");
+                break;
+            }
+        };
+        match f {
+            Frame::Notif(msg) => shared.sink.push(conn.peer.clone(), msg),
+            Frame::Query { id, keys } => {
+                // Hold the writer while reading the table: a REVOKE for a key
+                // read as live here is then written after this STATUS.
+                let mut w = conn.writer.lock();
+                let live = {
+                    let t = shared.live.read();
+                    keys.iter().map(|k| t.contains(k)).collect()
+                };
+                out.clear();
+                Frame::Status { id, live }.encode(&mut out);
+                if w.write_all(&out).is_err() {
+                    break;
+                }
+            }
+            Frame::Ack(seq) => {
+                let mut a = conn.acked.lock();
+                *a = (*a).max(seq);
+                conn.acked_cv.notify_all();
+            }
+            other => {
+                tracing::debug!(agent = %shared.agent, peer = %conn.peer, frame = ?other, "SHM: unexpected frame; closing");
+                break;
+            }
+        }
+    }
+    conn.shutdown();
+    shared.conns.lock().retain(|c| !Arc::ptr_eq(c, &conn));
+    // Wake any revoke waiting on this connection: it will never ack now.
+    conn.acked_cv.notify_all();
+}
+
+fn handshake(s: &mut UnixStream, shared: &ServerShared, buf: &mut Vec<u8>) -> Result<Arc<ServerConn>> {
+    s.set_read_timeout(Some(shared.handshake_timeout)).map_err(|e| Error::io("SHM: set_read_timeout", e))?;
+    s.set_write_timeout(Some(shared.handshake_timeout)).map_err(|e| Error::io("SHM: set_write_timeout", e))?;
+    let refuse = |s: &mut UnixStream, why: String| -> Error {
+        let mut out = Vec::new();
+        Frame::Refuse(why.clone()).encode(&mut out);
+        let _ = s.write_all(&out);
+        Error::not_allowed(why)
+    };
+    let (version, nonce, token, name) = match read_frame(s, buf)? {
+        Frame::Hello { version, instance: _, nonce, token, name } => (version, nonce, token, name),
+        other => return Err(refuse(s, format!("expected HELLO, got {other:?}"))),
+    };
+    if version != VERSION {
+        return Err(refuse(s, format!("control protocol version {version}, this agent speaks {VERSION}")));
+    }
+    if nonce != shared.nonce {
+        return Err(refuse(
+            s,
+            format!(
+                "agent '{}' was restarted or re-created since its metadata was fetched; fetch it again",
+                shared.agent
+            ),
+        ));
+    }
+    if let Some(t) = &shared.token {
+        if t.as_bytes() != token.as_slice() {
+            return Err(refuse(s, "auth token does not match (set the same KVFERRY_AUTH_TOKEN on both agents)".into()));
+        }
+    }
+    if crate::metadata::codec::check_agent_name(&name).is_err() {
+        return Err(refuse(s, "the HELLO's agent name is not a valid agent name".into()));
+    }
+    let mut out = Vec::new();
+    Frame::Welcome.encode(&mut out);
+    // The writer keeps the write timeout: a stuck peer cannot block a revoke forever.
+    let writer = s.try_clone().map_err(|e| Error::io("SHM: cloning a socket", e))?;
+    let conn = Arc::new(ServerConn {
+        peer: name.into(),
+        writer: Mutex::new(writer),
+        next_seq: AtomicU64::new(0),
+        acked: Mutex::new(0),
+        acked_cv: Condvar::new(),
+    });
+    // Register before WELCOME: once the initiator hears it, revocations reach it.
+    shared.conns.lock().push(conn.clone());
+    if let Err(e) = s.write_all(&out) {
+        shared.conns.lock().retain(|c| !Arc::ptr_eq(c, &conn));
+        return Err(Error::io("SHM: sending WELCOME", e));
+    }
+    s.set_read_timeout(None).map_err(|e| Error::io("SHM: set_read_timeout", e))?;
+    Ok(conn)
+}
+
+// ─────────────────────────── initiator side ───────────────────────────
+
+/// What an initiator knows of one connection's owner.
+#[derive(Debug, Default)]
+pub struct LinkState {
+    /// Keys the owner confirmed live and has not revoked since.
+    pub live: HashSet<AccessKey>,
+    /// Why the link is unusable, once it is.
+    pub dead: Option<String>,
+}
+
+#[derive(Debug)]
+enum Query {
+    Pending(Vec<AccessKey>),
+    Answered(Vec<bool>),
+}
+
+/// The initiator side of a connection to one owner.
+///
+/// Posts hold `state` read-locked for the whole copy; the reader thread
+/// write-locks it to apply a REVOKE, so its ACK means no copy into the
+/// revoked region is in flight or will start.
+#[derive(Debug)]
+pub struct Link {
+    /// The owner agent's name.
+    pub peer: Arc<str>,
+    /// The owner agent's instance.
+    pub instance: u64,
+    /// The owner's process id.
+    pub pid: i32,
+    /// Keys known live, and whether the link is dead.
+    pub state: RwLock<LinkState>,
+    writer: Mutex<UnixStream>,
+    queries: Mutex<HashMap<u64, Query>>,
+    queries_cv: Condvar,
+    next_query: AtomicU64,
+    closing: AtomicBool,
+    events: PeerEvents,
+}
+
+/// What the initiator says in its HELLO.
+#[derive(Debug)]
+pub struct Hello<'a> {
+    /// This agent's name.
+    pub agent: &'a str,
+    /// This agent's instance.
+    pub instance: u64,
+    /// The owner's nonce from its connection info.
+    pub nonce: u64,
+    /// This agent's auth token, if any.
+    pub token: Option<&'a str>,
+}
+
+impl Link {
+    /// Connects to the owner's socket, says HELLO, waits (bounded) for WELCOME
+    /// and starts the reader thread.
+    pub fn connect(
+        socket: &[u8],
+        hello: Hello<'_>,
+        peer: Arc<str>,
+        instance: u64,
+        pid: i32,
+        timeouts: (Duration, Duration),
+        events: PeerEvents,
+    ) -> Result<Arc<Link>> {
+        let (connect_timeout, peer_timeout) = timeouts;
+        let mut s = UnixStream::connect_addr(&abstract_addr(socket)?).map_err(|e| {
+            Error::io(format!("SHM: connecting to agent '{peer}' (pid {pid}): its control socket does not answer"), e)
+        })?;
+        let io = |what: &'static str| move |e: io::Error| Error::io(format!("SHM: {what}"), e);
+        s.set_read_timeout(Some(connect_timeout)).map_err(io("set_read_timeout"))?;
+        s.set_write_timeout(Some(peer_timeout)).map_err(io("set_write_timeout"))?;
+        let mut out = Vec::new();
+        Frame::Hello {
+            version: VERSION,
+            instance: hello.instance,
+            nonce: hello.nonce,
+            token: hello.token.unwrap_or_default().as_bytes().to_vec(),
+            name: hello.agent.to_string(),
+        }
+        .encode(&mut out);
+        s.write_all(&out).map_err(io("sending HELLO"))?;
+        let mut buf = Vec::new();
+        match read_frame(&mut s, &mut buf).map_err(|e| e.context(format!("SHM: handshake with agent '{peer}'")))? {
+            Frame::Welcome => {}
+            Frame::Refuse(why) => {
+                return Err(Error::not_allowed(format!("SHM: agent '{peer}' refused the connection: {why}")))
+            }
+            other => return Err(Error::malformed(format!("SHM: agent '{peer}' answered HELLO with {other:?}"))),
+        }
+        s.set_read_timeout(None).map_err(io("set_read_timeout"))?;
+        let reader = s.try_clone().map_err(io("cloning a socket"))?;
+        let link = Arc::new(Link {
+            peer,
+            instance,
+            pid,
+            state: RwLock::new(LinkState::default()),
+            writer: Mutex::new(s),
+            queries: Mutex::new(HashMap::new()),
+            queries_cv: Condvar::new(),
+            next_query: AtomicU64::new(1),
+            closing: AtomicBool::new(false),
+            events,
+        });
+        let l = link.clone();
+        std::thread::Builder::new()
+            .name("kvferry-shm-link".into())
+            .spawn(move || l.read_loop(reader, buf))
+            .map_err(io("starting the link reader thread"))?;
+        Ok(link)
+    }
+
+    /// Sends one frame (encoded into `buf`, which is reused).
+    pub fn send(&self, frame: &Frame, buf: &mut Vec<u8>) -> Result<()> {
+        buf.clear();
+        frame.encode(buf);
+        self.send_bytes(buf)
+    }
+
+    /// Sends bytes holding whole encoded frames; a failure marks the link dead.
+    pub fn send_bytes(&self, bytes: &[u8]) -> Result<()> {
+        let r = self.writer.lock().write_all(bytes);
+        r.map_err(|e| {
+            let e = Error::io(format!("SHM: sending to agent '{}'", self.peer), e);
+            self.mark_dead(e.message().to_string());
+            e
+        })
+    }
+
+    /// The error a post returns on a dead link.
+    pub fn dead_error(&self, why: &str) -> Error {
+        Error::disconnected(format!(
+            "SHM: agent '{}' (pid {}) is unreachable: {why}; load its fresh metadata if it was restarted",
+            self.peer, self.pid
+        ))
+    }
+
+    /// Makes sure the owner still has every key registered, asking it about
+    /// those not yet known live (bounded by `timeout`).
+    pub fn ensure_live(&self, keys: &[AccessKey], timeout: Duration) -> Result<()> {
+        let missing: Vec<AccessKey> = {
+            let st = self.state.read();
+            if let Some(why) = &st.dead {
+                return Err(self.dead_error(why));
+            }
+            keys.iter().filter(|k| !st.live.contains(k)).copied().collect()
+        };
+        let deadline = Instant::now() + timeout;
+        let mut buf = Vec::new();
+        for chunk in missing.chunks(MAX_QUERY_KEYS) {
+            let id = self.next_query.fetch_add(1, Ordering::Relaxed);
+            self.queries.lock().insert(id, Query::Pending(chunk.to_vec()));
+            if let Err(e) = self.send(&Frame::Query { id, keys: chunk.to_vec() }, &mut buf) {
+                self.queries.lock().remove(&id);
+                return Err(e);
+            }
+            let mut q = self.queries.lock();
+            let live = loop {
+                if let Some(Query::Answered(_)) = q.get(&id) {
+                    match q.remove(&id) {
+                        Some(Query::Answered(l)) => break l,
+                        _ => unreachable!("checked just above under the same lock"),
+                    }
+                }
+                if let Some(why) = self.state.read().dead.clone() {
+                    q.remove(&id);
+                    return Err(self.dead_error(&why));
+                }
+                if self.queries_cv.wait_until(&mut q, deadline).timed_out() {
+                    q.remove(&id);
+                    return Err(Error::timeout(format!(
+                        "SHM: agent '{}' did not answer a region query within {timeout:?}",
+                        self.peer
+                    )));
+                }
+            };
+            drop(q);
+            if let Some(i) = live.iter().position(|&l| !l) {
+                return Err(Error::not_allowed(format!(
+                    "SHM: agent '{}' no longer has region {:?} registered (deregistered since its metadata was fetched); fetch fresh metadata",
+                    self.peer, chunk[i]
+                )));
+            }
+            if live.len() != chunk.len() {
+                return Err(Error::malformed(format!(
+                    "SHM: agent '{}' answered {} statuses for {} keys",
+                    self.peer,
+                    live.len(),
+                    chunk.len()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks the link dead (first reason wins) and wakes waiting queries.
+    pub fn mark_dead(&self, why: String) {
+        {
+            let mut st = self.state.write();
+            if st.dead.is_none() {
+                st.dead = Some(why);
+            }
+            st.live.clear();
+        }
+        let _q = self.queries.lock();
+        self.queries_cv.notify_all();
+    }
+
+    /// Whether the link was closed on purpose (unload, drop).
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
+    }
+
+    /// Closes the link on purpose: posts fail from now on, the reader exits,
+    /// and the peer is not reported lost.
+    pub fn close(&self, why: &str) {
+        self.closing.store(true, Ordering::SeqCst);
+        self.mark_dead(why.to_string());
+        let _ = self.writer.lock().shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Reports the owner as lost (unless the link was closed on purpose).
+    pub fn report_lost(&self) {
+        if !self.is_closing() {
+            self.events.peer_lost(&self.peer, self.instance);
+        }
+    }
+
+    fn read_loop(self: Arc<Self>, mut s: UnixStream, mut buf: Vec<u8>) {
+        let mut out = Vec::with_capacity(16);
+        let why = loop {
+            match read_frame(&mut s, &mut buf) {
+                Ok(Frame::Status { id, live }) => {
+                    let mut q = self.queries.lock();
+                    if let Some(Query::Pending(keys)) = q.get(&id) {
+                        // Applied here, in stream order, so a later REVOKE wins.
+                        let mut st = self.state.write();
+                        for (k, _) in keys.iter().zip(&live).filter(|(_, &l)| l) {
+                            st.live.insert(*k);
+                        }
+                        drop(st);
+                        q.insert(id, Query::Answered(live));
+                        self.queries_cv.notify_all();
+                    }
+                }
+                Ok(Frame::Revoke { seq, key }) => {
+                    // Waits for copies in flight (they hold the read lock).
+                    self.state.write().live.remove(&key);
+                    if let Err(e) = self.send(&Frame::Ack(seq), &mut out) {
+                        break e.message().to_string();
+                    }
+                }
+                Ok(other) => break format!("unexpected frame from the owner: {other:?}"),
+                Err(e) => break format!("control connection closed ({})", e.message()),
+            }
+        };
+        self.mark_dead(why);
+        self.report_lost();
+    }
+}

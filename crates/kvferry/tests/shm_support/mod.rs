@@ -1,0 +1,353 @@
+//! Helpers for the SHM tests: a peer process (this test binary re-executed
+//! with `KVFERRY_SHM_PEER` set) driven by line commands over its stdin and
+//! stdout, data patterns, and a TCP-like dummy backend ("FAKETCP", rank 50).
+
+#![allow(dead_code, missing_docs)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Once};
+use std::time::Duration;
+
+use kvferry::backend::{
+    Backend, BackendContext, BackendPlugin, BackendXfer, Capabilities, PeerInfo, Region, XferPlan, XferState,
+};
+use kvferry::{Agent, AgentConfig, AlignedBuf, MemType, ParamSpec, Params, Result};
+
+/// The env var that turns a test binary into a peer.
+pub const PEER_ENV: &str = "KVFERRY_SHM_PEER";
+
+/// Byte `i` of pattern `seed`.
+pub fn pattern(seed: u64, i: usize) -> u8 {
+    let x = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seed.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    (x >> 29) as u8 ^ (i as u8)
+}
+
+pub fn fill(buf: &mut [u8], seed: u64) {
+    buf.iter_mut().enumerate().for_each(|(i, b)| *b = pattern(seed, i));
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+pub fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len() / 2).map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).expect("hex")).collect()
+}
+
+// ───────────────────────────── FAKETCP ─────────────────────────────
+
+/// A remote-capable dummy backend with TCP's rank: its transfers complete at
+/// once without moving anything. Stands in for TCP in choice tests.
+#[derive(Debug)]
+pub struct FakeTcpPlugin;
+
+impl BackendPlugin for FakeTcpPlugin {
+    fn name(&self) -> &str {
+        "FAKETCP"
+    }
+    fn mem_types(&self) -> Vec<MemType> {
+        vec![MemType::Dram]
+    }
+    fn params(&self) -> &'static [ParamSpec] {
+        &[]
+    }
+    fn create(&self, _ctx: BackendContext, _params: &Params) -> Result<Arc<dyn Backend>> {
+        Ok(Arc::new(FakeTcp))
+    }
+}
+
+#[derive(Debug)]
+struct FakeTcp;
+
+impl Backend for FakeTcp {
+    fn name(&self) -> &str {
+        "FAKETCP"
+    }
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { mem_types: vec![MemType::Dram], local: false, remote: true, notifications: true, rank: 50 }
+    }
+    fn params(&self) -> Params {
+        Params::new()
+    }
+    fn conn_info(&self) -> Vec<u8> {
+        b"fake".to_vec()
+    }
+    fn register(&self, _region: &Region) -> Result<Vec<u8>> {
+        Ok(Vec::new())
+    }
+    fn deregister(&self, _region: &Region) -> Result<()> {
+        Ok(())
+    }
+    fn load_remote(&self, _peer: &PeerInfo) -> Result<()> {
+        Ok(())
+    }
+    fn unload_remote(&self, _peer: &str) {}
+    fn prepare(&self, _plan: XferPlan) -> Result<Box<dyn BackendXfer>> {
+        Ok(Box::new(FakeXfer))
+    }
+    fn send_notification(&self, _peer: &str, _msg: &[u8]) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct FakeXfer;
+
+impl BackendXfer for FakeXfer {
+    fn post(&mut self, _notif: Option<&[u8]>) -> Result<XferState> {
+        Ok(XferState::Done)
+    }
+    fn poll(&mut self) -> Result<XferState> {
+        Ok(XferState::Done)
+    }
+    fn cancel(&mut self) {}
+}
+
+pub fn register_fake_tcp() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| kvferry::backend::register_plugin(Arc::new(FakeTcpPlugin)).expect("register FAKETCP"));
+}
+
+/// An agent with the given backends (FAKETCP is registered on demand).
+pub fn agent(name: &str, backends: &[&str]) -> Agent {
+    if backends.iter().any(|b| b.eq_ignore_ascii_case("FAKETCP")) {
+        register_fake_tcp();
+    }
+    let mut cfg = AgentConfig::default();
+    for b in backends {
+        cfg = cfg.with_backend(b, Params::new());
+    }
+    Agent::new(name, cfg).expect("agent")
+}
+
+// ───────────────────────────── the peer role ─────────────────────────────
+
+/// Runs the peer role if this process was started as one; returns otherwise.
+///
+/// Environment: `KVFERRY_SHM_PEER=<agent name>`, `KVFERRY_SHM_PEER_BACKENDS`
+/// (comma list, default `SHM`), `KVFERRY_SHM_PEER_SIZE` (bytes),
+/// `KVFERRY_SHM_PEER_SEED`, `KVFERRY_SHM_PEER_SETUID` (drop to uid 65534 first).
+/// Answers are lines starting with `@@ ` on stdout.
+pub fn peer_main() {
+    let Ok(name) = std::env::var(PEER_ENV) else { return };
+    if std::env::var("KVFERRY_SHM_PEER_SETUID").is_ok() {
+        // SAFETY: plain syscalls with integer arguments; glibc applies them to every thread.
+        unsafe {
+            assert_eq!(libc::setresgid(65534, 65534, 65534), 0);
+            assert_eq!(libc::setresuid(65534, 65534, 65534), 0);
+        }
+    }
+    if std::env::var("KVFERRY_SHM_PEER_NODUMP").is_ok() {
+        // SAFETY: prctl with integer arguments; makes this process non-attachable by same-user peers.
+        unsafe { assert_eq!(libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0), 0) };
+    }
+    let backends = std::env::var("KVFERRY_SHM_PEER_BACKENDS").unwrap_or_else(|_| "SHM".into());
+    let size: usize = std::env::var("KVFERRY_SHM_PEER_SIZE").ok().and_then(|s| s.parse().ok()).unwrap_or(1 << 20);
+    let seed: u64 = std::env::var("KVFERRY_SHM_PEER_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+    let list: Vec<&str> = backends.split(',').collect();
+    let a = agent(&name, &list);
+    let mut buf = AlignedBuf::new(size).expect("buffer");
+    fill(buf.as_mut_slice(), seed);
+    let mut reg = Some(a.register_buf(&buf).expect("register"));
+    let out = std::io::stdout();
+    let say = |s: String| {
+        let mut o = out.lock();
+        writeln!(o, "@@ {s}").unwrap();
+        o.flush().unwrap();
+    };
+    say(format!("MD {}", hex(&a.local_metadata().unwrap())));
+    say(format!("ADDR {}", buf.addr()));
+    for line in std::io::stdin().lock().lines() {
+        let line = line.expect("stdin");
+        let mut w = line.split_whitespace();
+        let cmd = w.next().unwrap_or("");
+        let args: Vec<&str> = w.collect();
+        match cmd {
+            "LOAD" => match a.load_remote_metadata(&unhex(args[0])) {
+                Ok(_) => say("OK".into()),
+                Err(e) => say(format!("ERR {e}")),
+            },
+            "MD" => say(format!("MD {}", hex(&a.local_metadata().unwrap()))),
+            "FILL" => {
+                fill(buf.as_mut_slice(), args[0].parse().unwrap());
+                say("OK".into());
+            }
+            "DUMP" => {
+                std::fs::write(args[0], buf.as_slice()).unwrap();
+                say("OK".into());
+            }
+            "LOADFILE" => {
+                let d = std::fs::read(args[0]).unwrap();
+                buf.as_mut_slice()[..d.len()].copy_from_slice(&d);
+                say("OK".into());
+            }
+            "NOTIFS" => {
+                let want: usize = args[0].parse().unwrap();
+                let mut got: Vec<(String, Vec<u8>)> = Vec::new();
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while got.len() < want && std::time::Instant::now() < deadline {
+                    a.wait_notifications(Duration::from_millis(100));
+                    for (from, msgs) in a.take_notifications() {
+                        got.extend(msgs.into_iter().map(|m| (from.clone(), m)));
+                    }
+                }
+                let l: Vec<String> = got.iter().map(|(f, m)| format!("{f}:{}", String::from_utf8_lossy(m))).collect();
+                say(format!("NOTIFS {}", l.join(",")));
+            }
+            "NOTIFDATA" => {
+                // Waits for one notification, then checks the data at once.
+                let (seed, len): (u64, usize) = (args[0].parse().unwrap(), args[1].parse().unwrap());
+                if !a.wait_notifications(Duration::from_secs(10)) {
+                    say("ERR no notification".into());
+                    continue;
+                }
+                let bad = buf.as_slice()[..len].iter().enumerate().position(|(i, &b)| b != pattern(seed, i));
+                let n = a.take_notifications();
+                match bad {
+                    None => say(format!(
+                        "DATA OK {}",
+                        n.values()
+                            .flatten()
+                            .map(|m| String::from_utf8_lossy(m).into_owned())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    )),
+                    Some(i) => say(format!("DATA BAD at {i}")),
+                }
+            }
+            "SEND" => match a.send_notification(args[0], args[1].as_bytes(), &[]) {
+                Ok(()) => say("OK".into()),
+                Err(e) => say(format!("ERR {e}")),
+            },
+            "DEREG" => {
+                reg.take();
+                say("OK".into());
+            }
+            "CHOOSE" => {
+                // Loads MD (args[0]) and reports which backend a WRITE of 4 KiB picks.
+                let r = a.load_remote_metadata(&unhex(args[0]));
+                let peer = args[1];
+                let l = buf.xfer_blocks(0, 4096, 1).unwrap();
+                let rem = kvferry::XferDescList::from_descs(
+                    MemType::Dram,
+                    vec![kvferry::XferDesc::new(args[2].parse().unwrap(), 4096, 0)],
+                );
+                match r.and_then(|_| a.create_request(kvferry::XferOp::Write, &l, &rem, peer, None)) {
+                    Ok(req) => say(format!("CHOSEN {}", req.backend())),
+                    Err(e) => say(format!("ERR {e}")),
+                }
+            }
+            "EXIT" => std::process::exit(0),
+            other => say(format!("ERR unknown command {other}")),
+        }
+    }
+    std::process::exit(0);
+}
+
+/// A running peer process.
+pub struct Peer {
+    pub name: String,
+    pub child: Child,
+    stdin: ChildStdin,
+    lines: Receiver<String>,
+    pub md: Vec<u8>,
+    pub addr: u64,
+}
+
+impl Peer {
+    /// Starts `test_fn` of this test binary as the peer `name`.
+    pub fn spawn(test_fn: &str, name: &str, size: usize, seed: u64, extra: &[(&str, &str)]) -> Peer {
+        let exe = std::env::current_exe().expect("current_exe");
+        let mut cmd = Command::new(exe);
+        cmd.args([test_fn, "--exact", "--nocapture", "--test-threads=1"])
+            .env(PEER_ENV, name)
+            .env("KVFERRY_SHM_PEER_SIZE", size.to_string())
+            .env("KVFERRY_SHM_PEER_SEED", seed.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn peer");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout: ChildStdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
+                // libtest may print "test x ... " before our first line.
+                if let Some(i) = l.find("@@ ") {
+                    if tx.send(l[i + 3..].to_string()).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let mut p = Peer { name: name.to_string(), child, stdin, lines: rx, md: Vec::new(), addr: 0 };
+        let md = p.line();
+        p.md = unhex(md.strip_prefix("MD ").expect("MD line"));
+        let addr = p.line();
+        p.addr = addr.strip_prefix("ADDR ").expect("ADDR line").parse().unwrap();
+        p
+    }
+
+    /// The next answer line (panics after 20 s: no test hangs).
+    pub fn line(&mut self) -> String {
+        self.lines.recv_timeout(Duration::from_secs(20)).expect("the peer did not answer within 20 s")
+    }
+
+    /// Sends a command and returns its answer.
+    pub fn cmd(&mut self, c: &str) -> String {
+        writeln!(self.stdin, "{c}").expect("write to peer");
+        self.stdin.flush().unwrap();
+        self.line()
+    }
+
+    /// Sends a command without reading its answer (read it later with [`line`](Self::line)).
+    pub fn cmd_nowait(&mut self, c: &str) {
+        writeln!(self.stdin, "{c}").expect("write to peer");
+        self.stdin.flush().unwrap();
+    }
+
+    /// Sends a command that must answer OK.
+    pub fn ok(&mut self, c: &str) {
+        let a = self.cmd(c);
+        assert_eq!(a, "OK", "peer answered {a:?} to {c:?}");
+    }
+
+    /// Asks the peer to exit and waits (bounded) until it has.
+    pub fn exit(mut self) {
+        let _ = writeln!(self.stdin, "EXIT");
+        let _ = self.stdin.flush();
+        for _ in 0..200 {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Kills the peer (SIGKILL) and reaps it.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A scratch file path unique to this process.
+pub fn scratch(tag: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("kvferry-shm-test-{}-{tag}", std::process::id()))
+}
