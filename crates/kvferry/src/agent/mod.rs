@@ -23,6 +23,7 @@ use crate::params::{ParamSpec, Params};
 
 mod config;
 mod memory;
+mod p2p;
 mod peers;
 pub(crate) mod ranges;
 mod xfer;
@@ -56,6 +57,9 @@ pub(crate) struct AgentInner {
     pub(crate) notifs: NotifSink,
     /// Serializes backend creation so two threads cannot create the same one.
     create_lock: Mutex<()>,
+    /// The peer-to-peer metadata listener, when `config.listener` is on;
+    /// dropping it (with the agent) stops its thread.
+    pub(crate) listener: Mutex<Option<crate::metadata::listener::ListenerHandle>>,
 }
 
 impl Drop for AgentInner {
@@ -126,9 +130,13 @@ impl Agent {
                 peers: RwLock::new(Default::default()),
                 notifs: NotifSink::new(),
                 create_lock: Mutex::new(()),
+                listener: Mutex::new(None),
             }),
         };
         agent.with_all(&backends)?;
+        if agent.inner.config.listener {
+            agent.start_listener()?;
+        }
         Ok(agent)
     }
 

@@ -5,5 +5,6 @@
 //! peer, a metadata server, etcd) live beside it.
 
 pub mod codec;
+pub mod listener;
 
 pub use codec::{AgentMetadata, BackendMeta, RegionMeta, FORMAT_VERSION, MAGIC};
