@@ -77,7 +77,7 @@ fn killed_peer_fails_in_flight_request_others_continue_restart_reachable() {
 
 #[test]
 fn hung_peer_becomes_remote_disconnect_within_the_peer_timeout() {
-    let mut p = PeerProc::spawn("tf-p3", BIG, &[], &[]);
+    let p = PeerProc::spawn("tf-p3", BIG, &[], &[]);
     let a = agent("tf-b", Duration::from_millis(500));
     fetch(&a, "tf-p3", "127.0.0.1", p.md_port);
     let dst = AlignedBuf::new(BIG).unwrap();
@@ -99,7 +99,7 @@ fn hung_peer_becomes_remote_disconnect_within_the_peer_timeout() {
 
 #[test]
 fn dropping_a_request_to_a_stalled_peer_returns_promptly() {
-    let mut p = PeerProc::spawn("tf-p4", BIG, &[], &[]);
+    let p = PeerProc::spawn("tf-p4", BIG, &[], &[]);
     let a = agent("tf-c", Duration::from_secs(30));
     fetch(&a, "tf-p4", "127.0.0.1", p.md_port);
     let buf = AlignedBuf::new(BIG).unwrap();
