@@ -72,8 +72,12 @@ fn initiator_entry() {
         return;
     }
     let env = |k: &str| std::env::var(k).unwrap();
-    let (peer_ip, md_port, addr, len): (String, u16, u64, usize) =
-        (env("KVF_PEER_IP"), env("KVF_PEER_PORT").parse().unwrap(), env("KVF_PEER_ADDR").parse().unwrap(), env("KVF_LEN").parse().unwrap());
+    let (peer_ip, md_port, addr, len): (String, u16, u64, usize) = (
+        env("KVF_PEER_IP"),
+        env("KVF_PEER_PORT").parse().unwrap(),
+        env("KVF_PEER_ADDR").parse().unwrap(),
+        env("KVF_LEN").parse().unwrap(),
+    );
     let a = tcp_support::initiator("tn-init", Params::new());
     fetch(&a, "tn-peer", &peer_ip, md_port);
     let mut src = AlignedBuf::new(len).unwrap();
@@ -83,7 +87,9 @@ fn initiator_entry() {
     let _r2 = a.register_buf(&back).unwrap();
     let mut remote = kvferry::XferDescList::new(kvferry::MemType::Dram);
     remote.push(kvferry::XferDesc::new(addr, len as u64, 0));
-    let w = a.create_request(XferOp::Write, &src.xfer_blocks(0, len, 1).unwrap(), &remote, "tn-peer", Some(b"across")).unwrap();
+    let w = a
+        .create_request(XferOp::Write, &src.xfer_blocks(0, len, 1).unwrap(), &remote, "tn-peer", Some(b"across"))
+        .unwrap();
     w.post(None).unwrap();
     w.wait(Duration::from_secs(30)).unwrap();
     let r = a.create_request(XferOp::Read, &back.xfer_blocks(0, len, 1).unwrap(), &remote, "tn-peer", None).unwrap();
