@@ -161,7 +161,15 @@ fn restarted_store_gets_republished() {
     let b = Agent::new(&name("rs"), cfg(&srv.url())).unwrap();
     a.send_local_metadata(MetaPeer::Store).unwrap();
     srv.stop();
-    let srv = MetaServer::start(&addr).unwrap();
+    // The old listening socket may take a moment to close.
+    let t = Instant::now();
+    let srv = loop {
+        match MetaServer::start(&addr) {
+            Ok(s) => break s,
+            Err(e) => assert!(t.elapsed() < Duration::from_secs(10), "cannot restart the server: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert!(srv.is_empty());
     let t = Instant::now();
     loop {

@@ -21,12 +21,25 @@ use crate::error::{Error, Result};
 use crate::metadata::store::{self, MetaStore};
 
 /// Where metadata is sent to, or fetched from.
+///
+/// With [`MetaPeer::Store`] the calls are synchronous and bounded by
+/// `metadata_timeout` (a missing agent is `NotFound`). With
+/// [`MetaPeer::Addr`] they are asynchronous, as in NIXL: they return once
+/// the exchange is started, and [`Agent::check_remote`] tells when a
+/// fetched peer's metadata has arrived.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MetaPeer {
     /// The configured central store (`KVFERRY_METADATA_URL` or `KVFERRY_ETCD_ENDPOINTS`).
     Store,
     /// A peer agent's metadata listener, peer to peer.
     Addr(SocketAddr),
+}
+
+impl MetaPeer {
+    /// The listener at `ip:port` (a name or an address; port 0 is refused).
+    pub fn addr(ip: &str, port: u16) -> Result<MetaPeer> {
+        super::p2p::resolve(ip, port).map(MetaPeer::Addr)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -291,7 +304,12 @@ impl Agent {
                 c.state.lock().watched.insert(name.to_string(), instance);
                 Ok(())
             }
-            MetaPeer::Addr(addr) => self.p2p_fetch(name, addr),
+            MetaPeer::Addr(addr) => match label {
+                None => self.p2p_fetch(name, addr),
+                Some(l) => Err(Error::invalid(format!(
+                    "partial metadata labels ('{l}') live in the central store; a listener serves full metadata"
+                ))),
+            },
         }
     }
 
@@ -306,21 +324,5 @@ impl Agent {
             }
             MetaPeer::Addr(addr) => self.p2p_invalidate(addr),
         }
-    }
-
-    fn p2p_send(&self, addr: SocketAddr, _blob: Option<Vec<u8>>) -> Result<()> {
-        Err(Error::not_supported(format!(
-            "peer-to-peer metadata exchange with {addr} needs the metadata listener, not in this build"
-        )))
-    }
-
-    fn p2p_fetch(&self, name: &str, addr: SocketAddr) -> Result<()> {
-        Err(Error::not_supported(format!(
-            "fetching '{name}' from {addr} needs the metadata listener, not in this build"
-        )))
-    }
-
-    fn p2p_invalidate(&self, addr: SocketAddr) -> Result<()> {
-        Err(Error::not_supported(format!("invalidating at {addr} needs the metadata listener, not in this build")))
     }
 }

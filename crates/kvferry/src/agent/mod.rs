@@ -24,6 +24,7 @@ use crate::params::{ParamSpec, Params};
 mod central;
 mod config;
 mod memory;
+mod p2p;
 mod peers;
 pub(crate) mod ranges;
 mod xfer;
@@ -60,6 +61,9 @@ pub(crate) struct AgentInner {
     create_lock: Mutex<()>,
     /// The central metadata store link, opened on first use.
     pub(crate) central: Mutex<Option<Arc<central::Central>>>,
+    /// The peer-to-peer metadata listener, when `config.listener` is on;
+    /// dropping it (with the agent) stops its thread.
+    pub(crate) listener: Mutex<Option<crate::metadata::listener::ListenerHandle>>,
 }
 
 impl Drop for AgentInner {
@@ -134,9 +138,13 @@ impl Agent {
                 notifs: NotifSink::new(),
                 create_lock: Mutex::new(()),
                 central: Mutex::new(None),
+                listener: Mutex::new(None),
             }),
         };
         agent.with_all(&backends)?;
+        if agent.inner.config.listener {
+            agent.start_listener()?;
+        }
         Ok(agent)
     }
 

@@ -24,6 +24,7 @@ use crate::params::{ParamSpec, Params};
 pub mod local;
 mod registry;
 pub mod shm;
+pub mod tcp;
 
 pub use registry::{plugin, plugins, register_plugin};
 

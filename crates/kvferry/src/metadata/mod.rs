@@ -5,6 +5,7 @@
 //! peer, a metadata server, etcd) live beside it.
 
 pub mod codec;
+pub mod listener;
 pub mod server;
 pub mod store;
 

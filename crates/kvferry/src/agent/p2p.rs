@@ -1,0 +1,151 @@
+//! Peer-to-peer metadata exchange, as NIXL users know it: an agent with its
+//! listener on serves its metadata on `listen_addr:listen_port`; peers push
+//! theirs (`send_local_metadata`), pull (`fetch_remote_metadata`) or withdraw
+//! it (`invalidate_local_metadata`).
+//!
+//! The three calls are asynchronous: they return once the address is parsed
+//! and a background thread does the exchange, bounded by
+//! [`AgentConfig::metadata_timeout`](crate::AgentConfig::metadata_timeout).
+//! [`Agent::check_remote`] tells when a peer's metadata has arrived.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+
+use std::sync::{Arc, Weak};
+
+use super::{Agent, AgentInner};
+use crate::error::{Error, Result};
+use crate::metadata::listener::{self, Handler, ListenerHandle, ListenerRequest, Op};
+
+impl Agent {
+    /// Starts the metadata listener (called by [`Agent::new`] when `config.listener` is on).
+    pub(crate) fn start_listener(&self) -> Result<()> {
+        let cfg = &self.inner.config;
+        let weak: Weak<AgentInner> = Arc::downgrade(&self.inner);
+        let handler: Handler = Arc::new(move |req| {
+            let agent = weak.upgrade().map(|inner| Agent { inner }).ok_or("the agent is shutting down")?;
+            agent.handle_listener(req).map_err(|e| e.to_string())
+        });
+        let h = ListenerHandle::start(
+            SocketAddr::new(cfg.listen_addr, cfg.listen_port),
+            cfg.metadata_timeout,
+            cfg.auth_token.clone(),
+            handler,
+        )?;
+        tracing::debug!(agent = %self.name(), port = h.port(), "metadata listener started");
+        *self.inner.listener.lock() = Some(h);
+        Ok(())
+    }
+
+    fn handle_listener(&self, req: ListenerRequest) -> Result<Option<Vec<u8>>> {
+        match req {
+            ListenerRequest::Send(blob) => {
+                let name = self.load_remote_metadata(&blob)?;
+                tracing::debug!(agent = %self.name(), peer = %name, "metadata received from a peer");
+                Ok(None)
+            }
+            ListenerRequest::Fetch(name) if name.is_empty() || name == self.name() => Ok(Some(self.local_metadata()?)),
+            ListenerRequest::Fetch(name) => {
+                Err(Error::not_found(format!("this listener serves agent '{}', not '{name}'", self.name())))
+            }
+            ListenerRequest::Invalidate { name, instance } => {
+                let known = self.inner.peers.read().get(name.as_str()).map(|p| p.instance);
+                match known {
+                    Some(i) if i == instance || instance == 0 => self.invalidate_remote(&name).map(|_| None),
+                    Some(_) => Ok(None), // an older instance withdrew: the newer one stays
+                    None => Ok(None),
+                }
+            }
+        }
+    }
+
+    /// Opens connections to a loaded peer now rather than on first use
+    /// (NIXL's `make_connection`), with every backend that loaded it.
+    pub fn make_connection(&self, peer: &str) -> Result<()> {
+        let p = self.peer(peer)?;
+        for (i, s) in self.slots().iter().enumerate() {
+            if p.loaded_mask & (1 << i) != 0 {
+                s.backend.connect(peer).map_err(|e| e.context(format!("make_connection to '{peer}'")))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The port the metadata listener is bound to, if the listener is on.
+    pub fn listen_port(&self) -> Option<u16> {
+        self.inner.listener.lock().as_ref().map(ListenerHandle::port)
+    }
+
+    /// Sends `blob` (this agent's full metadata if `None`) to the agent
+    /// listening at `addr`, which loads it. Asynchronous: errors are logged.
+    pub(crate) fn p2p_send(&self, addr: SocketAddr, blob: Option<Vec<u8>>) -> Result<()> {
+        let blob = match blob {
+            Some(b) => b,
+            None => self.local_metadata()?,
+        };
+        self.spawn_call("send_local_metadata", addr, Op::Send, blob, None)
+    }
+
+    /// Asks the agent listening at `addr`, which must be named `name`, for
+    /// its metadata and loads it. Asynchronous: poll
+    /// [`check_remote(name, None)`](Agent::check_remote) to know when it arrived.
+    pub(crate) fn p2p_fetch(&self, name: &str, addr: SocketAddr) -> Result<()> {
+        if name == self.name() {
+            return Err(Error::invalid("fetch_remote_metadata: that is this agent's own name"));
+        }
+        self.spawn_call("fetch_remote_metadata", addr, Op::Fetch, name.as_bytes().to_vec(), Some(name.to_string()))
+    }
+
+    /// Tells the agent listening at `addr` to forget this agent (drop its
+    /// metadata and close connections to it). Asynchronous.
+    pub(crate) fn p2p_invalidate(&self, addr: SocketAddr) -> Result<()> {
+        let mut body = self.inner.instance.to_le_bytes().to_vec();
+        body.extend_from_slice(self.name().as_bytes());
+        self.spawn_call("invalidate_local_metadata", addr, Op::Invalidate, body, None)
+    }
+
+    fn spawn_call(
+        &self,
+        what: &'static str,
+        addr: SocketAddr,
+        op: Op,
+        body: Vec<u8>,
+        fetch: Option<String>,
+    ) -> Result<()> {
+        let agent = self.clone();
+        std::thread::Builder::new()
+            .name(format!("kvf-md-{what}"))
+            .spawn(move || {
+                let cfg = agent.config();
+                let r = listener::call(addr, cfg.metadata_timeout, cfg.auth_token.as_deref(), op, &body).and_then(
+                    |(reply, blob)| match (fetch, reply) {
+                        (Some(want), Op::Metadata) => {
+                            let got = agent.load_remote_metadata(&blob)?;
+                            if got != want {
+                                let _ = agent.invalidate_remote(&got);
+                                return Err(Error::mismatch(format!("{addr} serves agent '{got}', not '{want}'")));
+                            }
+                            Ok(())
+                        }
+                        (None, Op::Ok) => Ok(()),
+                        (_, other) => Err(Error::malformed(format!("{addr} answered {other:?}"))),
+                    },
+                );
+                if let Err(e) = r {
+                    tracing::warn!(agent = %agent.name(), %addr, error = %e, "{what} failed");
+                }
+            })
+            .map_err(|e| Error::io(format!("{what}: cannot spawn a thread"), e))?;
+        Ok(())
+    }
+}
+
+pub(crate) fn resolve(ip: &str, port: u16) -> Result<SocketAddr> {
+    if port == 0 {
+        return Err(Error::invalid(format!("port 0 for '{ip}': give the peer's listen_port")));
+    }
+    (ip, port)
+        .to_socket_addrs()
+        .map_err(|e| Error::io(format!("cannot resolve '{ip}'"), e))?
+        .next()
+        .ok_or_else(|| Error::invalid(format!("'{ip}' resolves to no address")))
+}

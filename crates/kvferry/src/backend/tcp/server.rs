@@ -1,0 +1,229 @@
+//! The target side: an accept loop and one thread per accepted connection.
+//!
+//! A connection thread reads frames, checks every entry's key and bounds
+//! against the live registration table *before* a byte moves, reads WRITE
+//! payloads straight into registered memory, writes READ payloads straight
+//! from it, and answers with ACK, DATA or ERROR. The registration table is
+//! read-locked from the check to the end of the copy, so a region cannot be
+//! deregistered (and freed) in the middle of one.
+
+use std::io;
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::proto::{self, FrameType, Header, Hello, ProtoError, Status, Welcome, HEADER_LEN, HELLO_FIXED};
+use super::sys::{self, Span};
+use super::Shared;
+
+/// Accepts connections until the backend shuts the listener down.
+pub(super) fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+    for stream in listener.incoming() {
+        if shared.closing.load(Ordering::Acquire) {
+            break;
+        }
+        match stream {
+            Ok(s) => {
+                let sh = shared.clone();
+                let spawned = std::thread::Builder::new()
+                    .name(format!("kvf-tcp-srv-{}", shared.agent))
+                    .spawn(move || serve(sh, s));
+                match spawned {
+                    Ok(h) => shared.track(h),
+                    Err(e) => tracing::warn!(error = %e, "TCP: cannot spawn a connection thread; connection dropped"),
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "TCP: accept failed");
+                // EMFILE and friends: do not spin.
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+fn serve(shared: Arc<Shared>, stream: TcpStream) {
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let Ok(clone) = stream.try_clone() else { return };
+    shared.accepted.lock().insert(id, clone);
+    if shared.closing.load(Ordering::Acquire) {
+        sys::shutdown(stream.as_raw_fd());
+    }
+    let r = serve_conn(&shared, &stream);
+    shared.accepted.lock().remove(&id);
+    if let Err(e) = r {
+        tracing::debug!(agent = %shared.agent, error = %e, "TCP: incoming connection ended");
+    }
+}
+
+/// Per-connection state of the target.
+struct Served<'a> {
+    shared: &'a Shared,
+    fd: RawFd,
+    peer: Arc<str>,
+    table: Vec<u8>,
+    spans: Vec<Span>,
+    scratch: Vec<u8>,
+}
+
+fn serve_conn(shared: &Shared, stream: &TcpStream) -> io::Result<()> {
+    let fd = stream.as_raw_fd();
+    let cfg = &shared.cfg;
+    stream.set_nodelay(cfg.nodelay)?;
+    sys::set_buffers(fd, cfg.sockbuf)?;
+    stream.set_read_timeout(Some(shared.connect_timeout))?;
+    stream.set_write_timeout(Some(shared.peer_timeout))?;
+
+    // Handshake: the hello is bounded, so a fixed read then the announced rest.
+    let mut fixed = [0u8; HELLO_FIXED];
+    let mut fail = || Err(io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"));
+    sys::read_buf(fd, &mut fixed, &mut fail)?;
+    let refuse = |status: Status, message: String| -> io::Result<()> {
+        let w = welcome(shared, status, message.clone());
+        let _ = sys::write_bufs(fd, &[&w]);
+        Err(io::Error::new(io::ErrorKind::PermissionDenied, message))
+    };
+    let rest = match Hello::rest_len(&fixed) {
+        Ok(n) => n,
+        Err(e) => return refuse(e.status, e.message),
+    };
+    let mut all = vec![0u8; HELLO_FIXED + rest];
+    all[..HELLO_FIXED].copy_from_slice(&fixed);
+    sys::read_buf(fd, &mut all[HELLO_FIXED..], &mut fail)?;
+    let hello = match Hello::decode(&all) {
+        Ok(h) => h,
+        Err(e) => return refuse(e.status, e.message),
+    };
+    if let Err(e) = hello.check(shared.instance, shared.auth_token.as_deref().map(str::as_bytes)) {
+        tracing::warn!(agent = %shared.agent, peer = %hello.name, reason = %e, "TCP: connection refused");
+        return refuse(e.status, e.message);
+    }
+    sys::write_bufs(fd, &[&welcome(shared, Status::Ok, String::new())])?;
+    stream.set_read_timeout(Some(shared.peer_timeout))?;
+
+    let mut s = Served {
+        shared,
+        fd,
+        peer: hello.name.as_str().into(),
+        table: Vec::new(),
+        spans: Vec::new(),
+        scratch: Vec::new(),
+    };
+    loop {
+        let mut hb = [0u8; HEADER_LEN];
+        // Idle between frames: wait for as long as the backend lives.
+        let mut idle = || {
+            if shared.closing.load(Ordering::Acquire) {
+                Err(io::Error::other("backend closing"))
+            } else {
+                Ok(())
+            }
+        };
+        sys::read_buf(fd, &mut hb, &mut idle)?;
+        let h = match Header::decode(&hb) {
+            Ok(h) => h,
+            Err(e) => {
+                let op = u64::from_le_bytes(hb[8..16].try_into().unwrap_or([0; 8]));
+                s.send_error(op, &e)?;
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e.message));
+            }
+        };
+        match h.ty {
+            FrameType::Write | FrameType::Read => s.data_op(&h)?,
+            FrameType::Notif => {
+                let mut msg = vec![0u8; h.len as usize];
+                sys::read_buf(fd, &mut msg, &mut mid_frame)?;
+                shared.notifs.push(s.peer.clone(), msg);
+            }
+            other => {
+                let e = ProtoError {
+                    status: Status::Malformed,
+                    message: format!("a target takes WRITE, READ and NOTIF frames, not {other:?}"),
+                };
+                s.send_error(h.op, &e)?;
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e.message));
+            }
+        }
+    }
+}
+
+/// Inside a frame, silence for the peer timeout means the initiator is gone.
+fn mid_frame() -> io::Result<()> {
+    Err(io::Error::new(io::ErrorKind::TimedOut, "the initiator stopped in the middle of a frame"))
+}
+
+fn welcome(shared: &Shared, status: Status, message: String) -> Vec<u8> {
+    let mut out = Vec::new();
+    Welcome {
+        version: proto::VERSION,
+        status,
+        caps: proto::CAPS,
+        instance: shared.instance,
+        name: shared.agent.to_string(),
+        message,
+    }
+    .encode(&mut out);
+    out
+}
+
+impl Served<'_> {
+    fn send_error(&self, op: u64, e: &ProtoError) -> io::Result<()> {
+        let msg = format!("agent '{}': {}", self.shared.agent, e.message);
+        let msg = &msg.as_bytes()[..msg.len().min(proto::MAX_ERROR_MSG as usize)];
+        let h = Header { ty: FrameType::Error, status: e.status, count: 0, op, len: msg.len() as u64 };
+        sys::write_bufs(self.fd, &[&h.encode(), msg])
+    }
+
+    /// Reads `n` bytes and throws them away (the data of a refused WRITE).
+    fn drain(&mut self, mut n: u64) -> io::Result<()> {
+        if self.scratch.is_empty() {
+            self.scratch = vec![0u8; 64 << 10];
+        }
+        while n > 0 {
+            let k = n.min(self.scratch.len() as u64) as usize;
+            sys::read_buf(self.fd, &mut self.scratch[..k], &mut mid_frame)?;
+            n -= k as u64;
+        }
+        Ok(())
+    }
+
+    fn data_op(&mut self, h: &Header) -> io::Result<()> {
+        self.table.resize(h.entries_len(), 0);
+        sys::read_buf(self.fd, &mut self.table, &mut mid_frame)?;
+        let regions = self.shared.regions.read();
+        if let Err(e) = proto::check_entries(h, &self.table, &*regions) {
+            drop(regions);
+            if h.ty == FrameType::Write {
+                self.drain(h.len)?;
+            }
+            tracing::debug!(agent = %self.shared.agent, peer = %self.peer, reason = %e, "TCP: refused a frame");
+            return self.send_error(h.op, &e);
+        }
+        self.spans.clear();
+        for i in 0..h.count as usize {
+            // check_entries decoded every entry already.
+            if let Some(e) = proto::Entry::decode(&self.table, i) {
+                self.spans.push((e.addr, e.len));
+            }
+        }
+        if h.ty == FrameType::Write {
+            // SAFETY: every span was just checked to lie inside a region registered
+            // now, and the table stays read-locked until the copy ends, so the
+            // registrant cannot deregister and free it meanwhile; the registrant
+            // agreed that peers may write registered memory at any time.
+            unsafe { sys::readv_all(self.fd, &self.spans, &mut mid_frame)? };
+            drop(regions);
+            let ack = Header::new(FrameType::Ack, h.op, 0, 0);
+            sys::write_bufs(self.fd, &[&ack.encode()])
+        } else {
+            let head = Header::new(FrameType::Data, h.op, 0, h.len).encode();
+            self.spans.insert(0, (head.as_ptr() as u64, HEADER_LEN as u64));
+            // SAFETY: as above for the checked spans (read-locked, registered);
+            // the first span is `head`, alive on this stack frame.
+            let r = unsafe { sys::writev_all(self.fd, &self.spans) };
+            drop(regions);
+            r
+        }
+    }
+}
