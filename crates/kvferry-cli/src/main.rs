@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod info;
+mod meta_server;
 mod rendezvous;
 mod serve;
 
@@ -33,6 +34,8 @@ enum Cmd {
     },
     /// A long-running target agent serving memory and files until signalled.
     Serve(Box<serve::ServeArgs>),
+    /// The embedded metadata server (set KVFERRY_METADATA_URL=http://ip:port on agents).
+    MetaServer(meta_server::MetaServerArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -41,6 +44,8 @@ enum BenchCmd {
     P2p(Box<bench::p2p::P2pArgs>),
     /// DRAM ↔ file or block device transfers through the POSIX backend.
     Storage(Box<bench::storage::StorageArgs>),
+    /// Time to publish and fetch metadata: in memory, peer to peer, metadata server, etcd.
+    Meta(bench::meta::MetaArgs),
 }
 
 fn main() {
@@ -59,6 +64,8 @@ fn main() {
             Ok(())
         }
         Cmd::Serve(a) => serve::run(&a),
+        Cmd::MetaServer(a) => meta_server::run(&a),
+        Cmd::Bench { which: Some(BenchCmd::Meta(a)), .. } => bench::meta::run(&a),
     };
     if let Err(e) = r {
         eprintln!("kvferry: {e}");

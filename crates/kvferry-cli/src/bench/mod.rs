@@ -7,6 +7,7 @@ use clap::Args;
 use kvferry::params::parse_size;
 use kvferry::{Error, Params, Result};
 
+pub mod meta;
 pub mod p2p;
 pub mod pattern;
 pub mod report;
