@@ -52,6 +52,16 @@ pub struct AgentConfig {
 
 impl Default for AgentConfig {
     fn default() -> Self {
+        AgentConfig::defaults_from(&|name| std::env::var(name).ok())
+    }
+}
+
+impl AgentConfig {
+    /// The defaults, reading environment variables through `lookup`.
+    fn defaults_from(lookup: &dyn Fn(&str) -> Option<String>) -> Self {
+        let env = |name: &str, alias: Option<&str>| -> Option<String> {
+            lookup(name).or_else(|| alias.and_then(lookup)).filter(|v| !v.trim().is_empty())
+        };
         AgentConfig {
             listener: false,
             listen_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
@@ -75,10 +85,6 @@ impl Default for AgentConfig {
 
 /// Default key prefix of agents' metadata in a central store.
 pub const DEFAULT_NAMESPACE: &str = "/kvferry/agents/";
-
-fn env(name: &str, alias: Option<&str>) -> Option<String> {
-    std::env::var(name).ok().or_else(|| alias.and_then(|a| std::env::var(a).ok())).filter(|v| !v.trim().is_empty())
-}
 
 impl AgentConfig {
     /// Turns the metadata listener on at `port` (0: any free port).
@@ -130,10 +136,7 @@ impl AgentConfig {
     /// [`from_env`](Self::from_env) over explicit variables, for tests and embedding.
     pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Self> {
         let vars: Vec<(String, String)> = vars.into_iter().collect();
-        let mut cfg = AgentConfig::default();
-        if let Some((_, t)) = vars.iter().find(|(k, _)| k == "KVFERRY_AUTH_TOKEN") {
-            cfg.auth_token = Some(t.clone()).filter(|t| !t.is_empty());
-        }
+        let mut cfg = AgentConfig::defaults_from(&|name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()));
         let Some((_, list)) = vars.iter().find(|(k, _)| k == "KVFERRY_BACKENDS") else {
             return Ok(cfg);
         };
@@ -173,6 +176,18 @@ mod tests {
         assert_eq!(cfg.backends[0].1.raw("lanes"), Some("8"));
         assert_eq!(cfg.backends[1].1.raw("x"), Some("y"));
         assert_eq!(cfg.auth_token.as_deref(), Some("s3cret"));
+        assert_eq!(cfg.metadata_namespace, DEFAULT_NAMESPACE);
+        let nixl = [("NIXL_ETCD_ENDPOINTS", "http://a:2379, http://b:2379"), ("NIXL_ETCD_NAMESPACE", "/nixl/agents/")]
+            .map(|(k, v)| (k.to_string(), v.to_string()));
+        let cfg = AgentConfig::from_vars(nixl).unwrap();
+        assert_eq!(cfg.etcd_endpoints, vec!["http://a:2379".to_string(), "http://b:2379".to_string()]);
+        assert_eq!(cfg.metadata_namespace, "/nixl/agents/");
+        let both =
+            [("KVFERRY_ETCD_NAMESPACE", "/k/"), ("NIXL_ETCD_NAMESPACE", "/n/"), ("KVFERRY_METADATA_URL", "http://m:1")]
+                .map(|(k, v)| (k.to_string(), v.to_string()));
+        let cfg = AgentConfig::from_vars(both).unwrap();
+        assert_eq!(cfg.metadata_namespace, "/k/", "kvferry's name wins over NIXL's alias");
+        assert_eq!(cfg.metadata_url.as_deref(), Some("http://m:1"));
         let bad = AgentConfig::from_vars([("KVFERRY_BACKENDS".to_string(), "tc p".to_string())]);
         assert!(bad.is_err());
     }

@@ -110,3 +110,75 @@ pub fn gated_plugin() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| kvferry::backend::register_plugin(Arc::new(GatedPlugin)).unwrap());
 }
+
+/// A free TCP port on 127.0.0.1 (bound once, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A real etcd (Debian's etcd-server) on free loopback ports with a temporary
+/// data directory; killed and cleaned up on drop.
+pub struct Etcd {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+    pub url: String,
+    pub port: u16,
+}
+
+impl Etcd {
+    /// Starts etcd and waits until it answers, or panics saying why.
+    pub fn start() -> Etcd {
+        Self::start_on(free_port())
+    }
+
+    /// Starts etcd with its client port at `port`.
+    pub fn start_on(port: u16) -> Etcd {
+        let peer = free_port();
+        let dir = std::env::temp_dir().join(format!("kvferry-etcd-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = format!("http://127.0.0.1:{port}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let bin = ["etcd", "/usr/bin/etcd", "/usr/local/bin/etcd"]
+            .into_iter()
+            .find(|b| std::process::Command::new(b).arg("--version").output().is_ok())
+            .expect("etcd is not installed: apt-get install etcd-server (scripts/test.sh installs it)");
+        let child = std::process::Command::new(bin)
+            .args(["--name", "kvferry-test", "--data-dir"])
+            .arg(&dir)
+            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("kvferry-test={peer_url}")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("etcd starts");
+        let e = Etcd { child, dir, url, port };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let ok = (|| -> std::io::Result<bool> {
+                use std::io::{Read, Write};
+                let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+                s.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+                s.write_all(b"GET /health HTTP/1.0\r\n\r\n")?;
+                let mut out = String::new();
+                s.read_to_string(&mut out)?;
+                Ok(out.contains("true"))
+            })()
+            .unwrap_or(false);
+            if ok {
+                return e;
+            }
+            assert!(std::time::Instant::now() < deadline, "etcd on port {port} did not become healthy within 20 s");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
