@@ -171,3 +171,110 @@ fn serve_answers_and_stops_on_sigterm() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+struct Killer(std::process::Child);
+
+impl Drop for Killer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn first_line(child: &mut std::process::Child) -> String {
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    line
+}
+
+#[test]
+fn p2p_target_and_initiator_find_each_other_through_the_meta_server() {
+    let mut srv = Command::new(env!("CARGO_BIN_EXE_kvferry"))
+        .args(["meta-server", "--port", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let line = first_line(&mut srv);
+    let _srv = Killer(srv);
+    let addr = line.split_whitespace().nth(3).expect("meta-server prints its address").to_string();
+    let url = format!("http://{addr}");
+    let job = format!("cli-{}", std::process::id());
+    let flags = ["--backend", "tcp", "--job", &job, "--block-sizes", "4K,64K", "--metadata-url", &url];
+    let target = Command::new(env!("CARGO_BIN_EXE_kvferry"))
+        .args(["bench", "p2p", "--mode", "target", "--name", "cli-target"])
+        .args(flags)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let target = Killer(target);
+    let o = kvferry(
+        &[
+            &["bench", "p2p", "--mode", "initiator", "--json", "--check-consistency", "--num_iter", "20"][..],
+            &flags[..],
+        ]
+        .concat(),
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    assert!(lines.iter().all(|l| l["verified"] == true && l["backend"] == "TCP"));
+    // The target leaves once its initiator is done.
+    let mut target = target;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(st) = target.0.try_wait().unwrap() {
+            assert!(st.success(), "target exit status {st}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the target did not leave after the initiator finished");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn p2p_target_and_initiator_over_ip_and_port() {
+    let mut target = Command::new(env!("CARGO_BIN_EXE_kvferry"))
+        .args(["bench", "p2p", "--mode", "target", "--backend", "tcp", "--ip", "127.0.0.1", "--port", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let line = first_line(&mut target);
+    let _t = Killer(target);
+    let port = line.trim().rsplit(':').next().unwrap().to_string();
+    let o = kvferry(&[
+        "bench",
+        "p2p",
+        "--mode",
+        "initiator",
+        "--backend",
+        "tcp",
+        "--ip",
+        "127.0.0.1",
+        "--port",
+        &port,
+        "--block-sizes",
+        "4K,1M",
+        "--batch-sizes",
+        "1,16",
+        "--num_iter",
+        "10",
+        "--check-consistency",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).lines().filter(|l| l.starts_with("TCP")).count(), 4);
+}
+
+#[test]
+fn bench_meta_reports_every_way() {
+    let o = kvferry(&["bench", "meta", "--regions", "100", "--iters", "3", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let ways: Vec<String> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["way"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ways, ["in-memory", "peer-to-peer", "meta-server"]);
+}

@@ -8,7 +8,9 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
-use kvferry::{Agent, AgentConfig, AlignedBuf, Error, Params, Request, Result, XferDescList, XferOp, XferState};
+use kvferry::{
+    Agent, AgentConfig, AlignedBuf, Error, MetaPeer, Params, Request, Result, XferDescList, XferOp, XferState,
+};
 
 use super::report::{self, Point, Timings};
 use super::{pattern, sweep, Common};
@@ -41,7 +43,82 @@ pub struct P2pArgs {
     #[arg(long, default_value_t = 0)]
     pub port: u16,
     #[command(flatten)]
+    pub store: StoreArgs,
+    #[command(flatten)]
     pub common: Common,
+}
+
+/// Finding peers through the central store instead of --ip/--port, as
+/// nixlbench does with etcd: targets publish themselves and their buffers,
+/// initiators take ranks, and everyone finds everyone by name.
+#[derive(Args, Debug, Clone, Default)]
+pub struct StoreArgs {
+    /// Use the central store (KVFERRY_METADATA_URL or KVFERRY_ETCD_ENDPOINTS, or the flags below).
+    #[arg(long = "store")]
+    pub enabled: bool,
+    /// Metadata server URL (implies --store).
+    #[arg(long)]
+    pub metadata_url: Option<String>,
+    /// etcd endpoints, comma-separated (implies --store; needs the `etcd` build feature).
+    #[arg(long)]
+    pub etcd: Option<String>,
+    /// Job name: the store prefix that groups one run's targets and initiators.
+    #[arg(long, default_value = "default")]
+    pub job: String,
+    /// This agent's name (default: role and pid).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Targets an initiator waits for and spreads its threads over.
+    #[arg(long, default_value_t = 1)]
+    pub targets: usize,
+    /// Initiators taking part: targets wait for all of them to finish.
+    #[arg(long, default_value_t = 1)]
+    pub initiators: usize,
+    /// Seconds to wait for the other participants.
+    #[arg(long, default_value_t = 300.0)]
+    pub wait: f64,
+}
+
+impl StoreArgs {
+    fn on(&self) -> bool {
+        self.enabled || self.metadata_url.is_some() || self.etcd.is_some()
+    }
+
+    fn config(&self) -> AgentConfig {
+        let mut cfg = AgentConfig::default();
+        if let Some(u) = &self.metadata_url {
+            cfg = cfg.with_metadata_url(u.clone());
+        }
+        if let Some(e) = &self.etcd {
+            let eps: Vec<&str> = e.split(',').map(str::trim).collect();
+            cfg = cfg.with_etcd(&eps);
+        }
+        cfg
+    }
+
+    fn key(&self, what: &str) -> String {
+        format!("/kvferry/bench/{}/{what}", self.job)
+    }
+
+    /// Waits until at least `n` keys exist under `prefix`; returns them sorted.
+    fn wait_for_keys(&self, store: &kvferry::Store, prefix: &str, n: usize, who: &str) -> Result<Vec<String>> {
+        let deadline = Instant::now() + Duration::from_secs_f64(self.wait);
+        loop {
+            let keys = store.list(prefix)?;
+            if keys.len() >= n {
+                return Ok(keys);
+            }
+            if Instant::now() > deadline {
+                return Err(Error::timeout(format!(
+                    "only {} of {n} {who} appeared under {prefix} in {} within {} s",
+                    keys.len(),
+                    store.endpoint(),
+                    self.wait
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 /// Kills the loopback target if the run ends early.
@@ -64,6 +141,91 @@ impl Drop for ChildGuard {
 fn agent(role: &str, backend: &str, params: &Params) -> Result<Agent> {
     let name = format!("bench-{role}-{}", std::process::id());
     Agent::new(&name, AgentConfig::default().with_backend(backend, params.clone()))
+}
+
+/// Bytes of the target buffer one initiator uses.
+fn span_per_initiator(c: &Common) -> Result<usize> {
+    Ok(sweep(c)?.iter().map(|(b, n)| b * n).max().unwrap_or(0) * c.threads.max(1))
+}
+
+/// A target that publishes itself through the store and serves until every
+/// initiator of the job says it is done.
+fn run_target_store(args: &P2pArgs) -> Result<()> {
+    let st = &args.store;
+    let name = st.name.clone().unwrap_or_else(|| format!("bench-target-{}", std::process::id()));
+    let a = Agent::new(&name, st.config().with_backend(&args.backend, args.common.backend_params()?))?;
+    let store = a.store()?;
+    let len = span_per_initiator(&args.common)? * st.initiators.max(1);
+    let mut buf = AlignedBuf::new(len)?;
+    pattern::fill(buf.as_mut_slice(), 0, TARGET_SEED);
+    let _reg = a.register_buf(&buf)?;
+    // A previous run of the same job may have left its "done" marks.
+    if store.list(&st.key("targets/"))?.is_empty() {
+        for k in store.list(&st.key("done/"))? {
+            store.delete(&k)?;
+        }
+    }
+    a.send_local_metadata(MetaPeer::Store)?;
+    store.put(&st.key(&format!("targets/{name}")), &buf.xfer_blocks(0, len, 1)?.to_bytes())?;
+    println!("KVFERRY-TARGET '{name}' published to {} (job {})", store.endpoint(), st.job);
+    let done = st.wait_for_keys(&store, &st.key("done/"), st.initiators.max(1), "finished initiators");
+    store.delete(&st.key(&format!("targets/{name}")))?;
+    a.invalidate_local_metadata(MetaPeer::Store)?;
+    if store.list(&st.key("targets/"))?.is_empty() {
+        for k in store.list(&st.key(""))? {
+            store.delete(&k)?;
+        }
+    }
+    done.map(drop)
+}
+
+/// An initiator that takes a rank and finds its targets through the store.
+fn connect_store(args: &P2pArgs) -> Result<Session> {
+    let st = &args.store;
+    let name = st.name.clone().unwrap_or_else(|| format!("bench-initiator-{}", std::process::id()));
+    let agent = Agent::new(&name, st.config().with_backend(&args.backend, args.common.backend_params()?))?;
+    let store = agent.store()?;
+    let span = span_per_initiator(&args.common)?;
+    let mut buf = AlignedBuf::new(span * 2)?;
+    pattern::fill(&mut buf.as_mut_slice()[..span], 0, INIT_SEED);
+    let reg = agent.register_buf(&buf)?;
+    agent.send_local_metadata(MetaPeer::Store)?;
+    store.put(&st.key(&format!("initiators/{name}")), b"")?;
+    let inits = st.wait_for_keys(&store, &st.key("initiators/"), st.initiators.max(1), "initiators")?;
+    let rank = inits.iter().position(|k| k.ends_with(&format!("/{name}"))).unwrap_or(0);
+    if rank >= st.initiators.max(1) {
+        return Err(Error::invalid(format!(
+            "initiator rank {rank} is beyond --initiators {}: stale keys of an old run under job '{}'? use a new --job",
+            st.initiators, st.job
+        )));
+    }
+    let targets = st.wait_for_keys(&store, &st.key("targets/"), st.targets.max(1), "targets")?;
+    let mut remotes = Vec::new();
+    for key in targets.iter().take(st.targets.max(1)) {
+        let tname = key.rsplit('/').next().unwrap_or_default().to_string();
+        agent.fetch_remote_metadata(&tname, None, MetaPeer::Store)?;
+        let descs = XferDescList::from_bytes(&store.get(key, Duration::from_secs(5))?)?;
+        let d = descs.get(0).ok_or_else(|| Error::malformed(format!("target '{tname}' exposed no buffer")))?;
+        if ((rank + 1) * span) as u64 > d.len {
+            return Err(Error::invalid(format!(
+                "target '{tname}' exposes {} bytes but initiator rank {rank} needs {}: start targets and initiators with the same --block-sizes, --batch-sizes, --threads and --initiators",
+                d.len,
+                (rank + 1) * span
+            )));
+        }
+        remotes.push((tname, d.addr));
+    }
+    Ok(Session {
+        agent,
+        buf,
+        _reg: reg,
+        remotes,
+        rank_off: rank * span,
+        done_key: Some(st.key(&format!("done/{name}"))),
+        _local_target: None,
+        _child: None,
+        _rendezvous: None,
+    })
 }
 
 /// Runs the target side: serve one initiator, then return when it leaves.
@@ -105,8 +267,12 @@ pub struct Session {
     pub agent: Agent,
     pub buf: AlignedBuf,
     _reg: kvferry::Registration,
-    pub remote_name: String,
-    pub remote_base: u64,
+    /// The targets (name, buffer base); thread `t` uses `remotes[t % len]`.
+    pub remotes: Vec<(String, u64)>,
+    /// Where this initiator's slice starts in every target buffer (rank × span).
+    pub rank_off: usize,
+    /// Store key marking this initiator done (store mode).
+    done_key: Option<String>,
     /// Keeps an in-process target alive (LOCAL).
     _local_target: Option<(Agent, AlignedBuf, kvferry::Registration)>,
     _child: Option<ChildGuard>,
@@ -130,13 +296,14 @@ pub fn connect(args: &P2pArgs, buf_len: usize) -> Result<Session> {
         pattern::fill(tb.as_mut_slice(), 0, TARGET_SEED);
         let treg = t.register_buf(&tb)?;
         agent.load_remote_metadata(&t.local_metadata()?)?;
-        let (remote_name, remote_base) = (t.name().to_string(), tb.addr());
+        let remotes = vec![(t.name().to_string(), tb.addr())];
         return Ok(Session {
             agent,
             buf,
             _reg: reg,
-            remote_name,
-            remote_base,
+            remotes,
+            rank_off: 0,
+            done_key: None,
             _local_target: Some((t, tb, treg)),
             _child: None,
             _rendezvous: None,
@@ -169,8 +336,9 @@ pub fn connect(args: &P2pArgs, buf_len: usize) -> Result<Session> {
         agent,
         buf,
         _reg: reg,
-        remote_name,
-        remote_base,
+        remotes: vec![(remote_name, remote_base)],
+        rank_off: 0,
+        done_key: None,
         _local_target: None,
         _child: child,
         _rendezvous: Some(s),
@@ -216,23 +384,21 @@ pub fn run_point(s: &Session, c: &Common, op: XferOp, block: usize, batch: usize
                 scope.spawn(move || -> Result<Timings> {
                     let span = block * batch;
                     let local = s.buf.xfer_blocks(t * span, block, batch)?;
+                    let (rname, rbase) = &s.remotes[t % s.remotes.len()];
+                    let roff = s.rank_off + t * span;
                     // Remote blocks in reverse order: nothing merges, every descriptor is moved as is.
                     let mut remote = XferDescList::with_capacity(local.mem_type(), batch);
                     for i in (0..batch).rev() {
-                        remote.push(kvferry::XferDesc::new(
-                            s.remote_base + (t * span + i * block) as u64,
-                            block as u64,
-                            0,
-                        ));
+                        remote.push(kvferry::XferDesc::new(rbase + (roff + i * block) as u64, block as u64, 0));
                     }
                     let mut tm = Timings::default();
                     for _ in 0..iters.clamp(1, 20) {
                         let t0 = Instant::now();
-                        let r = s.agent.create_request(op, &local, &remote, &s.remote_name, None)?;
+                        let r = s.agent.create_request(op, &local, &remote, rname, None)?;
                         tm.prep.record(t0.elapsed());
                         drop(r);
                     }
-                    let req = s.agent.create_request(op, &local, &remote, &s.remote_name, None)?;
+                    let req = s.agent.create_request(op, &local, &remote, rname, None)?;
                     for _ in 0..c.warmup {
                         complete(&req)?;
                     }
@@ -259,7 +425,7 @@ pub fn run_point(s: &Session, c: &Common, op: XferOp, block: usize, batch: usize
                     tm.iters = n;
                     tm.bytes = n * span as u64;
                     if c.check_consistency {
-                        verify(s, op, &local, &remote, t * span, span)?;
+                        verify(s, (rname, *rbase), op, &local, &remote, t * span, span)?;
                     }
                     Ok(tm)
                 })
@@ -300,14 +466,23 @@ fn complete_posted(req: &Request) -> Result<()> {
 
 /// Checks that the bytes landed: READ results against the target's pattern;
 /// WRITE results by reading them back into the scratch half of the buffer.
-fn verify(s: &Session, op: XferOp, local: &XferDescList, remote: &XferDescList, off: usize, span: usize) -> Result<()> {
+fn verify(
+    s: &Session,
+    target: (&str, u64),
+    op: XferOp,
+    local: &XferDescList,
+    remote: &XferDescList,
+    off: usize,
+    span: usize,
+) -> Result<()> {
+    let (rname, rbase) = target;
     let half = s.buf.len() / 2;
     let buf = s.buf.as_slice();
     match op {
         XferOp::Read => {
             for (l, r) in local.iter().zip(remote.iter()) {
                 let lo = (l.addr - s.buf.addr()) as usize;
-                let ro = r.addr - s.remote_base;
+                let ro = r.addr - rbase;
                 if let Some(at) = pattern::first_mismatch(&buf[lo..lo + l.len as usize], ro, TARGET_SEED) {
                     return Err(Error::new(
                         kvferry::ErrorKind::Backend,
@@ -318,7 +493,7 @@ fn verify(s: &Session, op: XferOp, local: &XferDescList, remote: &XferDescList, 
         }
         XferOp::Write => {
             let scratch = s.buf.xfer_blocks(half + off, span / remote.len(), remote.len())?;
-            let back = s.agent.create_request(XferOp::Read, &scratch, remote, &s.remote_name, None)?;
+            let back = s.agent.create_request(XferOp::Read, &scratch, remote, rname, None)?;
             complete(&back)?;
             if buf[half + off..half + off + span] != buf[off..off + span] {
                 return Err(Error::new(
@@ -334,14 +509,25 @@ fn verify(s: &Session, op: XferOp, local: &XferDescList, remote: &XferDescList, 
 /// `kvferry bench p2p`.
 pub fn run(args: &P2pArgs) -> Result<Vec<Point>> {
     if args.mode == Mode::Target {
-        run_target(args)?;
+        if args.store.on() {
+            run_target_store(args)?;
+        } else {
+            run_target(args)?;
+        }
         return Ok(Vec::new());
     }
     let c = &args.common;
     let op: XferOp = c.op.parse()?;
     let points = sweep(c)?;
     let buf_len = points.iter().map(|(b, n)| b * n).max().unwrap_or(0) * c.threads.max(1);
-    let s = connect(args, buf_len)?;
+    let s = if args.store.on() {
+        if args.mode == Mode::Loopback {
+            return Err(Error::invalid("--store finds peers by name: run --mode target and --mode initiator"));
+        }
+        connect_store(args)?
+    } else {
+        connect(args, buf_len)?
+    };
     let bar = progress(points.len(), c.json);
     if !c.json {
         println!("{}", report::table_header(false));
@@ -365,6 +551,9 @@ pub fn run(args: &P2pArgs) -> Result<Vec<Point>> {
         out.push(p);
     }
     bar.finish_and_clear();
+    if let Some(k) = &s.done_key {
+        s.agent.store()?.put(k, b"")?;
+    }
     Ok(out)
 }
 

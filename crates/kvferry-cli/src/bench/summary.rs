@@ -74,6 +74,7 @@ pub fn run(json: bool) -> Result<()> {
                 backend: backend.to_string(),
                 ip: "127.0.0.1".into(),
                 port: 0,
+                store: Default::default(),
                 common: c.clone(),
             };
             let session = p2p::connect(&args, super::sweep(&c)?.iter().map(|(b, n)| b * n).max().unwrap_or(0));
