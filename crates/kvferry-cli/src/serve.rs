@@ -1,7 +1,8 @@
 //! `kvferry serve`: a long-running target agent. It registers memory (and
 //! files, with the POSIX backend), hands its metadata to every client that
-//! connects to its rendezvous port, and serves transfers until SIGINT or
-//! SIGTERM.
+//! connects to its rendezvous port, optionally serves it peer to peer on a
+//! metadata listener and publishes it to a central store, and serves
+//! transfers until SIGINT or SIGTERM.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use clap::Args;
 use kvferry::params::parse_size;
-use kvferry::{Agent, AgentConfig, AlignedBuf, Error, MemType, Params, RegDesc, RegDescList, Result};
+use kvferry::{Agent, AgentConfig, AlignedBuf, Error, MemType, MetaPeer, Params, RegDesc, RegDescList, Result};
 
 use crate::rendezvous::{self, Msg};
 
@@ -41,10 +42,28 @@ pub struct ServeArgs {
     /// Backend parameter BACKEND.NAME=VALUE (repeatable), e.g. --param tcp.lanes=4.
     #[arg(long)]
     pub param: Vec<String>,
+    /// Also serve metadata peer to peer on this port (NIXL's listener; 0 picks one).
+    #[arg(long)]
+    pub listen_port: Option<u16>,
+    /// Publish metadata and exposed descriptors to this metadata server.
+    #[arg(long)]
+    pub metadata_url: Option<String>,
+    /// Publish metadata and exposed descriptors to etcd at these endpoints.
+    #[arg(long)]
+    pub etcd: Option<String>,
 }
 
 fn config(a: &ServeArgs) -> Result<AgentConfig> {
     let mut cfg = AgentConfig::default();
+    if let Some(p) = a.listen_port {
+        cfg = cfg.with_listener(p);
+    }
+    if let Some(u) = &a.metadata_url {
+        cfg = cfg.with_metadata_url(u.clone());
+    }
+    if let Some(e) = &a.etcd {
+        cfg = cfg.with_etcd(&e.split(',').map(str::trim).collect::<Vec<_>>());
+    }
     for b in &a.backends {
         let mut p = Params::new();
         for kv in &a.param {
@@ -83,10 +102,23 @@ pub fn run(a: &ServeArgs) -> Result<()> {
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone()).map_err(|e| Error::io("installing signal handlers", e))?;
     }
-    println!("KVFERRY-TARGET listening on {addr} as '{}' with backends {:?}", agent.name(), agent.backends());
     let descs =
         buf.as_ref().map(|b| b.xfer_blocks(0, b.len(), 1)).transpose()?.map(|l| l.to_bytes()).unwrap_or_default();
     let files_bytes = files.to_bytes();
+    let published = agent.config().metadata_url.is_some() || !agent.config().etcd_endpoints.is_empty();
+    if published {
+        agent.send_local_metadata(MetaPeer::Store)?;
+        let store = agent.store()?;
+        store.put(&format!("/kvferry/serve/{}/descs", agent.name()), &descs)?;
+        store.put(&format!("/kvferry/serve/{}/files", agent.name()), &files_bytes)?;
+    }
+    println!(
+        "KVFERRY-TARGET listening on {addr} as '{}' with backends {:?}{}{}",
+        agent.name(),
+        agent.backends(),
+        agent.listen_port().map(|p| format!(", metadata listener on port {p}")).unwrap_or_default(),
+        if published { ", published to the metadata store" } else { "" }
+    );
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((mut s, peer)) => {
@@ -116,5 +148,11 @@ pub fn run(a: &ServeArgs) -> Result<()> {
         }
     }
     eprintln!("serve: signalled, shutting down");
+    if published {
+        let store = agent.store()?;
+        let _ = store.delete(&format!("/kvferry/serve/{}/descs", agent.name()));
+        let _ = store.delete(&format!("/kvferry/serve/{}/files", agent.name()));
+        let _ = agent.invalidate_local_metadata(MetaPeer::Store);
+    }
     Ok(())
 }

@@ -278,3 +278,40 @@ fn bench_meta_reports_every_way() {
         .collect();
     assert_eq!(ways, ["in-memory", "peer-to-peer", "meta-server"]);
 }
+
+#[test]
+fn serve_publishes_to_the_store_and_serves_transfers() {
+    use kvferry::{Agent, AgentConfig, AlignedBuf, MetaPeer, Params, XferDescList, XferOp};
+    let srv = kvferry::metadata::server::MetaServer::start("127.0.0.1:0").unwrap();
+    let name = format!("serve-{}", std::process::id());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvferry"))
+        .args(["serve", "--name", &name, "--backends", "tcp", "--mem-size", "1M", "--ip", "127.0.0.1", "--port", "0"])
+        .args(["--listen-port", "0", "--metadata-url", &srv.url()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let line = first_line(&mut child);
+    let _serve = Killer(child);
+    assert!(line.contains("metadata listener on port") && line.contains("published"), "{line}");
+    let me = Agent::new(
+        &format!("serve-client-{}", std::process::id()),
+        AgentConfig::default().with_metadata_url(srv.url()).with_backend("tcp", Params::new()),
+    )
+    .unwrap();
+    me.fetch_remote_metadata(&name, None, MetaPeer::Store).unwrap();
+    let descs = me.store().unwrap().get(&format!("/kvferry/serve/{name}/descs"), Duration::from_secs(5)).unwrap();
+    let remote = XferDescList::from_bytes(&descs).unwrap();
+    let mut buf = AlignedBuf::new(8192).unwrap();
+    buf.as_mut_slice()[..4096].fill(0x5e);
+    let _r = me.register_buf(&buf).unwrap();
+    let far =
+        XferDescList::from_descs(kvferry::MemType::Dram, vec![kvferry::XferDesc::new(remote[0].addr + 4096, 4096, 0)]);
+    let w = me.create_request(XferOp::Write, &buf.xfer_blocks(0, 4096, 1).unwrap(), &far, &name, None).unwrap();
+    w.post(None).unwrap();
+    w.wait(Duration::from_secs(10)).unwrap();
+    let r = me.create_request(XferOp::Read, &buf.xfer_blocks(4096, 4096, 1).unwrap(), &far, &name, None).unwrap();
+    r.post(None).unwrap();
+    r.wait(Duration::from_secs(10)).unwrap();
+    assert!(buf.as_slice()[4096..].iter().all(|&b| b == 0x5e));
+}
