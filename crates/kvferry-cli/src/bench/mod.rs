@@ -2,10 +2,14 @@
 //! run (the main job) when no subcommand is given.
 
 use std::path::PathBuf;
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use kvferry::params::parse_size;
-use kvferry::{Error, Params, Result};
+use kvferry::{Error, Params, Request, Result, XferState};
+
+use report::Timings;
 
 pub mod meta;
 pub mod p2p;
@@ -102,6 +106,62 @@ impl Common {
         }
         Ok(())
     }
+}
+
+/// Runs `body(t, barrier)` on `threads` threads and merges their timings.
+/// Each body waits on the barrier right before its timed loop, so all
+/// threads start timing together.
+pub fn run_threads(threads: usize, body: impl Fn(usize, &Barrier) -> Result<Timings> + Sync) -> Result<Timings> {
+    let barrier = Barrier::new(threads);
+    let results: Vec<Result<Timings>> = std::thread::scope(|scope| {
+        let (body, barrier) = (&body, &barrier);
+        let handles: Vec<_> = (0..threads).map(|t| scope.spawn(move || body(t, barrier))).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(Error::internal("a bench thread panicked"))))
+            .collect()
+    });
+    let mut total = Timings::default();
+    for r in results {
+        total.merge(&r?);
+    }
+    Ok(total)
+}
+
+/// The timed loop: posts `pick(n)` until `iters` requests (or `--duration`)
+/// completed, finishing each with `finish`, recording post and completion
+/// times and `span` bytes per request.
+pub fn timed_loop<'r>(
+    c: &Common,
+    iters: u64,
+    span: u64,
+    tm: &mut Timings,
+    mut pick: impl FnMut(u64) -> &'r Request,
+    finish: impl Fn(&Request) -> Result<()>,
+) -> Result<()> {
+    let start = Instant::now();
+    let deadline = c.duration.map(|d| start + Duration::from_secs_f64(d));
+    let mut n = 0u64;
+    loop {
+        let req = pick(n);
+        let t0 = Instant::now();
+        let st = req.post(None)?;
+        tm.post.record(t0.elapsed());
+        if st != XferState::Done {
+            finish(req)?;
+        }
+        tm.complete.record(t0.elapsed());
+        n += 1;
+        match deadline {
+            Some(d) if Instant::now() >= d => break,
+            None if n >= iters => break,
+            _ => {}
+        }
+    }
+    tm.elapsed = start.elapsed();
+    tm.iters = n;
+    tm.bytes = n * span;
+    Ok(())
 }
 
 fn size(s: &str, flag: &str) -> Result<usize> {

@@ -4,7 +4,6 @@
 
 use std::io::{BufRead, BufReader, IsTerminal};
 use std::process::{Child, Command, Stdio};
-use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
@@ -376,71 +375,34 @@ fn spawn_target(args: &P2pArgs) -> Result<(String, ChildGuard)> {
 pub fn run_point(s: &Session, c: &Common, op: XferOp, block: usize, batch: usize) -> Result<Timings> {
     let threads = c.threads.max(1);
     let iters = c.iters_for(block * batch);
-    let barrier = Barrier::new(threads);
-    let results: Vec<Result<Timings>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                let barrier = &barrier;
-                scope.spawn(move || -> Result<Timings> {
-                    let span = block * batch;
-                    let local = s.buf.xfer_blocks(t * span, block, batch)?;
-                    let (rname, rbase) = &s.remotes[t % s.remotes.len()];
-                    let roff = s.rank_off + t * span;
-                    // Remote blocks in reverse order: nothing merges, every descriptor is moved as is.
-                    let mut remote = XferDescList::with_capacity(local.mem_type(), batch);
-                    for i in (0..batch).rev() {
-                        remote.push(kvferry::XferDesc::new(rbase + (roff + i * block) as u64, block as u64, 0));
-                    }
-                    let mut tm = Timings::default();
-                    for _ in 0..iters.clamp(1, 20) {
-                        let t0 = Instant::now();
-                        let r = s.agent.create_request(op, &local, &remote, rname, None)?;
-                        tm.prep.record(t0.elapsed());
-                        drop(r);
-                    }
-                    let req = s.agent.create_request(op, &local, &remote, rname, None)?;
-                    for _ in 0..c.warmup {
-                        complete(&req)?;
-                    }
-                    barrier.wait();
-                    let start = Instant::now();
-                    let deadline = c.duration.map(|d| start + Duration::from_secs_f64(d));
-                    let mut n = 0u64;
-                    loop {
-                        let t0 = Instant::now();
-                        let st = req.post(None)?;
-                        tm.post.record(t0.elapsed());
-                        if st != XferState::Done {
-                            complete_posted(&req)?;
-                        }
-                        tm.complete.record(t0.elapsed());
-                        n += 1;
-                        match deadline {
-                            Some(d) if Instant::now() >= d => break,
-                            None if n >= iters => break,
-                            _ => {}
-                        }
-                    }
-                    tm.elapsed = start.elapsed();
-                    tm.iters = n;
-                    tm.bytes = n * span as u64;
-                    if c.check_consistency {
-                        verify(s, (rname, *rbase), op, &local, &remote, t * span, span)?;
-                    }
-                    Ok(tm)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(Error::internal("a bench thread panicked"))))
-            .collect()
-    });
-    let mut total = Timings::default();
-    for r in results {
-        total.merge(&r?);
-    }
-    Ok(total)
+    super::run_threads(threads, |t, barrier| {
+        let span = block * batch;
+        let local = s.buf.xfer_blocks(t * span, block, batch)?;
+        let (rname, rbase) = &s.remotes[t % s.remotes.len()];
+        let roff = s.rank_off + t * span;
+        // Remote blocks in reverse order: nothing merges, every descriptor is moved as is.
+        let mut remote = XferDescList::with_capacity(local.mem_type(), batch);
+        for i in (0..batch).rev() {
+            remote.push(kvferry::XferDesc::new(rbase + (roff + i * block) as u64, block as u64, 0));
+        }
+        let mut tm = Timings::default();
+        for _ in 0..iters.clamp(1, 20) {
+            let t0 = Instant::now();
+            let r = s.agent.create_request(op, &local, &remote, rname, None)?;
+            tm.prep.record(t0.elapsed());
+            drop(r);
+        }
+        let req = s.agent.create_request(op, &local, &remote, rname, None)?;
+        for _ in 0..c.warmup {
+            complete(&req)?;
+        }
+        barrier.wait();
+        super::timed_loop(c, iters, span as u64, &mut tm, |_| &req, complete_posted)?;
+        if c.check_consistency {
+            verify(s, (rname, *rbase), op, &local, &remote, t * span, span)?;
+        }
+        Ok(tm)
+    })
 }
 
 fn complete(req: &Request) -> Result<()> {

@@ -5,7 +5,6 @@
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
@@ -243,84 +242,49 @@ fn run_point(
 ) -> Result<Timings> {
     let threads = c.threads.max(1);
     let iters = c.iters_for(block * batch);
-    let barrier = Barrier::new(threads);
-    let results: Vec<Result<Timings>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                let barrier = &barrier;
-                scope.spawn(move || -> Result<Timings> {
-                    let span = block * batch;
-                    let local = buf.xfer_blocks(t * span, block, batch)?;
-                    // Each thread owns a slice of every file; requests rotate over distinct offsets.
-                    let slice = files[0].size / threads as u64;
-                    let blocks_per_slice = (slice / block as u64).max(1);
-                    let nreq = (blocks_per_slice / batch as u64).clamp(1, 16);
-                    let mut seed = 0x1234_5678 + t as u64;
-                    let mut reqs: Vec<(Request, XferDescList)> = Vec::new();
-                    let mut tm = Timings::default();
-                    for r in 0..nreq {
-                        let mut remote = XferDescList::with_capacity(MemType::File, batch);
-                        for i in 0..batch as u64 {
-                            let blk = match pat {
-                                Pattern::Seq => (r * batch as u64 + i) % blocks_per_slice,
-                                Pattern::Rand => lcg(&mut seed) % blocks_per_slice,
-                            };
-                            let f = ((r * batch as u64 + i) % files.len() as u64) as usize;
-                            remote.push(XferDesc::new(
-                                t as u64 * slice + blk * block as u64,
-                                block as u64,
-                                f as u64 + 1,
-                            ));
-                        }
-                        let t0 = Instant::now();
-                        let req = agent.create_request(op, &local, &remote, agent.name(), None)?;
-                        tm.prep.record(t0.elapsed());
-                        reqs.push((req, remote));
-                    }
-                    for k in 0..c.warmup {
-                        complete(&reqs[k as usize % reqs.len()].0)?;
-                    }
-                    barrier.wait();
-                    let start = Instant::now();
-                    let deadline = c.duration.map(|d| start + Duration::from_secs_f64(d));
-                    let mut n = 0u64;
-                    loop {
-                        let req = &reqs[n as usize % reqs.len()].0;
-                        let t0 = Instant::now();
-                        let st = req.post(None)?;
-                        tm.post.record(t0.elapsed());
-                        if st != XferState::Done {
-                            req.wait(Duration::from_secs(120))?;
-                        }
-                        tm.complete.record(t0.elapsed());
-                        n += 1;
-                        match deadline {
-                            Some(d) if Instant::now() >= d => break,
-                            None if n >= iters => break,
-                            _ => {}
-                        }
-                    }
-                    tm.elapsed = start.elapsed();
-                    tm.iters = n;
-                    tm.bytes = n * span as u64;
-                    if c.check_consistency {
-                        let last = &reqs[(n as usize + reqs.len() - 1) % reqs.len()].1;
-                        verify(buf, &local, last, files, op)?;
-                    }
-                    Ok(tm)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(Error::internal("a bench thread panicked"))))
-            .collect()
-    });
-    let mut total = Timings::default();
-    for r in results {
-        total.merge(&r?);
-    }
-    Ok(total)
+    super::run_threads(threads, |t, barrier| {
+        let span = block * batch;
+        let local = buf.xfer_blocks(t * span, block, batch)?;
+        // Each thread owns a slice of every file; requests rotate over distinct offsets.
+        let slice = files[0].size / threads as u64;
+        let blocks_per_slice = (slice / block as u64).max(1);
+        let nreq = (blocks_per_slice / batch as u64).clamp(1, 16);
+        let mut seed = 0x1234_5678 + t as u64;
+        let mut reqs: Vec<(Request, XferDescList)> = Vec::new();
+        let mut tm = Timings::default();
+        for r in 0..nreq {
+            let mut remote = XferDescList::with_capacity(MemType::File, batch);
+            for i in 0..batch as u64 {
+                let blk = match pat {
+                    Pattern::Seq => (r * batch as u64 + i) % blocks_per_slice,
+                    Pattern::Rand => lcg(&mut seed) % blocks_per_slice,
+                };
+                let f = ((r * batch as u64 + i) % files.len() as u64) as usize;
+                remote.push(XferDesc::new(t as u64 * slice + blk * block as u64, block as u64, f as u64 + 1));
+            }
+            let t0 = Instant::now();
+            let req = agent.create_request(op, &local, &remote, agent.name(), None)?;
+            tm.prep.record(t0.elapsed());
+            reqs.push((req, remote));
+        }
+        for k in 0..c.warmup {
+            complete(&reqs[k as usize % reqs.len()].0)?;
+        }
+        barrier.wait();
+        super::timed_loop(
+            c,
+            iters,
+            span as u64,
+            &mut tm,
+            |k| &reqs[k as usize % reqs.len()].0,
+            |req| req.wait(Duration::from_secs(120)),
+        )?;
+        if c.check_consistency {
+            let last = &reqs[(tm.iters as usize + reqs.len() - 1) % reqs.len()].1;
+            verify(buf, &local, last, files, op)?;
+        }
+        Ok(tm)
+    })
 }
 
 fn complete(req: &Request) -> Result<()> {
