@@ -24,6 +24,7 @@ use crate::params::{ParamSpec, Params};
 mod config;
 mod memory;
 mod peers;
+mod query;
 pub(crate) mod ranges;
 mod xfer;
 

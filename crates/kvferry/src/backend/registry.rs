@@ -14,7 +14,7 @@ fn registry() -> &'static RwLock<Vec<Arc<dyn BackendPlugin>>> {
 }
 
 fn builtin() -> Vec<Arc<dyn BackendPlugin>> {
-    vec![Arc::new(super::local::LocalPlugin)]
+    vec![Arc::new(super::local::LocalPlugin), Arc::new(super::posix::PosixPlugin)]
 }
 
 /// Every plugin known to this process, built-ins first.
