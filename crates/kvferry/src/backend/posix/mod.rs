@@ -121,7 +121,7 @@ impl BackendPlugin for PosixPlugin {
                 }
             },
         };
-        tracing::debug!(agent = %ctx.agent_name, engine = engine.name(), "POSIX backend created");
+        tracing::info!(agent = %ctx.agent_name, engine = engine.name(), "POSIX backend created");
         Ok(Arc::new(PosixBackend {
             inner: Arc::new(Inner {
                 agent: ctx.agent_name,
@@ -216,10 +216,7 @@ impl Backend for PosixBackend {
     }
 
     fn params(&self) -> Params {
-        let mut p = self.params.clone();
-        // Report what `auto` chose.
-        p.set("engine", self.inner.engine.name());
-        p
+        self.params.clone()
     }
 
     fn register(&self, region: &Region) -> Result<Vec<u8>> {
