@@ -275,3 +275,29 @@ fn attached_notification_follows_the_data() {
     run(&req).unwrap();
     assert_eq!(a.take_notifications()[test], vec![b"flushed".to_vec()]);
 }
+
+/// The io_uring engine with kernel submission-queue polling, and `auto`.
+#[test]
+fn sqpoll_and_auto_engines() {
+    if engines("sqpoll").len() < 2 {
+        return; // io_uring unavailable: already reported as skipped
+    }
+    for (name, extra) in [("posix-sqpoll", &[("sqpoll", "true")][..]), ("posix-auto", &[][..])] {
+        let dir = TestDir::new(name);
+        let engine = if extra.is_empty() { "auto" } else { "uring" };
+        let a = agent(name, engine, extra);
+        let mut src = AlignedBuf::new(256 * KIB as usize).unwrap();
+        fill(&mut src, 11);
+        let dst = AlignedBuf::new(256 * KIB as usize).unwrap();
+        let _r1 = a.register_buf(&src).unwrap();
+        let _r2 = a.register_buf(&dst).unwrap();
+        let meta = format!("rw,create:{}", dir.path("s").display());
+        let _rf = a.register_storage(&reg(MemType::File, 0, 0, 1, &meta), &[]).unwrap();
+        let blocks: Vec<(u64, u64)> = (0..64).map(|i| (i * 4096, 4096)).collect();
+        let file: Vec<(u64, u64, u64)> = (0..64).rev().map(|i| (i * 8192, 4096, 1)).collect();
+        let fl = file_list(MemType::File, &file);
+        run(&a.create_request(XferOp::Write, &dram_list(&src, &blocks), &fl, name, None).unwrap()).unwrap();
+        run(&a.create_request(XferOp::Read, &dram_list(&dst, &blocks), &fl, name, None).unwrap()).unwrap();
+        assert!(dst.as_slice() == src.as_slice());
+    }
+}
