@@ -109,7 +109,7 @@ pub fn run(json: bool) -> Result<()> {
                 "--file-size",
                 "256M",
                 "--direct",
-                "--num-iter",
+                "--iters",
                 "20",
                 "--warmup",
                 "2",

@@ -26,6 +26,7 @@ mod config;
 mod memory;
 mod p2p;
 mod peers;
+mod query;
 pub(crate) mod ranges;
 mod xfer;
 

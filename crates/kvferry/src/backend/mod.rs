@@ -15,6 +15,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::desc::RegDesc;
 use crate::error::Result;
 use crate::host::HostId;
 use crate::mem::MemType;
@@ -22,6 +23,7 @@ use crate::notif::NotifSink;
 use crate::params::{ParamSpec, Params};
 
 pub mod local;
+pub mod posix;
 mod registry;
 pub mod shm;
 pub mod tcp;
@@ -236,6 +238,17 @@ pub struct CostEstimate {
     pub method: &'static str,
 }
 
+/// What [`Backend::query_mem`] reports about a file or device (NIXL's `queryMem`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileInfo {
+    /// Size in bytes (for a block device, the device's size).
+    pub size: u64,
+    /// Type and permission bits (`st_mode`).
+    pub mode: u32,
+    /// Last modification time.
+    pub mtime: std::time::SystemTime,
+}
+
 /// A way to move bytes. Implementations are shared between threads.
 pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// The canonical upper-case name (`TCP`, `SHM`, ...).
@@ -282,6 +295,14 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
 
     /// Sends a standalone notification to a loaded peer.
     fn send_notification(&self, peer: &str, msg: &[u8]) -> Result<()>;
+
+    /// Describes the storage a registration descriptor names, without
+    /// registering it: `Ok(None)` when it does not exist. Backends that do not
+    /// know storage answer `NotSupported` (the default).
+    fn query_mem(&self, mem_type: MemType, desc: &RegDesc) -> Result<Option<FileInfo>> {
+        let _ = desc;
+        Err(crate::Error::not_supported(format!("backend {} cannot query {mem_type} descriptors", self.name())))
+    }
 
     /// Estimates how long `plan` takes.
     fn estimate_cost(&self, plan: &XferPlan) -> CostEstimate {

@@ -14,7 +14,12 @@ fn registry() -> &'static RwLock<Vec<Arc<dyn BackendPlugin>>> {
 }
 
 fn builtin() -> Vec<Arc<dyn BackendPlugin>> {
-    vec![Arc::new(super::local::LocalPlugin), Arc::new(super::shm::ShmPlugin), Arc::new(super::tcp::TcpPlugin)]
+    vec![
+        Arc::new(super::local::LocalPlugin),
+        Arc::new(super::shm::ShmPlugin),
+        Arc::new(super::posix::PosixPlugin),
+        Arc::new(super::tcp::TcpPlugin),
+    ]
 }
 
 /// Every plugin known to this process, built-ins first.

@@ -1,0 +1,342 @@
+//! The engine API: a batch of positioned I/Os on open files, and the
+//! completion state engines report into.
+//!
+//! An engine takes [`Job`]s: `(file, buffer address, length, offset, op)`
+//! tuples over a list of open files, and runs them with many I/Os in flight.
+//! Nothing here knows about agents or requests, so any owner of open files
+//! and registered memory can drive an engine: the POSIX backend for local
+//! DRAM ↔ FILE transfers, and a remote-file target serving peers.
+//!
+//! A job is finished when every I/O moved every byte, or, after an error or
+//! a cancel, when no I/O of it is in flight any more: only then may its
+//! memory and files be released.
+
+use std::fmt;
+use std::io;
+use std::ops::Range;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use super::files::OpenFile;
+use crate::error::{Error, ErrorKind, Result};
+
+/// The largest single I/O an engine issues (io_uring lengths are 32 bits, and
+/// Linux moves at most about 2 GiB per call).
+pub(crate) const MAX_OP_LEN: u64 = 1 << 30;
+
+/// Direction of one I/O.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum IoKind {
+    /// File → memory.
+    Read,
+    /// Memory → file.
+    Write,
+}
+
+impl IoKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            IoKind::Read => "READ",
+            IoKind::Write => "WRITE",
+        }
+    }
+}
+
+/// One positioned I/O: `len` bytes between memory at `buf` and `offset` of
+/// the job's file number `file`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct IoOp {
+    /// Read or write.
+    pub(crate) kind: IoKind,
+    /// Index into the job's files.
+    pub(crate) file: u32,
+    /// The request segment it belongs to (for messages).
+    pub(crate) seg: u32,
+    /// Memory address.
+    pub(crate) buf: u64,
+    /// Bytes, at most [`MAX_OP_LEN`].
+    pub(crate) len: u64,
+    /// File offset.
+    pub(crate) offset: u64,
+}
+
+/// A checked, shareable list of I/Os, built once and run by many jobs.
+#[derive(Clone, Debug)]
+pub(crate) struct IoBatch {
+    ops: Arc<[IoOp]>,
+    files: usize,
+}
+
+impl IoBatch {
+    /// Checks lengths and file indices (`files` = number of files the jobs will carry).
+    pub(crate) fn new(ops: Vec<IoOp>, files: usize) -> Result<Self> {
+        for (i, op) in ops.iter().enumerate() {
+            if op.len == 0 || op.len > MAX_OP_LEN || op.file as usize >= files {
+                return Err(Error::internal(format!(
+                    "POSIX: I/O {i} is malformed (len {}, file {} of {files})",
+                    op.len, op.file
+                )));
+            }
+            if op.buf.checked_add(op.len).is_none() || op.offset.checked_add(op.len).is_none() {
+                return Err(Error::invalid(format!("POSIX: I/O {i} overflows the address space")));
+            }
+        }
+        if ops.is_empty() {
+            return Err(Error::invalid("POSIX: a job needs at least one I/O"));
+        }
+        Ok(IoBatch { ops: ops.into(), files })
+    }
+
+    /// Number of I/Os.
+    pub(crate) fn len(&self) -> usize {
+        self.ops.len()
+    }
+}
+
+#[derive(Debug, Default)]
+struct JobState {
+    /// Next I/O to hand out.
+    next: usize,
+    /// I/Os handed out and not yet completed.
+    in_flight: usize,
+    /// I/Os that moved every byte.
+    done: usize,
+    error: Option<Error>,
+    canceled: bool,
+    finished: bool,
+}
+
+/// One run of an [`IoBatch`] over open files, and its completion state.
+pub(crate) struct Job {
+    batch: IoBatch,
+    files: Vec<Arc<OpenFile>>,
+    state: Mutex<JobState>,
+    cv: Condvar,
+}
+
+impl fmt::Debug for Job {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self.state.lock();
+        f.debug_struct("Job")
+            .field("ops", &self.batch.len())
+            .field("done", &s.done)
+            .field("in_flight", &s.in_flight)
+            .field("finished", &s.finished)
+            .finish()
+    }
+}
+
+/// Why an I/O failed.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// The OS said no.
+    Os(io::Error),
+    /// A read returned 0: the file ends before the range does.
+    Eof,
+    /// A write returned 0.
+    NoProgress,
+    /// The job was canceled or failed elsewhere before this I/O finished.
+    Stopped,
+}
+
+impl Job {
+    /// A job running `batch` over `files` (indexed by [`IoOp::file`]). The
+    /// files stay open while the job lives.
+    pub(crate) fn new(batch: IoBatch, files: Vec<Arc<OpenFile>>) -> Result<Arc<Job>> {
+        if files.len() < batch.files {
+            return Err(Error::internal(format!("POSIX: a job of {} files got {}", batch.files, files.len())));
+        }
+        Ok(Arc::new(Job { batch, files, state: Mutex::new(JobState::default()), cv: Condvar::new() }))
+    }
+
+    /// I/O `i`.
+    pub(crate) fn op(&self, i: usize) -> &IoOp {
+        &self.batch.ops[i]
+    }
+
+    /// The descriptor I/O `op` runs on.
+    pub(crate) fn fd(&self, op: &IoOp) -> RawFd {
+        self.files[op.file as usize].raw()
+    }
+
+    /// Hands out up to `max` I/Os to start. Returns their indices and whether
+    /// more remain to hand out later (when not, the engine can forget the job).
+    pub(crate) fn claim(&self, max: usize) -> (Range<usize>, bool) {
+        let mut s = self.state.lock();
+        if s.canceled || s.error.is_some() {
+            return (0..0, false);
+        }
+        let start = s.next;
+        let end = start.saturating_add(max).min(self.batch.len());
+        s.next = end;
+        s.in_flight += end - start;
+        (start..end, end < self.batch.len())
+    }
+
+    /// Whether the job stopped (canceled or failed): engines stop retrying its I/Os.
+    pub(crate) fn stopped(&self) -> bool {
+        let s = self.state.lock();
+        s.canceled || s.error.is_some()
+    }
+
+    /// Reports the end of I/O `i`, which was handed out by [`claim`](Self::claim).
+    pub(crate) fn complete(&self, i: usize, moved: u64, result: std::result::Result<(), Failure>) {
+        let err = result.err().map(|f| self.failure(i, moved, f));
+        let mut s = self.state.lock();
+        s.in_flight -= 1;
+        match err {
+            None => s.done += 1,
+            Some(e) => {
+                if s.error.is_none() && !(s.canceled && e.kind() == ErrorKind::Canceled) {
+                    s.error = Some(e);
+                }
+            }
+        }
+        self.settle(&mut s);
+    }
+
+    /// Stops handing out I/Os because the engine cannot run them (shutdown).
+    pub(crate) fn abort(&self, why: Error) {
+        let mut s = self.state.lock();
+        if s.error.is_none() {
+            s.error = Some(why);
+        }
+        self.settle(&mut s);
+    }
+
+    fn settle(&self, s: &mut JobState) {
+        let all = s.done == self.batch.len();
+        let stopped = s.canceled || s.error.is_some();
+        if !s.finished && (all || (stopped && s.in_flight == 0)) {
+            s.finished = true;
+            self.cv.notify_all();
+        }
+    }
+
+    /// `None` while running; the outcome once finished.
+    pub(crate) fn outcome(&self) -> Option<Result<()>> {
+        let s = self.state.lock();
+        if !s.finished {
+            return None;
+        }
+        Some(match (&s.error, s.done == self.batch.len()) {
+            (_, true) => Ok(()),
+            (Some(e), false) => Err(e.clone()),
+            (None, false) => Err(Error::new(ErrorKind::Canceled, "POSIX: the transfer was canceled")),
+        })
+    }
+
+    /// Blocks until finished or until `timeout` passes; returns whether finished.
+    pub(crate) fn wait(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now().checked_add(timeout);
+        let mut s = self.state.lock();
+        while !s.finished {
+            match deadline {
+                Some(d) => {
+                    if self.cv.wait_until(&mut s, d).timed_out() {
+                        return s.finished;
+                    }
+                }
+                None => self.cv.wait(&mut s),
+            }
+        }
+        true
+    }
+
+    /// Stops handing out I/Os and blocks until none is in flight, so the
+    /// caller may release the job's memory. I/Os already in the kernel
+    /// cannot be taken back; local storage I/O always completes.
+    pub(crate) fn cancel(&self) {
+        let mut s = self.state.lock();
+        s.canceled = true;
+        self.settle(&mut s);
+        while !s.finished {
+            self.cv.wait(&mut s);
+        }
+    }
+
+    fn failure(&self, i: usize, moved: u64, f: Failure) -> Error {
+        let op = self.op(i);
+        let file = self.files[op.file as usize].name();
+        let at = op.offset.saturating_add(moved);
+        let missing = op.len.saturating_sub(moved);
+        let what = format!(
+            "POSIX: {} of segment {} {} {file}",
+            op.kind.as_str(),
+            op.seg,
+            match op.kind {
+                IoKind::Read => "from",
+                IoKind::Write => "to",
+            }
+        );
+        match f {
+            Failure::Os(e) => {
+                let hint = match e.raw_os_error() {
+                    Some(libc::ENOSPC) => "; the filesystem is full: free space or write elsewhere",
+                    Some(libc::EDQUOT) => "; the disk quota is exhausted",
+                    Some(libc::EINVAL) if self.files[op.file as usize].direct => {
+                        "; O_DIRECT refused the request: check alignment"
+                    }
+                    Some(libc::EBADF) => "; the file is not open for this direction (check r/w flags)",
+                    _ => "",
+                };
+                Error::io(format!("{what} failed at offset {at} with {missing} of {} bytes left{hint}", op.len), e)
+            }
+            Failure::Eof => Error::new(
+                ErrorKind::Backend,
+                format!(
+                    "{what}: end of file at offset {at}, {missing} of {} bytes missing; the file is shorter than the request",
+                    op.len
+                ),
+            ),
+            Failure::NoProgress => Error::new(
+                ErrorKind::Backend,
+                format!("{what}: the write made no progress at offset {at}, {missing} of {} bytes left", op.len),
+            ),
+            Failure::Stopped => Error::new(ErrorKind::Canceled, format!("{what}: stopped before it finished")),
+        }
+    }
+}
+
+/// A way to run jobs: io_uring or a thread pool.
+pub(crate) trait Engine: Send + Sync + fmt::Debug + 'static {
+    /// `uring` or `threads`.
+    fn name(&self) -> &'static str;
+
+    /// Queues `job`; never waits for its I/O.
+    fn submit(&self, job: Arc<Job>) -> Result<()>;
+}
+
+/// Runs I/O `i` of `job` to the end with blocking `pread`/`pwrite`, retrying
+/// short transfers for the remainder. Returns the bytes moved and the outcome.
+pub(crate) fn run_blocking(job: &Job, i: usize) -> (u64, std::result::Result<(), Failure>) {
+    let op = *job.op(i);
+    let fd = job.fd(&op);
+    let mut moved = 0u64;
+    let mut interrupted = 0;
+    while moved < op.len {
+        if job.stopped() {
+            return (moved, Err(Failure::Stopped));
+        }
+        let (buf, len, off) = (op.buf + moved, (op.len - moved) as usize, op.offset + moved);
+        // SAFETY: `buf..buf+len` lies in memory registered with the agent, which
+        // the job's owner keeps valid until the job is finished (cancel and drop
+        // wait for in-flight I/Os); `fd` is kept open by the job's files.
+        let r = unsafe {
+            match op.kind {
+                IoKind::Read => super::sys::pread(fd, buf as *mut u8, len, off),
+                IoKind::Write => super::sys::pwrite(fd, buf as *const u8, len, off),
+            }
+        };
+        match r {
+            Ok(0) => return (moved, Err(if op.kind == IoKind::Read { Failure::Eof } else { Failure::NoProgress })),
+            Ok(n) => moved += n as u64,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted && interrupted < 64 => interrupted += 1,
+            Err(e) => return (moved, Err(Failure::Os(e))),
+        }
+    }
+    (moved, Ok(()))
+}

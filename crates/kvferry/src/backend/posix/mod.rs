@@ -1,0 +1,421 @@
+//! `POSIX`: transfers between an agent's DRAM and its files and block
+//! devices (DRAM ↔ FILE, DRAM ↔ BLOCK), with io_uring or a thread pool.
+//!
+//! The agent is its own "remote": the user registers DRAM and FILE/BLOCK
+//! regions on one agent and creates a request with the agent's own name. A
+//! WRITE moves DRAM → file, a READ file → DRAM.
+//!
+//! ```no_run
+//! use kvferry::{Agent, AlignedBuf, MemType, RegDesc, RegDescList, XferDesc, XferDescList, XferOp};
+//! let agent = Agent::with_backends("ssd-tier", &["POSIX"])?;
+//! let buf = AlignedBuf::new(4 << 20)?;
+//! let _mem = agent.register_buf(&buf)?;
+//! // Path mode: the backend opens the file; dev_id 1 is our name for it.
+//! let mut files = RegDescList::new(MemType::File);
+//! files.push(RegDesc::with_meta(0, 0, 1, "rw,direct,create:/var/tmp/kv.bin"));
+//! let _file = agent.register_storage(&files, &[])?;
+//! let dram = buf.xfer_blocks(0, 1 << 20, 4)?;
+//! let file = XferDescList::from_descs(MemType::File, (0..4).map(|i| XferDesc::new(i << 20, 1 << 20, 1)).collect());
+//! let req = agent.create_request(XferOp::Write, &dram, &file, "ssd-tier", None)?;
+//! req.post(None)?;
+//! req.wait(std::time::Duration::from_secs(10))?;
+//! # Ok::<(), kvferry::Error>(())
+//! ```
+//!
+//! Layout: `files.rs` registration table (fd mode and path mode), `align.rs`
+//! O_DIRECT checks, `job.rs` the engine API (batches of positioned I/Os and
+//! their completion), `uring.rs` and `threads.rs` the two engines, `sys.rs`
+//! the raw OS calls. The engine API takes `(file, buffer, length, offset, op)`
+//! batches and knows nothing of agents, so a remote-file target can reuse it.
+//!
+//! Guarantees: a request is done only when every byte of every descriptor
+//! moved (short transfers are retried for the remainder; end of file,
+//! ENOSPC and any OS error fail the request); an error or a cancel is
+//! reported only once no I/O of the request is in flight, so its memory may
+//! be released at once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::RwLock;
+
+use super::{
+    AccessKey, Backend, BackendContext, BackendPlugin, BackendXfer, Capabilities, FileInfo, PeerInfo, Region, XferOp,
+    XferPlan, XferState,
+};
+use crate::desc::RegDesc;
+use crate::error::{Error, ErrorKind, Result};
+use crate::mem::MemType;
+use crate::notif::NotifSink;
+use crate::params::{ParamSpec, Params};
+
+mod align;
+mod files;
+mod job;
+mod sys;
+mod threads;
+mod uring;
+
+use files::FileTable;
+use job::{Engine, IoBatch, IoKind, IoOp, Job};
+
+/// The `POSIX` plugin.
+#[derive(Debug)]
+pub struct PosixPlugin;
+
+const PARAMS: &[ParamSpec] = &[
+    ParamSpec {
+        name: "engine",
+        default: "auto",
+        doc: "auto | uring | threads. auto picks io_uring when the start-up probe (ring + NOP + opcode probe) succeeds, else the thread pool",
+    },
+    ParamSpec {
+        name: "queue_depth",
+        default: "64",
+        doc: "io_uring: I/Os in flight per backend instance (1..=4096), shared by all requests; refilled as completions arrive",
+    },
+    ParamSpec {
+        name: "threads",
+        default: "8",
+        doc: "thread-pool engine: worker threads doing pread/pwrite (1..=1024), which is also its number of I/Os in flight",
+    },
+    ParamSpec {
+        name: "max_io_size",
+        default: "1M",
+        doc: "longest single I/O (4K..=1G, a multiple of 4096); longer descriptors and merged runs are split so many I/Os run in parallel",
+    },
+    ParamSpec {
+        name: "sqpoll",
+        default: "false",
+        doc: "io_uring: let a kernel thread poll the submission queue (saves a syscall per batch, costs a busy core)",
+    },
+];
+
+const NAME: &str = "POSIX";
+
+impl BackendPlugin for PosixPlugin {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn mem_types(&self) -> Vec<MemType> {
+        vec![MemType::Dram, MemType::File, MemType::Block]
+    }
+
+    fn params(&self) -> &'static [ParamSpec] {
+        PARAMS
+    }
+
+    fn create(&self, ctx: BackendContext, params: &Params) -> Result<Arc<dyn Backend>> {
+        let params = params.resolved(PARAMS);
+        let cfg = Config::from_params(&params)?;
+        let engine: Arc<dyn Engine> = match cfg.engine.as_str() {
+            "uring" => Arc::new(uring::UringEngine::start(cfg.queue_depth, cfg.sqpoll)?),
+            "threads" => Arc::new(threads::ThreadEngine::start(cfg.threads)?),
+            _ => match uring::UringEngine::start(cfg.queue_depth, cfg.sqpoll) {
+                Ok(e) => Arc::new(e),
+                Err(e) => {
+                    tracing::info!(error = %e, "POSIX: io_uring unavailable, using the thread pool");
+                    Arc::new(threads::ThreadEngine::start(cfg.threads)?)
+                }
+            },
+        };
+        tracing::info!(agent = %ctx.agent_name, engine = engine.name(), "POSIX backend created");
+        Ok(Arc::new(PosixBackend {
+            inner: Arc::new(Inner {
+                agent: ctx.agent_name,
+                notifs: ctx.notifs,
+                table: RwLock::new(FileTable::default()),
+                engine,
+                max_io: cfg.max_io,
+            }),
+            params,
+        }))
+    }
+}
+
+/// The parsed parameters.
+#[derive(Debug)]
+struct Config {
+    engine: String,
+    queue_depth: u32,
+    threads: usize,
+    max_io: u64,
+    sqpoll: bool,
+}
+
+impl Config {
+    fn from_params(p: &Params) -> Result<Config> {
+        let engine = p.raw("engine").unwrap_or("auto").trim().to_ascii_lowercase();
+        let engine = match engine.as_str() {
+            "auto" | "uring" | "threads" => engine,
+            "io_uring" | "iouring" => "uring".to_string(),
+            "thread" | "pool" | "threadpool" => "threads".to_string(),
+            other => {
+                return Err(Error::invalid(format!(
+                    "backend POSIX: parameter 'engine' = '{other}' is not one of auto, uring, threads"
+                )))
+            }
+        };
+        let queue_depth: u32 = p.parse(NAME, "queue_depth")?;
+        if !(1..=4096).contains(&queue_depth) {
+            return Err(Error::invalid(format!("backend POSIX: queue_depth = {queue_depth} is outside 1..=4096")));
+        }
+        let threads: usize = p.parse(NAME, "threads")?;
+        if !(1..=1024).contains(&threads) {
+            return Err(Error::invalid(format!("backend POSIX: threads = {threads} is outside 1..=1024")));
+        }
+        let max_io = p.parse_size(NAME, "max_io_size")?;
+        if !(4096..=job::MAX_OP_LEN).contains(&max_io) || max_io % 4096 != 0 {
+            return Err(Error::invalid(format!(
+                "backend POSIX: max_io_size = {max_io} must be a multiple of 4096 between 4K and 1G"
+            )));
+        }
+        let sqpoll = p.parse_bool(NAME, "sqpoll")?;
+        Ok(Config { engine, queue_depth, threads, max_io, sqpoll })
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    agent: Arc<str>,
+    notifs: NotifSink,
+    table: RwLock<FileTable>,
+    engine: Arc<dyn Engine>,
+    max_io: u64,
+}
+
+/// The POSIX backend instance of one agent.
+#[derive(Debug)]
+pub struct PosixBackend {
+    inner: Arc<Inner>,
+    params: Params,
+}
+
+impl PosixBackend {
+    /// The engine in use: `uring` or `threads`.
+    pub fn engine(&self) -> &'static str {
+        self.inner.engine.name()
+    }
+}
+
+impl Backend for PosixBackend {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            mem_types: vec![MemType::Dram, MemType::File, MemType::Block],
+            local: true,
+            remote: false,
+            notifications: false,
+            rank: 20,
+        }
+    }
+
+    fn params(&self) -> Params {
+        self.params.clone()
+    }
+
+    fn register(&self, region: &Region) -> Result<Vec<u8>> {
+        match region.mem_type {
+            // DRAM needs nothing: the agent checks local memory, the kernel reads it.
+            MemType::Dram => Ok(Vec::new()),
+            MemType::File | MemType::Block => {
+                self.inner.table.write().register(region)?;
+                Ok(Vec::new())
+            }
+            other => Err(Error::not_supported(format!("POSIX moves DRAM, FILE and BLOCK, not {other}"))),
+        }
+    }
+
+    fn deregister(&self, region: &Region) -> Result<()> {
+        match region.mem_type {
+            MemType::File | MemType::Block => self.inner.table.write().deregister(region),
+            _ => Ok(()),
+        }
+    }
+
+    fn load_remote(&self, _peer: &PeerInfo) -> Result<()> {
+        // Nothing to load: POSIX serves this agent's own files only.
+        Ok(())
+    }
+
+    fn unload_remote(&self, _peer: &str) {}
+
+    fn prepare(&self, plan: XferPlan) -> Result<Box<dyn BackendXfer>> {
+        if !plan.loopback {
+            return Err(Error::not_supported(format!(
+                "POSIX moves bytes between this agent's DRAM and its own files; '{}' is another agent (use a network backend)",
+                plan.peer
+            )));
+        }
+        if plan.local_mem != MemType::Dram || !matches!(plan.remote_mem, MemType::File | MemType::Block) {
+            return Err(Error::not_supported(format!(
+                "POSIX moves DRAM ↔ FILE and DRAM ↔ BLOCK, not {} ↔ {}",
+                plan.local_mem, plan.remote_mem
+            )));
+        }
+        let kind = match plan.op {
+            XferOp::Write => IoKind::Write,
+            XferOp::Read => IoKind::Read,
+        };
+        let table = self.inner.table.read();
+        let mut file_idx: HashMap<AccessKey, u32> = HashMap::new();
+        let mut keys: Vec<(AccessKey, u32)> = Vec::new();
+        let mut ops = Vec::with_capacity(plan.segments.len());
+        for (i, s) in plan.segments.iter().enumerate() {
+            let seg = u32::try_from(i).unwrap_or(u32::MAX);
+            let r = table.region(&s.remote_key).ok_or_else(|| {
+                Error::not_found(format!(
+                    "POSIX: the {} region of segment {i} (offset {:#x}, dev {}) is not registered with this backend",
+                    plan.remote_mem, s.remote_addr, s.remote_dev
+                ))
+            })?;
+            let f = &r.file;
+            if kind == IoKind::Write && !f.access.writable() {
+                return Err(Error::not_allowed(format!(
+                    "POSIX: segment {i}: {} is open read-only; register it with 'w' or 'rw' to WRITE to it",
+                    f.name()
+                )));
+            }
+            if kind == IoKind::Read && !f.access.readable() {
+                return Err(Error::not_allowed(format!(
+                    "POSIX: segment {i}: {} is open write-only; register it with 'r' or 'rw' to READ from it",
+                    f.name()
+                )));
+            }
+            if !r.contains(s.remote_addr, s.len) {
+                return Err(Error::not_allowed(format!(
+                    "POSIX: segment {i} ({:#x}+{}) lies outside its registered region {:#x}+{} of {}{}",
+                    s.remote_addr,
+                    s.len,
+                    r.addr,
+                    r.len,
+                    f.name(),
+                    f.device_size.map(|d| format!(" (a device of {d} bytes)")).unwrap_or_default()
+                )));
+            }
+            let mut chunk = self.inner.max_io;
+            if f.direct {
+                align::DirectAlign { mem: f.mem_align, off: f.off_align }.check(
+                    i,
+                    &f.name(),
+                    s.local_addr,
+                    s.remote_addr,
+                    s.len,
+                )?;
+                chunk = (chunk / f.off_align).max(1) * f.off_align;
+            }
+            let fi = *file_idx.entry(s.remote_key).or_insert_with(|| {
+                keys.push((s.remote_key, seg));
+                (keys.len() - 1) as u32
+            });
+            let mut done = 0u64;
+            while done < s.len {
+                let n = chunk.min(s.len - done);
+                ops.push(IoOp { kind, file: fi, seg, buf: s.local_addr + done, len: n, offset: s.remote_addr + done });
+                done += n;
+            }
+        }
+        drop(table);
+        let batch = IoBatch::new(ops, keys.len())?;
+        Ok(Box::new(PosixXfer { inner: self.inner.clone(), mem: plan.remote_mem, keys, batch, job: None, notif: None }))
+    }
+
+    fn send_notification(&self, _peer: &str, _msg: &[u8]) -> Result<()> {
+        Err(Error::not_supported("POSIX does not send notifications"))
+    }
+
+    fn query_mem(&self, mem_type: MemType, desc: &RegDesc) -> Result<Option<FileInfo>> {
+        match mem_type {
+            MemType::File | MemType::Block => files::query(desc),
+            other => Err(Error::not_supported(format!("POSIX queries FILE and BLOCK descriptors, not {other}"))),
+        }
+    }
+}
+
+/// One prepared POSIX transfer.
+#[derive(Debug)]
+struct PosixXfer {
+    inner: Arc<Inner>,
+    mem: MemType,
+    /// The file regions the I/Os use (index = `IoOp::file`), with the first segment on each.
+    keys: Vec<(AccessKey, u32)>,
+    batch: IoBatch,
+    job: Option<Arc<Job>>,
+    /// The notification to deliver to this agent after the data.
+    notif: Option<Vec<u8>>,
+}
+
+impl PosixXfer {
+    fn outcome(&mut self) -> Result<XferState> {
+        let Some(job) = &self.job else {
+            return Err(Error::invalid("POSIX: the transfer was never posted"));
+        };
+        match job.outcome() {
+            None => Ok(XferState::InProgress),
+            Some(Ok(())) => {
+                if let Some(n) = self.notif.take() {
+                    self.inner.notifs.push(self.inner.agent.clone(), n);
+                }
+                Ok(XferState::Done)
+            }
+            Some(Err(e)) => Err(e),
+        }
+    }
+}
+
+impl BackendXfer for PosixXfer {
+    fn post(&mut self, notif: Option<&[u8]>) -> Result<XferState> {
+        if let Some(job) = &self.job {
+            if job.outcome().is_none() {
+                return Err(Error::new(ErrorKind::RepostActive, "POSIX: the transfer is still in flight"));
+            }
+        }
+        let files = {
+            let table = self.inner.table.read();
+            self.keys
+                .iter()
+                .map(|(k, seg)| {
+                    table.region(k).map(|r| r.file.clone()).ok_or_else(|| {
+                        Error::not_found(format!(
+                            "POSIX: the {} region of segment {seg} was deregistered after this request was created; register it again and create a new request",
+                            self.mem
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?
+        };
+        let job = Job::new(self.batch.clone(), files)?;
+        self.notif = notif.map(<[u8]>::to_vec);
+        self.inner.engine.submit(job.clone())?;
+        self.job = Some(job);
+        Ok(XferState::InProgress)
+    }
+
+    fn poll(&mut self) -> Result<XferState> {
+        self.outcome()
+    }
+
+    fn wait(&mut self, timeout: Duration) -> Result<XferState> {
+        if let Some(job) = &self.job {
+            job.wait(timeout);
+        }
+        self.outcome()
+    }
+
+    fn cancel(&mut self) {
+        if let Some(job) = &self.job {
+            job.cancel();
+        }
+    }
+}
+
+impl Drop for PosixXfer {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}

@@ -1,0 +1,327 @@
+//! The io_uring engine: one ring per backend instance, driven by a thread the
+//! engine owns.
+//!
+//! Posting a job pushes it on a queue and signals an eventfd the ring thread
+//! keeps a poll armed on, so `post` never waits for I/O. The ring thread keeps
+//! up to `queue_depth` I/Os in flight across all jobs (oldest job first),
+//! refilling as completions arrive, and retries short reads and writes for
+//! the remainder.
+//!
+//! Buffers and files stay owned while the kernel may touch them: each slot of
+//! an in-flight I/O holds an `Arc` of its job (which holds the open files),
+//! and a job's owner waits for [`Job::cancel`] (no I/O in flight) before
+//! releasing memory. The thread exits only once nothing is in flight.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
+
+use io_uring::{opcode, squeue, types, IoUring, Probe};
+use parking_lot::Mutex;
+
+use super::job::{Engine, Failure, IoKind, Job};
+use super::sys::EventFd;
+use crate::error::{Error, ErrorKind, Result};
+
+/// `user_data` of the eventfd poll (slot numbers are below it).
+const WAKE: u64 = u64::MAX;
+/// How many times an I/O is retried after `EINTR`/`EAGAIN` before it fails.
+const MAX_RETRIES: u32 = 64;
+
+/// Whether io_uring works here: a ring can be created, a NOP completes, and
+/// the kernel supports READ, WRITE and POLL_ADD. Probed once per process.
+pub(crate) fn probe() -> Result<()> {
+    static PROBE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    PROBE.get_or_init(probe_now).clone().map_err(|why| {
+        Error::not_supported(format!("io_uring is not usable here: {why}; use the POSIX parameter engine=threads"))
+    })
+}
+
+fn probe_now() -> std::result::Result<(), String> {
+    let mut ring = IoUring::new(4).map_err(|e| format!("io_uring_setup failed ({e})"))?;
+    let mut p = Probe::new();
+    ring.submitter().register_probe(&mut p).map_err(|e| format!("the opcode probe failed ({e})"))?;
+    for (code, name) in
+        [(opcode::Read::CODE, "READ"), (opcode::Write::CODE, "WRITE"), (opcode::PollAdd::CODE, "POLL_ADD")]
+    {
+        if !p.is_supported(code) {
+            return Err(format!("the kernel lacks the {name} operation"));
+        }
+    }
+    let nop = opcode::Nop::new().build().user_data(7);
+    // SAFETY: a NOP references no memory.
+    unsafe { ring.submission().push(&nop) }.map_err(|_| "the submission queue is full".to_string())?;
+    ring.submit_and_wait(1).map_err(|e| format!("submitting a NOP failed ({e})"))?;
+    let cqe = ring.completion().next().map(|c| (c.user_data(), c.result()));
+    match cqe {
+        Some((7, 0)) => Ok(()),
+        Some((_, r)) => Err(format!("a NOP completed with {r}")),
+        None => Err("a NOP did not complete".to_string()),
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    queue: Mutex<VecDeque<Arc<Job>>>,
+    wake: EventFd,
+    shutdown: AtomicBool,
+}
+
+/// The io_uring engine.
+#[derive(Debug)]
+pub(crate) struct UringEngine {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UringEngine {
+    /// Starts a ring of `queue_depth` I/Os (kernel SQ polling if `sqpoll`).
+    ///
+    /// The ring is created on its own thread, which is the only one that ever
+    /// submits to it: that lets the kernel run completions on that thread
+    /// only when it asks for them (`SINGLE_ISSUER | DEFER_TASKRUN`, Linux
+    /// 6.1+; older kernels get a plain ring).
+    pub(crate) fn start(queue_depth: u32, sqpoll: bool) -> Result<UringEngine> {
+        probe()?;
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(VecDeque::new()),
+            wake: EventFd::new().map_err(|e| Error::io("POSIX: creating an eventfd", e))?,
+            shutdown: AtomicBool::new(false),
+        });
+        let s = shared.clone();
+        let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<()>>(1);
+        let thread = std::thread::Builder::new()
+            .name("kvferry-posix-uring".into())
+            .spawn(move || match build_ring(queue_depth, sqpoll) {
+                Ok(ring) => {
+                    let _ = tx.send(Ok(()));
+                    Ring::new(ring, s, queue_depth as usize).run()
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+            })
+            .map_err(|e| Error::io("POSIX: starting the io_uring thread", e))?;
+        let built = rx.recv().unwrap_or_else(|_| Err(io::Error::other("the io_uring thread died at start")));
+        let engine = UringEngine { shared, thread: Some(thread) };
+        built.map_err(|e| Error::io("POSIX: creating the io_uring ring", e))?;
+        Ok(engine)
+    }
+}
+
+/// A ring with one SQE per I/O slot plus the eventfd poll (the CQ, twice the
+/// SQ, cannot overflow), with the cheapest completion mode the kernel has.
+fn build_ring(queue_depth: u32, sqpoll: bool) -> io::Result<IoUring> {
+    let entries = queue_depth + 1;
+    if sqpoll {
+        return IoUring::builder().setup_sqpoll(100).build(entries);
+    }
+    IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .build(entries)
+        .or_else(|_| IoUring::builder().setup_coop_taskrun().build(entries))
+        .or_else(|_| IoUring::new(entries))
+}
+
+impl Engine for UringEngine {
+    fn name(&self) -> &'static str {
+        "uring"
+    }
+
+    fn submit(&self, job: Arc<Job>) -> Result<()> {
+        if self.shared.shutdown.load(Ordering::Acquire) {
+            return Err(Error::new(ErrorKind::Canceled, "POSIX: the io_uring engine is shutting down"));
+        }
+        self.shared.queue.lock().push_back(job);
+        self.shared.wake.signal();
+        Ok(())
+    }
+}
+
+impl Drop for UringEngine {
+    fn drop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::Release);
+        self.shared.wake.signal();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One in-flight I/O.
+#[derive(Default)]
+struct Slot {
+    job: Option<Arc<Job>>,
+    op: usize,
+    moved: u64,
+    retries: u32,
+}
+
+/// The ring thread's state.
+struct Ring {
+    ring: IoUring,
+    shared: Arc<Shared>,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    active: VecDeque<Arc<Job>>,
+    in_flight: usize,
+    wake_armed: bool,
+    cqes: Vec<(u64, i32)>,
+}
+
+impl Ring {
+    fn new(ring: IoUring, shared: Arc<Shared>, depth: usize) -> Ring {
+        Ring {
+            ring,
+            shared,
+            slots: (0..depth).map(|_| Slot::default()).collect(),
+            free: (0..depth as u32).rev().collect(),
+            active: VecDeque::new(),
+            in_flight: 0,
+            wake_armed: false,
+            cqes: Vec::with_capacity(depth * 2 + 2),
+        }
+    }
+
+    fn run(mut self) {
+        loop {
+            if !self.wake_armed {
+                let poll = opcode::PollAdd::new(types::Fd(self.shared.wake.raw()), libc::POLLIN as u32)
+                    .build()
+                    .user_data(WAKE);
+                // SAFETY: a poll references only the eventfd, which `shared` keeps open
+                // for as long as this thread runs.
+                self.wake_armed = unsafe { self.push(&poll) };
+            }
+            self.active.extend(self.shared.queue.lock().drain(..));
+            if self.shared.shutdown.load(Ordering::Acquire) {
+                for job in self.active.drain(..) {
+                    job.abort(Error::new(ErrorKind::Canceled, "POSIX: the backend shut down before this I/O ran"));
+                }
+                if self.in_flight == 0 {
+                    return;
+                }
+            }
+            // Everything queued goes to the kernel in one io_uring_enter, which
+            // also waits for the first completion (submitting in small batches
+            // measured slower).
+            self.fill();
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "POSIX: io_uring_enter failed; retrying");
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+            self.reap();
+        }
+    }
+
+    /// Pushes one entry, submitting first if the queue is full. Returns whether it was queued.
+    ///
+    /// # Safety
+    ///
+    /// Whatever the entry points to must stay valid until its completion is reaped.
+    unsafe fn push(&mut self, e: &squeue::Entry) -> bool {
+        for _ in 0..2 {
+            // SAFETY: the caller guarantees the entry's memory outlives its completion.
+            if unsafe { self.ring.submission().push(e) }.is_ok() {
+                return true;
+            }
+            let _ = self.ring.submit();
+        }
+        false
+    }
+
+    /// Starts I/Os of queued jobs until every slot is busy.
+    fn fill(&mut self) {
+        while !self.free.is_empty() {
+            let Some(job) = self.active.front().cloned() else { break };
+            let (range, more) = job.claim(self.free.len());
+            if !more {
+                self.active.pop_front();
+            }
+            for i in range {
+                let s = self.free.pop().unwrap_or_else(|| unreachable!("claimed at most free.len() I/Os"));
+                self.slots[s as usize] = Slot { job: Some(job.clone()), op: i, moved: 0, retries: 0 };
+                self.in_flight += 1;
+                self.issue(s);
+            }
+        }
+    }
+
+    /// Submits what is left of the I/O in slot `s`.
+    fn issue(&mut self, s: u32) {
+        let slot = &self.slots[s as usize];
+        let job = slot.job.as_ref().unwrap_or_else(|| unreachable!("issue of an empty slot"));
+        let op = *job.op(slot.op);
+        let fd = types::Fd(job.fd(&op));
+        let (buf, off) = (op.buf + slot.moved, op.offset + slot.moved);
+        // At most MAX_OP_LEN (1 GiB) by IoBatch's check: fits in 32 bits.
+        let len = (op.len - slot.moved) as u32;
+        let e = match op.kind {
+            IoKind::Read => opcode::Read::new(fd, buf as *mut u8, len).offset(off).build(),
+            IoKind::Write => opcode::Write::new(fd, buf as *const u8, len).offset(off).build(),
+        }
+        .user_data(u64::from(s));
+        // SAFETY: the buffer lies in memory registered with the agent, which the
+        // job's owner keeps valid until the job is finished (it waits for no I/O
+        // in flight); the slot holds the job, whose files keep `fd` open, until
+        // this entry's completion is reaped.
+        if !unsafe { self.push(&e) } {
+            self.finish(s, Err(Failure::Os(io::Error::other("the io_uring submission queue stays full"))));
+        }
+    }
+
+    fn finish(&mut self, s: u32, result: std::result::Result<(), Failure>) {
+        let slot = std::mem::take(&mut self.slots[s as usize]);
+        if let Some(job) = slot.job {
+            job.complete(slot.op, slot.moved, result);
+        }
+        self.free.push(s);
+        self.in_flight -= 1;
+    }
+
+    fn reap(&mut self) {
+        self.cqes.clear();
+        self.cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        for k in 0..self.cqes.len() {
+            let (ud, res) = self.cqes[k];
+            if ud == WAKE {
+                self.shared.wake.drain();
+                self.wake_armed = false;
+                continue;
+            }
+            let s = ud as u32;
+            let Some(slot) = self.slots.get_mut(s as usize) else { continue };
+            let Some(job) = slot.job.clone() else { continue };
+            let op = *job.op(slot.op);
+            if res < 0 {
+                let errno = -res;
+                if matches!(errno, libc::EINTR | libc::EAGAIN) && slot.retries < MAX_RETRIES && !job.stopped() {
+                    slot.retries += 1;
+                    self.issue(s);
+                } else {
+                    self.finish(s, Err(Failure::Os(io::Error::from_raw_os_error(errno))));
+                }
+            } else if res == 0 {
+                let f = if op.kind == IoKind::Read { Failure::Eof } else { Failure::NoProgress };
+                self.finish(s, Err(f));
+            } else {
+                slot.moved += res as u64;
+                if slot.moved >= op.len {
+                    self.finish(s, Ok(()));
+                } else if job.stopped() {
+                    self.finish(s, Err(Failure::Stopped));
+                } else {
+                    // A short read or write: go on with the remainder.
+                    self.issue(s);
+                }
+            }
+        }
+    }
+}
