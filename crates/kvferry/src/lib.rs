@@ -61,7 +61,7 @@ pub mod params;
 pub mod request;
 
 pub use agent::xfer_types::PreparedList;
-pub use agent::{Agent, AgentConfig, MetaPeer, Registration, Store};
+pub use agent::{Agent, AgentConfig, ExportedFile, MetaPeer, Registration, Store};
 pub use backend::{XferOp, XferState};
 pub use desc::{RegDesc, RegDescList, XferDesc, XferDescList};
 pub use error::{Error, ErrorKind, Result};

@@ -23,6 +23,7 @@ use crate::params::{ParamSpec, Params};
 
 mod central;
 mod config;
+mod files;
 mod memory;
 mod p2p;
 mod peers;
@@ -37,6 +38,7 @@ pub mod xfer_types {
 
 pub use central::{MetaPeer, Store};
 pub use config::AgentConfig;
+pub use files::{ExportedFile, FILE_ID_BASE};
 pub(crate) use memory::LocalRegion;
 pub use memory::Registration;
 pub(crate) use peers::RemotePeer;
@@ -62,6 +64,8 @@ pub(crate) struct AgentInner {
     create_lock: Mutex<()>,
     /// The central metadata store link, opened on first use.
     pub(crate) central: Mutex<Option<Arc<central::Central>>>,
+    /// Files exported to remote initiators.
+    pub(crate) exports: Mutex<Vec<files::Export>>,
     /// The peer-to-peer metadata listener, when `config.listener` is on;
     /// dropping it (with the agent) stops its thread.
     pub(crate) listener: Mutex<Option<crate::metadata::listener::ListenerHandle>>,
@@ -139,6 +143,7 @@ impl Agent {
                 notifs: NotifSink::new(),
                 create_lock: Mutex::new(()),
                 central: Mutex::new(None),
+                exports: Mutex::new(Vec::new()),
                 listener: Mutex::new(None),
             }),
         };

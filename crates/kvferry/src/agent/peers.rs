@@ -66,7 +66,7 @@ impl Agent {
                     public: r.public.clone(),
                 })
                 .collect(),
-            extensions: Vec::new(),
+            extensions: self.files_extension().into_iter().collect(),
         };
         Ok(md.encode())
     }

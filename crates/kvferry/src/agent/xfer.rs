@@ -255,6 +255,12 @@ impl Agent {
             .enumerate()
             .map(|(i, d)| {
                 let (pos, r) = peer.regions.covering(mt, d).ok_or_else(|| {
+                    if mt.is_storage() && peer.regions.overlapping(mt, d.dev_id, 0, 0).is_none() {
+                        return Error::not_found(format!(
+                            "remote {mt} descriptor {i}: agent '{name}' exports no {mt} with id {} (see remote_files)",
+                            d.dev_id
+                        ));
+                    }
                     Error::not_allowed(format!(
                         "remote {mt} descriptor {i} ({:#x}+{}, dev {}) is not inside any region agent '{name}' published; fetch its newer metadata or fix the address",
                         d.addr, d.len, d.dev_id

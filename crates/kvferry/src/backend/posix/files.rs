@@ -257,7 +257,7 @@ fn describe(origin: &Origin) -> String {
 
 /// O_DIRECT alignments for `fd`: what `statx(STATX_DIOALIGN)` reports, else a
 /// block device's logical block size, else [`DEFAULT_DIRECT_ALIGN`].
-fn alignment(fd: RawFd, block: bool) -> (u64, u64) {
+pub(crate) fn alignment(fd: RawFd, block: bool) -> (u64, u64) {
     if let Some((mem, off)) = sys::dio_align(fd) {
         return (u64::from(mem), u64::from(off));
     }

@@ -419,3 +419,13 @@ impl Drop for PosixXfer {
         self.cancel();
     }
 }
+
+/// The O_DIRECT alignment (the larger of memory and offset alignment) for the
+/// file at `path`, as the POSIX backend would use it.
+pub(crate) fn direct_alignment(path: &std::path::Path) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).ok()?;
+    let block = f.metadata().ok().is_some_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()));
+    let (mem, off) = files::alignment(f.as_raw_fd(), block);
+    Some(mem.max(off))
+}
