@@ -782,3 +782,53 @@ impl Link {
         self.report_lost();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::AlignedBuf;
+
+    fn pair(name: &str) -> (Server, Arc<Link>) {
+        let socket = format!("kvferry-shm-test-{}-{name}", std::process::id()).into_bytes();
+        let t = Duration::from_secs(5);
+        let server = Server::start(socket.clone(), "owner".into(), 7, None, NotifSink::new(), t).unwrap();
+        let hello = Hello { agent: "init", instance: 1, nonce: 7, token: None };
+        let link = Link::connect(&socket, hello, "owner".into(), 1, 1, (t, t), PeerEvents::detached()).unwrap();
+        (server, link)
+    }
+
+    #[test]
+    fn map_revoke_and_hang_up() {
+        let (server, link) = pair("map");
+        let t = Duration::from_secs(5);
+        let mut buf = AlignedBuf::new(8192).unwrap();
+        buf.as_mut_slice()[100] = 9;
+        let (shared, raw, gone) = (AccessKey([1; 16]), AccessKey([2; 16]), AccessKey([3; 16]));
+        server.add(shared, Some(Exported { share: buf.share().unwrap(), addr: 0x1000, len: 8192 }));
+        server.add(raw, None);
+        link.ensure_live(&[shared, raw], t).unwrap();
+        link.ensure_mapped(&[shared, raw], t).unwrap();
+        {
+            let st = link.state.read();
+            assert!(st.cma_only.contains(&raw) && !st.maps.contains_key(&raw));
+            let p = st.maps[&shared].local_addr(0x1000 + 100, 1).unwrap();
+            // SAFETY: p lies in the live mapping of `buf`'s memfd.
+            assert_eq!(unsafe { *(p as *const u8) }, 9, "the mapping shows the owner's bytes");
+        }
+        // Asking again costs nothing: both answers are cached.
+        link.ensure_mapped(&[shared, raw], t).unwrap();
+        let e = link.ensure_mapped(&[gone], t).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::NotAllowed, "{e}");
+
+        // Revocation returns once the initiator unmapped and acknowledged.
+        server.revoke(shared, t);
+        {
+            let st = link.state.read();
+            assert!(!st.maps.contains_key(&shared) && !st.live.contains(&shared) && st.dead.is_none());
+        }
+        assert!(!link.hung_up());
+        // The owner going away is visible at once, without the reader thread.
+        drop(server);
+        assert!(link.hung_up());
+    }
+}
