@@ -394,4 +394,30 @@ mod tests {
         assert_eq!(big.addr() % (2 * page_size()) as u64, 0);
         assert!(big.share().is_none());
     }
+
+    #[test]
+    fn memfd_buffers_serve_o_direct() {
+        use std::io::{Read, Write};
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = std::env::temp_dir().join(format!("kvferry-odirect-{}", std::process::id()));
+        let open =
+            || std::fs::OpenOptions::new().read(true).write(true).create(true).custom_flags(libc::O_DIRECT).open(&path);
+        let mut f = match open() {
+            Ok(f) => f,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                eprintln!("skipped: {} does not support O_DIRECT (tmpfs?)", path.display());
+                return;
+            }
+            Err(e) => panic!("open {}: {e}", path.display()),
+        };
+        let mut b = AlignedBuf::new(1 << 16).unwrap();
+        assert!(b.share().is_some());
+        b.as_mut_slice().iter_mut().enumerate().for_each(|(i, x)| *x = i as u8);
+        f.write_all(b.as_slice()).unwrap();
+        let mut back = AlignedBuf::new(1 << 16).unwrap();
+        let mut f = open().unwrap();
+        f.read_exact(back.as_mut_slice()).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert!(back.as_slice() == b.as_slice());
+    }
 }
