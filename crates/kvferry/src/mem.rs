@@ -228,7 +228,9 @@ impl AlignedBuf {
     ///
     /// The bytes are a shared mapping of an anonymous memfd (so that the SHM
     /// backend can let same-host peers map them), or, where the kernel
-    /// refuses memfds, come from the global allocator.
+    /// refuses memfds, come from the global allocator. Each memfd-backed
+    /// buffer holds a file descriptor; after `fork()` without `exec` the
+    /// child shares its pages with the parent (no copy-on-write).
     pub fn new(len: usize) -> Result<Self> {
         Self::with_align(len, page_size())
     }
