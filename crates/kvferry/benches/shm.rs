@@ -9,12 +9,16 @@
 //! Workloads: 64 MiB WRITE and READ (one descriptor), 4 KiB WRITE latency,
 //! 4096 descriptors of 16 KiB WRITE and READ scattered on the remote side (a
 //! permutation: nothing merges), and the same contiguous (merged into one).
+//! Both buffers are memfd-backed `AlignedBuf`s, so SHM takes its mapped path
+//! (memcpy); a second initiator agent with `map=false` measures cross-memory
+//! attach on the same workloads for comparison. memcpy split over two
+//! threads is measured too, to tell whether splitting a large copy pays here.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kvferry::{Agent, AlignedBuf, MemType, Request, XferDesc, XferDescList, XferOp, XferState};
+use kvferry::{Agent, AgentConfig, AlignedBuf, MemType, Params, Request, XferDesc, XferDescList, XferOp, XferState};
 
 const PEER_ENV: &str = "KVFERRY_SHM_BENCH_PEER";
 const SIZE: usize = 64 << 20;
@@ -85,6 +89,27 @@ fn memcpy_gbps(src: &AlignedBuf, dst: &mut AlignedBuf, iters: usize) -> f64 {
     )
 }
 
+/// memcpy of 64 MiB split in two halves, one per thread (a scoped thread per copy).
+fn memcpy2_gbps(src: &AlignedBuf, dst: &mut AlignedBuf, iters: usize) -> f64 {
+    median(
+        (0..RUNS)
+            .map(|_| {
+                let t = Instant::now();
+                for _ in 0..iters {
+                    let (d1, d2) = dst.as_mut_slice().split_at_mut(SIZE / 2);
+                    let (s1, s2) = src.as_slice().split_at(SIZE / 2);
+                    std::thread::scope(|sc| {
+                        sc.spawn(|| d2.copy_from_slice(s2));
+                        d1.copy_from_slice(s1);
+                    });
+                    std::hint::black_box(dst.as_mut_ptr());
+                }
+                (SIZE * iters) as f64 / t.elapsed().as_secs_f64() / 1e9
+            })
+            .collect(),
+    )
+}
+
 fn main() {
     if std::env::var_os(PEER_ENV).is_some() {
         return peer();
@@ -119,12 +144,14 @@ fn main() {
     let mut dst = AlignedBuf::new(SIZE).expect("buffer");
     dst.as_mut_slice().fill(3);
     let memcpy = memcpy_gbps(&buf, &mut dst, 16);
+    let memcpy2 = memcpy2_gbps(&buf, &mut dst, 16);
     drop(dst);
 
     let whole_l = buf.xfer_blocks(0, SIZE, 1).expect("descs");
     let whole_r = remote(&mut std::iter::once(0), SIZE);
     let w64 = a.create_request(XferOp::Write, &whole_l, &whole_r, peer, None).expect("request");
     let r64 = a.create_request(XferOp::Read, &whole_l, &whole_r, peer, None).expect("request");
+    assert_eq!(w64.data_path(), Some("mapped"));
     let write64 = bandwidth(&w64, SIZE, 16);
     let read64 = bandwidth(&r64, SIZE, 16);
 
@@ -157,14 +184,34 @@ fn main() {
     let wc = a.create_request(XferOp::Write, &blocks_l, &contiguous_r, peer, None).expect("request");
     let write_ct = bandwidth(&wc, SIZE, 16);
 
-    println!("SHM bench: two processes, medians of {RUNS} runs");
+    // The same through cross-memory attach: an initiator that does not map.
+    let cma = Agent::new("shm-bench-cma", AgentConfig::default().with_backend("SHM", Params::new().with("map", false)))
+        .expect("agent");
+    let mut cbuf = AlignedBuf::new(SIZE).expect("buffer");
+    cbuf.as_mut_slice().fill(4);
+    let _cr = cma.register_buf(&cbuf).expect("register");
+    cma.load_remote_metadata(&md).expect("load peer");
+    let cw64 = cma
+        .create_request(XferOp::Write, &cbuf.xfer_blocks(0, SIZE, 1).expect("descs"), &whole_r, peer, None)
+        .expect("request");
+    assert_eq!(cw64.data_path(), Some("cma"));
+    let cma_write64 = bandwidth(&cw64, SIZE, 16);
+    let cws = cma
+        .create_request(XferOp::Write, &cbuf.xfer_blocks(0, BLOCK, BLOCKS).expect("descs"), &scattered_r, peer, None)
+        .expect("request");
+    let cma_write_sc = bandwidth(&cws, SIZE, 16);
+
+    println!("SHM bench: two processes, medians of {RUNS} runs; mapped path (memcpy) unless said");
     println!("  memcpy 64 MiB (single thread, same run) {memcpy:6.2} GB/s");
+    println!("  memcpy 64 MiB split over 2 threads      {memcpy2:6.2} GB/s  {:.2}x memcpy", memcpy2 / memcpy);
     println!("  64 MiB WRITE                            {write64:6.2} GB/s  {:.2}x memcpy", write64 / memcpy);
     println!("  64 MiB READ                             {read64:6.2} GB/s  {:.2}x memcpy", read64 / memcpy);
     println!("  4 KiB WRITE                             {lat:6.2} us average");
     println!("  4096x16 KiB WRITE (scattered)           {write_sc:6.2} GB/s  {:.2}x memcpy", write_sc / memcpy);
     println!("  4096x16 KiB READ  (scattered)           {read_sc:6.2} GB/s  {:.2}x memcpy", read_sc / memcpy);
     println!("  4096x16 KiB WRITE (contiguous, merged)  {write_ct:6.2} GB/s  {:.2}x memcpy", write_ct / memcpy);
+    println!("  64 MiB WRITE, CMA (map=false)           {cma_write64:6.2} GB/s  {:.2}x memcpy", cma_write64 / memcpy);
+    println!("  4096x16 KiB WRITE (scattered), CMA      {cma_write_sc:6.2} GB/s  {:.2}x memcpy", cma_write_sc / memcpy);
 
     drop(child.stdin.take());
     let _ = child.wait();

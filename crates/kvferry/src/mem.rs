@@ -2,6 +2,7 @@
 
 use std::alloc::{self, Layout};
 use std::fmt;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -83,21 +84,121 @@ pub fn page_size() -> usize {
     }
 }
 
-struct RawAlloc {
-    ptr: NonNull<u8>,
-    layout: Layout,
+/// Where an [`AlignedBuf`]'s bytes live.
+enum Backing {
+    /// From the global allocator (the fallback, and alignments above the page size).
+    Heap { layout: Layout },
+    /// A `MAP_SHARED` mapping of an anonymous memfd, which other processes
+    /// of this host may map too (the SHM backend's fast path).
+    MemFd { map_len: usize, fd: Arc<OwnedFd> },
 }
 
-// SAFETY: RawAlloc is a plain heap allocation with no thread affinity; access to
-// its bytes is coordinated by the transfer protocol, as with any DMA buffer.
+struct RawAlloc {
+    ptr: NonNull<u8>,
+    backing: Backing,
+}
+
+// SAFETY: RawAlloc is a plain allocation (heap or mapping) with no thread
+// affinity; access to its bytes is coordinated by the transfer protocol, as
+// with any DMA buffer.
 unsafe impl Send for RawAlloc {}
 // SAFETY: see above; RawAlloc itself holds no interior state besides the bytes.
 unsafe impl Sync for RawAlloc {}
 
 impl Drop for RawAlloc {
     fn drop(&mut self) {
-        // SAFETY: ptr was returned by alloc_zeroed with this exact layout and is freed once.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+        match &self.backing {
+            // SAFETY: ptr was returned by alloc_zeroed with this exact layout and is freed once.
+            Backing::Heap { layout } => unsafe { alloc::dealloc(self.ptr.as_ptr(), *layout) },
+            Backing::MemFd { map_len, .. } => {
+                // SAFETY: ptr/map_len is exactly the mapping made in `memfd_alloc`, unmapped once.
+                // Other processes that mapped the memfd keep their own mappings (and the pages).
+                unsafe { libc::munmap(self.ptr.as_ptr().cast(), *map_len) };
+            }
+        }
+    }
+}
+
+/// Allocates `len` zeroed, page-aligned bytes as a shared mapping of a new
+/// anonymous memfd whose size is sealed (it can neither shrink nor grow, so a
+/// process that maps it never faults past its end). `None` if the kernel
+/// refuses any step (no `memfd_create`, seccomp, limits): the caller falls
+/// back to the allocator.
+fn memfd_alloc(len: usize) -> Option<RawAlloc> {
+    let page = page_size();
+    let map_len = len.checked_add(page - 1)? / page * page;
+    let size = libc::off_t::try_from(map_len).ok()?;
+    // SAFETY: the name is a NUL-terminated C string; the flags are valid.
+    let raw = unsafe { libc::memfd_create(c"kvferry-buf".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if raw < 0 {
+        return None;
+    }
+    // SAFETY: memfd_create just returned this descriptor, owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: ftruncate on a descriptor we own, with a non-negative size.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), size) } != 0 {
+        return None;
+    }
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS takes an integer argument; the descriptor is ours.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return None;
+    }
+    // SAFETY: a fresh mapping (no address hint) of a descriptor we own, of its whole size.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            map_len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return None;
+    }
+    let ptr = NonNull::new(ptr.cast::<u8>())?;
+    Some(RawAlloc { ptr, backing: Backing::MemFd { map_len, fd: Arc::new(fd) } })
+}
+
+/// A handle to the memfd behind registered memory, with which a backend may
+/// let another process of the host map that memory (the SHM fast path).
+///
+/// Given to backends in [`Region::share`](crate::backend::Region::share) for
+/// memory registered with [`Agent::register_buf`](crate::Agent::register_buf);
+/// raw [`register_mem`](crate::Agent::register_mem) regions have none. The
+/// region starts `offset` bytes into the file (a multiple of the page size).
+/// The file's size is sealed: it cannot shrink under a peer's mapping.
+#[derive(Clone)]
+pub struct MemShare {
+    fd: Arc<OwnedFd>,
+    offset: u64,
+}
+
+impl MemShare {
+    /// The memfd (owned by the buffer; duplicate it to keep it).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Where the region starts in the file, in bytes (page-aligned).
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+}
+
+impl PartialEq for MemShare {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.fd, &other.fd) && self.offset == other.offset
+    }
+}
+
+impl Eq for MemShare {}
+
+impl fmt::Debug for MemShare {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MemShare(fd {}, offset {})", self.fd.as_raw_fd(), self.offset)
     }
 }
 
@@ -124,6 +225,12 @@ pub struct AlignedBuf {
 
 impl AlignedBuf {
     /// Allocates `len` zeroed bytes aligned to the page size.
+    ///
+    /// The bytes are a shared mapping of an anonymous memfd (so that the SHM
+    /// backend can let same-host peers map them), or, where the kernel
+    /// refuses memfds, come from the global allocator. Each memfd-backed
+    /// buffer holds a file descriptor; after `fork()` without `exec` the
+    /// child shares its pages with the parent (no copy-on-write).
     pub fn new(len: usize) -> Result<Self> {
         Self::with_align(len, page_size())
     }
@@ -136,11 +243,17 @@ impl AlignedBuf {
         let layout = Layout::from_size_align(len, align).map_err(|_| {
             Error::invalid(format!("AlignedBuf: alignment {align} is not a power of two, or {len} bytes is too large"))
         })?;
+        // A mapping is page-aligned: a memfd serves any alignment up to the page size.
+        if align <= page_size() {
+            if let Some(a) = memfd_alloc(len) {
+                return Ok(AlignedBuf { alloc: Arc::new(a), len });
+            }
+        }
         // SAFETY: layout has a non-zero size (len > 0 checked above).
         let ptr = unsafe { alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(ptr)
             .ok_or_else(|| Error::new(crate::ErrorKind::Backend, format!("out of memory allocating {len} bytes")))?;
-        Ok(AlignedBuf { alloc: Arc::new(RawAlloc { ptr, layout }), len })
+        Ok(AlignedBuf { alloc: Arc::new(RawAlloc { ptr, backing: Backing::Heap { layout } }), len })
     }
 
     /// Length in bytes.
@@ -213,6 +326,14 @@ impl AlignedBuf {
         Ok(l)
     }
 
+    /// The memfd behind the buffer, when it has one (see [`MemShare`]).
+    pub(crate) fn share(&self) -> Option<MemShare> {
+        match &self.alloc.backing {
+            Backing::MemFd { fd, .. } => Some(MemShare { fd: fd.clone(), offset: 0 }),
+            Backing::Heap { .. } => None,
+        }
+    }
+
     pub(crate) fn keepalive(&self) -> Arc<dyn std::any::Any + Send + Sync> {
         self.alloc.clone()
     }
@@ -247,5 +368,58 @@ mod tests {
         assert!(AlignedBuf::with_align(8, 3).is_err());
         assert!(b.xfer_desc(9_999, 2).is_err());
         assert_eq!(b.xfer_blocks(0, 1000, 10).unwrap().len(), 10);
+    }
+
+    #[test]
+    fn aligned_buf_is_memfd_backed_and_sealed() {
+        let mut b = AlignedBuf::new(10_000).unwrap();
+        let share = b.share().expect("memfd_create works on Linux >= 3.17");
+        assert_eq!(share.offset(), 0);
+        assert_eq!(b.addr() % page_size() as u64, 0);
+        assert!(b.as_slice().iter().all(|&x| x == 0));
+        b.as_mut_slice()[9_999] = 7;
+        // The file is sized to whole pages and cannot change size.
+        let fd = share.fd().as_raw_fd();
+        // SAFETY: fstat/fcntl on a descriptor the buffer keeps open.
+        let (size, seals) = unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            assert_eq!(libc::fstat(fd, &mut st), 0);
+            (st.st_size as usize, libc::fcntl(fd, libc::F_GET_SEALS))
+        };
+        assert_eq!(size, 10_000usize.div_ceil(page_size()) * page_size());
+        assert_eq!(seals & (libc::F_SEAL_SHRINK | libc::F_SEAL_GROW), libc::F_SEAL_SHRINK | libc::F_SEAL_GROW);
+        // SAFETY: as above.
+        assert_ne!(unsafe { libc::ftruncate(fd, 0) }, 0, "sealed against shrinking");
+        assert_eq!(share, share.clone());
+        // Alignments above the page size come from the allocator.
+        let big = AlignedBuf::with_align(4096, 2 * page_size()).unwrap();
+        assert_eq!(big.addr() % (2 * page_size()) as u64, 0);
+        assert!(big.share().is_none());
+    }
+
+    #[test]
+    fn memfd_buffers_serve_o_direct() {
+        use std::io::{Read, Write};
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = std::env::temp_dir().join(format!("kvferry-odirect-{}", std::process::id()));
+        let open =
+            || std::fs::OpenOptions::new().read(true).write(true).create(true).custom_flags(libc::O_DIRECT).open(&path);
+        let mut f = match open() {
+            Ok(f) => f,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                eprintln!("skipped: {} does not support O_DIRECT (tmpfs?)", path.display());
+                return;
+            }
+            Err(e) => panic!("open {}: {e}", path.display()),
+        };
+        let mut b = AlignedBuf::new(1 << 16).unwrap();
+        assert!(b.share().is_some());
+        b.as_mut_slice().iter_mut().enumerate().for_each(|(i, x)| *x = i as u8);
+        f.write_all(b.as_slice()).unwrap();
+        let mut back = AlignedBuf::new(1 << 16).unwrap();
+        let mut f = open().unwrap();
+        f.read_exact(back.as_mut_slice()).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert!(back.as_slice() == b.as_slice());
     }
 }

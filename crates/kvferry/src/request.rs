@@ -72,6 +72,13 @@ impl Request {
         }
     }
 
+    /// How the backend moves this request's bytes, when it has several ways
+    /// (SHM: `"mapped"` — memcpy into the peer's memfd-backed memory,
+    /// `"cma"` — cross-memory attach, or `"mixed"`); `None` otherwise.
+    pub fn data_path(&self) -> Option<&'static str> {
+        self.inner.lock().xfer.data_path()
+    }
+
     /// Starts the transfer. `notif`, if given, replaces the notification
     /// stored with the request; it reaches the peer after the data.
     ///

@@ -1,6 +1,8 @@
 //! SHM failure modes with real processes: a peer that exits or is killed
 //! mid-transfer turns requests into `RemoteDisconnect` (never a hang) and is
-//! invalidated; a restarted peer needs fresh metadata, and the stale one is refused.
+//! invalidated; a restarted peer needs fresh metadata, and the stale one is
+//! refused. The peers' buffers are memfd-backed, so these run the mapped path
+//! (`shm_mapped.rs` has more of it).
 
 mod shm_support;
 
@@ -69,6 +71,7 @@ fn killed_peer_mid_transfer_never_hangs() {
     let w = a
         .create_request(XferOp::Write, &buf.xfer_blocks(0, N, 1).unwrap(), &one(peer.addr, N), "shm-fkill", None)
         .unwrap();
+    assert_eq!(w.data_path(), Some("mapped"));
     w.post(None).unwrap();
     let poster = std::thread::spawn(move || {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -125,6 +128,7 @@ fn restarted_peer_needs_fresh_metadata() {
             None,
         )
         .unwrap();
+    assert_eq!(w.data_path(), Some("mapped"), "the new process's memfd was mapped");
     w.post(None).unwrap();
     let path = scratch("restart");
     new.ok(&format!("DUMP {}", path.display()));

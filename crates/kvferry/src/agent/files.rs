@@ -58,12 +58,18 @@ impl Agent {
     pub fn register_local_file(&self, path: impl AsRef<Path>, size: u64, direct: bool) -> Result<u64> {
         let path = path.as_ref();
         if size == 0 {
-            return Err(Error::invalid(format!("register_local_file({}): size is 0; export at least one byte", path.display())));
+            return Err(Error::invalid(format!(
+                "register_local_file({}): size is 0; export at least one byte",
+                path.display()
+            )));
         }
         let abs = std::path::absolute(path).map_err(|e| Error::io(format!("resolving {}", path.display()), e))?;
         let mut exports = self.inner.exports.lock();
         if exports.iter().any(|e| e.file.path == abs) {
-            return Err(Error::invalid(format!("{} is already exported; unregister_local_file it first", abs.display())));
+            return Err(Error::invalid(format!(
+                "{} is already exported; unregister_local_file it first",
+                abs.display()
+            )));
         }
         let f = std::fs::OpenOptions::new()
             .read(true)
@@ -107,9 +113,10 @@ impl Agent {
         let path = path.as_ref();
         let abs = std::path::absolute(path).map_err(|e| Error::io(format!("resolving {}", path.display()), e))?;
         let mut exports = self.inner.exports.lock();
-        let i = exports.iter().position(|e| e.file.path == abs).ok_or_else(|| {
-            Error::not_found(format!("{} is not exported by agent '{}'", abs.display(), self.name()))
-        })?;
+        let i = exports
+            .iter()
+            .position(|e| e.file.path == abs)
+            .ok_or_else(|| Error::not_found(format!("{} is not exported by agent '{}'", abs.display(), self.name())))?;
         self.deregister_mem(&exports[i].regs)?;
         exports.remove(i);
         Ok(())

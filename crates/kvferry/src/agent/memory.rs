@@ -10,7 +10,7 @@ use super::{Agent, BackendSlot};
 use crate::backend::{AccessKey, Region, RegionId};
 use crate::desc::{RegDesc, RegDescList};
 use crate::error::{Error, Result};
-use crate::mem::{AlignedBuf, MemType};
+use crate::mem::{AlignedBuf, MemShare, MemType};
 
 /// One registered local region and the backends that serve it.
 #[derive(Debug)]
@@ -90,7 +90,7 @@ impl Agent {
     /// Registers an [`AlignedBuf`] (DRAM) with every backend that supports DRAM.
     /// The registration keeps the buffer's memory alive.
     pub fn register_buf(&self, buf: &AlignedBuf) -> Result<Registration> {
-        let mut reg = self.register_list(&buf.reg_list(), &[])?;
+        let mut reg = self.register_list(&buf.reg_list(), &[], buf.share())?;
         reg._keepalive = Some(buf.keepalive());
         Ok(reg)
     }
@@ -105,7 +105,7 @@ impl Agent {
                 list.mem_type()
             )));
         }
-        self.register_list(list, hints)
+        self.register_list(list, hints, None)
     }
 
     /// Registers raw memory (DRAM, VRAM) or storage owned elsewhere, with
@@ -119,10 +119,11 @@ impl Agent {
     /// and write it at any time in between. Descriptors of other memory types
     /// carry no memory-safety obligation.
     pub unsafe fn register_mem(&self, list: &RegDescList, hints: &[&str]) -> Result<Registration> {
-        self.register_list(list, hints)
+        self.register_list(list, hints, None)
     }
 
-    fn register_list(&self, list: &RegDescList, hints: &[&str]) -> Result<Registration> {
+    /// `share`: the memfd behind a one-descriptor list (an [`AlignedBuf`]), if any.
+    fn register_list(&self, list: &RegDescList, hints: &[&str], share: Option<MemShare>) -> Result<Registration> {
         let mt = list.mem_type();
         list.validate(mt.is_storage())?;
         list.check_no_overlap()?;
@@ -138,7 +139,7 @@ impl Agent {
         }
         let mut done: Vec<Arc<LocalRegion>> = Vec::with_capacity(list.len());
         for d in list.iter() {
-            match self.register_one(mt, d, &slots) {
+            match self.register_one(mt, d, &slots, share.clone()) {
                 Ok(r) => done.push(r),
                 Err(e) => {
                     for r in &done {
@@ -190,7 +191,13 @@ impl Agent {
         Ok(v)
     }
 
-    fn register_one(&self, mt: MemType, d: &RegDesc, slots: &[(usize, Arc<BackendSlot>)]) -> Result<Arc<LocalRegion>> {
+    fn register_one(
+        &self,
+        mt: MemType,
+        d: &RegDesc,
+        slots: &[(usize, Arc<BackendSlot>)],
+        share: Option<MemShare>,
+    ) -> Result<Arc<LocalRegion>> {
         let region = Region {
             id: self.next_region_id(),
             mem_type: mt,
@@ -199,6 +206,7 @@ impl Agent {
             dev_id: d.dev_id,
             meta_info: d.meta_info.clone(),
             key: AccessKey::random()?,
+            share,
         };
         let mut lr = LocalRegion { region, backend_mask: 0, public: Vec::new() };
         for (i, s) in slots {

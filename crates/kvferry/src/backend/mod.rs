@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use crate::desc::RegDesc;
 use crate::error::Result;
 use crate::host::HostId;
-use crate::mem::MemType;
+use crate::mem::{MemShare, MemType};
 use crate::notif::NotifSink;
 use crate::params::{ParamSpec, Params};
 
@@ -74,6 +74,11 @@ pub struct Region {
     pub meta_info: Vec<u8>,
     /// The region's access key.
     pub key: AccessKey,
+    /// The memfd behind the region, when kvferry allocated it
+    /// ([`Agent::register_buf`](crate::Agent::register_buf) of a memfd-backed
+    /// [`AlignedBuf`](crate::AlignedBuf)); `None` for raw `register_mem` memory.
+    /// A same-host backend may hand it to peers so that they map the region.
+    pub share: Option<MemShare>,
 }
 
 /// What a backend can do, as data (NIXL's `supportsLocal/Remote/Notif` and `getSupportedMems`).
@@ -350,6 +355,13 @@ pub trait BackendXfer: Send + fmt::Debug + 'static {
 
     /// Stops the transfer. Returns once the backend no longer touches its memory.
     fn cancel(&mut self);
+
+    /// How the bytes move, for backends with more than one way (SHM:
+    /// `"mapped"`, `"cma"` or `"mixed"`); `None` when there is only one.
+    /// For diagnostics and tests.
+    fn data_path(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 /// Makes backends: one per backend kind, kept in the process-wide registry.

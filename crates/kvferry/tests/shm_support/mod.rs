@@ -148,9 +148,9 @@ pub fn peer_main() {
     let seed: u64 = std::env::var("KVFERRY_SHM_PEER_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
     let list: Vec<&str> = backends.split(',').collect();
     let a = agent(&name, &list);
-    let mut buf = AlignedBuf::new(size).expect("buffer");
+    let mut buf = PeerMem::new(size, std::env::var("KVFERRY_SHM_PEER_RAW").is_ok());
     fill(buf.as_mut_slice(), seed);
-    let mut reg = Some(a.register_buf(&buf).expect("register"));
+    let mut reg = Some(buf.register(&a));
     let out = std::io::stdout();
     let say = |s: String| {
         let mut o = out.lock();
@@ -229,7 +229,8 @@ pub fn peer_main() {
                 // Loads MD (args[0]) and reports which backend a WRITE of 4 KiB picks.
                 let r = a.load_remote_metadata(&unhex(args[0]));
                 let peer = args[1];
-                let l = buf.xfer_blocks(0, 4096, 1).unwrap();
+                let l =
+                    kvferry::XferDescList::from_descs(MemType::Dram, vec![kvferry::XferDesc::new(buf.addr(), 4096, 0)]);
                 let rem = kvferry::XferDescList::from_descs(
                     MemType::Dram,
                     vec![kvferry::XferDesc::new(args[2].parse().unwrap(), 4096, 0)],
@@ -246,6 +247,72 @@ pub fn peer_main() {
     std::process::exit(0);
 }
 
+/// The peer's memory: an [`AlignedBuf`] registered with `register_buf` (the
+/// mapped path), or with `KVFERRY_SHM_PEER_RAW` a `Vec` registered with
+/// `register_mem` (cross-memory attach only).
+pub enum PeerMem {
+    Buf(AlignedBuf),
+    Raw(Vec<u8>),
+}
+
+impl PeerMem {
+    pub fn new(size: usize, raw: bool) -> PeerMem {
+        if raw {
+            PeerMem::Raw(vec![0; size])
+        } else {
+            PeerMem::Buf(AlignedBuf::new(size).expect("buffer"))
+        }
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            PeerMem::Buf(b) => b.as_slice(),
+            PeerMem::Raw(v) => v,
+        }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        match self {
+            PeerMem::Buf(b) => b.as_mut_slice(),
+            PeerMem::Raw(v) => v,
+        }
+    }
+
+    pub fn addr(&self) -> u64 {
+        self.as_slice().as_ptr() as u64
+    }
+
+    pub fn register(&self, a: &Agent) -> kvferry::Registration {
+        match self {
+            PeerMem::Buf(b) => a.register_buf(b).expect("register"),
+            PeerMem::Raw(v) => {
+                let mut l = kvferry::RegDescList::new(MemType::Dram);
+                l.push(kvferry::RegDesc::new(v.as_ptr() as u64, v.len() as u64, 0));
+                // SAFETY: the Vec lives until the process exits and is never reallocated.
+                unsafe { a.register_mem(&l, &[]) }.expect("register_mem")
+            }
+        }
+    }
+}
+
+/// The inode of the memfd mapped at `addr` in process `pid` ("self" for this
+/// one), from `/proc/<pid>/maps`.
+pub fn memfd_inode_at(pid: &str, addr: u64) -> Option<u64> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    maps.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let (lo, hi) = f.first()?.split_once('-')?;
+        let (lo, hi) = (u64::from_str_radix(lo, 16).ok()?, u64::from_str_radix(hi, 16).ok()?);
+        (lo <= addr && addr < hi && l.contains("memfd:")).then(|| f.get(4)?.parse().ok()).flatten()
+    })
+}
+
+/// Whether this process maps the memfd with inode `inode`.
+pub fn maps_inode(inode: u64) -> bool {
+    let maps = std::fs::read_to_string("/proc/self/maps").expect("/proc/self/maps");
+    maps.lines().any(|l| l.contains("memfd:") && l.split_whitespace().nth(4) == Some(&inode.to_string()))
+}
+
 /// A running peer process.
 pub struct Peer {
     pub name: String,
@@ -254,6 +321,13 @@ pub struct Peer {
     lines: Receiver<String>,
     pub md: Vec<u8>,
     pub addr: u64,
+}
+
+impl Peer {
+    /// The inode of the memfd behind the peer's buffer (None for raw memory).
+    pub fn memfd_inode(&self) -> Option<u64> {
+        memfd_inode_at(&self.child.id().to_string(), self.addr)
+    }
 }
 
 impl Peer {

@@ -474,6 +474,7 @@ mod tests {
             dev_id: dev,
             meta_info: meta.as_bytes().to_vec(),
             key: AccessKey([k; 16]),
+            share: None,
         };
         let mut t = FileTable::default();
         let (a, b) = (region(0, 4096, 7, &meta, 1), region(4096, 0, 7, &meta, 2));

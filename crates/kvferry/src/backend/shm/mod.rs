@@ -56,13 +56,15 @@ use crate::mem::MemType;
 use crate::params::{ParamSpec, Params};
 
 pub mod cma;
+pub mod fdpass;
 pub mod info;
+pub mod mapping;
 pub mod notify;
 pub mod wire;
 
 use cma::{Cma, Dir, Iov};
 use info::ConnInfo;
-use notify::{Hello, Link, Server};
+use notify::{Exported, Hello, Link, Server};
 
 /// The `SHM` plugin.
 #[derive(Debug)]
@@ -70,14 +72,23 @@ pub struct ShmPlugin;
 
 const NAME: &str = "SHM";
 
-const PARAMS: &[ParamSpec] = &[ParamSpec {
-    name: "ptracer_any",
-    default: "false",
-    doc: "Under Yama ptrace_scope=1, let any process of this user attach to this one \
-          (prctl PR_SET_PTRACER_ANY) so that same-host peers that are not its ancestors can use SHM. \
-          Process-wide. Default false: it widens who may read this process's memory; without it such \
-          peers fall back to TCP.",
-}];
+const PARAMS: &[ParamSpec] = &[
+    ParamSpec {
+        name: "ptracer_any",
+        default: "false",
+        doc: "Under Yama ptrace_scope=1, let any process of this user attach to this one \
+              (prctl PR_SET_PTRACER_ANY) so that same-host peers that are not its ancestors can use SHM. \
+              Process-wide. Default false: it widens who may read this process's memory; without it such \
+              peers fall back to TCP.",
+    },
+    ParamSpec {
+        name: "map",
+        default: "true",
+        doc: "The mapped fast path: share this agent's memfd-backed regions (AlignedBuf) with peers that \
+              hold their keys, and map peers' such regions to copy with memcpy instead of cross-memory \
+              attach. Default true (memcpy speed); false: cross-memory attach only, on both roles.",
+    },
+];
 
 /// Yama's `ptrace_scope`, if the Yama LSM is present.
 fn ptrace_scope() -> Option<u32> {
@@ -120,6 +131,7 @@ impl BackendPlugin for ShmPlugin {
 
     fn create(&self, ctx: BackendContext, params: &Params) -> Result<Arc<dyn Backend>> {
         let params = params.resolved(PARAMS);
+        let map = params.parse_bool(NAME, "map")?;
         if params.parse_bool(NAME, "ptracer_any")? && ptrace_scope() == Some(1) {
             // SAFETY: prctl(PR_SET_PTRACER) takes integer arguments only and changes process attributes.
             let r = unsafe { libc::prctl(libc::PR_SET_PTRACER, libc::PR_SET_PTRACER_ANY, 0, 0, 0) };
@@ -156,6 +168,7 @@ impl BackendPlugin for ShmPlugin {
         Ok(Arc::new(ShmBackend {
             ctx,
             params,
+            map,
             info,
             _nonce_cell: nonce_cell,
             server,
@@ -177,6 +190,8 @@ struct PeerSlot {
 pub struct ShmBackend {
     ctx: BackendContext,
     params: Params,
+    /// The `map` parameter: share and map memfd-backed regions.
+    map: bool,
     info: ConnInfo,
     _nonce_cell: Box<u64>,
     server: Server,
@@ -267,7 +282,11 @@ impl Backend for ShmBackend {
         if region.mem_type != MemType::Dram {
             return Err(Error::not_supported(format!("SHM moves DRAM only, not {}", region.mem_type)));
         }
-        self.server.add(region.key);
+        let export = match &region.share {
+            Some(share) if self.map => Some(Exported { share: share.clone(), addr: region.addr, len: region.len }),
+            _ => None,
+        };
+        self.server.add(region.key, export);
         Ok(Vec::new())
     }
 
@@ -338,12 +357,39 @@ impl Backend for ShmBackend {
         keys.sort_unstable();
         keys.dedup();
         link.ensure_live(&keys, self.ctx.config.peer_timeout)?;
-        let mut local = Vec::with_capacity(plan.segments.len());
-        let mut remote = Vec::with_capacity(plan.segments.len());
-        for s in &plan.segments {
-            let len = usize::try_from(s.len).map_err(|_| Error::invalid("SHM: a segment is larger than memory"))?;
-            local.push(Iov { base: s.local_addr as usize, len });
-            remote.push(Iov { base: s.remote_addr as usize, len });
+        if self.map {
+            link.ensure_mapped(&keys, self.ctx.config.peer_timeout)?;
+        }
+        let mut mapped = Vec::new();
+        let mut local = Vec::new();
+        let mut remote = Vec::new();
+        let mut cma_total = 0u64;
+        {
+            let st = link.state.read();
+            if let Some(why) = &st.dead {
+                return Err(link.dead_error(why));
+            }
+            for (i, s) in plan.segments.iter().enumerate() {
+                let len = usize::try_from(s.len).map_err(|_| Error::invalid("SHM: a segment is larger than memory"))?;
+                match st.maps.get(&s.remote_key) {
+                    Some(m) => {
+                        let remote = m.local_addr(s.remote_addr, s.len).ok_or_else(|| {
+                            let (addr, len) = m.region();
+                            Error::not_allowed(format!(
+                                "SHM: segment {i} ({:#x}+{}) is not inside the region agent '{}' registered at \
+                                 {addr:#x}+{len}; nothing was copied",
+                                s.remote_addr, s.len, plan.peer
+                            ))
+                        })?;
+                        mapped.push(MappedCopy { local: s.local_addr as usize, remote, len });
+                    }
+                    None => {
+                        local.push(Iov { base: s.local_addr as usize, len });
+                        remote.push(Iov { base: s.remote_addr as usize, len });
+                        cma_total += s.len;
+                    }
+                }
+            }
         }
         Ok(Box::new(ShmXfer {
             link,
@@ -351,10 +397,11 @@ impl Backend for ShmBackend {
                 XferOp::Write => Dir::Write,
                 XferOp::Read => Dir::Read,
             },
+            mapped,
             local,
             remote,
             keys,
-            total: plan.total_bytes,
+            cma_total,
             cma: Cma::new(),
             frame: Vec::new(),
             events: self.ctx.peer_events.clone(),
@@ -398,23 +445,55 @@ fn attach_error(peer: &str, pid: u32, e: std::io::Error) -> Error {
     }
 }
 
-/// A prepared SHM transfer: iovec arrays built once, posted many times.
+/// One segment of the mapped path: a local range and the same bytes of the
+/// owner's region as mapped into this process.
+#[derive(Clone, Copy, Debug)]
+struct MappedCopy {
+    local: usize,
+    remote: usize,
+    len: usize,
+}
+
+/// A prepared SHM transfer, posted many times: the segments whose remote
+/// region is mapped here (memcpy), and iovec arrays for the others (CMA),
+/// all built once at prepare.
 #[derive(Debug)]
 struct ShmXfer {
     link: Arc<Link>,
     dir: Dir,
+    /// Segments copied with memcpy through the owner's mapped regions.
+    mapped: Vec<MappedCopy>,
+    /// Local ranges of the segments moved by cross-memory attach.
     local: Vec<Iov>,
+    /// Remote ranges of the same, pairwise equal in length.
     remote: Vec<Iov>,
     /// The distinct remote region keys, checked live at each post.
     keys: Vec<AccessKey>,
-    total: u64,
+    /// Bytes moved by cross-memory attach.
+    cma_total: u64,
     cma: Cma,
     frame: Vec<u8>,
     events: PeerEvents,
 }
 
 impl ShmXfer {
+    /// Fails if the owner's end of the control connection is closed: its
+    /// process is gone, and a mapping of its memory would outlive it silently.
+    fn check_owner_alive(&self, when: &str) -> Result<()> {
+        if self.mapped.is_empty() || !self.link.hung_up() {
+            return Ok(());
+        }
+        let why = format!("process {} exited or closed its SHM backend", self.link.pid);
+        self.link.mark_dead(why.clone());
+        self.link.report_lost();
+        Err(Error::disconnected(format!(
+            "SHM: agent '{}' (pid {}) is gone ({when}): {why}; load its fresh metadata if it was restarted",
+            self.link.peer, self.link.pid
+        )))
+    }
+
     fn copy(&mut self) -> Result<()> {
+        self.check_owner_alive("nothing was copied")?;
         let st = self.link.state.read();
         if let Some(why) = &st.dead {
             return Err(self.link.dead_error(why));
@@ -425,6 +504,27 @@ impl ShmXfer {
                 self.link.peer
             )));
         }
+        for c in &self.mapped {
+            let (src, dst) = match self.dir {
+                Dir::Write => (c.local, c.remote),
+                Dir::Read => (c.remote, c.local),
+            };
+            // SAFETY: the local range lies in memory this agent registered (the
+            // agent resolved it at request creation), which the registrant keeps
+            // valid while registered. The remote range was checked at prepare to
+            // lie inside the mapping of its region; every key is live (checked
+            // above, under the read lock held until the copy ends), so by the
+            // LinkState invariant that mapping is still in place: a revocation
+            // or the link's death unmaps only under the write lock. The memfd
+            // is sealed against shrinking, so no page of it can vanish. `copy`
+            // tolerates overlap (it cannot happen between two processes'
+            // distinct pages, but costs nothing).
+            unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, c.len) };
+        }
+        if self.local.is_empty() {
+            drop(st);
+            return self.check_owner_alive("it died during the copy, which may not have reached it");
+        }
         // SAFETY: every local range lies in memory this agent registered (the
         // agent resolved it at request creation), which the registrant keeps
         // valid while registered; the kernel checks the remote ranges against
@@ -433,8 +533,10 @@ impl ShmXfer {
         let r = unsafe { self.cma.transfer(self.dir, self.link.pid, &self.local, &self.remote) };
         drop(st);
         match r {
-            Ok(n) if n == self.total => Ok(()),
-            Ok(n) => Err(Error::internal(format!("SHM: moved {n} of {} bytes without an error", self.total))),
+            Ok(n) if n == self.cma_total => {
+                self.check_owner_alive("it died during the copy, which may not have reached it")
+            }
+            Ok(n) => Err(Error::internal(format!("SHM: moved {n} of {} bytes without an error", self.cma_total))),
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
                 self.link.mark_dead(format!("process {} exited", self.link.pid));
                 self.events.peer_lost(&self.link.peer, self.link.instance);
@@ -475,6 +577,14 @@ impl BackendXfer for ShmXfer {
 
     fn cancel(&mut self) {
         // Copies are synchronous: nothing is ever in flight after post returns.
+    }
+
+    fn data_path(&self) -> Option<&'static str> {
+        Some(match (self.mapped.is_empty(), self.local.is_empty()) {
+            (false, true) => "mapped",
+            (true, _) => "cma",
+            (false, false) => "mixed",
+        })
     }
 }
 

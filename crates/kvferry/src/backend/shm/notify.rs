@@ -2,19 +2,24 @@
 //! backend instance, with the frames of [`wire`](super::wire).
 //!
 //! Each initiator opens one connection to each owner it transfers to (lazily,
-//! on first use, then kept). Over it the initiator sends notifications and
-//! asks whether region keys are still live; the owner sends revocations when
-//! it deregisters a region, and waits (bounded) for their acknowledgement.
+//! on first use, then kept). Over it the initiator sends notifications, asks
+//! whether region keys are still live and asks for the memfd of mappable
+//! regions (the owner answers with the descriptor, `SCM_RIGHTS`); the owner
+//! sends revocations when it deregisters a region, and waits (bounded) for
+//! their acknowledgement, which the initiator sends only once no copy into
+//! the region is in flight and its mapping of the region is gone.
 //!
 //! * [`Server`] — the owner side: a listener thread, one reader thread per
 //!   incoming connection, the owner's table of live keys.
 //! * [`Link`] — the initiator side of one connection: the keys known live,
-//!   whether the peer is gone, and one reader thread.
+//!   the owner's regions mapped here, whether the peer is gone, and one
+//!   reader thread.
 //!
 //! Abstract sockets vanish with their last descriptor: nothing to clean up on disk.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,13 +29,16 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, RwLock};
 
-use super::wire::{frame_len, Frame, MAX_QUERY_KEYS, VERSION};
+use super::fdpass::{self, FdReader};
+use super::mapping::Mapping;
+use super::wire::{frame_len, Frame, MapStatus, MAX_QUERY_KEYS, VERSION};
 use crate::backend::{AccessKey, PeerEvents};
 use crate::error::{Error, Result};
+use crate::mem::MemShare;
 use crate::notif::NotifSink;
 
 /// Reads one frame; `buf` is reused between calls.
-fn read_frame(s: &mut UnixStream, buf: &mut Vec<u8>) -> Result<Frame> {
+fn read_frame(s: &mut impl Read, buf: &mut Vec<u8>) -> Result<Frame> {
     let mut prefix = [0u8; 4];
     s.read_exact(&mut prefix).map_err(|e| Error::io("SHM control channel: read", e))?;
     let n = frame_len(prefix)?;
@@ -46,6 +54,17 @@ fn abstract_addr(name: &[u8]) -> Result<SocketAddr> {
 
 // ───────────────────────────── owner side ─────────────────────────────
 
+/// A registered region whose memory peers may map: its memfd, and where it is.
+#[derive(Clone, Debug)]
+pub struct Exported {
+    /// The memfd and the region's offset in it.
+    pub share: MemShare,
+    /// The region's start address in this process.
+    pub addr: u64,
+    /// The region's length.
+    pub len: u64,
+}
+
 /// What the owner side shares between its threads.
 #[derive(Debug)]
 struct ServerShared {
@@ -54,8 +73,9 @@ struct ServerShared {
     token: Option<String>,
     sink: NotifSink,
     handshake_timeout: Duration,
-    /// Keys of the regions registered with this backend now.
-    live: RwLock<HashSet<AccessKey>>,
+    /// Keys of the regions registered with this backend now, with the memfd
+    /// of those that peers may map.
+    live: RwLock<HashMap<AccessKey, Option<Exported>>>,
     conns: Mutex<Vec<Arc<ServerConn>>>,
     stop: AtomicBool,
 }
@@ -103,7 +123,7 @@ impl Server {
             token,
             sink,
             handshake_timeout,
-            live: RwLock::new(HashSet::new()),
+            live: RwLock::new(HashMap::new()),
             conns: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
         });
@@ -115,9 +135,9 @@ impl Server {
         Ok(Server { shared, name, accept: Some(accept) })
     }
 
-    /// Marks a region live (registered).
-    pub fn add(&self, key: AccessKey) {
-        self.shared.live.write().insert(key);
+    /// Marks a region live (registered); `export`: its memfd, for peers to map.
+    pub fn add(&self, key: AccessKey, export: Option<Exported>) {
+        self.shared.live.write().insert(key, export);
     }
 
     /// Deregisters a region: from now on QUERY answers say it is gone, every
@@ -126,7 +146,7 @@ impl Server {
     /// `timeout` passes. A connection that does not acknowledge in time is
     /// closed, so that its initiator can no longer post to this backend.
     pub fn revoke(&self, key: AccessKey, timeout: Duration) {
-        if !self.shared.live.write().remove(&key) {
+        if self.shared.live.write().remove(&key).is_none() {
             return;
         }
         let conns = self.shared.conns.lock().clone();
@@ -230,11 +250,36 @@ fn serve(mut s: UnixStream, shared: Arc<ServerShared>) {
                 let mut w = conn.writer.lock();
                 let live = {
                     let t = shared.live.read();
-                    keys.iter().map(|k| t.contains(k)).collect()
+                    keys.iter().map(|k| t.contains_key(k)).collect()
                 };
                 out.clear();
                 Frame::Status { id, live }.encode(&mut out);
                 if w.write_all(&out).is_err() {
+                    break;
+                }
+            }
+            Frame::Map { id, key } => {
+                // As for QUERY: the answer is written before any REVOKE of this key.
+                let w = conn.writer.lock();
+                let export = match shared.live.read().get(&key) {
+                    None => Err(MapStatus::Gone),
+                    Some(None) => Err(MapStatus::NoFd),
+                    Some(Some(e)) => Ok(e.clone()),
+                };
+                out.clear();
+                let sent = match export {
+                    Err(status) => {
+                        Frame::Mapped { id, status, region_addr: 0, region_len: 0, offset: 0 }.encode(&mut out);
+                        (&*w).write_all(&out)
+                    }
+                    Ok(e) => {
+                        let status = MapStatus::Fd;
+                        Frame::Mapped { id, status, region_addr: e.addr, region_len: e.len, offset: e.share.offset() }
+                            .encode(&mut out);
+                        fdpass::send_with_fd(&w, &out, e.share.fd())
+                    }
+                };
+                if sent.is_err() {
                     break;
                 }
             }
@@ -312,18 +357,46 @@ fn handshake(s: &mut UnixStream, shared: &ServerShared, buf: &mut Vec<u8>) -> Re
 // ─────────────────────────── initiator side ───────────────────────────
 
 /// What an initiator knows of one connection's owner.
+///
+/// Invariant: `maps` and `cma_only` hold only keys that are in `live`; a
+/// mapping is inserted once per key and removed only together with the key
+/// (revocation) or when the link dies. So a copy that finds its keys live,
+/// under the read lock, may use the mappings it looked up at prepare.
 #[derive(Debug, Default)]
 pub struct LinkState {
     /// Keys the owner confirmed live and has not revoked since.
     pub live: HashSet<AccessKey>,
+    /// The owner's regions mapped into this process, by key.
+    pub maps: HashMap<AccessKey, Mapping>,
+    /// Live regions the owner cannot share (raw memory): cross-memory attach.
+    pub cma_only: HashSet<AccessKey>,
     /// Why the link is unusable, once it is.
     pub dead: Option<String>,
+}
+
+impl LinkState {
+    /// Forgets `key`; its mapping, if any, is returned for the caller to drop (unmap).
+    fn revoke(&mut self, key: &AccessKey) -> Option<Mapping> {
+        self.live.remove(key);
+        self.cma_only.remove(key);
+        self.maps.remove(key)
+    }
+}
+
+/// How a MAP request ended, as the reader thread applied it.
+#[derive(Debug)]
+enum MapOutcome {
+    Gone,
+    Cma,
+    Mapped,
 }
 
 #[derive(Debug)]
 enum Query {
     Pending(Vec<AccessKey>),
     Answered(Vec<bool>),
+    PendingMap(AccessKey),
+    AnsweredMap(MapOutcome),
 }
 
 /// The initiator side of a connection to one owner.
@@ -342,6 +415,8 @@ pub struct Link {
     /// Keys known live, and whether the link is dead.
     pub state: RwLock<LinkState>,
     writer: Mutex<UnixStream>,
+    /// The writer's descriptor, polled without its lock to see the owner hang up.
+    sock: RawFd,
     queries: Mutex<HashMap<u64, Query>>,
     queries_cv: Condvar,
     next_query: AtomicU64,
@@ -400,13 +475,15 @@ impl Link {
             other => return Err(Error::malformed(format!("SHM: agent '{peer}' answered HELLO with {other:?}"))),
         }
         s.set_read_timeout(None).map_err(io("set_read_timeout"))?;
-        let reader = s.try_clone().map_err(io("cloning a socket"))?;
+        let reader = FdReader::new(s.try_clone().map_err(io("cloning a socket"))?);
+        let sock = s.as_raw_fd();
         let link = Arc::new(Link {
             peer,
             instance,
             pid,
             state: RwLock::new(LinkState::default()),
             writer: Mutex::new(s),
+            sock,
             queries: Mutex::new(HashMap::new()),
             queries_cv: Condvar::new(),
             next_query: AtomicU64::new(1),
@@ -504,15 +581,101 @@ impl Link {
         Ok(())
     }
 
-    /// Marks the link dead (first reason wins) and wakes waiting queries.
+    /// Asks the owner for the memfd of each live key not yet mapped (or known
+    /// unmappable) and maps those it shares, bounded by `timeout`. Keys the
+    /// owner cannot share stay on cross-memory attach; a key found
+    /// deregistered is a `NotAllowed` error.
+    pub fn ensure_mapped(&self, keys: &[AccessKey], timeout: Duration) -> Result<()> {
+        let missing: Vec<AccessKey> = {
+            let st = self.state.read();
+            if let Some(why) = &st.dead {
+                return Err(self.dead_error(why));
+            }
+            keys.iter().filter(|k| !st.maps.contains_key(k) && !st.cma_only.contains(k)).copied().collect()
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let deadline = Instant::now() + timeout;
+        let mut buf = Vec::new();
+        let mut ids = Vec::with_capacity(missing.len());
+        let forget = |ids: &[(u64, AccessKey)]| {
+            let mut q = self.queries.lock();
+            for (id, _) in ids {
+                q.remove(id);
+            }
+        };
+        // All requests first, then all answers: one round trip for many regions.
+        for &key in &missing {
+            let id = self.next_query.fetch_add(1, Ordering::Relaxed);
+            self.queries.lock().insert(id, Query::PendingMap(key));
+            ids.push((id, key));
+            if let Err(e) = self.send(&Frame::Map { id, key }, &mut buf) {
+                forget(&ids);
+                return Err(e);
+            }
+        }
+        let mut q = self.queries.lock();
+        for (n, &(id, key)) in ids.iter().enumerate() {
+            let outcome = loop {
+                if let Some(Query::AnsweredMap(_)) = q.get(&id) {
+                    match q.remove(&id) {
+                        Some(Query::AnsweredMap(o)) => break o,
+                        _ => unreachable!("checked just above under the same lock"),
+                    }
+                }
+                let dead = self.state.read().dead.clone();
+                let timed_out = dead.is_none() && self.queries_cv.wait_until(&mut q, deadline).timed_out();
+                if dead.is_some() || timed_out {
+                    for (id, _) in &ids[n..] {
+                        q.remove(id);
+                    }
+                    return Err(match dead {
+                        Some(why) => self.dead_error(&why),
+                        None => Error::timeout(format!(
+                            "SHM: agent '{}' did not answer a region map request within {timeout:?}",
+                            self.peer
+                        )),
+                    });
+                }
+            };
+            if let MapOutcome::Gone = outcome {
+                for (id, _) in &ids[n + 1..] {
+                    q.remove(id);
+                }
+                return Err(Error::not_allowed(format!(
+                    "SHM: agent '{}' no longer has region {key:?} registered (deregistered since its metadata was fetched); fetch fresh metadata",
+                    self.peer
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the owner's end of the control connection is closed (the owner
+    /// exited, was killed or dropped its backend): one `poll`, no waiting.
+    /// A process's sockets close as it exits, before it can be reaped.
+    pub fn hung_up(&self) -> bool {
+        let mut p = libc::pollfd { fd: self.sock, events: libc::POLLRDHUP, revents: 0 };
+        // SAFETY: one valid pollfd; `sock` stays open as long as this Link (it
+        // is `writer`'s descriptor, which is shut down but never closed before).
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+    }
+
+    /// Marks the link dead (first reason wins), unmaps the owner's regions
+    /// (waiting for copies in flight) and wakes waiting queries.
     pub fn mark_dead(&self, why: String) {
-        {
+        let unmapped = {
             let mut st = self.state.write();
             if st.dead.is_none() {
                 st.dead = Some(why);
             }
             st.live.clear();
-        }
+            st.cma_only.clear();
+            std::mem::take(&mut st.maps)
+        };
+        drop(unmapped);
         let _q = self.queries.lock();
         self.queries_cv.notify_all();
     }
@@ -537,10 +700,58 @@ impl Link {
         }
     }
 
-    fn read_loop(self: Arc<Self>, mut s: UnixStream, mut buf: Vec<u8>) {
+    /// Applies a MAPPED answer (in stream order, so a later REVOKE wins):
+    /// maps the memfd `fd` when the owner sent one.
+    fn apply_mapped(&self, id: u64, status: MapStatus, fd: Option<std::os::fd::OwnedFd>, region: (u64, u64, u64)) {
+        let mut q = self.queries.lock();
+        let Some(Query::PendingMap(key)) = q.get(&id) else { return };
+        let key = *key;
+        let outcome = match (status, fd) {
+            (MapStatus::Gone, _) => MapOutcome::Gone,
+            (MapStatus::NoFd, _) => {
+                let mut st = self.state.write();
+                st.live.insert(key);
+                st.cma_only.insert(key);
+                MapOutcome::Cma
+            }
+            (MapStatus::Fd, fd) => {
+                let (addr, len, offset) = region;
+                let mapped = fd
+                    .ok_or_else(|| Error::malformed("SHM: a MAPPED answer came without its descriptor"))
+                    .and_then(|fd| Mapping::map(fd, offset, addr, len));
+                let mut st = self.state.write();
+                st.live.insert(key);
+                match mapped {
+                    Ok(m) => {
+                        // Never replace a mapping: copies may be using it.
+                        st.maps.entry(key).or_insert(m);
+                        MapOutcome::Mapped
+                    }
+                    Err(e) => {
+                        tracing::warn!(peer = %self.peer, error = %e, "SHM: cannot map a peer's region; using cross-memory attach for it");
+                        st.cma_only.insert(key);
+                        MapOutcome::Cma
+                    }
+                }
+            }
+        };
+        q.insert(id, Query::AnsweredMap(outcome));
+        self.queries_cv.notify_all();
+    }
+
+    fn read_loop(self: Arc<Self>, mut s: FdReader, mut buf: Vec<u8>) {
         let mut out = Vec::with_capacity(16);
         let why = loop {
-            match read_frame(&mut s, &mut buf) {
+            let frame = read_frame(&mut s, &mut buf);
+            if let Ok(Frame::Mapped { id, status, region_addr, region_len, offset }) = frame {
+                let fd = s.take_fd();
+                s.clear_fds();
+                self.apply_mapped(id, status, fd, (region_addr, region_len, offset));
+                continue;
+            }
+            // Descriptors are expected only with MAPPED: close any other.
+            s.clear_fds();
+            match frame {
                 Ok(Frame::Status { id, live }) => {
                     let mut q = self.queries.lock();
                     if let Some(Query::Pending(keys)) = q.get(&id) {
@@ -555,8 +766,10 @@ impl Link {
                     }
                 }
                 Ok(Frame::Revoke { seq, key }) => {
-                    // Waits for copies in flight (they hold the read lock).
-                    self.state.write().live.remove(&key);
+                    // Waits for copies in flight (they hold the read lock),
+                    // then unmaps the region before acknowledging.
+                    let unmapped = self.state.write().revoke(&key);
+                    drop(unmapped);
                     if let Err(e) = self.send(&Frame::Ack(seq), &mut out) {
                         break e.message().to_string();
                     }
@@ -567,5 +780,55 @@ impl Link {
         };
         self.mark_dead(why);
         self.report_lost();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::AlignedBuf;
+
+    fn pair(name: &str) -> (Server, Arc<Link>) {
+        let socket = format!("kvferry-shm-test-{}-{name}", std::process::id()).into_bytes();
+        let t = Duration::from_secs(5);
+        let server = Server::start(socket.clone(), "owner".into(), 7, None, NotifSink::new(), t).unwrap();
+        let hello = Hello { agent: "init", instance: 1, nonce: 7, token: None };
+        let link = Link::connect(&socket, hello, "owner".into(), 1, 1, (t, t), PeerEvents::detached()).unwrap();
+        (server, link)
+    }
+
+    #[test]
+    fn map_revoke_and_hang_up() {
+        let (server, link) = pair("map");
+        let t = Duration::from_secs(5);
+        let mut buf = AlignedBuf::new(8192).unwrap();
+        buf.as_mut_slice()[100] = 9;
+        let (shared, raw, gone) = (AccessKey([1; 16]), AccessKey([2; 16]), AccessKey([3; 16]));
+        server.add(shared, Some(Exported { share: buf.share().unwrap(), addr: 0x1000, len: 8192 }));
+        server.add(raw, None);
+        link.ensure_live(&[shared, raw], t).unwrap();
+        link.ensure_mapped(&[shared, raw], t).unwrap();
+        {
+            let st = link.state.read();
+            assert!(st.cma_only.contains(&raw) && !st.maps.contains_key(&raw));
+            let p = st.maps[&shared].local_addr(0x1000 + 100, 1).unwrap();
+            // SAFETY: p lies in the live mapping of `buf`'s memfd.
+            assert_eq!(unsafe { *(p as *const u8) }, 9, "the mapping shows the owner's bytes");
+        }
+        // Asking again costs nothing: both answers are cached.
+        link.ensure_mapped(&[shared, raw], t).unwrap();
+        let e = link.ensure_mapped(&[gone], t).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::NotAllowed, "{e}");
+
+        // Revocation returns once the initiator unmapped and acknowledged.
+        server.revoke(shared, t);
+        {
+            let st = link.state.read();
+            assert!(!st.maps.contains_key(&shared) && !st.live.contains(&shared) && st.dead.is_none());
+        }
+        assert!(!link.hung_up());
+        // The owner going away is visible at once, without the reader thread.
+        drop(server);
+        assert!(link.hung_up());
     }
 }

@@ -10,15 +10,20 @@
 //!           token, name                     REFUSE   reason
 //!   NOTIF   message                         STATUS   id, one byte per key (1: live)
 //!   QUERY   id, keys                        REVOKE   seq, key
-//!   ACK     seq
+//!   ACK     seq                             MAPPED   id, status, region addr, len,
+//!   MAP     id, key                                  file offset (+ the memfd, SCM_RIGHTS)
 //! ```
+//!
+//! A MAPPED frame whose status is [`MapStatus::Fd`] carries the region's
+//! memfd as `SCM_RIGHTS` ancillary data on its first byte; the frame codec
+//! only describes it.
 
 use crate::backend::AccessKey;
 use crate::error::{Error, Result};
 use crate::notif::MAX_NOTIF_LEN;
 
 /// Version of the control protocol, checked in HELLO.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 
 /// Largest frame body accepted (a notification plus room for headers).
 pub const MAX_FRAME: usize = MAX_NOTIF_LEN + 1024;
@@ -34,6 +39,39 @@ const QUERY: u8 = 5;
 const STATUS: u8 = 6;
 const REVOKE: u8 = 7;
 const ACK: u8 = 8;
+const MAP: u8 = 9;
+const MAPPED: u8 = 10;
+
+/// The owner's answer to a MAP request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapStatus {
+    /// The key names no live region (deregistered): nothing may be copied.
+    Gone,
+    /// The region is live but cannot be mapped (raw memory, or the owner does
+    /// not share): use cross-memory attach.
+    NoFd,
+    /// The region's memfd travels with the frame: map it.
+    Fd,
+}
+
+impl MapStatus {
+    fn to_u8(self) -> u8 {
+        match self {
+            MapStatus::Gone => 0,
+            MapStatus::NoFd => 1,
+            MapStatus::Fd => 2,
+        }
+    }
+
+    fn from_u8(b: u8) -> Result<Self> {
+        match b {
+            0 => Ok(MapStatus::Gone),
+            1 => Ok(MapStatus::NoFd),
+            2 => Ok(MapStatus::Fd),
+            _ => Err(Error::malformed(format!("SHM MAPPED: unknown status {b}"))),
+        }
+    }
+}
 
 /// One control message.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,6 +120,26 @@ pub enum Frame {
     },
     /// Acknowledges every REVOKE up to `seq`.
     Ack(u64),
+    /// Asks for the memfd behind the region with this key, to map it.
+    Map {
+        /// Matches the MAPPED answer.
+        id: u64,
+        /// The region's key.
+        key: AccessKey,
+    },
+    /// Answers a MAP.
+    Mapped {
+        /// The MAP's id.
+        id: u64,
+        /// Whether the region is live and mappable.
+        status: MapStatus,
+        /// The region's start address in the owner.
+        region_addr: u64,
+        /// The region's length.
+        region_len: u64,
+        /// Where the region starts in the memfd.
+        offset: u64,
+    },
 }
 
 impl Frame {
@@ -127,6 +185,19 @@ impl Frame {
             Frame::Ack(seq) => {
                 out.push(ACK);
                 out.extend_from_slice(&seq.to_le_bytes());
+            }
+            Frame::Map { id, key } => {
+                out.push(MAP);
+                out.extend_from_slice(&id.to_le_bytes());
+                out.extend_from_slice(&key.0);
+            }
+            Frame::Mapped { id, status, region_addr, region_len, offset } => {
+                out.push(MAPPED);
+                out.extend_from_slice(&id.to_le_bytes());
+                out.push(status.to_u8());
+                out.extend_from_slice(&region_addr.to_le_bytes());
+                out.extend_from_slice(&region_len.to_le_bytes());
+                out.extend_from_slice(&offset.to_le_bytes());
             }
         }
         let len = (out.len() - start - 4) as u32;
@@ -179,6 +250,21 @@ impl Frame {
                 Frame::Revoke { seq, key }
             }
             ACK => Frame::Ack(r.u64()?),
+            MAP => {
+                let id = r.u64()?;
+                Frame::Map { id, key: AccessKey(r.array()?) }
+            }
+            MAPPED => {
+                let id = r.u64()?;
+                let [status] = r.array()?;
+                Frame::Mapped {
+                    id,
+                    status: MapStatus::from_u8(status)?,
+                    region_addr: r.u64()?,
+                    region_len: r.u64()?,
+                    offset: r.u64()?,
+                }
+            }
             k => return Err(Error::malformed(format!("SHM control frame of unknown kind {k}"))),
         };
         if !r.0.is_empty() {
@@ -272,6 +358,10 @@ mod tests {
         round_trip(Frame::Status { id: 3, live: vec![true, false] });
         round_trip(Frame::Revoke { seq: 5, key: k });
         round_trip(Frame::Ack(5));
+        round_trip(Frame::Map { id: 4, key: k });
+        for status in [MapStatus::Gone, MapStatus::NoFd, MapStatus::Fd] {
+            round_trip(Frame::Mapped { id: 4, status, region_addr: 0x1000, region_len: 1 << 20, offset: 0 });
+        }
         let (mut a, mut b) = (Vec::new(), Vec::new());
         encode_notif(b"xyz", &mut a);
         Frame::Notif(b"xyz".to_vec()).encode(&mut b);
@@ -285,6 +375,11 @@ mod tests {
         assert!(Frame::decode(&[ACK, 1, 2]).is_err());
         assert!(Frame::decode(&[QUERY, 0, 0, 0, 0, 0, 0, 0, 0, 1]).is_err());
         assert!(Frame::decode(&[WELCOME, 0]).is_err());
+        let mut m = vec![MAPPED];
+        m.extend_from_slice(&[0; 8]);
+        m.push(3);
+        m.extend_from_slice(&[0; 24]);
+        assert!(Frame::decode(&m).unwrap_err().message().contains("status 3"));
         let mut h = vec![HELLO];
         h.extend_from_slice(&[0; 18]);
         h.extend_from_slice(&u32::MAX.to_le_bytes());

@@ -1,0 +1,149 @@
+//! The mapped fast path: a peer's memfd-backed region mapped into this
+//! process (`mmap(MAP_SHARED)`), so that copies to and from it are plain
+//! user-space `memcpy`.
+//!
+//! Only a sealed memfd is accepted: `F_SEAL_SHRINK` guarantees the file can
+//! never become shorter than the mapping, so no copy can fault (`SIGBUS`)
+//! past its end, whatever the owner does. The mapping covers exactly the
+//! region's pages and is unmapped on drop; the SHM link drops it when the
+//! owner revokes the region or the connection ends.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use crate::error::{Error, Result};
+use crate::mem::page_size;
+
+/// A peer's region mapped read-write into this process.
+#[derive(Debug)]
+pub struct Mapping {
+    /// Start of the mapping (page-aligned).
+    base: usize,
+    /// Bytes mapped (whole pages).
+    map_len: usize,
+    /// Where the region starts inside the mapping.
+    skew: usize,
+    /// The region's start address in the owner's process.
+    region_addr: u64,
+    /// The region's length.
+    region_len: u64,
+}
+
+// SAFETY: a Mapping is an address range with no thread affinity; the SHM link
+// decides who may copy through it (see `Link`), and munmap may run on any thread.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; &Mapping only hands out addresses.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps `region_len` bytes of `fd` from `offset`, the region the owner
+    /// has at `region_addr`. Refuses (with the reason) anything but a memfd
+    /// sealed against shrinking that holds the whole region.
+    pub fn map(fd: OwnedFd, offset: u64, region_addr: u64, region_len: u64) -> Result<Mapping> {
+        let bad = |why: String| Error::malformed(format!("SHM: the owner's memfd cannot be mapped: {why}"));
+        let page = page_size() as u64;
+        let len = usize::try_from(region_len).map_err(|_| bad(format!("region of {region_len} bytes")))?;
+        if len == 0 {
+            return Err(bad("empty region".into()));
+        }
+        let start = offset / page * page;
+        let skew = (offset - start) as usize;
+        let end = offset.checked_add(region_len).ok_or_else(|| bad("offset + length overflows".into()))?;
+        // SAFETY: F_GET_SEALS takes no argument; fd is a descriptor we own.
+        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+            return Err(bad("it is not a memfd sealed against shrinking".into()));
+        }
+        // SAFETY: stat is plain data; fstat fills it for a descriptor we own.
+        let size = unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            if libc::fstat(fd.as_raw_fd(), &mut st) != 0 {
+                return Err(Error::io("SHM: fstat of a peer's memfd", std::io::Error::last_os_error()));
+            }
+            st.st_size as u64
+        };
+        if end > size {
+            return Err(bad(format!("the region ends at byte {end} of a {size}-byte file")));
+        }
+        let map_len = end
+            .checked_sub(start)
+            .and_then(|n| n.checked_add(page - 1))
+            .map(|n| n / page * page)
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| bad("mapping length overflows".into()))?;
+        let off = libc::off_t::try_from(start).map_err(|_| bad(format!("offset {start}")))?;
+        // SAFETY: a fresh mapping (no address hint, so nothing of ours is
+        // replaced) of a file we hold; its size was checked above and is sealed.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                off,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(Error::io("SHM: mmap of a peer's memfd", std::io::Error::last_os_error()));
+        }
+        // The mapping holds the file; the descriptor closes here.
+        drop(fd);
+        Ok(Mapping { base: p as usize, map_len, skew, region_addr, region_len })
+    }
+
+    /// The local address of the owner's range `remote_addr`+`len`, if the
+    /// range lies inside the mapped region.
+    pub fn local_addr(&self, remote_addr: u64, len: u64) -> Option<usize> {
+        let rel = remote_addr.checked_sub(self.region_addr)?;
+        if rel.checked_add(len)? > self.region_len {
+            return None;
+        }
+        self.base.checked_add(self.skew)?.checked_add(usize::try_from(rel).ok()?)
+    }
+
+    /// The owner's region this maps: start address and length.
+    pub fn region(&self) -> (u64, u64) {
+        (self.region_addr, self.region_len)
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: base/map_len is exactly the mapping made in `map`, unmapped
+        // once; the link drops a Mapping only while no copy through it runs.
+        unsafe { libc::munmap(self.base as *mut libc::c_void, self.map_len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::AlignedBuf;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn maps_a_sealed_memfd_and_checks_bounds() {
+        let mut buf = AlignedBuf::new(3 * 4096 + 100).unwrap();
+        buf.as_mut_slice()[5000] = 42;
+        let fd = buf.share().unwrap().fd().try_clone_to_owned().unwrap();
+        let m = Mapping::map(fd, 0, 0x10_0000, buf.len() as u64).unwrap();
+        let p = m.local_addr(0x10_0000 + 5000, 1).unwrap();
+        // SAFETY: p lies inside the live mapping.
+        assert_eq!(unsafe { *(p as *const u8) }, 42);
+        // SAFETY: as above; writes land in the buffer's pages.
+        unsafe { *(p as *mut u8) = 43 };
+        assert_eq!(buf.as_slice()[5000], 43);
+        assert!(m.local_addr(0x10_0000, buf.len() as u64).is_some());
+        assert!(m.local_addr(0x10_0000, buf.len() as u64 + 1).is_none());
+        assert!(m.local_addr(0xf_ffff, 1).is_none());
+        assert!(m.local_addr(u64::MAX, 2).is_none());
+        let fd = || buf.share().unwrap().fd().try_clone_to_owned().unwrap();
+        assert!(Mapping::map(fd(), 0, 0, 1 << 20).unwrap_err().message().contains("ends at byte"));
+        assert!(Mapping::map(fd(), u64::MAX, 0, 2).is_err());
+        assert!(Mapping::map(fd(), 0, 0, 0).is_err());
+        // A file that is not a sealed memfd is refused.
+        let f = std::fs::File::open("/proc/self/stat").unwrap();
+        let e = Mapping::map(f.as_fd().try_clone_to_owned().unwrap(), 0, 0, 1).unwrap_err();
+        assert!(e.message().contains("sealed"), "{e}");
+    }
+}
