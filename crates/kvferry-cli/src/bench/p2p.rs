@@ -121,7 +121,7 @@ impl StoreArgs {
 }
 
 /// Kills the loopback target if the run ends early.
-struct ChildGuard(Child);
+pub(crate) struct ChildGuard(Child);
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
@@ -345,12 +345,23 @@ pub fn connect(args: &P2pArgs, buf_len: usize) -> Result<Session> {
 }
 
 fn spawn_target(args: &P2pArgs) -> Result<(String, ChildGuard)> {
+    let mut argv: Vec<String> = ["bench", "p2p", "--mode", "target", "--ip", "127.0.0.1", "--port", "0", "--backend"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    argv.push(args.backend.clone());
+    for p in &args.common.param {
+        argv.extend(["--param".to_string(), p.clone()]);
+    }
+    spawn_child(&argv)
+}
+
+/// Starts `kvferry <argv>` as a loopback target and returns the rendezvous
+/// address it prints; the guard kills it if the run ends early.
+pub(crate) fn spawn_child(argv: &[String]) -> Result<(String, ChildGuard)> {
     let exe = std::env::current_exe().map_err(|e| Error::io("locating the kvferry binary", e))?;
     let mut cmd = Command::new(exe);
-    cmd.args(["bench", "p2p", "--mode", "target", "--ip", "127.0.0.1", "--port", "0", "--backend", &args.backend]);
-    for p in &args.common.param {
-        cmd.args(["--param", p]);
-    }
+    cmd.args(argv);
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

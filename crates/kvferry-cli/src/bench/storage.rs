@@ -1,10 +1,12 @@
 //! `kvferry bench storage`: DRAM ↔ FILE/BLOCK bandwidth and IOPS through the
 //! POSIX backend, in the shape of fio runs (block size, batch = queue depth,
-//! O_DIRECT, sequential or random offsets).
+//! O_DIRECT, sequential or random offsets); and remote file segments, as in
+//! Mooncake's NVMe-oF bench: a target exports files, an initiator on another
+//! process or host moves bytes to and from them over TCP.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
@@ -15,6 +17,7 @@ use kvferry::{
 
 use super::report::{self, Point, Timings};
 use super::{pattern, Common};
+use crate::rendezvous::{self, Msg};
 
 /// Where this process plays.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -65,6 +68,12 @@ pub struct StorageArgs {
     /// seq or rand offsets.
     #[arg(long, value_enum, default_value_t = Pattern::Seq)]
     pub pattern: Pattern,
+    /// Target address (initiator: where to connect; target: where to listen).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub ip: String,
+    /// Target rendezvous port (0 in target mode: any free port, printed on start).
+    #[arg(long, default_value_t = 0)]
+    pub port: u16,
     /// Block size (alias of --block-sizes with one value).
     #[arg(long)]
     pub block_size: Option<String>,
@@ -158,12 +167,26 @@ pub fn run(a: &StorageArgs) -> Result<Vec<Point>> {
     run_inner(a, true)
 }
 
-fn run_inner(a: &StorageArgs, print: bool) -> Result<Vec<Point>> {
-    if a.mode != StorageMode::Local {
-        return Err(Error::not_supported(
-            "remote file segments (storage --mode target/initiator/loopback) are not available in this build yet; use --mode local",
-        ));
-    }
+/// The files a run moves bytes to and from, as the initiator names them.
+struct Target {
+    /// The agent that owns the files (the initiator itself in local mode).
+    agent: String,
+    /// `(dev_id, size, pattern seed)` per file.
+    files: Vec<(u64, u64, u8)>,
+}
+
+/// Everything an initiator holds for one run.
+struct Session {
+    agent: Agent,
+    /// Twice the largest span: the second half receives read-backs.
+    buf: AlignedBuf,
+    target: Target,
+    backend: &'static str,
+    engine: String,
+    _keep: Vec<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+fn sweep_flags(a: &StorageArgs) -> Common {
     let mut c = a.common.clone();
     if let Some(b) = &a.block_size {
         c.block_sizes = vec![b.clone()];
@@ -177,37 +200,39 @@ fn run_inner(a: &StorageArgs, print: bool) -> Result<Vec<Point>> {
     if c.batch_sizes.is_empty() && c.start_batch_size.is_none() {
         c.batch_sizes = vec![64];
     }
-    let op: XferOp = c.op.parse()?;
-    let points = super::sweep(&c)?;
-    let files = prepare_files(a, op)?;
+    c
+}
+
+fn posix_params(a: &StorageArgs, c: &Common) -> Result<kvferry::Params> {
     let mut params = c.backend_params()?;
     params.set("engine", &a.engine);
-    let agent = Agent::new(
-        &format!("bench-storage-{}", std::process::id()),
-        AgentConfig::default().with_backend("posix", params),
-    )?;
-    let mut regs = RegDescList::new(MemType::File);
-    for (i, f) in files.iter().enumerate() {
-        let mode = if a.direct { "rw,direct" } else { "rw" };
-        regs.push(RegDesc::with_meta(0, 0, i as u64 + 1, format!("{mode}:{}", f.path.display())));
-    }
-    let _freg = agent.register_storage(&regs, &["posix"])?;
-    let max = points.iter().map(|(b, n)| b * n).max().unwrap_or(0) * c.threads.max(1);
-    let buf = AlignedBuf::new(max)?;
-    let _breg = agent.register_buf(&buf)?;
+    Ok(params)
+}
 
+fn run_inner(a: &StorageArgs, print: bool) -> Result<Vec<Point>> {
+    let c = sweep_flags(a);
+    let op: XferOp = c.op.parse()?;
+    if a.mode == StorageMode::Target {
+        return run_target(a, &c, op).map(|()| Vec::new());
+    }
+    let points = super::sweep(&c)?;
+    let max = points.iter().map(|(b, n)| b * n).max().unwrap_or(0) * c.threads.max(1);
+    let s = match a.mode {
+        StorageMode::Local => local_session(a, &c, op, max)?,
+        _ => remote_session(a, &c, op, max)?,
+    };
     let bar = super::p2p::progress(points.len(), c.json);
     if print && !c.json {
         println!("{}", report::table_header(true));
     }
     let mut out = Vec::new();
     for (block, batch) in points {
-        let t = run_point(&agent, &buf, &files, &c, a.pattern, op, block, batch)?;
+        let t = run_point(&s, &c, a.pattern, op, block, batch)?;
         let mut p = t.point(
             "storage",
-            "POSIX",
+            s.backend,
             &op.to_string(),
-            Some(agent.backend_params("posix")?.raw("engine").unwrap_or("?").to_string()),
+            Some(s.engine.clone()),
             block as u64,
             batch,
             c.threads.max(1),
@@ -224,30 +249,129 @@ fn run_inner(a: &StorageArgs, print: bool) -> Result<Vec<Point>> {
     Ok(out)
 }
 
+fn local_session(a: &StorageArgs, c: &Common, op: XferOp, max: usize) -> Result<Session> {
+    let files = prepare_files(a, op)?;
+    let agent = Agent::new(
+        &format!("bench-storage-{}", std::process::id()),
+        AgentConfig::default().with_backend("posix", posix_params(a, c)?),
+    )?;
+    let mut regs = RegDescList::new(MemType::File);
+    for (i, f) in files.iter().enumerate() {
+        let mode = if a.direct { "rw,direct" } else { "rw" };
+        regs.push(RegDesc::with_meta(0, 0, i as u64 + 1, format!("{mode}:{}", f.path.display())));
+    }
+    let freg = agent.register_storage(&regs, &["posix"])?;
+    let buf = AlignedBuf::new(max * 2)?;
+    let breg = agent.register_buf(&buf)?;
+    let target = Target {
+        agent: agent.name().to_string(),
+        files: files.iter().enumerate().map(|(i, f)| (i as u64 + 1, f.size, FILE_SEED.wrapping_add(i as u8))).collect(),
+    };
+    let engine = agent.backend_params("posix")?.raw("engine").unwrap_or("?").to_string();
+    Ok(Session {
+        agent,
+        buf,
+        target,
+        backend: "POSIX",
+        engine,
+        _keep: vec![Box::new(breg), Box::new(freg), Box::new(files)],
+    })
+}
+
+/// Exports the files and serves one initiator over TCP (remote file segments).
+fn run_target(a: &StorageArgs, c: &Common, op: XferOp) -> Result<()> {
+    let files = prepare_files(a, op)?;
+    let agent = Agent::new(
+        &format!("bench-storage-target-{}", std::process::id()),
+        AgentConfig::default().with_backend("posix", posix_params(a, c)?).with_backend("tcp", kvferry::Params::new()),
+    )?;
+    for f in &files {
+        agent.register_local_file(&f.path, f.size, a.direct)?;
+    }
+    let listener = rendezvous::listen(&a.ip, a.port)?;
+    let addr = listener.local_addr().map_err(|e| Error::io("rendezvous: local address", e))?;
+    println!("KVFERRY-TARGET listening on {addr}");
+    let (mut s, peer) = listener.accept().map_err(|e| Error::io("rendezvous: accept", e))?;
+    let Msg::Hello { metadata, .. } = rendezvous::recv(&mut s, Duration::from_secs(60))? else {
+        return Err(Error::malformed(format!("rendezvous: {peer} did not start with Hello")));
+    };
+    agent.load_remote_metadata(&metadata)?;
+    rendezvous::send(&mut s, &Msg::Ready { metadata: agent.local_metadata()?, descs: Vec::new(), files: Vec::new() })?;
+    rendezvous::wait_closed(&mut s, None);
+    Ok(())
+}
+
+fn remote_session(a: &StorageArgs, c: &Common, _op: XferOp, max: usize) -> Result<Session> {
+    let mut keep: Vec<Box<dyn std::any::Any + Send + Sync>> = Vec::new();
+    let addr = if a.mode == StorageMode::Loopback {
+        let mut argv: Vec<String> =
+            ["bench", "storage", "--mode", "target", "--ip", "127.0.0.1", "--port", "0", "--op", &c.op]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        argv.extend(["--engine".into(), a.engine.clone(), "--file-size".into(), a.file_size.clone()]);
+        argv.extend(["--dir".into(), a.dir.display().to_string(), "--num-files".into(), a.num_files.to_string()]);
+        if !a.files.is_empty() {
+            argv.push("--files".into());
+            argv.push(a.files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(","));
+        }
+        if a.direct {
+            argv.push("--direct".into());
+        }
+        let (addr, child) = super::p2p::spawn_child(&argv)?;
+        keep.push(Box::new(child));
+        addr
+    } else {
+        format!("{}:{}", a.ip, a.port)
+    };
+    let agent = Agent::new(
+        &format!("bench-storage-initiator-{}", std::process::id()),
+        AgentConfig::default().with_backend("tcp", c.backend_params()?),
+    )?;
+    let buf = AlignedBuf::new(max * 2)?;
+    let breg = agent.register_buf(&buf)?;
+    let mut s = rendezvous::connect(&addr, Duration::from_secs(60))?;
+    rendezvous::send(
+        &mut s,
+        &Msg::Hello { backend: "tcp".into(), buf_len: 0, pattern_seed: 0, metadata: agent.local_metadata()? },
+    )?;
+    let Msg::Ready { metadata, .. } = rendezvous::recv(&mut s, Duration::from_secs(120))? else {
+        return Err(Error::malformed("rendezvous: the storage target did not answer Ready"));
+    };
+    let name = agent.load_remote_metadata(&metadata)?;
+    let files = agent.remote_files(&name)?;
+    if files.is_empty() {
+        return Err(Error::not_found(format!("storage target '{name}' exports no files")));
+    }
+    let target = Target {
+        agent: name,
+        files: files.iter().enumerate().map(|(i, f)| (f.id, f.size, FILE_SEED.wrapping_add(i as u8))).collect(),
+    };
+    keep.push(Box::new(breg));
+    keep.push(Box::new(s));
+    Ok(Session { agent, buf, target, backend: "TCP", engine: "remote".into(), _keep: keep })
+}
+
 fn lcg(x: &mut u64) -> u64 {
     *x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     *x >> 17
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_point(
-    agent: &Agent,
-    buf: &AlignedBuf,
-    files: &[BenchFile],
-    c: &Common,
-    pat: Pattern,
-    op: XferOp,
-    block: usize,
-    batch: usize,
-) -> Result<Timings> {
+fn run_point(s: &Session, c: &Common, pat: Pattern, op: XferOp, block: usize, batch: usize) -> Result<Timings> {
     let threads = c.threads.max(1);
     let iters = c.iters_for(block * batch);
+    let files = &s.target.files;
     super::run_threads(threads, |t, barrier| {
         let span = block * batch;
-        let local = buf.xfer_blocks(t * span, block, batch)?;
+        let local = s.buf.xfer_blocks(t * span, block, batch)?;
         // Each thread owns a slice of every file; requests rotate over distinct offsets.
-        let slice = files[0].size / threads as u64;
-        let blocks_per_slice = (slice / block as u64).max(1);
+        let slice = files.iter().map(|f| f.1).min().unwrap_or(0) / threads as u64;
+        let blocks_per_slice = slice / block as u64;
+        if blocks_per_slice == 0 {
+            return Err(Error::invalid(format!(
+                "files of {slice} bytes per thread cannot hold a {block}-byte block; raise --file-size"
+            )));
+        }
         let nreq = (blocks_per_slice / batch as u64).clamp(1, 16);
         let mut seed = 0x1234_5678 + t as u64;
         let mut reqs: Vec<(Request, XferDescList)> = Vec::new();
@@ -259,11 +383,11 @@ fn run_point(
                     Pattern::Seq => (r * batch as u64 + i) % blocks_per_slice,
                     Pattern::Rand => lcg(&mut seed) % blocks_per_slice,
                 };
-                let f = ((r * batch as u64 + i) % files.len() as u64) as usize;
-                remote.push(XferDesc::new(t as u64 * slice + blk * block as u64, block as u64, f as u64 + 1));
+                let f = &files[((r * batch as u64 + i) % files.len() as u64) as usize];
+                remote.push(XferDesc::new(t as u64 * slice + blk * block as u64, block as u64, f.0));
             }
             let t0 = Instant::now();
-            let req = agent.create_request(op, &local, &remote, agent.name(), None)?;
+            let req = s.agent.create_request(op, &local, &remote, &s.target.agent, None)?;
             tm.prep.record(t0.elapsed());
             reqs.push((req, remote));
         }
@@ -281,7 +405,7 @@ fn run_point(
         )?;
         if c.check_consistency {
             let last = &reqs[(tm.iters as usize + reqs.len() - 1) % reqs.len()].1;
-            verify(buf, &local, last, files, op)?;
+            verify(s, &local, last, t * span, op)?;
         }
         Ok(tm)
     })
@@ -294,35 +418,33 @@ fn complete(req: &Request) -> Result<()> {
     Ok(())
 }
 
-fn verify(
-    buf: &AlignedBuf,
-    local: &XferDescList,
-    remote: &XferDescList,
-    files: &[BenchFile],
-    op: XferOp,
-) -> Result<()> {
-    let data = buf.as_slice();
-    for (l, r) in local.iter().zip(remote.iter()) {
-        let lo = (l.addr - buf.addr()) as usize;
-        let mem = &data[lo..lo + l.len as usize];
-        let fi = (r.dev_id - 1) as usize;
-        let ok = match op {
-            XferOp::Read => pattern::first_mismatch(mem, r.addr, FILE_SEED.wrapping_add(fi as u8)).is_none(),
-            XferOp::Write => read_back(&files[fi].path, r.addr, r.len)? == mem,
-        };
-        if !ok {
+/// READ: the blocks hold the file pattern of the offsets they came from.
+/// WRITE: reading the same file ranges back gives the bytes written.
+fn verify(s: &Session, local: &XferDescList, remote: &XferDescList, off: usize, op: XferOp) -> Result<()> {
+    let data = s.buf.as_slice();
+    let seed_of = |dev: u64| s.target.files.iter().find(|f| f.0 == dev).map(|f| f.2).unwrap_or(0);
+    if op == XferOp::Write {
+        let half = s.buf.len() / 2;
+        let block = remote[0].len as usize;
+        let scratch = s.buf.xfer_blocks(half + off, block, remote.len())?;
+        complete(&s.agent.create_request(XferOp::Read, &scratch, remote, &s.target.agent, None)?)?;
+        let span = block * remote.len();
+        if data[half + off..half + off + span] != data[off..off + span] {
             return Err(Error::new(
                 kvferry::ErrorKind::Backend,
-                format!("{op} verification failed at {}:{}", files[fi].path.display(), r.addr),
+                "WRITE verification failed: reading the files back gave other bytes",
+            ));
+        }
+        return Ok(());
+    }
+    for (l, r) in local.iter().zip(remote.iter()) {
+        let lo = (l.addr - s.buf.addr()) as usize;
+        if pattern::first_mismatch(&data[lo..lo + l.len as usize], r.addr, seed_of(r.dev_id)).is_some() {
+            return Err(Error::new(
+                kvferry::ErrorKind::Backend,
+                format!("READ verification failed at file {} offset {}", r.dev_id, r.addr),
             ));
         }
     }
     Ok(())
-}
-
-fn read_back(path: &Path, off: u64, len: u64) -> Result<Vec<u8>> {
-    let f = std::fs::File::open(path).map_err(|e| Error::io(format!("reopening {}", path.display()), e))?;
-    let mut v = vec![0u8; len as usize];
-    f.read_exact_at(&mut v, off).map_err(|e| Error::io(format!("reading back {}", path.display()), e))?;
-    Ok(v)
 }
