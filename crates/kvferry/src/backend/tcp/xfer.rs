@@ -345,11 +345,9 @@ impl BackendXfer for TcpXfer {
                 c.read_direct(&self.shared, peer, &|| x.finished.load(Ordering::Acquire) == gen, None);
             }
             if self.x.finished.load(Ordering::Acquire) != self.posted {
-                if self.direct.is_some() {
-                    // Callers spin on poll for small requests: give the CPU to the
-                    // threads that make progress (the target's, on a busy host).
-                    std::thread::yield_now();
-                }
+                // Callers spin on poll: give the CPU to the threads that make
+                // progress (lanes, readers, the target's) when they need it.
+                std::thread::yield_now();
                 return Ok(XferState::InProgress);
             }
         }
