@@ -124,3 +124,68 @@ fn invalidated_peer_is_unreachable_and_drop_is_prompt() {
     drop(b);
     drop(a);
 }
+
+/// Eight threads post on one agent at once — small requests (written by the
+/// posting thread, answers read by whichever waiting thread holds the
+/// connection), medium ones and striped large ones, WRITE and READ, waited
+/// on or polled, some with notifications — and every byte lands.
+#[test]
+fn eight_threads_post_small_and_large_on_one_agent() {
+    let a = agent("tcpi-m8a", Params::new().with("lanes", 2));
+    let b = agent("tcpi-m8b", Params::new());
+    let threads = 8;
+    let slot = 4 << 20;
+    let dst = AlignedBuf::new(threads * slot).unwrap();
+    let _rd = b.register_buf(&dst).unwrap();
+    a.load_remote_metadata(&b.local_metadata().unwrap()).unwrap();
+    a.make_connection("tcpi-m8b").unwrap();
+    let sizes = [4096usize, 64 << 10, 8, 2 << 20, 4096, 100_000];
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let (a, dst) = (&a, &dst);
+            s.spawn(move || {
+                let mut src = AlignedBuf::new(slot).unwrap();
+                let back = AlignedBuf::new(slot).unwrap();
+                let _r1 = a.register_buf(&src).unwrap();
+                let _r2 = a.register_buf(&back).unwrap();
+                for it in 0..60usize {
+                    let len = sizes[(it + t) % sizes.len()];
+                    let seed = (t * 61 + it) as u8;
+                    for (i, b) in src.as_mut_slice()[..len].iter_mut().enumerate() {
+                        *b = (i as u8).wrapping_mul(13) ^ seed;
+                    }
+                    let remote = dst.xfer_blocks(t * slot, len, 1).unwrap();
+                    let notif = (it % 7 == 3).then_some(&b"n"[..]);
+                    let w = a
+                        .create_request(XferOp::Write, &src.xfer_blocks(0, len, 1).unwrap(), &remote, "tcpi-m8b", notif)
+                        .unwrap();
+                    w.post(None).unwrap();
+                    if it % 2 == 0 {
+                        w.wait(Duration::from_secs(20)).unwrap();
+                    } else {
+                        // Spin on status, bounded.
+                        let t0 = std::time::Instant::now();
+                        while w.status().unwrap() != kvferry::XferState::Done {
+                            assert!(t0.elapsed() < Duration::from_secs(20), "thread {t} iteration {it}: WRITE stuck");
+                        }
+                    }
+                    let r = a
+                        .create_request(XferOp::Read, &back.xfer_blocks(0, len, 1).unwrap(), &remote, "tcpi-m8b", None)
+                        .unwrap();
+                    r.post(None).unwrap();
+                    r.wait(Duration::from_secs(20)).unwrap();
+                    assert!(back.as_slice()[..len] == src.as_slice()[..len], "thread {t} iteration {it} ({len} bytes)");
+                }
+            });
+        }
+    });
+    // Notifications were attached to some writes: all arrive.
+    let want = threads * (0..60).filter(|it| it % 7 == 3).count();
+    let t0 = std::time::Instant::now();
+    let mut got = 0;
+    while got < want && t0.elapsed() < Duration::from_secs(10) {
+        b.wait_notifications(Duration::from_millis(100));
+        got += b.take_notifications().get("tcpi-m8a").map_or(0, Vec::len);
+    }
+    assert_eq!(got, want);
+}

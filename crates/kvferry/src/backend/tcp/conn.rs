@@ -11,7 +11,6 @@
 //! it still owes then fails with `RemoteDisconnect`, and unless the local
 //! side closed it on purpose the agent is told the peer is lost.
 
-use std::cell::Cell;
 use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, TcpStream};
@@ -63,6 +62,29 @@ pub(super) struct Lane {
 struct PendingQueue {
     q: VecDeque<PendingFrame>,
     dead: Option<Error>,
+    /// Until then the reader thread leaves answers to a thread waiting for a
+    /// small request of its own (set by a direct post, renewed while that
+    /// thread reads; `None`: the reader thread reads whatever is owed).
+    hold_until: Option<Instant>,
+    /// The reader thread sleeps and must be kicked to read.
+    reader_idle: bool,
+}
+
+/// How long answers are left to the thread that posted a small request
+/// before the reader thread takes over (renewed while that thread reads).
+const DIRECT_HOLD: Duration = Duration::from_micros(500);
+
+/// The initiator's receive buffer: any answer but DATA fits whole.
+const RX_BUF: usize = 64 << 10;
+
+/// What one step of reading answers found.
+pub(super) enum Step {
+    /// One answer was read and its frame completed.
+    Handled,
+    /// No whole header has arrived yet.
+    Empty,
+    /// The next answer is a large DATA frame, left to the reader thread.
+    Big,
 }
 
 /// A frame written (or being written) that awaits its answer.
@@ -82,6 +104,11 @@ pub(super) struct Conn {
     /// Held while one frame is written, so frames never interleave.
     writer: Mutex<()>,
     pending: Mutex<PendingQueue>,
+    /// The read side: whoever holds it reads answers, in order — the reader
+    /// thread, or a thread waiting for a small request of its own (no thread hop).
+    rx: Mutex<sys::RecvBuf>,
+    /// Wakes the reader thread when answers are owed that nobody else reads.
+    kick: sys::Kick,
     /// Closed by this side (unload, shutdown, cancel): not a lost peer.
     by_us: AtomicBool,
 }
@@ -234,7 +261,7 @@ fn worker(shared: Arc<Shared>, peer: Arc<Peer>, idx: usize) {
                     continue;
                 }
                 match lane.ensure(&shared, &peer) {
-                    Ok(c) => c.send_frame(&shared, &peer, &x, gen, frame),
+                    Ok(c) => c.send_frame(&shared, &peer, &x, gen, frame, false),
                     Err(e) => x.frame_done(gen, Err(e)),
                 }
             }
@@ -334,7 +361,9 @@ fn connect(shared: &Arc<Shared>, peer: &Arc<Peer>, lane: usize) -> Result<Arc<Co
         stream,
         addr,
         writer: Mutex::new(()),
-        pending: Mutex::new(PendingQueue { q: VecDeque::new(), dead: None }),
+        pending: Mutex::new(PendingQueue { q: VecDeque::new(), dead: None, hold_until: None, reader_idle: false }),
+        rx: Mutex::new(sys::RecvBuf::new(RX_BUF)),
+        kick: sys::Kick::new().map_err(|e| setup("eventfd", e))?,
         by_us: AtomicBool::new(false),
     });
     let (sh, p, cc) = (shared.clone(), peer.clone(), c.clone());
@@ -390,6 +419,7 @@ impl Conn {
         x: &Arc<XferShared>,
         gen: u64,
         frame: u32,
+        direct: bool,
     ) {
         let plan = &x.frames[frame as usize];
         let _w = self.writer.lock();
@@ -413,7 +443,17 @@ impl Conn {
                 drop(_w);
                 return x.frame_done(gen, Err(e));
             }
-            p.q.push_back(PendingFrame { x: x.clone(), gen, frame, op: plan.op, sent_at: Instant::now() });
+            let now = Instant::now();
+            p.q.push_back(PendingFrame { x: x.clone(), gen, frame, op: plan.op, sent_at: now });
+            if direct {
+                p.hold_until = Some(now + DIRECT_HOLD);
+            } else {
+                p.hold_until = None;
+                if p.reader_idle {
+                    p.reader_idle = false;
+                    self.kick.signal();
+                }
+            }
         }
         // SAFETY: the first span is the frame's own header buffer, owned by `x`;
         // for WRITE the others are local ranges the agent checked to lie in
@@ -439,121 +479,272 @@ impl Conn {
     }
 }
 
-/// Takes the answers of one connection in order until it dies.
+/// The reader thread of a connection: sleeps while nothing is owed (or a
+/// waiting thread reads its own answers), reads answers otherwise, and
+/// notices a peer that hangs up even when idle.
 fn reader(shared: Arc<Shared>, peer: Arc<Peer>, c: Arc<Conn>) {
-    let mut current: Option<PendingFrame> = None;
-    let err = match read_loop(&shared, &peer, &c, &mut current) {
-        Ok(()) => return,
-        Err(e) => e,
-    };
-    if let Some(f) = current.take() {
-        f.x.frame_done(f.gen, Err(err.clone()));
-    }
-    c.fail(err.clone());
-    {
-        let lane_conn = peer.lanes.iter().find(|l| l.conn.lock().as_ref().is_some_and(|x| Arc::ptr_eq(x, &c)));
-        if let Some(l) = lane_conn {
-            l.conn.lock().take();
-        }
-    }
-    if !c.by_us.load(Ordering::Acquire) {
-        tracing::debug!(agent = %shared.agent, peer = %peer.name, error = %err, "TCP: connection died");
-        peer.lost(&shared);
+    if let Err(e) = reader_loop(&shared, &peer, &c) {
+        c.die(&shared, &peer, e);
     }
 }
 
-fn read_loop(shared: &Shared, peer: &Peer, c: &Arc<Conn>, current: &mut Option<PendingFrame>) -> Result<()> {
+fn reader_loop(shared: &Shared, peer: &Peer, c: &Arc<Conn>) -> Result<()> {
     let fd = c.fd();
     let pt = shared.peer_timeout;
-    // When the frame being read (popped from the queue) was sent.
-    let reading: Cell<Option<Instant>> = Cell::new(None);
-    let mut silence = || -> io::Result<()> {
-        if c.by_us.load(Ordering::Acquire) || shared.closing.load(Ordering::Acquire) {
-            return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "closed locally"));
-        }
-        let p = c.pending.lock();
-        let owed = reading.get().or_else(|| p.q.front().map(|f| f.sent_at));
-        match owed {
-            Some(t) if t.elapsed() >= pt => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("no answer for {pt:?} (peer_timeout) while a request was in flight"),
-            )),
-            _ => Ok(()),
-        }
-    };
-    let io_err = |what: &str, e: io::Error| c.io_error(peer, what, e);
-    let mut msg = Vec::new();
     loop {
+        // Sleep until answers are owed that no waiting thread reads itself.
+        let sleep = {
+            let mut p = c.pending.lock();
+            if p.dead.is_some() {
+                return Ok(());
+            }
+            let now = Instant::now();
+            let sleep = match (p.q.is_empty(), p.hold_until) {
+                (true, _) => Some(pt / 2),
+                (false, Some(t)) if t > now => Some(t - now),
+                (false, _) => {
+                    p.hold_until = None;
+                    None
+                }
+            };
+            p.reader_idle = sleep.is_some();
+            sleep
+        };
+        let mut hup = false;
+        if let Some(t) = sleep {
+            // Only a hang-up or a kick wakes it: answers read by others do not.
+            let r = sys::wait_ready(fd, false, Some(&c.kick), t);
+            if r.kick {
+                c.kick.clear();
+            }
+            c.pending.lock().reader_idle = false;
+            if !r.hup {
+                continue;
+            }
+            hup = true;
+        }
+        let mut rx = c.rx.lock();
+        loop {
+            {
+                let p = c.pending.lock();
+                if p.dead.is_some() {
+                    return Ok(());
+                }
+                let held = p.hold_until.is_some_and(|t| t > Instant::now());
+                if !hup && (p.q.is_empty() || held) {
+                    break;
+                }
+            }
+            match c.read_next(shared, peer, &mut rx, false)? {
+                Step::Handled | Step::Big => {}
+                Step::Empty => {
+                    // After a hang-up the read above ends in an error; until then, wait for bytes.
+                    let r = sys::wait_ready(fd, true, None, pt / 2);
+                    if !r.data && !r.hup {
+                        c.check_silence(shared, peer)?;
+                    }
+                    hup = r.hup;
+                }
+            }
+        }
+    }
+}
+
+impl Conn {
+    /// Reads and handles the next answer if its header has arrived
+    /// (`Empty` otherwise; the rest of a frame is waited for, bounded by the
+    /// peer timeout). `direct`: the caller waits for a small request of its
+    /// own, and leaves a large DATA frame to the reader thread (`Big`).
+    /// An error means the connection is broken; the frame read is failed.
+    pub(super) fn read_next(
+        self: &Arc<Self>,
+        shared: &Shared,
+        peer: &Peer,
+        rx: &mut sys::RecvBuf,
+        direct: bool,
+    ) -> Result<Step> {
+        let fd = self.fd();
+        while rx.bytes().len() < HEADER_LEN {
+            match rx.fill_once(fd, true) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::Empty),
+                Err(e) => return Err(self.io_error(peer, "reading", e)),
+            }
+        }
         let mut hb = [0u8; HEADER_LEN];
-        sys::read_buf(fd, &mut hb, &mut silence).map_err(|e| io_err("reading", e))?;
+        hb.copy_from_slice(&rx.bytes()[..HEADER_LEN]);
         let h = Header::decode(&hb).map_err(|e| {
-            Error::malformed(format!("TCP: agent '{}' at {} sent a bad frame: {}", peer.name, c.addr, e.message))
+            Error::malformed(format!("TCP: agent '{}' at {} sent a bad frame: {}", peer.name, self.addr, e.message))
         })?;
-        let f = c.pending.lock().q.pop_front();
+        if direct && h.ty == FrameType::Data && h.len > shared.cfg.inline_max {
+            return Ok(Step::Big);
+        }
+        rx.consume(HEADER_LEN);
+        let f = self.pending.lock().q.pop_front();
         let Some(f) = f else {
             return Err(Error::malformed(format!("TCP: agent '{}' sent an unsolicited {:?} frame", peer.name, h.ty)));
         };
-        let want = match f.x.op {
+        let (x, gen, sent_at) = (f.x, f.gen, f.sent_at);
+        let plan = &x.frames[f.frame as usize];
+        let want = match x.op {
             XferOp::Write => FrameType::Ack,
             XferOp::Read => FrameType::Data,
         };
-        let (x, gen) = (f.x.clone(), f.gen);
-        let plan = &x.frames[f.frame as usize];
-        if h.op != f.op || (h.ty != want && h.ty != FrameType::Error) {
-            *current = Some(f);
-            return Err(Error::malformed(format!(
+        let mut silence = || -> io::Result<()> {
+            if self.by_us.load(Ordering::Acquire) || shared.closing.load(Ordering::Acquire) {
+                return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "closed locally"));
+            }
+            if sent_at.elapsed() >= shared.peer_timeout {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no answer for {:?} (peer_timeout) while a request was in flight", shared.peer_timeout),
+                ));
+            }
+            Ok(())
+        };
+        let r = if h.op != f.op || (h.ty != want && h.ty != FrameType::Error) {
+            Err(Error::malformed(format!(
                 "TCP: agent '{}' answered op {:#x} with {:?} op {:#x}: protocol out of step",
                 peer.name, plan.op, h.ty, h.op
-            )));
-        }
-        reading.set(Some(f.sent_at));
-        *current = Some(f);
-        match h.ty {
-            FrameType::Ack => {}
-            FrameType::Data => {
-                if h.len != plan.bytes {
-                    return Err(Error::malformed(format!(
-                        "TCP: agent '{}' sent {} bytes for a READ of {}",
-                        peer.name, h.len, plan.bytes
-                    )));
+            )))
+        } else {
+            match h.ty {
+                FrameType::Data if h.len != plan.bytes => Err(Error::malformed(format!(
+                    "TCP: agent '{}' sent {} bytes for a READ of {}",
+                    peer.name, h.len, plan.bytes
+                ))),
+                FrameType::Data => match x.enter(gen, self) {
+                    // SAFETY: the pieces are local ranges the agent checked to lie in
+                    // registered memory; the access guard keeps a cancel (and so the
+                    // release of the request) from returning while they are written.
+                    Some(_g) => unsafe { rx.read_spans(fd, x.recv_spans(plan), h.len, &mut silence) },
+                    None => rx.discard(fd, h.len, &mut silence),
                 }
-                match x.enter(gen, c) {
-                    Some(_g) => {
-                        // SAFETY: the pieces are local ranges the agent checked to lie in
-                        // registered memory; the access guard keeps a cancel (and so the
-                        // release of the request) from returning while they are written.
-                        unsafe { sys::readv_all(fd, x.recv_spans(plan), &mut silence) }
-                            .map_err(|e| io_err("reading data", e))?;
-                    }
-                    None => drain(fd, h.len, &mut silence).map_err(|e| io_err("reading data", e))?,
+                .map_err(|e| self.io_error(peer, "reading data", e)),
+                FrameType::Error => {
+                    // Header::decode bounded len to MAX_ERROR_MSG.
+                    let mut msg = Vec::new();
+                    rx.read_vec(fd, &mut msg, h.len as usize, &mut silence)
+                        .map_err(|e| self.io_error(peer, "reading", e))?;
+                    let text = String::from_utf8_lossy(&msg);
+                    x.frame_done(
+                        gen,
+                        Err(Error::new(h.status.error_kind(), format!("TCP: {} refused by the target: {text}", x.op))),
+                    );
+                    return Ok(Step::Handled);
                 }
+                _ => Ok(()),
             }
-            FrameType::Error => {
-                msg.resize(h.len as usize, 0);
-                sys::read_buf(fd, &mut msg, &mut silence).map_err(|e| io_err("reading", e))?;
-                let text = String::from_utf8_lossy(&msg);
-                current.take();
-                reading.set(None);
-                x.frame_done(
-                    gen,
-                    Err(Error::new(h.status.error_kind(), format!("TCP: {} refused by the target: {text}", x.op))),
-                );
-                continue;
+        };
+        match r {
+            Ok(()) => {
+                x.frame_done(gen, Ok(()));
+                Ok(Step::Handled)
             }
-            _ => unreachable!("checked above"),
+            Err(e) => {
+                x.frame_done(gen, Err(e.clone()));
+                Err(e)
+            }
         }
-        current.take();
-        reading.set(None);
-        x.frame_done(gen, Ok(()));
     }
-}
 
-fn drain(fd: RawFd, mut n: u64, on_timeout: &mut dyn FnMut() -> io::Result<()>) -> io::Result<()> {
-    let mut buf = vec![0u8; n.min(64 << 10) as usize];
-    while n > 0 {
-        let k = n.min(buf.len() as u64) as usize;
-        sys::read_buf(fd, &mut buf[..k], on_timeout)?;
-        n -= k as u64;
+    /// An error if the oldest frame owed has waited `peer_timeout` for its answer.
+    fn check_silence(&self, shared: &Shared, peer: &Peer) -> Result<()> {
+        let p = self.pending.lock();
+        match p.q.front() {
+            Some(f) if f.sent_at.elapsed() >= shared.peer_timeout => Err(Error::disconnected(format!(
+                "TCP: no answer from agent '{}' at {} for {:?} (peer_timeout) while a request was in flight",
+                peer.name, self.addr, shared.peer_timeout
+            ))),
+            _ => Ok(()),
+        }
     }
-    Ok(())
+
+    /// Reads answers for a thread waiting for its own small request, so the
+    /// answer does not hop through the reader thread. Stops when `done()`,
+    /// when nothing more has arrived (`deadline` is `None`: a poll) or at
+    /// `deadline`. Answers of other requests met on the way are handled too.
+    /// Returns `false` at once when another thread holds the read side.
+    pub(super) fn read_direct(
+        self: &Arc<Self>,
+        shared: &Shared,
+        peer: &Peer,
+        done: &dyn Fn() -> bool,
+        deadline: Option<Instant>,
+    ) -> bool {
+        let Some(mut rx) = self.rx.try_lock() else { return false };
+        let fd = self.fd();
+        let mut hand_over = true;
+        loop {
+            if done() {
+                break;
+            }
+            {
+                let mut p = self.pending.lock();
+                if p.dead.is_some() {
+                    break;
+                }
+                // Still here: keep the reader thread out.
+                if !p.q.is_empty() {
+                    p.hold_until = Some(Instant::now() + DIRECT_HOLD);
+                }
+            }
+            match self.read_next(shared, peer, &mut rx, true) {
+                Ok(Step::Handled) => {}
+                Ok(Step::Big) => break,
+                Err(e) => {
+                    drop(rx);
+                    self.die(shared, peer, e);
+                    return true;
+                }
+                Ok(Step::Empty) => {
+                    if let Err(e) = self.check_silence(shared, peer) {
+                        drop(rx);
+                        self.die(shared, peer, e);
+                        return true;
+                    }
+                    let now = Instant::now();
+                    match deadline {
+                        // A poll that found nothing: keep the hold, the caller polls again.
+                        None => {
+                            hand_over = false;
+                            break;
+                        }
+                        Some(d) if now >= d => break,
+                        Some(d) => {
+                            sys::wait_ready(fd, true, None, (d - now).min(shared.peer_timeout / 2));
+                        }
+                    }
+                }
+            }
+        }
+        drop(rx);
+        if hand_over {
+            // Leaving: whatever is still owed is the reader thread's.
+            let mut p = self.pending.lock();
+            p.hold_until = None;
+            if !p.q.is_empty() && p.reader_idle {
+                p.reader_idle = false;
+                self.kick.signal();
+            }
+        }
+        true
+    }
+
+    /// Fails the connection with `err` (every frame it owes), frees its lane
+    /// slot, and tells the agent the peer is lost unless this side closed it.
+    pub(super) fn die(self: &Arc<Self>, shared: &Shared, peer: &Peer, err: Error) {
+        let first = self.pending.lock().dead.is_none();
+        self.fail(err.clone());
+        for l in &peer.lanes {
+            let mut slot = l.conn.lock();
+            if slot.as_ref().is_some_and(|x| Arc::ptr_eq(x, self)) {
+                slot.take();
+            }
+        }
+        if first && !self.by_us.load(Ordering::Acquire) {
+            tracing::debug!(agent = %shared.agent, peer = %peer.name, error = %err, "TCP: connection died");
+            peer.lost(shared);
+        }
+    }
 }

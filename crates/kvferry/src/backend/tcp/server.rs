@@ -62,9 +62,9 @@ struct Served<'a> {
     shared: &'a Shared,
     fd: RawFd,
     peer: Arc<str>,
-    table: Vec<u8>,
+    /// Bytes received and not handled yet.
+    rx: sys::RecvBuf,
     spans: Vec<Span>,
-    scratch: Vec<u8>,
 }
 
 fn serve_conn(shared: &Shared, stream: &TcpStream) -> io::Result<()> {
@@ -102,25 +102,22 @@ fn serve_conn(shared: &Shared, stream: &TcpStream) -> io::Result<()> {
     sys::write_bufs(fd, &[&welcome(shared, Status::Ok, String::new())])?;
     stream.set_read_timeout(Some(shared.peer_timeout))?;
 
-    let mut s = Served {
-        shared,
-        fd,
-        peer: hello.name.as_str().into(),
-        table: Vec::new(),
-        spans: Vec::new(),
-        scratch: Vec::new(),
+    let mut s =
+        Served { shared, fd, peer: hello.name.as_str().into(), rx: sys::RecvBuf::new(RECV_BUF), spans: Vec::new() };
+    // Idle between frames: wait for as long as the backend lives.
+    let mut idle = || {
+        if shared.closing.load(Ordering::Acquire) {
+            Err(io::Error::other("backend closing"))
+        } else {
+            Ok(())
+        }
     };
     loop {
+        // One read takes the header and whatever follows it (a small frame whole).
+        s.rx.fill_to(fd, HEADER_LEN, &mut idle)?;
         let mut hb = [0u8; HEADER_LEN];
-        // Idle between frames: wait for as long as the backend lives.
-        let mut idle = || {
-            if shared.closing.load(Ordering::Acquire) {
-                Err(io::Error::other("backend closing"))
-            } else {
-                Ok(())
-            }
-        };
-        sys::read_buf(fd, &mut hb, &mut idle)?;
+        hb.copy_from_slice(&s.rx.bytes()[..HEADER_LEN]);
+        s.rx.consume(HEADER_LEN);
         let h = match Header::decode(&hb) {
             Ok(h) => h,
             Err(e) => {
@@ -132,8 +129,9 @@ fn serve_conn(shared: &Shared, stream: &TcpStream) -> io::Result<()> {
         match h.ty {
             FrameType::Write | FrameType::Read => s.data_op(&h)?,
             FrameType::Notif => {
-                let mut msg = vec![0u8; h.len as usize];
-                sys::read_buf(fd, &mut msg, &mut mid_frame)?;
+                // Header::decode bounded len to MAX_NOTIF.
+                let mut msg = Vec::new();
+                s.rx.read_vec(fd, &mut msg, h.len as usize, &mut mid_frame)?;
                 shared.notifs.push(s.peer.clone(), msg);
             }
             other => {
@@ -147,6 +145,10 @@ fn serve_conn(shared: &Shared, stream: &TcpStream) -> io::Result<()> {
         }
     }
 }
+
+/// The target's receive buffer: a whole entry table plus 64 KiB of payload,
+/// so a small frame arrives in one read and a large one costs one small copy.
+const RECV_BUF: usize = HEADER_LEN + proto::MAX_ENTRIES as usize * proto::ENTRY_LEN + (64 << 10);
 
 /// Inside a frame, silence for the peer timeout means the initiator is gone.
 fn mid_frame() -> io::Result<()> {
@@ -175,27 +177,17 @@ impl Served<'_> {
         sys::write_bufs(self.fd, &[&h.encode(), msg])
     }
 
-    /// Reads `n` bytes and throws them away (the data of a refused WRITE).
-    fn drain(&mut self, mut n: u64) -> io::Result<()> {
-        if self.scratch.is_empty() {
-            self.scratch = vec![0u8; 64 << 10];
-        }
-        while n > 0 {
-            let k = n.min(self.scratch.len() as u64) as usize;
-            sys::read_buf(self.fd, &mut self.scratch[..k], &mut mid_frame)?;
-            n -= k as u64;
-        }
-        Ok(())
-    }
-
     fn data_op(&mut self, h: &Header) -> io::Result<()> {
-        self.table.resize(h.entries_len(), 0);
-        sys::read_buf(self.fd, &mut self.table, &mut mid_frame)?;
+        // Header::decode bounded the count, so the table fits the buffer.
+        let tlen = h.entries_len();
+        self.rx.fill_to(self.fd, tlen, &mut mid_frame)?;
         let regions = self.shared.regions.read();
-        if let Err(e) = proto::check_entries(h, &self.table, &*regions) {
+        let table = &self.rx.bytes()[..tlen];
+        if let Err(e) = proto::check_entries(h, table, &*regions) {
             drop(regions);
+            self.rx.consume(tlen);
             if h.ty == FrameType::Write {
-                self.drain(h.len)?;
+                self.rx.discard(self.fd, h.len, &mut mid_frame)?;
             }
             tracing::debug!(agent = %self.shared.agent, peer = %self.peer, reason = %e, "TCP: refused a frame");
             return self.send_error(h.op, &e);
@@ -203,16 +195,17 @@ impl Served<'_> {
         self.spans.clear();
         for i in 0..h.count as usize {
             // check_entries decoded every entry already.
-            if let Some(e) = proto::Entry::decode(&self.table, i) {
+            if let Some(e) = proto::Entry::decode(table, i) {
                 self.spans.push((e.addr, e.len));
             }
         }
+        self.rx.consume(tlen);
         if h.ty == FrameType::Write {
             // SAFETY: every span was just checked to lie inside a region registered
             // now, and the table stays read-locked until the copy ends, so the
             // registrant cannot deregister and free it meanwhile; the registrant
             // agreed that peers may write registered memory at any time.
-            unsafe { sys::readv_all(self.fd, &self.spans, &mut mid_frame)? };
+            unsafe { self.rx.read_spans(self.fd, &self.spans, h.len, &mut mid_frame)? };
             drop(regions);
             let ack = Header::new(FrameType::Ack, h.op, 0, 0);
             sys::write_bufs(self.fd, &[&ack.encode()])

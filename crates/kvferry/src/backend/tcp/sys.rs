@@ -4,7 +4,7 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// Most iovecs one `readv`/`writev` takes (Linux `IOV_MAX`).
 const IOV_MAX: usize = 1024;
@@ -111,7 +111,23 @@ pub(crate) unsafe fn readv_all(
     spans: &[Span],
     on_timeout: &mut dyn FnMut() -> io::Result<()>,
 ) -> io::Result<()> {
+    // SAFETY: the caller's promise, passed on.
+    unsafe { readv_all_from(fd, spans, 0, on_timeout) }
+}
+
+/// [`readv_all`] for the bytes of `spans` after the first `offset` ones.
+///
+/// # Safety
+///
+/// As for [`readv_all`].
+pub(crate) unsafe fn readv_all_from(
+    fd: RawFd,
+    spans: &[Span],
+    offset: u64,
+    on_timeout: &mut dyn FnMut() -> io::Result<()>,
+) -> io::Result<()> {
     let mut c = Cursor { spans, idx: 0, off: 0 };
+    c.advance(offset);
     c.advance(0);
     let mut iov = empty_iov();
     while !c.done() {
@@ -127,6 +143,243 @@ pub(crate) unsafe fn readv_all(
         }
     }
     Ok(())
+}
+
+/// Copies `src` into `spans`, in order, from their start; `src` must not
+/// be longer than the spans together (the excess is ignored).
+///
+/// # Safety
+///
+/// Every span must be writable memory of this process that nothing else
+/// reads or writes for the whole call, and none may overlap `src`.
+pub(crate) unsafe fn scatter(mut src: &[u8], spans: &[Span]) {
+    for &(addr, len) in spans {
+        if src.is_empty() {
+            return;
+        }
+        let k = (len as usize).min(src.len());
+        // SAFETY: `addr..addr+k` lies in a span the caller promised writable and
+        // unshared; `src` is a distinct local buffer.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), addr as *mut u8, k) };
+        src = &src[k..];
+    }
+}
+
+/// A receive buffer in front of a socket: one `recv` takes whatever the
+/// socket holds (a whole small frame, or several), instead of one call per
+/// header, entry table and payload. Large payloads still go straight into
+/// their destination with `readv` once the buffered part is copied.
+pub(crate) struct RecvBuf {
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl RecvBuf {
+    /// A buffer of `cap` bytes.
+    pub(crate) fn new(cap: usize) -> RecvBuf {
+        RecvBuf { buf: vec![0u8; cap].into_boxed_slice(), start: 0, end: 0 }
+    }
+
+    /// The bytes buffered and not consumed yet.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    /// Drops the first `n` buffered bytes.
+    pub(crate) fn consume(&mut self, n: usize) {
+        self.start = (self.start + n).min(self.end);
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// One `recv` into the free space: `Ok(k > 0)` bytes arrived,
+    /// `WouldBlock` when nothing is there (non-blocking, or the receive
+    /// timeout fired), `UnexpectedEof` at end of stream.
+    pub(crate) fn fill_once(&mut self, fd: RawFd, nonblocking: bool) -> io::Result<usize> {
+        if self.end == self.buf.len() && self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        let free = &mut self.buf[self.end..];
+        if free.is_empty() {
+            return Err(io::Error::other("receive buffer full (a bug: callers never ask for more than it holds)"));
+        }
+        let flags = if nonblocking { libc::MSG_DONTWAIT } else { 0 };
+        loop {
+            // SAFETY: `free` is writable memory we own, of the length passed.
+            let r = unsafe { libc::recv(fd, free.as_mut_ptr().cast(), free.len(), flags) };
+            match cvt(r) {
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the peer closed the connection")),
+                Ok(k) => {
+                    self.end += k;
+                    return Ok(k);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Makes at least `n` bytes buffered (`n` at most the capacity), taking
+    /// whatever else is already there too. See [`readv_all`] for `on_timeout`.
+    pub(crate) fn fill_to(
+        &mut self,
+        fd: RawFd,
+        n: usize,
+        on_timeout: &mut dyn FnMut() -> io::Result<()>,
+    ) -> io::Result<()> {
+        if n > self.buf.len() {
+            return Err(io::Error::other("receive buffer smaller than a frame part (a bug)"));
+        }
+        if self.start + n > self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        while self.end - self.start < n {
+            match self.fill_once(fd, false) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => on_timeout()?,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves the next `total` bytes of the stream into `spans` (which add up
+    /// to `total`): the buffered ones by copy, the rest with `readv` straight in.
+    ///
+    /// # Safety
+    ///
+    /// As for [`readv_all`].
+    pub(crate) unsafe fn read_spans(
+        &mut self,
+        fd: RawFd,
+        spans: &[Span],
+        total: u64,
+        on_timeout: &mut dyn FnMut() -> io::Result<()>,
+    ) -> io::Result<()> {
+        let k = (self.end - self.start).min(total.min(usize::MAX as u64) as usize);
+        // SAFETY: the caller's promise on `spans`; the source is our own buffer.
+        unsafe { scatter(&self.buf[self.start..self.start + k], spans) };
+        self.consume(k);
+        if (k as u64) < total {
+            // SAFETY: the caller's promise, passed on.
+            unsafe { readv_all_from(fd, spans, k as u64, on_timeout)? };
+        }
+        Ok(())
+    }
+
+    /// Reads the next `n` bytes of the stream into `out` (replacing its content).
+    pub(crate) fn read_vec(
+        &mut self,
+        fd: RawFd,
+        out: &mut Vec<u8>,
+        n: usize,
+        on_timeout: &mut dyn FnMut() -> io::Result<()>,
+    ) -> io::Result<()> {
+        out.clear();
+        out.resize(n, 0);
+        let span = [(out.as_mut_ptr() as u64, n as u64)];
+        // SAFETY: the span is `out`, exclusively borrowed for the call.
+        unsafe { self.read_spans(fd, &span, n as u64, on_timeout) }
+    }
+
+    /// Skips the next `n` bytes of the stream.
+    pub(crate) fn discard(
+        &mut self,
+        fd: RawFd,
+        mut n: u64,
+        on_timeout: &mut dyn FnMut() -> io::Result<()>,
+    ) -> io::Result<()> {
+        while n > 0 {
+            if self.end == self.start {
+                self.fill_to(fd, 1, on_timeout)?;
+            }
+            let k = ((self.end - self.start) as u64).min(n);
+            self.consume(k as usize);
+            n -= k;
+        }
+        Ok(())
+    }
+}
+
+/// What [`wait_ready`] saw.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Ready {
+    /// The socket has bytes to read (asked for with `data`).
+    pub(crate) data: bool,
+    /// The socket was hung up or is in error (a read will tell which).
+    pub(crate) hup: bool,
+    /// The kick was signaled.
+    pub(crate) kick: bool,
+}
+
+/// Waits up to `timeout` until the socket `fd` has bytes (when `data`), is
+/// hung up or in error (always), or `kick` is signaled. A signal or the
+/// timeout returns nothing ready.
+pub(crate) fn wait_ready(fd: RawFd, data: bool, kick: Option<&Kick>, timeout: std::time::Duration) -> Ready {
+    let ev = if data { libc::POLLIN | libc::POLLRDHUP } else { libc::POLLRDHUP };
+    let mut fds = [
+        libc::pollfd { fd, events: ev, revents: 0 },
+        libc::pollfd { fd: kick.map_or(-1, |k| k.0.as_raw_fd()), events: libc::POLLIN, revents: 0 },
+    ];
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs().min(i32::MAX as u64) as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: `fds` is an array of 2 pollfds we own (a negative fd is ignored by
+    // the kernel); `ts` is a valid timespec; no signal mask is passed.
+    let r = unsafe { libc::ppoll(fds.as_mut_ptr(), 2, &ts, std::ptr::null()) };
+    if r <= 0 {
+        return Ready::default();
+    }
+    let s = fds[0].revents;
+    Ready {
+        data: s & libc::POLLIN != 0,
+        hup: s & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0,
+        kick: fds[1].revents & libc::POLLIN != 0,
+    }
+}
+
+/// An `eventfd` that wakes a thread waiting in [`wait_ready`].
+pub(crate) struct Kick(OwnedFd);
+
+impl Kick {
+    /// A new, unsignaled kick.
+    pub(crate) fn new() -> io::Result<Kick> {
+        // SAFETY: eventfd takes no pointers; a non-negative result is a new fd we own.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just created and is owned by nothing else.
+        Ok(Kick(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Signals it (wakes a waiter; stays signaled until cleared).
+    pub(crate) fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a local u64 to our eventfd.
+        unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    /// Clears it.
+    pub(crate) fn clear(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into a local u64 from our non-blocking eventfd.
+        unsafe { libc::read(self.0.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+    }
+}
+
+impl std::fmt::Debug for Kick {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Kick").field(&self.0.as_raw_fd()).finish()
+    }
 }
 
 /// Reads exactly `buf.len()` bytes into a local buffer (see [`readv_all`]).

@@ -181,6 +181,9 @@ pub(super) struct TcpXfer {
     striped: bool,
     /// This handle's latest posting (0: never posted).
     posted: u64,
+    /// The connection a small posting was written on by the posting thread:
+    /// `wait` and `poll` read its answer themselves (no reader-thread hop).
+    direct: Option<(Arc<Peer>, Arc<Conn>)>,
 }
 
 impl std::fmt::Debug for TcpXfer {
@@ -272,7 +275,7 @@ impl TcpXfer {
             access: RwLock::new(()),
             users: Mutex::new(Vec::new()),
         });
-        Ok(Box::new(TcpXfer { shared, x, peer: plan.peer, total: plan.total_bytes, striped, posted: 0 }))
+        Ok(Box::new(TcpXfer { shared, x, peer: plan.peer, total: plan.total_bytes, striped, posted: 0, direct: None }))
     }
 
     fn in_flight(&self) -> bool {
@@ -301,6 +304,7 @@ impl BackendXfer for TcpXfer {
             x.gen.store(gen, Ordering::Release);
         }
         self.posted = gen;
+        self.direct = None;
         let n = peer.lanes.len();
         let base = peer.rr.fetch_add(1, Ordering::Relaxed) % n;
         let nframes = x.frames.len() as u32;
@@ -314,9 +318,15 @@ impl BackendXfer for TcpXfer {
         let lane = &peer.lanes[base];
         if self.total <= self.shared.cfg.inline_max && lane.idle() {
             if let Some(c) = lane.current() {
-                // Small request on a live, idle lane: write it from this thread.
+                // Small request on a live, idle lane: write it from this thread,
+                // and (without a notification to chain) let `wait`/`poll` read
+                // its answer too.
+                let direct = notif.is_none();
                 for f in 0..nframes {
-                    c.send_frame(&self.shared, &peer, x, gen, f);
+                    c.send_frame(&self.shared, &peer, x, gen, f, direct);
+                }
+                if direct {
+                    self.direct = Some((peer, c));
                 }
                 return Ok(XferState::InProgress);
             }
@@ -330,7 +340,16 @@ impl BackendXfer for TcpXfer {
             return Err(Error::invalid("TCP: request was never posted"));
         }
         if self.x.finished.load(Ordering::Acquire) != self.posted {
-            return Ok(XferState::InProgress);
+            if let Some((peer, c)) = &self.direct {
+                let (x, gen) = (&self.x, self.posted);
+                c.read_direct(&self.shared, peer, &|| x.finished.load(Ordering::Acquire) == gen, None);
+            }
+            if self.x.finished.load(Ordering::Acquire) != self.posted {
+                // Callers spin on poll: give the CPU to the threads that make
+                // progress (lanes, readers, the target's) when they need it.
+                std::thread::yield_now();
+                return Ok(XferState::InProgress);
+            }
         }
         match &self.x.state.lock().result {
             Some(Ok(())) => Ok(XferState::Done),
@@ -341,6 +360,9 @@ impl BackendXfer for TcpXfer {
 
     fn wait(&mut self, timeout: Duration) -> Result<XferState> {
         let deadline = Instant::now() + timeout;
+        if let Some((peer, c)) = self.direct.clone() {
+            return self.wait_direct(&peer, &c, deadline);
+        }
         // A short spin catches small requests without a sleep and a wake-up.
         let spin_until = Instant::now() + timeout.min(Duration::from_micros(40));
         loop {
@@ -377,6 +399,33 @@ impl BackendXfer for TcpXfer {
                 c.abort("a request using it was canceled while its peer stalled");
             }
             drop(self.x.access.write());
+        }
+    }
+}
+
+impl TcpXfer {
+    /// `wait` for a small posting written by the posting thread: read its
+    /// answer from this thread, or, while another thread reads the
+    /// connection, wait for that one to complete it.
+    fn wait_direct(&mut self, peer: &Arc<Peer>, c: &Arc<Conn>, deadline: Instant) -> Result<XferState> {
+        let (x, gen) = (self.x.clone(), self.posted);
+        let done = || x.finished.load(Ordering::Acquire) == gen;
+        loop {
+            if done() || Instant::now() >= deadline {
+                return self.poll();
+            }
+            if c.read_direct(&self.shared, peer, &done, Some(deadline)) {
+                continue;
+            }
+            // Another thread reads the answers; it completes ours (or hands over
+            // to the reader thread when it leaves). Look again now and then.
+            let mut s = x.state.lock();
+            let until = deadline.min(Instant::now() + Duration::from_millis(1));
+            while s.gen == gen && s.result.is_none() {
+                if x.done_cv.wait_until(&mut s, until).timed_out() {
+                    break;
+                }
+            }
         }
     }
 }
