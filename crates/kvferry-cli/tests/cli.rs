@@ -315,3 +315,49 @@ fn serve_publishes_to_the_store_and_serves_transfers() {
     r.wait(Duration::from_secs(10)).unwrap();
     assert!(buf.as_slice()[4096..].iter().all(|&b| b == 0x5e));
 }
+
+#[test]
+fn storage_local_and_remote_file_segments_across_processes() {
+    let dir = format!("/var/tmp/kvferry-cli-st-{}", std::process::id());
+    std::fs::create_dir_all(&dir).unwrap();
+    for (mode, op, extra) in [
+        ("local", "write", &["--engine", "threads"][..]),
+        ("local", "read", &["--direct"][..]),
+        ("loopback", "write", &[][..]),
+        ("loopback", "read", &["--direct", "--pattern", "rand"][..]),
+    ] {
+        let o = kvferry(
+            &[
+                &[
+                    "bench",
+                    "storage",
+                    "--mode",
+                    mode,
+                    "--op",
+                    op,
+                    "--dir",
+                    &dir,
+                    "--file-size",
+                    "8M",
+                    "--num-files",
+                    "2",
+                ][..],
+                &["--block-sizes", "4K,64K", "--batch-size", "8", "--iters", "20", "--json", "--check-consistency"][..],
+                extra,
+            ]
+            .concat(),
+        );
+        assert!(o.status.success(), "{mode} {op}: {}", text(&o));
+        let lines: Vec<serde_json::Value> =
+            String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 2, "{mode} {op}");
+        for l in lines {
+            assert_eq!(l["verified"], true);
+            assert!(l["iops"].as_f64().unwrap() > 0.0);
+            assert_eq!(l["backend"], if mode == "local" { "POSIX" } else { "TCP" });
+        }
+    }
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert!(left.is_empty(), "bench files are removed afterwards: {left:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -104,6 +104,9 @@ fn prepare_files(a: &StorageArgs, op: XferOp) -> Result<Vec<BenchFile>> {
     let size = kvferry::params::parse_size(&a.file_size)
         .filter(|&s| s > 0)
         .ok_or_else(|| Error::invalid(format!("--file-size '{}' is not a size like 1G", a.file_size)))?;
+    if a.files.is_empty() {
+        std::fs::create_dir_all(&a.dir).map_err(|e| Error::io(format!("creating --dir {}", a.dir.display()), e))?;
+    }
     let paths: Vec<(PathBuf, bool)> = if a.files.is_empty() {
         (0..a.num_files.max(1))
             .map(|i| (a.dir.join(format!("kvferry-bench-{}-{i}.dat", std::process::id())), true))
@@ -347,8 +350,9 @@ fn remote_session(a: &StorageArgs, c: &Common, _op: XferOp, max: usize) -> Resul
         agent: name,
         files: files.iter().enumerate().map(|(i, f)| (f.id, f.size, FILE_SEED.wrapping_add(i as u8))).collect(),
     };
-    keep.push(Box::new(breg));
-    keep.push(Box::new(s));
+    keep.insert(0, Box::new(breg));
+    // The rendezvous closes before the child guard waits for the target to leave.
+    keep.insert(0, Box::new(s));
     Ok(Session { agent, buf, target, backend: "TCP", engine: "remote".into(), _keep: keep })
 }
 

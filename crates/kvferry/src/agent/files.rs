@@ -86,12 +86,14 @@ impl Agent {
         let id = FILE_ID_BASE + self.next_region_id();
         let spec = format!("rw{}:{}", if direct { ",direct" } else { "" }, abs.display());
         let regs = RegDescList::from_descs(MemType::File, vec![RegDesc::with_meta(0, size, id, spec)]);
-        let serving: Vec<String> = self
-            .slots()
+        let slots = self.slots();
+        let serving: Vec<&str> = slots
             .iter()
             .filter(|s| s.caps.mem_types.contains(&MemType::File) && s.caps.remote)
-            .map(|s| s.name.to_string())
+            .map(|s| &*s.name)
             .collect();
+        let with: Vec<&str> =
+            slots.iter().filter(|s| s.caps.mem_types.contains(&MemType::File)).map(|s| &*s.name).collect();
         if serving.is_empty() {
             return Err(Error::not_supported(format!(
                 "register_local_file: no backend of agent '{}' serves FILE memory to remote initiators (backends: {:?}); create TCP and POSIX",
@@ -99,7 +101,7 @@ impl Agent {
                 self.backends()
             )));
         }
-        self.register_storage(&regs, &[])?.keep();
+        self.register_storage(&regs, &with)?.keep();
         let alignment = if direct { crate::backend::posix::direct_alignment(&abs).unwrap_or(4096) } else { 1 };
         let file = ExportedFile { id, path: abs, size, alignment };
         exports.push(Export { file: file.clone(), regs });

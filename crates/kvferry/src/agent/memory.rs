@@ -159,7 +159,13 @@ impl Agent {
     fn registration_backends(&self, mt: MemType, hints: &[&str]) -> Result<Vec<(usize, Arc<BackendSlot>)>> {
         let all = self.slots();
         if hints.is_empty() {
-            let v: Vec<_> = all.into_iter().enumerate().filter(|(_, s)| s.caps.mem_types.contains(&mt)).collect();
+            // Storage registered without hints stays local (POSIX); serving it to
+            // remote initiators takes an explicit export (register_local_file) or hints.
+            let v: Vec<_> = all
+                .into_iter()
+                .enumerate()
+                .filter(|(_, s)| s.caps.mem_types.contains(&mt) && (!mt.is_storage() || s.caps.local))
+                .collect();
             if v.is_empty() {
                 let have: Vec<String> =
                     self.slots().iter().map(|s| format!("{} {:?}", s.name, s.caps.mem_types)).collect();

@@ -53,6 +53,9 @@ use crate::params::{ParamSpec, Params};
 mod align;
 mod files;
 mod job;
+mod serve;
+
+pub(crate) use serve::{FileServer, Served};
 mod sys;
 mod threads;
 mod uring;

@@ -31,9 +31,14 @@ use super::{
     AccessKey, Backend, BackendContext, BackendPlugin, BackendXfer, Capabilities, CostEstimate, PeerEvents, PeerInfo,
     Region, XferPlan,
 };
+use crate::backend::posix::FileServer;
 use crate::error::{Error, Result};
 use crate::host::HostId;
 use crate::mem::MemType;
+
+/// DRAM moves both ways; FILE and BLOCK regions a target registered are served
+/// to remote initiators (remote file segments).
+const MEM_TYPES: [MemType; 3] = [MemType::Dram, MemType::File, MemType::Block];
 use crate::notif::NotifSink;
 use crate::params::{ParamSpec, Params};
 
@@ -163,7 +168,7 @@ impl BackendPlugin for TcpPlugin {
     }
 
     fn mem_types(&self) -> Vec<MemType> {
-        vec![MemType::Dram]
+        MEM_TYPES.to_vec()
     }
 
     fn params(&self) -> &'static [ParamSpec] {
@@ -194,6 +199,7 @@ impl BackendPlugin for TcpPlugin {
             notifs: ctx.notifs.clone(),
             events: ctx.peer_events.clone(),
             regions: RwLock::new(HashMap::new()),
+            files: FileServer::default(),
             peers: RwLock::new(HashMap::new()),
             closing: AtomicBool::new(false),
             threads: Mutex::new(Vec::new()),
@@ -225,6 +231,8 @@ pub(crate) struct Shared {
     /// Live registrations by key: `(addr, len)`. Read-locked by a target
     /// connection from the check of a frame to the end of its copy.
     regions: RwLock<HashMap<AccessKey, (u64, u64)>>,
+    /// The FILE and BLOCK regions among `regions`, with their open files.
+    files: FileServer,
     peers: RwLock<HashMap<Arc<str>, Arc<Peer>>>,
     closing: AtomicBool,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -299,7 +307,7 @@ impl Backend for TcpBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { mem_types: vec![MemType::Dram], local: false, remote: true, notifications: true, rank: 50 }
+        Capabilities { mem_types: MEM_TYPES.to_vec(), local: false, remote: true, notifications: true, rank: 50 }
     }
 
     fn params(&self) -> Params {
@@ -311,19 +319,34 @@ impl Backend for TcpBackend {
     }
 
     fn register(&self, region: &Region) -> Result<Vec<u8>> {
-        if region.mem_type != MemType::Dram {
-            return Err(Error::not_supported(format!("TCP moves DRAM only, not {}", region.mem_type)));
-        }
         if region.addr.checked_add(region.len).is_none() {
             return Err(Error::invalid("TCP: region end overflows the address space"));
         }
-        self.shared.regions.write().insert(region.key, (region.addr, region.len));
+        let len = match region.mem_type {
+            MemType::Dram => region.len,
+            MemType::File | MemType::Block => {
+                // Served to remote initiators with the POSIX storage code.
+                self.shared.files.register(region)?;
+                if region.len == 0 {
+                    u64::MAX - region.addr
+                } else {
+                    region.len
+                }
+            }
+            other => {
+                return Err(Error::not_supported(format!("TCP moves DRAM, and serves FILE and BLOCK, not {other}")))
+            }
+        };
+        self.shared.regions.write().insert(region.key, (region.addr, len));
         Ok(Vec::new())
     }
 
     fn deregister(&self, region: &Region) -> Result<()> {
         // Waits for any frame that is copying into or out of the region.
         self.shared.regions.write().remove(&region.key);
+        if matches!(region.mem_type, MemType::File | MemType::Block) {
+            self.shared.files.deregister(region)?;
+        }
         Ok(())
     }
 
@@ -381,8 +404,11 @@ impl Backend for TcpBackend {
     }
 
     fn prepare(&self, plan: XferPlan) -> Result<Box<dyn BackendXfer>> {
-        if plan.local_mem != MemType::Dram || plan.remote_mem != MemType::Dram {
-            return Err(Error::not_supported("TCP moves DRAM ↔ DRAM only"));
+        if plan.local_mem != MemType::Dram || !MEM_TYPES.contains(&plan.remote_mem) {
+            return Err(Error::not_supported(format!(
+                "TCP moves local DRAM to and from remote DRAM, FILE or BLOCK, not {} ↔ {}",
+                plan.local_mem, plan.remote_mem
+            )));
         }
         if plan.loopback {
             return Err(Error::not_supported("TCP does not do transfers within one agent; use LOCAL"));

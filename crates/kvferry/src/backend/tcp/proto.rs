@@ -125,6 +125,10 @@ pub enum Status {
     NotSupported = 6,
     /// The target is shutting down.
     Closing = 7,
+    /// The target's storage failed (a short read at end of file, ENOSPC, EIO).
+    Storage = 8,
+    /// The operation breaks a rule of the target's storage (O_DIRECT alignment, access mode).
+    Invalid = 9,
 }
 
 impl Status {
@@ -138,6 +142,8 @@ impl Status {
             5 => Status::WrongInstance,
             6 => Status::NotSupported,
             7 => Status::Closing,
+            8 => Status::Storage,
+            9 => Status::Invalid,
             _ => Status::Malformed,
         }
     }
@@ -150,6 +156,8 @@ impl Status {
             Status::Malformed => ErrorKind::Malformed,
             Status::BadVersion | Status::NotSupported => ErrorKind::NotSupported,
             Status::WrongInstance | Status::Closing => ErrorKind::RemoteDisconnect,
+            Status::Storage => ErrorKind::Backend,
+            Status::Invalid => ErrorKind::InvalidParam,
         }
     }
 }

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use super::proto::{self, FrameType, Header, Hello, ProtoError, Status, Welcome, HEADER_LEN, HELLO_FIXED};
 use super::sys::{self, Span};
 use super::Shared;
+use crate::backend::posix::Served as FileDir;
 
 /// Accepts connections until the backend shuts the listener down.
 pub(super) fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
@@ -65,6 +66,8 @@ struct Served<'a> {
     /// Bytes received and not handled yet.
     rx: sys::RecvBuf,
     spans: Vec<Span>,
+    /// Staging for frames on exported files (page-aligned for O_DIRECT).
+    staging: Option<crate::mem::AlignedBuf>,
 }
 
 fn serve_conn(shared: &Shared, stream: &TcpStream) -> io::Result<()> {
@@ -102,8 +105,14 @@ fn serve_conn(shared: &Shared, stream: &TcpStream) -> io::Result<()> {
     sys::write_bufs(fd, &[&welcome(shared, Status::Ok, String::new())])?;
     stream.set_read_timeout(Some(shared.peer_timeout))?;
 
-    let mut s =
-        Served { shared, fd, peer: hello.name.as_str().into(), rx: sys::RecvBuf::new(RECV_BUF), spans: Vec::new() };
+    let mut s = Served {
+        shared,
+        fd,
+        peer: hello.name.as_str().into(),
+        rx: sys::RecvBuf::new(RECV_BUF),
+        spans: Vec::new(),
+        staging: None,
+    };
     // Idle between frames: wait for as long as the backend lives.
     let mut idle = || {
         if shared.closing.load(Ordering::Acquire) {
@@ -170,6 +179,56 @@ fn welcome(shared: &Shared, status: Status, message: String) -> Vec<u8> {
 }
 
 impl Served<'_> {
+    /// A frame on exported files: WRITE payloads land in a staging buffer and
+    /// go to the files; READ data comes from the files through it. Entries
+    /// were checked against the live regions already.
+    fn file_op(&mut self, h: &Header, tlen: usize) -> io::Result<()> {
+        let table = &self.rx.bytes()[..tlen];
+        let entries: Vec<(crate::backend::AccessKey, u64, u64)> = (0..h.count as usize)
+            .filter_map(|i| proto::Entry::decode(table, i))
+            .map(|e| (e.key, e.addr, e.len))
+            .collect();
+        self.rx.consume(tlen);
+        let len = h.len as usize;
+        if self.staging.as_ref().is_none_or(|b| b.len() < len) {
+            match crate::mem::AlignedBuf::new(len.max(1)) {
+                Ok(b) => self.staging = Some(b),
+                Err(e) => {
+                    if h.ty == FrameType::Write {
+                        self.rx.discard(self.fd, h.len, &mut mid_frame)?;
+                    }
+                    return self.send_error(h.op, &ProtoError { status: Status::Storage, message: e.to_string() });
+                }
+            }
+        }
+        let Some(staging) = self.staging.as_mut() else { return Err(io::Error::other("no staging buffer")) };
+        let ptr = staging.as_mut_ptr();
+        let dir = if h.ty == FrameType::Write { FileDir::Write } else { FileDir::Read };
+        if h.ty == FrameType::Write {
+            // SAFETY: the staging buffer is owned by this connection and holds at least `len` bytes.
+            unsafe { self.rx.read_spans(self.fd, &[(ptr as u64, h.len)], h.len, &mut mid_frame)? };
+        }
+        // SAFETY: as above; `entries` add up to `h.len` (checked by check_entries).
+        let r = unsafe { self.shared.files.run(dir, &entries, ptr) };
+        if let Err(e) = r {
+            let status = match e.kind() {
+                crate::ErrorKind::InvalidParam => Status::Invalid,
+                crate::ErrorKind::NotAllowed | crate::ErrorKind::NotFound => Status::NotAllowed,
+                _ => Status::Storage,
+            };
+            return self.send_error(h.op, &ProtoError { status, message: e.message().to_string() });
+        }
+        match h.ty {
+            FrameType::Write => sys::write_bufs(self.fd, &[&Header::new(FrameType::Ack, h.op, 0, 0).encode()]),
+            _ => {
+                let head = Header::new(FrameType::Data, h.op, 0, h.len).encode();
+                // SAFETY: the staging buffer lives in `self` for the duration of the call.
+                let data = unsafe { std::slice::from_raw_parts(ptr, len) };
+                sys::write_bufs(self.fd, &[&head, data])
+            }
+        }
+    }
+
     fn send_error(&self, op: u64, e: &ProtoError) -> io::Result<()> {
         let msg = format!("agent '{}': {}", self.shared.agent, e.message);
         let msg = &msg.as_bytes()[..msg.len().min(proto::MAX_ERROR_MSG as usize)];
@@ -191,6 +250,10 @@ impl Served<'_> {
             }
             tracing::debug!(agent = %self.shared.agent, peer = %self.peer, reason = %e, "TCP: refused a frame");
             return self.send_error(h.op, &e);
+        }
+        if proto::Entry::decode(table, 0).is_some_and(|e| self.shared.files.serves(&e.key)) {
+            drop(regions);
+            return self.file_op(h, tlen);
         }
         self.spans.clear();
         for i in 0..h.count as usize {

@@ -1,0 +1,173 @@
+//! Two hosts on one machine: `kvferry` targets and initiators in two network
+//! namespaces joined by a veth pair, created and removed here. Where
+//! namespaces cannot be made (no root, no `ip`), the test says so loudly.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+struct Netns {
+    a: String,
+    b: String,
+    ip_a: String,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip").args(args).output().map_err(|e| format!("cannot run `ip`: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("`ip {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+impl Netns {
+    fn create() -> Result<Netns, String> {
+        let pid = std::process::id();
+        let net = format!("10.{}.{}", 200 + pid % 50, (pid / 50) % 250);
+        let n = Netns { a: format!("kvfc-{pid}-a"), b: format!("kvfc-{pid}-b"), ip_a: format!("{net}.1") };
+        let ip_b = format!("{net}.2");
+        let (va, vb) = (format!("kvca{}", pid % 100_000), format!("kvcb{}", pid % 100_000));
+        ip(&["netns", "add", &n.a])?;
+        ip(&["netns", "add", &n.b])?;
+        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb])?;
+        ip(&["link", "set", &va, "netns", &n.a])?;
+        ip(&["link", "set", &vb, "netns", &n.b])?;
+        ip(&["-n", &n.a, "addr", "add", &format!("{}/24", n.ip_a), "dev", &va])?;
+        ip(&["-n", &n.b, "addr", "add", &format!("{ip_b}/24"), "dev", &vb])?;
+        for (ns, dev) in [(&n.a, &va), (&n.b, &vb)] {
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(n)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.a]);
+        let _ = ip(&["netns", "del", &self.b]);
+    }
+}
+
+/// Runs `kvferry <args>` as a target inside `ns`, returns it and its port.
+fn target(ns: &str, args: &[&str]) -> (std::process::Child, String) {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_kvferry")])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let port = line.trim().rsplit(':').next().expect("the target prints its address").to_string();
+    (child, port)
+}
+
+/// Waits for a target to leave after its initiator is done; kills it after 30 s.
+fn reap(mut t: std::process::Child) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while t.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = t.kill();
+            let _ = t.wait();
+            panic!("the target did not leave within 30 s of its initiator");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+fn initiator(ns: &str, args: &[&str]) -> std::process::Output {
+    Command::new("ip").args(["netns", "exec", ns, env!("CARGO_BIN_EXE_kvferry")]).args(args).output().unwrap()
+}
+
+#[test]
+fn memory_and_remote_files_between_two_namespaces() {
+    let ns = match Netns::create() {
+        Ok(ns) => ns,
+        Err(why) => {
+            eprintln!("\n*** SKIPPED: cannot create network namespaces: {why} ***\n");
+            println!("SKIPPED: cannot create network namespaces: {why}");
+            return;
+        }
+    };
+    // Memory over TCP.
+    let (t, port) =
+        target(&ns.a, &["bench", "p2p", "--mode", "target", "--backend", "tcp", "--ip", &ns.ip_a, "--port", "0"]);
+    let o = initiator(
+        &ns.b,
+        &[
+            "bench",
+            "p2p",
+            "--mode",
+            "initiator",
+            "--backend",
+            "tcp",
+            "--ip",
+            &ns.ip_a,
+            "--port",
+            &port,
+            "--block-sizes",
+            "4K,1M",
+            "--iters",
+            "10",
+            "--check-consistency",
+            "--json",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    reap(t);
+    assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 2);
+
+    // Remote file segments: the target exports files in namespace A.
+    let dir = format!("/var/tmp/kvferry-netns-{}", std::process::id());
+    for op in ["write", "read"] {
+        let (t, port) = target(
+            &ns.a,
+            &[
+                "bench",
+                "storage",
+                "--mode",
+                "target",
+                "--op",
+                op,
+                "--ip",
+                &ns.ip_a,
+                "--port",
+                "0",
+                "--dir",
+                &dir,
+                "--file-size",
+                "8M",
+            ],
+        );
+        let o = initiator(
+            &ns.b,
+            &[
+                "bench",
+                "storage",
+                "--mode",
+                "initiator",
+                "--op",
+                op,
+                "--ip",
+                &ns.ip_a,
+                "--port",
+                &port,
+                "--block-sizes",
+                "64K",
+                "--batch-size",
+                "4",
+                "--iters",
+                "10",
+                "--check-consistency",
+                "--json",
+            ],
+        );
+        assert!(o.status.success(), "{op}: {}", String::from_utf8_lossy(&o.stderr));
+        reap(t);
+        let line = String::from_utf8_lossy(&o.stdout);
+        assert!(line.contains("\"verified\":true") && line.contains("\"backend\":\"TCP\""), "{line}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
