@@ -169,3 +169,152 @@ fn random_agent_operations_never_panic_or_hang() {
         }
     }
 }
+
+/// Streams of mutated frames, cut at random points, to a live TCP target
+/// (the receive buffer and frame parsing of its connection threads): no
+/// thread panics, memory outside the registered region never changes, and
+/// the target still serves a well-behaved initiator afterwards.
+#[test]
+fn random_frame_streams_to_a_tcp_target_never_panic() {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use kvferry::backend::tcp::proto::{self, ConnInfo, Entry, FrameType, Header, Hello};
+    use kvferry::metadata::codec::AgentMetadata;
+    use kvferry::{Agent, AgentConfig, AlignedBuf, Params, XferOp};
+
+    static PANICS: AtomicUsize = AtomicUsize::new(0);
+    let prev = Arc::new(std::panic::take_hook());
+    let p2 = prev.clone();
+    std::panic::set_hook(Box::new(move |info| {
+        PANICS.fetch_add(1, Ordering::SeqCst);
+        p2(info);
+    }));
+
+    let cfg =
+        || AgentConfig::default().with_peer_timeout(Duration::from_millis(500)).with_backend("TCP", Params::new());
+    let target = Agent::new("fz-tcp-target", cfg()).unwrap();
+    let mut mem = AlignedBuf::new(64 << 10).unwrap();
+    mem.as_mut_slice().fill(0x5a);
+    let mut guard = AlignedBuf::new(64 << 10).unwrap();
+    guard.as_mut_slice().fill(0xc3);
+    let _reg = target.register_buf(&mem).unwrap();
+    let md = AgentMetadata::decode(&target.local_metadata().unwrap()).unwrap();
+    let tcp = md.backends.iter().find(|b| b.name == "TCP").unwrap();
+    let port = ConnInfo::decode(tcp.conn_info.as_ref().unwrap()).unwrap().port;
+    let key = md.regions[0].key;
+    let (base, rlen) = (mem.addr(), mem.len() as u64);
+
+    let mut rng = Rng(seed() ^ 0x5151);
+    let conns = (iters() / 60).max(20);
+    for c in 0..conns {
+        let mut stream = Vec::new();
+        Hello {
+            version: proto::VERSION,
+            caps: proto::CAPS,
+            instance: 5,
+            expect_instance: md.instance,
+            name: "fz".into(),
+            token: Vec::new(),
+        }
+        .encode(&mut stream);
+        let mut valid: Vec<Vec<u8>> = Vec::new();
+        for f in 0..1 + rng.below(12) {
+            let mut b = Vec::new();
+            let n = 1 + rng.below(4);
+            let mut entries = Vec::new();
+            for _ in 0..n {
+                let len = 1 + rng.below(8192) as u64;
+                let off = rng.below((rlen - len) as usize) as u64;
+                entries.push(Entry { key, addr: base + off, len });
+            }
+            // Some entries go astray: past the end, before the start, or a wrong key.
+            if rng.below(3) == 0 {
+                let e = &mut entries[rng.below(n)];
+                match rng.below(3) {
+                    0 => e.addr = base + rlen - e.len / 2,
+                    1 => e.addr = guard.addr(),
+                    _ => e.key.0[rng.below(16)] ^= 1,
+                }
+            }
+            let sum: u64 = entries.iter().map(|e| e.len).sum();
+            let ty = match rng.below(4) {
+                0 | 1 => FrameType::Write,
+                2 => FrameType::Read,
+                _ => FrameType::Notif,
+            };
+            let (count, len) = if ty == FrameType::Notif { (0, rng.below(64) as u64) } else { (n as u32, sum) };
+            b.extend_from_slice(&Header::new(ty, (c << 16 | f) as u64, count, len).encode());
+            if ty != FrameType::Notif {
+                for e in &entries {
+                    e.encode(&mut b);
+                }
+            }
+            if ty != FrameType::Read {
+                b.extend(rng.bytes(len as usize));
+            }
+            valid.push(b);
+        }
+        let frames: Vec<u8> = valid.concat();
+        // Mutate the frames (not the handshake) now and then.
+        let frames = if rng.below(2) == 0 { mutate(&mut rng, &frames, &valid) } else { frames };
+        stream.extend_from_slice(&frames);
+
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut rd = s.try_clone().unwrap();
+        let drain = std::thread::spawn(move || {
+            let mut sink = [0u8; 64 << 10];
+            while matches!(rd.read(&mut sink), Ok(n) if n > 0) {}
+        });
+        // Written in random pieces, so headers and tables arrive split.
+        let mut at = 0;
+        while at < stream.len() {
+            let k = (1 + rng.below(300)).min(stream.len() - at);
+            if s.write_all(&stream[at..at + k]).is_err() {
+                break; // the target closed on a malformed frame
+            }
+            at += k;
+        }
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        drain.join().unwrap();
+    }
+    assert!(guard.as_slice().iter().all(|&b| b == 0xc3), "memory outside the registered region changed");
+    assert!(mem.as_slice().iter().any(|&b| b != 0x5a), "no WRITE was accepted: the streams test nothing");
+
+    // The target still serves a well-behaved initiator.
+    let init = Agent::new("fz-tcp-init", cfg()).unwrap();
+    let mut src = AlignedBuf::new(64 << 10).unwrap();
+    for (i, b) in src.as_mut_slice().iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    let back = AlignedBuf::new(64 << 10).unwrap();
+    let _r1 = init.register_buf(&src).unwrap();
+    let _r2 = init.register_buf(&back).unwrap();
+    init.load_remote_metadata(&target.local_metadata().unwrap()).unwrap();
+    let remote = mem.xfer_blocks(0, 64 << 10, 1).unwrap();
+    let w =
+        init.create_request(XferOp::Write, &src.xfer_blocks(0, 64 << 10, 1).unwrap(), &remote, "fz-tcp-target", None);
+    w.unwrap().wait_posted();
+    let r =
+        init.create_request(XferOp::Read, &back.xfer_blocks(0, 64 << 10, 1).unwrap(), &remote, "fz-tcp-target", None);
+    r.unwrap().wait_posted();
+    assert!(back.as_slice() == src.as_slice());
+    drop(init);
+    drop(target);
+    let _ = std::panic::take_hook();
+    assert_eq!(PANICS.load(Ordering::SeqCst), 0, "a thread panicked (see its message above)");
+}
+
+trait PostWait {
+    fn wait_posted(self);
+}
+
+impl PostWait for kvferry::Request {
+    fn wait_posted(self) {
+        self.post(None).unwrap();
+        self.wait(Duration::from_secs(10)).unwrap();
+    }
+}
