@@ -675,6 +675,8 @@ impl Conn {
         let Some(mut rx) = self.rx.try_lock() else { return false };
         let fd = self.fd();
         let mut hand_over = true;
+        // A waiter polls briefly before it sleeps (a wake-up costs more than a small round trip).
+        let spin_until = deadline.map(|d| d.min(Instant::now() + shared.cfg.busy_poll));
         loop {
             if done() {
                 break;
@@ -711,6 +713,7 @@ impl Conn {
                             break;
                         }
                         Some(d) if now >= d => break,
+                        Some(_) if spin_until.is_some_and(|t| now < t) => std::thread::yield_now(),
                         Some(d) => {
                             sys::wait_ready(fd, true, None, (d - now).min(shared.peer_timeout / 2));
                         }
