@@ -530,14 +530,18 @@ fn reader_loop(shared: &Shared, peer: &Peer, c: &Arc<Conn>) -> Result<()> {
                 if p.dead.is_some() {
                     return Ok(());
                 }
-                let held = p.hold_until.is_some_and(|t| t > Instant::now());
-                if !hup && (p.q.is_empty() || held) {
+                if !hup && p.q.is_empty() {
                     break;
                 }
             }
             match c.read_next(shared, peer, &mut rx, false)? {
                 Step::Handled | Step::Big => {}
                 Step::Empty => {
+                    // Nothing arrived and a thread waits for its own small request:
+                    // leave the connection to it.
+                    if !hup && c.pending.lock().hold_until.is_some_and(|t| t > Instant::now()) {
+                        break;
+                    }
                     // After a hang-up the read above ends in an error; until then, wait for bytes.
                     let r = sys::wait_ready(fd, true, None, pt / 2);
                     if !r.data && !r.hup {
