@@ -63,10 +63,8 @@ fn main() -> io::Result<()> {
     }
     let client_poll = args.first().map(String::as_str) == Some("poll");
     let server_mode = args.get(1).cloned().unwrap_or_else(|| "block".into());
-    let mut child = Command::new(std::env::current_exe()?)
-        .args(["--serve", &server_mode])
-        .stdout(Stdio::piped())
-        .spawn()?;
+    let mut child =
+        Command::new(std::env::current_exe()?).args(["--serve", &server_mode]).stdout(Stdio::piped()).spawn()?;
     let mut line = String::new();
     BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
     let port: u16 = line.trim().parse().map_err(|_| io::Error::other("bad port line"))?;

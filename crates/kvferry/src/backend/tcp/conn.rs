@@ -3,8 +3,12 @@
 //! A [`Lane`] is one slot for a connection to a peer, with a worker thread
 //! that writes queued frames. A [`Conn`] is one live connection: a writer
 //! mutex (frames are written whole, one at a time), the FIFO of frames that
-//! await an answer, and a reader thread that takes answers in order, reads
-//! READ data straight into registered memory and completes frames.
+//! await an answer, and a read side (a receive buffer behind a mutex: the
+//! token) whose holder takes answers in order, reads READ data straight into
+//! registered memory and completes frames. The holder is the thread waiting
+//! for a small request of its own when there is one (no thread hop), else the
+//! connection's reader thread, which otherwise sleeps until it is kicked,
+//! the waiter's hold lapses, or the peer hangs up.
 //!
 //! A connection dies on any I/O error, a protocol violation, or silence from
 //! the peer for `peer_timeout` while a frame awaits its answer; every frame
