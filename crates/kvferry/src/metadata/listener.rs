@@ -125,12 +125,64 @@ pub fn encode_msg(op: Op, token: &[u8], body: &[u8]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Splits a whole message from an untrusted peer into its header, token and
+/// body: what the listener reads from a socket, without the socket.
+/// Trailing bytes after the announced body are an error.
+pub fn decode_msg(bytes: &[u8]) -> Result<(MsgHeader, &[u8], &[u8])> {
+    let hb: &[u8; HEADER_LEN] = bytes.get(..HEADER_LEN).and_then(|b| b.try_into().ok()).ok_or_else(|| {
+        Error::malformed(format!("listener message of {} bytes is shorter than its header", bytes.len()))
+    })?;
+    let h = MsgHeader::decode(hb)?;
+    let rest = &bytes[HEADER_LEN..];
+    let (t, b) = (h.token_len as usize, h.body_len as usize);
+    if rest.len() != t + b {
+        return Err(Error::malformed(format!(
+            "listener message announces {t} bytes of token and {b} of body but carries {}",
+            rest.len()
+        )));
+    }
+    Ok((h, &rest[..t], &rest[t..]))
+}
+
 /// A request a listener hands to its agent.
-#[derive(Debug)]
-pub(crate) enum ListenerRequest {
+#[derive(Debug, PartialEq, Eq)]
+pub enum ListenerRequest {
+    /// Load this metadata blob.
     Send(Vec<u8>),
+    /// Answer with the agent's metadata if its name is this one.
     Fetch(String),
-    Invalidate { name: String, instance: u64 },
+    /// Drop agent `name` if instance `instance` of it is loaded.
+    Invalidate {
+        /// The agent to drop.
+        name: String,
+        /// Its instance.
+        instance: u64,
+    },
+}
+
+impl ListenerRequest {
+    /// Decodes the body of a request of kind `op` (from an untrusted peer).
+    pub fn decode(op: Op, body: Vec<u8>) -> Result<ListenerRequest> {
+        Ok(match op {
+            Op::Send => ListenerRequest::Send(body),
+            Op::Fetch => ListenerRequest::Fetch(String::from_utf8_lossy(&body).into_owned()),
+            Op::Invalidate if body.len() >= 8 => {
+                let mut inst = [0u8; 8];
+                inst.copy_from_slice(&body[..8]);
+                ListenerRequest::Invalidate {
+                    name: String::from_utf8_lossy(&body[8..]).into_owned(),
+                    instance: u64::from_le_bytes(inst),
+                }
+            }
+            Op::Invalidate => {
+                return Err(Error::malformed(format!(
+                    "metadata listener: an INVALIDATE body has an 8-byte instance, not {} bytes",
+                    body.len()
+                )))
+            }
+            other => return Err(Error::malformed(format!("metadata listener: {other:?} is not a request"))),
+        })
+    }
 }
 
 /// What the agent does with a request: `Ok(Some(blob))` answers METADATA,
@@ -235,21 +287,11 @@ fn serve_one(s: &TcpStream, timeout: Duration, token: Option<&str>, handler: &Ha
             return Err(Error::not_allowed(msg));
         }
     }
-    let req = match h.op {
-        Op::Send => ListenerRequest::Send(body),
-        Op::Fetch => ListenerRequest::Fetch(String::from_utf8_lossy(&body).into_owned()),
-        Op::Invalidate if body.len() >= 8 => {
-            let mut inst = [0u8; 8];
-            inst.copy_from_slice(&body[..8]);
-            ListenerRequest::Invalidate {
-                name: String::from_utf8_lossy(&body[8..]).into_owned(),
-                instance: u64::from_le_bytes(inst),
-            }
-        }
-        other => {
-            let msg = format!("metadata listener: {other:?} is not a request");
-            reply(&mut s, Op::Error, msg.as_bytes())?;
-            return Err(Error::malformed(msg));
+    let req = match ListenerRequest::decode(h.op, body) {
+        Ok(r) => r,
+        Err(e) => {
+            reply(&mut s, Op::Error, e.message().as_bytes())?;
+            return Err(e);
         }
     };
     match handler(req) {

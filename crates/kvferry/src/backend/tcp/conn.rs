@@ -3,8 +3,12 @@
 //! A [`Lane`] is one slot for a connection to a peer, with a worker thread
 //! that writes queued frames. A [`Conn`] is one live connection: a writer
 //! mutex (frames are written whole, one at a time), the FIFO of frames that
-//! await an answer, and a reader thread that takes answers in order, reads
-//! READ data straight into registered memory and completes frames.
+//! await an answer, and a read side (a receive buffer behind a mutex: the
+//! token) whose holder takes answers in order, reads READ data straight into
+//! registered memory and completes frames. The holder is the thread waiting
+//! for a small request of its own when there is one (no thread hop), else the
+//! connection's reader thread, which otherwise sleeps until it is kicked,
+//! the waiter's hold lapses, or the peer hangs up.
 //!
 //! A connection dies on any I/O error, a protocol violation, or silence from
 //! the peer for `peer_timeout` while a frame awaits its answer; every frame
@@ -530,14 +534,18 @@ fn reader_loop(shared: &Shared, peer: &Peer, c: &Arc<Conn>) -> Result<()> {
                 if p.dead.is_some() {
                     return Ok(());
                 }
-                let held = p.hold_until.is_some_and(|t| t > Instant::now());
-                if !hup && (p.q.is_empty() || held) {
+                if !hup && p.q.is_empty() {
                     break;
                 }
             }
             match c.read_next(shared, peer, &mut rx, false)? {
                 Step::Handled | Step::Big => {}
                 Step::Empty => {
+                    // Nothing arrived and a thread waits for its own small request:
+                    // leave the connection to it.
+                    if !hup && c.pending.lock().hold_until.is_some_and(|t| t > Instant::now()) {
+                        break;
+                    }
                     // After a hang-up the read above ends in an error; until then, wait for bytes.
                     let r = sys::wait_ready(fd, true, None, pt / 2);
                     if !r.data && !r.hup {
@@ -675,6 +683,8 @@ impl Conn {
         let Some(mut rx) = self.rx.try_lock() else { return false };
         let fd = self.fd();
         let mut hand_over = true;
+        // A waiter polls briefly before it sleeps (a wake-up costs more than a small round trip).
+        let spin_until = deadline.map(|d| d.min(Instant::now() + shared.cfg.busy_poll));
         loop {
             if done() {
                 break;
@@ -711,6 +721,7 @@ impl Conn {
                             break;
                         }
                         Some(d) if now >= d => break,
+                        Some(_) if spin_until.is_some_and(|t| now < t) => std::thread::yield_now(),
                         Some(d) => {
                             sys::wait_ready(fd, true, None, (d - now).min(shared.peer_timeout / 2));
                         }

@@ -12,6 +12,7 @@ use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::proto::{self, FrameType, Header, Hello, ProtoError, Status, Welcome, HEADER_LEN, HELLO_FIXED};
 use super::sys::{self, Span};
@@ -122,6 +123,16 @@ fn serve_conn(shared: &Shared, stream: &TcpStream) -> io::Result<()> {
         }
     };
     loop {
+        // Poll briefly for the next frame before sleeping: a thread woken from
+        // sleep costs more than a small frame.
+        let spin_until = Instant::now() + cfg.busy_poll;
+        while s.rx.bytes().len() < HEADER_LEN && Instant::now() < spin_until {
+            match s.rx.fill_once(fd, true) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                Err(e) => return Err(e),
+            }
+        }
         // One read takes the header and whatever follows it (a small frame whole).
         s.rx.fill_to(fd, HEADER_LEN, &mut idle)?;
         let mut hb = [0u8; HEADER_LEN];

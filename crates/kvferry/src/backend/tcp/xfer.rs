@@ -420,7 +420,7 @@ impl TcpXfer {
             // Another thread reads the answers; it completes ours (or hands over
             // to the reader thread when it leaves). Look again now and then.
             let mut s = x.state.lock();
-            let until = deadline.min(Instant::now() + Duration::from_millis(1));
+            let until = deadline.min(Instant::now() + Duration::from_micros(200));
             while s.gen == gen && s.result.is_none() {
                 if x.done_cv.wait_until(&mut s, until).timed_out() {
                     break;
