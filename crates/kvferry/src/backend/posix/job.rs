@@ -152,6 +152,11 @@ impl Job {
         Ok(Arc::new(Job { batch, files, state: Mutex::new(JobState::default()), cv: Condvar::new() }))
     }
 
+    /// Whether the job writes to files (its first I/O does; jobs go one way).
+    pub(crate) fn is_write(&self) -> bool {
+        self.batch.ops.first().is_some_and(|o| o.kind == IoKind::Write)
+    }
+
     /// I/O `i`.
     pub(crate) fn op(&self, i: usize) -> &IoOp {
         &self.batch.ops[i]

@@ -55,13 +55,14 @@ mod files;
 mod job;
 mod serve;
 
+pub(crate) use job::Job;
 pub(crate) use serve::{FileServer, Served};
 mod sys;
 mod threads;
 mod uring;
 
 use files::FileTable;
-use job::{Engine, IoBatch, IoKind, IoOp, Job};
+use job::{Engine, IoBatch, IoKind, IoOp};
 
 /// The `POSIX` plugin.
 #[derive(Debug)]
@@ -97,6 +98,21 @@ const PARAMS: &[ParamSpec] = &[
 
 const NAME: &str = "POSIX";
 
+/// Starts an engine: `uring`, `threads`, or `auto` (io_uring when it works).
+fn start_engine(kind: &str, queue_depth: u32, threads: usize, sqpoll: bool) -> Result<Arc<dyn Engine>> {
+    Ok(match kind {
+        "uring" => Arc::new(uring::UringEngine::start(queue_depth, sqpoll)?),
+        "threads" => Arc::new(threads::ThreadEngine::start(threads)?),
+        _ => match uring::UringEngine::start(queue_depth, sqpoll) {
+            Ok(e) => Arc::new(e),
+            Err(e) => {
+                tracing::info!(error = %e, "POSIX: io_uring unavailable, using the thread pool");
+                Arc::new(threads::ThreadEngine::start(threads)?)
+            }
+        },
+    })
+}
+
 impl BackendPlugin for PosixPlugin {
     fn name(&self) -> &str {
         NAME
@@ -113,17 +129,7 @@ impl BackendPlugin for PosixPlugin {
     fn create(&self, ctx: BackendContext, params: &Params) -> Result<Arc<dyn Backend>> {
         let params = params.resolved(PARAMS);
         let cfg = Config::from_params(&params)?;
-        let engine: Arc<dyn Engine> = match cfg.engine.as_str() {
-            "uring" => Arc::new(uring::UringEngine::start(cfg.queue_depth, cfg.sqpoll)?),
-            "threads" => Arc::new(threads::ThreadEngine::start(cfg.threads)?),
-            _ => match uring::UringEngine::start(cfg.queue_depth, cfg.sqpoll) {
-                Ok(e) => Arc::new(e),
-                Err(e) => {
-                    tracing::info!(error = %e, "POSIX: io_uring unavailable, using the thread pool");
-                    Arc::new(threads::ThreadEngine::start(cfg.threads)?)
-                }
-            },
-        };
+        let engine = start_engine(&cfg.engine, cfg.queue_depth, cfg.threads, cfg.sqpoll)?;
         tracing::info!(agent = %ctx.agent_name, engine = engine.name(), "POSIX backend created");
         Ok(Arc::new(PosixBackend {
             inner: Arc::new(Inner {

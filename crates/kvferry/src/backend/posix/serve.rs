@@ -4,17 +4,20 @@
 //! the same registration table (path and fd modes), access, bounds and
 //! O_DIRECT checks, and the same every-byte-or-an-error I/O loop.
 //!
-//! Operations run on the calling thread (a network connection's thread), so a
+//! The I/Os of one operation run concurrently on the server's own engine
+//! (io_uring where it works, else a thread pool, started with the first served
+//! file); the calling thread (a network connection's) waits for them, so a
 //! slow disk slows only the initiators of that connection.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use parking_lot::RwLock;
 
 use super::align::DirectAlign;
 use super::files::{FileTable, OpenFile};
-use super::job::{self, IoBatch, IoKind, IoOp, Job, MAX_OP_LEN};
+use super::job::{Engine, IoBatch, IoKind, IoOp, Job, MAX_OP_LEN};
 use crate::backend::{AccessKey, Region};
 use crate::error::{Error, Result};
 
@@ -27,15 +30,29 @@ pub(crate) enum Served {
     Write,
 }
 
+/// I/Os a server keeps in flight at once, over all its connections.
+const SERVE_QUEUE_DEPTH: u32 = 64;
+/// Threads of the fallback engine.
+const SERVE_THREADS: usize = 4;
+/// Longest an operation may take before it fails (storage I/O always ends;
+/// this bounds a wedged device).
+const SERVE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// The files a network backend serves.
 #[derive(Debug, Default)]
 pub(crate) struct FileServer {
     table: RwLock<FileTable>,
+    engine: OnceLock<Arc<dyn Engine>>,
 }
 
 impl FileServer {
-    /// Opens (path mode) or duplicates (fd mode) the region's file.
+    /// Opens (path mode) or duplicates (fd mode) the region's file, and starts
+    /// the engine with the first one.
     pub(crate) fn register(&self, r: &Region) -> Result<()> {
+        if self.engine.get().is_none() {
+            let e = super::start_engine("auto", SERVE_QUEUE_DEPTH, SERVE_THREADS, false)?;
+            let _ = self.engine.set(e);
+        }
         self.table.write().register(r)
     }
 
@@ -49,16 +66,18 @@ impl FileServer {
         self.table.read().region(key).is_some()
     }
 
-    /// Moves the bytes of `entries` — `(key, file offset, len)`, laid out
-    /// back to back in `buf` — between `buf` and the files: every byte, or an
-    /// error that says which entry failed and why. Bounds were checked by the
-    /// caller; access mode and O_DIRECT alignment are checked here.
+    /// Starts moving the bytes of `entries` — `(key, file offset, len)`, laid
+    /// out back to back in `buf` — between `buf` and the files, and returns at
+    /// once; [`finish`](Self::finish) waits for every byte or an error that
+    /// says which entry failed and why. Bounds were checked by the caller;
+    /// access mode and O_DIRECT alignment are checked here.
     ///
     /// # Safety
     ///
-    /// `buf` must be valid for reads and writes of the sum of the entries'
-    /// lengths for the duration of the call.
-    pub(crate) unsafe fn run(&self, dir: Served, entries: &[(AccessKey, u64, u64)], buf: *mut u8) -> Result<()> {
+    /// `buf` must stay valid for reads and writes of the entries' total length
+    /// until the job is finished or cancelled (`Job::cancel` returns once no
+    /// I/O touches it).
+    pub(crate) unsafe fn start(&self, dir: Served, entries: &[(AccessKey, u64, u64)], buf: *mut u8) -> Result<Arc<Job>> {
         let kind = match dir {
             Served::Read => IoKind::Read,
             Served::Write => IoKind::Write,
@@ -102,17 +121,19 @@ impl FileServer {
             at += len;
         }
         drop(table);
+        let engine = self.engine.get().ok_or_else(|| Error::internal("POSIX: serving files before any was registered"))?;
         let job = Job::new(IoBatch::new(ops, files.len())?, files)?;
-        loop {
-            let (range, more) = job.claim(1);
-            for i in range {
-                let (moved, r) = job::run_blocking(&job, i);
-                job.complete(i, moved, r);
-            }
-            if !more {
-                break;
-            }
+        engine.submit(job.clone())?;
+        Ok(job)
+    }
+
+    /// Waits (bounded) for a started job and returns its outcome; on timeout
+    /// it cancels the job, which returns once no I/O touches the buffer.
+    pub(crate) fn finish(job: &Job) -> Result<()> {
+        if !job.wait(SERVE_TIMEOUT) {
+            // Returns once no I/O is in flight, so `buf` is no longer touched.
+            job.cancel();
         }
-        job.outcome().unwrap_or_else(|| Err(Error::internal("POSIX: a served job did not finish")))
+        job.outcome().unwrap_or_else(|| Err(Error::timeout(format!("POSIX: a served operation took longer than {SERVE_TIMEOUT:?}"))))
     }
 }

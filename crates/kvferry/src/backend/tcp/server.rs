@@ -67,8 +67,40 @@ struct Served<'a> {
     /// Bytes received and not handled yet.
     rx: sys::RecvBuf,
     spans: Vec<Span>,
-    /// Staging for frames on exported files (page-aligned for O_DIRECT).
-    staging: Option<crate::mem::AlignedBuf>,
+    /// File READs started and not answered yet, oldest first.
+    reads: std::collections::VecDeque<PendingRead>,
+    /// Staging buffers to reuse (page-aligned for O_DIRECT).
+    spare: Vec<crate::mem::AlignedBuf>,
+}
+
+/// File READs one connection keeps in flight.
+const FILE_READ_DEPTH: usize = 4;
+
+/// A file operation whose I/Os are running into (or from) its staging buffer.
+struct PendingRead {
+    op: u64,
+    len: u64,
+    job: Arc<crate::backend::posix::Job>,
+    /// The staging buffer; `None` once handed back.
+    buf: Option<crate::mem::AlignedBuf>,
+}
+
+impl Drop for PendingRead {
+    fn drop(&mut self) {
+        // The kernel may still write into the buffer: wait until no I/O is in flight.
+        if self.buf.is_some() {
+            self.job.cancel();
+        }
+    }
+}
+
+fn file_error(e: &crate::Error) -> ProtoError {
+    let status = match e.kind() {
+        crate::ErrorKind::InvalidParam => Status::Invalid,
+        crate::ErrorKind::NotAllowed | crate::ErrorKind::NotFound => Status::NotAllowed,
+        _ => Status::Storage,
+    };
+    ProtoError { status, message: e.message().to_string() }
 }
 
 fn serve_conn(shared: &Shared, stream: &TcpStream) -> io::Result<()> {
@@ -112,7 +144,8 @@ fn serve_conn(shared: &Shared, stream: &TcpStream) -> io::Result<()> {
         peer: hello.name.as_str().into(),
         rx: sys::RecvBuf::new(RECV_BUF),
         spans: Vec::new(),
-        staging: None,
+        reads: std::collections::VecDeque::new(),
+        spare: Vec::new(),
     };
     // Idle between frames: wait for as long as the backend lives.
     let mut idle = || {
@@ -123,6 +156,22 @@ fn serve_conn(shared: &Shared, stream: &TcpStream) -> io::Result<()> {
         }
     };
     loop {
+        if !s.reads.is_empty() {
+            // Send what is ready; when no next frame is waiting, answer everything.
+            while s.front_read_done() {
+                s.flush_reads(1)?;
+            }
+            if s.rx.bytes().len() < HEADER_LEN {
+                match s.rx.fill_once(fd, true) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if s.rx.bytes().len() < HEADER_LEN {
+                s.flush_reads(usize::MAX)?;
+            }
+        }
         // Poll briefly for the next frame before sleeping: a thread woken from
         // sleep costs more than a small frame.
         let spin_until = Instant::now() + cfg.busy_poll;
@@ -146,6 +195,11 @@ fn serve_conn(shared: &Shared, stream: &TcpStream) -> io::Result<()> {
                 return Err(io::Error::new(io::ErrorKind::InvalidData, e.message));
             }
         };
+        let is_file = matches!(h.ty, FrameType::Write | FrameType::Read) && s.file_frame(&h)?;
+        if !is_file {
+            // Memory operations and notifications answer after earlier file READs.
+            s.flush_reads(usize::MAX)?;
+        }
         match h.ty {
             FrameType::Write | FrameType::Read => s.data_op(&h)?,
             FrameType::Notif => {
@@ -191,8 +245,10 @@ fn welcome(shared: &Shared, status: Status, message: String) -> Vec<u8> {
 
 impl Served<'_> {
     /// A frame on exported files: WRITE payloads land in a staging buffer and
-    /// go to the files; READ data comes from the files through it. Entries
-    /// were checked against the live regions already.
+    /// go to the files; READ data comes from the files through one. Entries
+    /// were checked against the live regions already. READs are pipelined:
+    /// up to [`FILE_READ_DEPTH`] run at once and are answered in order, so the
+    /// disk works on the next frames while earlier data goes out.
     fn file_op(&mut self, h: &Header, tlen: usize) -> io::Result<()> {
         let table = &self.rx.bytes()[..tlen];
         let entries: Vec<(crate::backend::AccessKey, u64, u64)> = (0..h.count as usize)
@@ -200,44 +256,83 @@ impl Served<'_> {
             .map(|e| (e.key, e.addr, e.len))
             .collect();
         self.rx.consume(tlen);
+        if h.ty == FrameType::Write {
+            // Answers go out in order: earlier READs first.
+            self.flush_reads(usize::MAX)?;
+        } else if self.reads.len() >= FILE_READ_DEPTH {
+            self.flush_reads(1)?;
+        }
         let len = h.len as usize;
-        if self.staging.as_ref().is_none_or(|b| b.len() < len) {
-            match crate::mem::AlignedBuf::new(len.max(1)) {
-                Ok(b) => self.staging = Some(b),
+        let mut staging = match self.spare.pop().filter(|b| b.len() >= len) {
+            Some(b) => b,
+            None => match crate::mem::AlignedBuf::new(len.max(1)) {
+                Ok(b) => b,
                 Err(e) => {
                     if h.ty == FrameType::Write {
                         self.rx.discard(self.fd, h.len, &mut mid_frame)?;
                     }
+                    self.flush_reads(usize::MAX)?;
                     return self.send_error(h.op, &ProtoError { status: Status::Storage, message: e.to_string() });
                 }
-            }
-        }
-        let Some(staging) = self.staging.as_mut() else { return Err(io::Error::other("no staging buffer")) };
+            },
+        };
         let ptr = staging.as_mut_ptr();
         let dir = if h.ty == FrameType::Write { FileDir::Write } else { FileDir::Read };
         if h.ty == FrameType::Write {
-            // SAFETY: the staging buffer is owned by this connection and holds at least `len` bytes.
+            // SAFETY: the staging buffer is owned here and holds at least `len` bytes.
             unsafe { self.rx.read_spans(self.fd, &[(ptr as u64, h.len)], h.len, &mut mid_frame)? };
         }
-        // SAFETY: as above; `entries` add up to `h.len` (checked by check_entries).
-        let r = unsafe { self.shared.files.run(dir, &entries, ptr) };
-        if let Err(e) = r {
-            let status = match e.kind() {
-                crate::ErrorKind::InvalidParam => Status::Invalid,
-                crate::ErrorKind::NotAllowed | crate::ErrorKind::NotFound => Status::NotAllowed,
-                _ => Status::Storage,
-            };
-            return self.send_error(h.op, &ProtoError { status, message: e.message().to_string() });
+        // SAFETY: the staging buffer lives in the pending entry (or here) until
+        // the job is finished or cancelled; `entries` add up to `h.len`.
+        let started = unsafe { self.shared.files.start(dir, &entries, ptr) };
+        let job = match started {
+            Ok(job) => job,
+            Err(e) => {
+                self.spare.push(staging);
+                self.flush_reads(usize::MAX)?;
+                return self.send_error(h.op, &file_error(&e));
+            }
+        };
+        let pending = PendingRead { op: h.op, len: h.len, job, buf: Some(staging) };
+        if h.ty == FrameType::Write {
+            return self.answer(pending);
         }
-        match h.ty {
-            FrameType::Write => sys::write_bufs(self.fd, &[&Header::new(FrameType::Ack, h.op, 0, 0).encode()]),
-            _ => {
-                let head = Header::new(FrameType::Data, h.op, 0, h.len).encode();
-                // SAFETY: the staging buffer lives in `self` for the duration of the call.
-                let data = unsafe { std::slice::from_raw_parts(ptr, len) };
+        self.reads.push_back(pending);
+        Ok(())
+    }
+
+    /// Answers up to `n` pending READs (or WRITEs handed to [`answer`]), oldest first.
+    fn flush_reads(&mut self, n: usize) -> io::Result<()> {
+        for _ in 0..n {
+            let Some(p) = self.reads.pop_front() else { break };
+            self.answer(p)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the oldest pending READ has finished.
+    fn front_read_done(&self) -> bool {
+        self.reads.front().is_some_and(|p| p.job.outcome().is_some())
+    }
+
+    /// Waits for one file operation and sends its answer (ACK, DATA or ERROR).
+    fn answer(&mut self, mut p: PendingRead) -> io::Result<()> {
+        let r = crate::backend::posix::FileServer::finish(&p.job);
+        // Finished (or cancelled): no I/O touches the buffer any more.
+        let buf = p.buf.take();
+        let sent = match r {
+            Err(e) => self.send_error(p.op, &file_error(&e)),
+            Ok(()) if p.job.is_write() => sys::write_bufs(self.fd, &[&Header::new(FrameType::Ack, p.op, 0, 0).encode()]),
+            Ok(()) => {
+                let head = Header::new(FrameType::Data, p.op, 0, p.len).encode();
+                let data = buf.as_ref().map(|b| &b.as_slice()[..p.len as usize]).unwrap_or(&[]);
                 sys::write_bufs(self.fd, &[&head, data])
             }
+        };
+        if let Some(b) = buf {
+            self.spare.push(b);
         }
+        sent
     }
 
     fn send_error(&self, op: u64, e: &ProtoError) -> io::Result<()> {
@@ -245,6 +340,15 @@ impl Served<'_> {
         let msg = &msg.as_bytes()[..msg.len().min(proto::MAX_ERROR_MSG as usize)];
         let h = Header { ty: FrameType::Error, status: e.status, count: 0, op, len: msg.len() as u64 };
         sys::write_bufs(self.fd, &[&h.encode(), msg])
+    }
+
+    /// Whether a data frame is on exported files (reads its entry table in).
+    fn file_frame(&mut self, h: &Header) -> io::Result<bool> {
+        if h.count == 0 {
+            return Ok(false);
+        }
+        self.rx.fill_to(self.fd, h.entries_len().min(proto::ENTRY_LEN), &mut mid_frame)?;
+        Ok(proto::Entry::decode(self.rx.bytes(), 0).is_some_and(|e| self.shared.files.serves(&e.key)))
     }
 
     fn data_op(&mut self, h: &Header) -> io::Result<()> {
