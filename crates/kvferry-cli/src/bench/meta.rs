@@ -117,35 +117,25 @@ pub fn run(a: &MetaArgs) -> Result<()> {
     );
     drop((p, f, _r));
 
-    // The embedded metadata server.
-    let srv = MetaServer::start("127.0.0.1:0")?;
-    let (p, f, _b, _r) = agents("srv", AgentConfig::default().with_metadata_url(srv.url()), a.regions)?;
-    push(
-        "meta-server",
-        blob,
-        time_rounds(a.iters, || {
+    // A central store: publish, then fetch on the other agent.
+    let through_store = |tag: &str, cfg: AgentConfig| -> Result<Vec<f64>> {
+        let (p, f, _b, _r) = agents(tag, cfg, a.regions)?;
+        let v = time_rounds(a.iters, || {
             let _ = f.invalidate_remote(p.name());
             p.send_local_metadata(MetaPeer::Store)?;
             f.fetch_remote_metadata(p.name(), None, MetaPeer::Store)
-        })?,
-    );
-    drop((p, f, _r, srv));
-
+        })?;
+        p.invalidate_local_metadata(MetaPeer::Store)?;
+        Ok(v)
+    };
+    let srv = MetaServer::start("127.0.0.1:0")?;
+    push("meta-server", blob, through_store("srv", AgentConfig::default().with_metadata_url(srv.url()))?);
+    drop(srv);
     if let Some(eps) = &a.etcd {
         let eps: Vec<&str> = eps.split(',').collect();
         let mut cfg = AgentConfig::default().with_etcd(&eps);
         cfg.metadata_namespace = format!("/kvferry-bench-{}/agents/", std::process::id());
-        let (p, f, _b, _r) = agents("etcd", cfg, a.regions)?;
-        push(
-            "etcd",
-            blob,
-            time_rounds(a.iters, || {
-                let _ = f.invalidate_remote(p.name());
-                p.send_local_metadata(MetaPeer::Store)?;
-                f.fetch_remote_metadata(p.name(), None, MetaPeer::Store)
-            })?,
-        );
-        p.invalidate_local_metadata(MetaPeer::Store)?;
+        push("etcd", blob, through_store("etcd", cfg)?);
     }
 
     if a.json {

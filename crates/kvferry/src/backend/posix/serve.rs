@@ -77,7 +77,12 @@ impl FileServer {
     /// `buf` must stay valid for reads and writes of the entries' total length
     /// until the job is finished or cancelled (`Job::cancel` returns once no
     /// I/O touches it).
-    pub(crate) unsafe fn start(&self, dir: Served, entries: &[(AccessKey, u64, u64)], buf: *mut u8) -> Result<Arc<Job>> {
+    pub(crate) unsafe fn start(
+        &self,
+        dir: Served,
+        entries: &[(AccessKey, u64, u64)],
+        buf: *mut u8,
+    ) -> Result<Arc<Job>> {
         let kind = match dir {
             Served::Read => IoKind::Read,
             Served::Write => IoKind::Write,
@@ -121,7 +126,8 @@ impl FileServer {
             at += len;
         }
         drop(table);
-        let engine = self.engine.get().ok_or_else(|| Error::internal("POSIX: serving files before any was registered"))?;
+        let engine =
+            self.engine.get().ok_or_else(|| Error::internal("POSIX: serving files before any was registered"))?;
         let job = Job::new(IoBatch::new(ops, files.len())?, files)?;
         engine.submit(job.clone())?;
         Ok(job)
@@ -134,6 +140,8 @@ impl FileServer {
             // Returns once no I/O is in flight, so `buf` is no longer touched.
             job.cancel();
         }
-        job.outcome().unwrap_or_else(|| Err(Error::timeout(format!("POSIX: a served operation took longer than {SERVE_TIMEOUT:?}"))))
+        job.outcome().unwrap_or_else(|| {
+            Err(Error::timeout(format!("POSIX: a served operation took longer than {SERVE_TIMEOUT:?}")))
+        })
     }
 }

@@ -322,7 +322,9 @@ impl Served<'_> {
         let buf = p.buf.take();
         let sent = match r {
             Err(e) => self.send_error(p.op, &file_error(&e)),
-            Ok(()) if p.job.is_write() => sys::write_bufs(self.fd, &[&Header::new(FrameType::Ack, p.op, 0, 0).encode()]),
+            Ok(()) if p.job.is_write() => {
+                sys::write_bufs(self.fd, &[&Header::new(FrameType::Ack, p.op, 0, 0).encode()])
+            }
             Ok(()) => {
                 let head = Header::new(FrameType::Data, p.op, 0, p.len).encode();
                 let data = buf.as_ref().map(|b| &b.as_slice()[..p.len as usize]).unwrap_or(&[]);
