@@ -27,9 +27,12 @@ pub struct ServeArgs {
     /// DRAM to register and serve (e.g. 1G); 0 for none.
     #[arg(long, default_value = "256M")]
     pub mem_size: String,
-    /// Files to register with the POSIX backend (path mode, created if missing).
+    /// Files to export to remote initiators (created if missing; needs backends posix and tcp).
     #[arg(long, value_delimiter = ',')]
     pub files: Vec<PathBuf>,
+    /// Size of files that do not exist yet (existing files keep their size).
+    #[arg(long, default_value = "1G")]
+    pub file_size: String,
     /// Open the files with O_DIRECT.
     #[arg(long)]
     pub direct: bool,
@@ -89,12 +92,16 @@ pub fn run(a: &ServeArgs) -> Result<()> {
         parse_size(&a.mem_size).ok_or_else(|| Error::invalid(format!("--mem-size '{}' is not a size", a.mem_size)))?;
     let buf = if mem > 0 { Some(AlignedBuf::new(mem as usize)?) } else { None };
     let _mreg = buf.as_ref().map(|b| agent.register_buf(b)).transpose()?;
+    // Files are exported to remote initiators (remote file segments): they need
+    // POSIX and a network backend; initiators find them in the metadata.
+    let default_size = parse_size(&a.file_size)
+        .ok_or_else(|| Error::invalid(format!("--file-size '{}' is not a size", a.file_size)))?;
     let mut files = RegDescList::new(MemType::File);
-    for (i, f) in a.files.iter().enumerate() {
-        let mode = if a.direct { "rw,direct,create" } else { "rw,create" };
-        files.push(RegDesc::with_meta(0, 0, i as u64 + 1, format!("{mode}:{}", f.display())));
+    for f in &a.files {
+        let size = std::fs::metadata(f).map(|m| m.len()).ok().filter(|&n| n > 0).unwrap_or(default_size);
+        let id = agent.register_local_file(f, size, a.direct)?;
+        files.push(RegDesc::new(0, size, id));
     }
-    let _freg = if files.is_empty() { None } else { Some(agent.register_storage(&files, &[])?) };
     let listener = rendezvous::listen(&a.ip, a.port)?;
     listener.set_nonblocking(true).map_err(|e| Error::io("rendezvous: nonblocking", e))?;
     let addr = listener.local_addr().map_err(|e| Error::io("rendezvous: local address", e))?;

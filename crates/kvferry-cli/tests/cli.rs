@@ -284,9 +284,24 @@ fn serve_publishes_to_the_store_and_serves_transfers() {
     use kvferry::{Agent, AgentConfig, AlignedBuf, MetaPeer, Params, XferDescList, XferOp};
     let srv = kvferry::metadata::server::MetaServer::start("127.0.0.1:0").unwrap();
     let name = format!("serve-{}", std::process::id());
+    let dir = format!("/var/tmp/kvferry-serve-{}", std::process::id());
+    std::fs::create_dir_all(&dir).unwrap();
+    let exported = format!("{dir}/exported.bin");
     let mut child = Command::new(env!("CARGO_BIN_EXE_kvferry"))
-        .args(["serve", "--name", &name, "--backends", "tcp", "--mem-size", "1M", "--ip", "127.0.0.1", "--port", "0"])
-        .args(["--listen-port", "0", "--metadata-url", &srv.url()])
+        .args([
+            "serve",
+            "--name",
+            &name,
+            "--backends",
+            "posix,tcp",
+            "--mem-size",
+            "1M",
+            "--ip",
+            "127.0.0.1",
+            "--port",
+            "0",
+        ])
+        .args(["--listen-port", "0", "--metadata-url", &srv.url(), "--files", &exported, "--file-size", "1M"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -314,6 +329,20 @@ fn serve_publishes_to_the_store_and_serves_transfers() {
     r.post(None).unwrap();
     r.wait(Duration::from_secs(10)).unwrap();
     assert!(buf.as_slice()[4096..].iter().all(|&b| b == 0x5e));
+
+    // The served file is exported: WRITE into it, and find the bytes on disk.
+    let files = me.remote_files(&name).unwrap();
+    assert_eq!(files.len(), 1);
+    assert_eq!(files[0].size, 1 << 20);
+    let in_file =
+        XferDescList::from_descs(kvferry::MemType::File, vec![kvferry::XferDesc::new(8192, 4096, files[0].id)]);
+    let w = me.create_request(XferOp::Write, &buf.xfer_blocks(0, 4096, 1).unwrap(), &in_file, &name, None).unwrap();
+    w.post(None).unwrap();
+    w.wait(Duration::from_secs(10)).unwrap();
+    let on_disk = std::fs::read(&exported).unwrap();
+    assert!(on_disk[8192..12288].iter().all(|&b| b == 0x5e));
+    drop(_serve);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
