@@ -19,6 +19,25 @@ fn pair() -> (Agent, Agent) {
     (a, b)
 }
 
+/// Two LOCAL agents with `src` registered on `a`, `dst` on `b`, and `b`'s
+/// metadata loaded on `a`.
+struct Linked {
+    a: Agent,
+    b: Agent,
+    src: AlignedBuf,
+    dst: AlignedBuf,
+    regs: (kvferry::Registration, kvferry::Registration),
+}
+
+fn linked(len: usize, seed: u8) -> Linked {
+    let (a, b) = pair();
+    let src = filled(len, seed);
+    let dst = AlignedBuf::new(len).unwrap();
+    let regs = (a.register_buf(&src).unwrap(), b.register_buf(&dst).unwrap());
+    a.load_remote_metadata(&b.local_metadata().unwrap()).unwrap();
+    Linked { a, b, src, dst, regs }
+}
+
 fn filled(len: usize, seed: u8) -> AlignedBuf {
     let mut b = AlignedBuf::new(len).unwrap();
     for (i, x) in b.as_mut_slice().iter_mut().enumerate() {
@@ -251,12 +270,7 @@ fn request_validation_errors() {
 
 #[test]
 fn the_owner_checks_live_registrations_at_post() {
-    let (a, b) = pair();
-    let src = filled(4096, 9);
-    let dst = AlignedBuf::new(4096).unwrap();
-    let _ra = a.register_buf(&src).unwrap();
-    let rb = b.register_buf(&dst).unwrap();
-    a.load_remote_metadata(&b.local_metadata().unwrap()).unwrap();
+    let Linked { a, b, src, dst, regs: (_ra, rb) } = linked(4096, 9);
     let req = a
         .create_request(
             XferOp::Write,
@@ -315,11 +329,7 @@ fn metadata_loading_errors_and_partial_merges() {
 
 #[test]
 fn invalidation_breaks_old_requests() {
-    let (a, b) = pair();
-    let src = AlignedBuf::new(4096).unwrap();
-    let dst = AlignedBuf::new(4096).unwrap();
-    let (_ra, _rb) = (a.register_buf(&src).unwrap(), b.register_buf(&dst).unwrap());
-    a.load_remote_metadata(&b.local_metadata().unwrap()).unwrap();
+    let Linked { a, b, src, dst, regs: (_ra, _rb) } = linked(4096, 0);
     let req = a
         .create_request(
             XferOp::Write,
@@ -356,11 +366,7 @@ fn invalidation_breaks_old_requests() {
 
 #[test]
 fn prepared_lists_merge_contiguous_runs() {
-    let (a, b) = pair();
-    let src = filled(64 * 1024, 5);
-    let dst = AlignedBuf::new(64 * 1024).unwrap();
-    let (_ra, _rb) = (a.register_buf(&src).unwrap(), b.register_buf(&dst).unwrap());
-    a.load_remote_metadata(&b.local_metadata().unwrap()).unwrap();
+    let Linked { a, b, src, dst, regs: _regs } = linked(64 * 1024, 5);
     let lp = a.prepare(None, &src.xfer_blocks(0, 4096, 16).unwrap()).unwrap();
     let rp = a.prepare(Some(b.name()), &dst.xfer_blocks(0, 4096, 16).unwrap()).unwrap();
     assert_eq!((lp.len(), rp.peer()), (16, Some(b.name())));
@@ -438,11 +444,7 @@ impl HintedReg for Agent {
 
 #[test]
 fn notifications_follow_data_and_drain() {
-    let (a, b) = pair();
-    let src = filled(4096, 2);
-    let dst = AlignedBuf::new(4096).unwrap();
-    let (_ra, _rb) = (a.register_buf(&src).unwrap(), b.register_buf(&dst).unwrap());
-    a.load_remote_metadata(&b.local_metadata().unwrap()).unwrap();
+    let Linked { a, b, src, dst, regs: _regs } = linked(4096, 2);
     b.load_remote_metadata(&a.local_metadata().unwrap()).unwrap();
     let req = a
         .create_request(
@@ -470,11 +472,7 @@ fn notifications_follow_data_and_drain() {
 
 #[test]
 fn eight_threads_post_and_poll_on_one_agent() {
-    let (a, b) = pair();
-    let src = filled(8 * 65536, 11);
-    let dst = AlignedBuf::new(8 * 65536).unwrap();
-    let (_ra, _rb) = (a.register_buf(&src).unwrap(), b.register_buf(&dst).unwrap());
-    a.load_remote_metadata(&b.local_metadata().unwrap()).unwrap();
+    let Linked { a, b, src, dst, regs: _regs } = linked(8 * 65536, 11);
     let shared = a
         .create_request(
             XferOp::Write,
