@@ -63,6 +63,21 @@ impl Agent {
                 path.display()
             )));
         }
+        let slots = self.slots();
+        let serving: Vec<&str> = slots
+            .iter()
+            .filter(|s| s.caps.mem_types.contains(&MemType::File) && s.caps.remote)
+            .map(|s| &*s.name)
+            .collect();
+        let with: Vec<&str> =
+            slots.iter().filter(|s| s.caps.mem_types.contains(&MemType::File)).map(|s| &*s.name).collect();
+        if serving.is_empty() {
+            return Err(Error::not_supported(format!(
+                "register_local_file: no backend of agent '{}' serves FILE memory to remote initiators (backends: {:?}); create TCP and POSIX",
+                self.name(),
+                self.backends()
+            )));
+        }
         let abs = std::path::absolute(path).map_err(|e| Error::io(format!("resolving {}", path.display()), e))?;
         let mut exports = self.inner.exports.lock();
         if exports.iter().any(|e| e.file.path == abs) {
@@ -86,21 +101,6 @@ impl Agent {
         let id = FILE_ID_BASE + self.next_region_id();
         let spec = format!("rw{}:{}", if direct { ",direct" } else { "" }, abs.display());
         let regs = RegDescList::from_descs(MemType::File, vec![RegDesc::with_meta(0, size, id, spec)]);
-        let slots = self.slots();
-        let serving: Vec<&str> = slots
-            .iter()
-            .filter(|s| s.caps.mem_types.contains(&MemType::File) && s.caps.remote)
-            .map(|s| &*s.name)
-            .collect();
-        let with: Vec<&str> =
-            slots.iter().filter(|s| s.caps.mem_types.contains(&MemType::File)).map(|s| &*s.name).collect();
-        if serving.is_empty() {
-            return Err(Error::not_supported(format!(
-                "register_local_file: no backend of agent '{}' serves FILE memory to remote initiators (backends: {:?}); create TCP and POSIX",
-                self.name(),
-                self.backends()
-            )));
-        }
         self.register_storage(&regs, &with)?.keep();
         let alignment = if direct { crate::backend::posix::direct_alignment(&abs).unwrap_or(4096) } else { 1 };
         let file = ExportedFile { id, path: abs, size, alignment };
