@@ -144,22 +144,29 @@ fn memfd_alloc(len: usize) -> Option<RawAlloc> {
     if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
         return None;
     }
-    // SAFETY: a fresh mapping (no address hint) of a descriptor we own, of its whole size.
-    let ptr = unsafe {
+    let ptr = map_shared(&fd, map_len, 0).ok()?;
+    Some(RawAlloc { ptr, backing: Backing::MemFd { map_len, fd: Arc::new(fd) } })
+}
+
+/// Maps `len` bytes of `fd` from `offset`, shared and read-write, at an
+/// address the kernel picks. The caller owns the mapping (and `munmap`s it).
+pub(crate) fn map_shared(fd: &OwnedFd, len: usize, offset: libc::off_t) -> std::io::Result<NonNull<u8>> {
+    // SAFETY: a fresh mapping (no address hint, so nothing existing is replaced)
+    // of a descriptor the caller holds open for the duration of the call.
+    let p = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
-            map_len,
+            len,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_SHARED,
             fd.as_raw_fd(),
-            0,
+            offset,
         )
     };
-    if ptr == libc::MAP_FAILED {
-        return None;
+    if p == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
     }
-    let ptr = NonNull::new(ptr.cast::<u8>())?;
-    Some(RawAlloc { ptr, backing: Backing::MemFd { map_len, fd: Arc::new(fd) } })
+    NonNull::new(p.cast::<u8>()).ok_or_else(|| std::io::Error::other("mmap returned a null mapping"))
 }
 
 /// A handle to the memfd behind registered memory, with which a backend may

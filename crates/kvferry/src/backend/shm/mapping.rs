@@ -71,21 +71,10 @@ impl Mapping {
             .and_then(|n| usize::try_from(n).ok())
             .ok_or_else(|| bad("mapping length overflows".into()))?;
         let off = libc::off_t::try_from(start).map_err(|_| bad(format!("offset {start}")))?;
-        // SAFETY: a fresh mapping (no address hint, so nothing of ours is
-        // replaced) of a file we hold; its size was checked above and is sealed.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                map_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                off,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(Error::io("SHM: mmap of a peer's memfd", std::io::Error::last_os_error()));
-        }
+        // The file's size was checked above and is sealed: it cannot shrink under us.
+        let p = crate::mem::map_shared(&fd, map_len, off)
+            .map_err(|e| Error::io("SHM: mmap of a peer's memfd", e))?
+            .as_ptr();
         // The mapping holds the file; the descriptor closes here.
         drop(fd);
         Ok(Mapping { base: p as usize, map_len, skew, region_addr, region_len })
