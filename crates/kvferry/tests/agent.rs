@@ -29,6 +29,14 @@ struct Linked {
     regs: (kvferry::Registration, kvferry::Registration),
 }
 
+impl Linked {
+    /// A WRITE of the first 4 KiB of `src` to the first 4 KiB of `dst`.
+    fn first_block(&self, notif: Option<&[u8]>) -> kvferry::Request {
+        let (l, r) = (self.src.xfer_blocks(0, 4096, 1).unwrap(), self.dst.xfer_blocks(0, 4096, 1).unwrap());
+        self.a.create_request(XferOp::Write, &l, &r, self.b.name(), notif).unwrap()
+    }
+}
+
 fn linked(len: usize, seed: u8) -> Linked {
     let (a, b) = pair();
     let src = filled(len, seed);
@@ -270,16 +278,9 @@ fn request_validation_errors() {
 
 #[test]
 fn the_owner_checks_live_registrations_at_post() {
-    let Linked { a, b, src, dst, regs: (_ra, rb) } = linked(4096, 9);
-    let req = a
-        .create_request(
-            XferOp::Write,
-            &src.xfer_blocks(0, 4096, 1).unwrap(),
-            &dst.xfer_blocks(0, 4096, 1).unwrap(),
-            b.name(),
-            None,
-        )
-        .unwrap();
+    let l = linked(4096, 9);
+    let req = l.first_block(None);
+    let Linked { dst, regs: (_ra, rb), .. } = l;
     rb.deregister().unwrap();
     let e = req.post(None).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotAllowed);
@@ -329,16 +330,9 @@ fn metadata_loading_errors_and_partial_merges() {
 
 #[test]
 fn invalidation_breaks_old_requests() {
-    let Linked { a, b, src, dst, regs: (_ra, _rb) } = linked(4096, 0);
-    let req = a
-        .create_request(
-            XferOp::Write,
-            &src.xfer_blocks(0, 4096, 1).unwrap(),
-            &dst.xfer_blocks(0, 4096, 1).unwrap(),
-            b.name(),
-            None,
-        )
-        .unwrap();
+    let l = linked(4096, 0);
+    let req = l.first_block(None);
+    let Linked { a, b, src, dst, regs: (_ra, _rb) } = l;
     a.invalidate_remote(b.name()).unwrap();
     assert_eq!(req.post(None).unwrap_err().kind(), ErrorKind::RemoteDisconnect);
     let bname = b.name().to_string();
@@ -444,17 +438,10 @@ impl HintedReg for Agent {
 
 #[test]
 fn notifications_follow_data_and_drain() {
-    let Linked { a, b, src, dst, regs: _regs } = linked(4096, 2);
-    b.load_remote_metadata(&a.local_metadata().unwrap()).unwrap();
-    let req = a
-        .create_request(
-            XferOp::Write,
-            &src.xfer_blocks(0, 4096, 1).unwrap(),
-            &dst.xfer_blocks(0, 4096, 1).unwrap(),
-            b.name(),
-            Some(b"stored"),
-        )
-        .unwrap();
+    let l = linked(4096, 2);
+    l.b.load_remote_metadata(&l.a.local_metadata().unwrap()).unwrap();
+    let req = l.first_block(Some(b"stored"));
+    let Linked { a, b, src, dst, regs: _regs } = l;
     req.post(None).unwrap();
     req.post(Some(b"replaced")).unwrap();
     req.post(None).unwrap();
@@ -472,16 +459,9 @@ fn notifications_follow_data_and_drain() {
 
 #[test]
 fn eight_threads_post_and_poll_on_one_agent() {
-    let Linked { a, b, src, dst, regs: _regs } = linked(8 * 65536, 11);
-    let shared = a
-        .create_request(
-            XferOp::Write,
-            &src.xfer_blocks(0, 4096, 1).unwrap(),
-            &dst.xfer_blocks(0, 4096, 1).unwrap(),
-            b.name(),
-            None,
-        )
-        .unwrap();
+    let l = linked(8 * 65536, 11);
+    let shared = l.first_block(None);
+    let Linked { a, b, src, dst, regs: _regs } = l;
     std::thread::scope(|s| {
         for t in 0..8 {
             let (a, src, dst, shared, bname) = (&a, &src, &dst, &shared, b.name());
