@@ -66,9 +66,39 @@ pub struct Common {
     /// Backend parameter NAME=VALUE (repeatable), e.g. --param lanes=4.
     #[arg(long)]
     pub param: Vec<String>,
+    /// Pages of the bench buffers: shared (memfd, mappable by same-host
+    /// peers) or huge (private, transparent huge pages). Default: huge for
+    /// storage, shared for p2p.
+    #[arg(long, value_enum)]
+    pub buffer: Option<BufferKind>,
+}
+
+/// How the bench allocates its buffers (see [`kvferry::AlignedBuf`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BufferKind {
+    /// `AlignedBuf::new`: a memfd that SHM peers map for plain memcpy.
+    Shared,
+    /// `AlignedBuf::huge`: private memory with transparent huge pages.
+    Huge,
+}
+
+impl BufferKind {
+    /// Allocates `len` bytes of this kind.
+    pub fn alloc(self, len: usize) -> Result<kvferry::AlignedBuf> {
+        match self {
+            BufferKind::Shared => kvferry::AlignedBuf::new(len),
+            BufferKind::Huge => kvferry::AlignedBuf::huge(len),
+        }
+    }
 }
 
 impl Common {
+    /// The buffer kind asked for, or `default`.
+    pub fn buffer_or(&self, default: BufferKind) -> BufferKind {
+        self.buffer.unwrap_or(default)
+    }
+
     /// The backend parameters given with --param.
     pub fn backend_params(&self) -> Result<Params> {
         let mut p = Params::new();

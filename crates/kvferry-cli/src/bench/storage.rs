@@ -16,7 +16,7 @@ use kvferry::{
 };
 
 use super::report::{self, Point, Timings};
-use super::{pattern, Common};
+use super::{pattern, BufferKind, Common};
 use crate::rendezvous::{self, Msg};
 
 /// Where this process plays.
@@ -264,7 +264,7 @@ fn local_session(a: &StorageArgs, c: &Common, op: XferOp, max: usize) -> Result<
         regs.push(RegDesc::with_meta(0, 0, i as u64 + 1, format!("{mode}:{}", f.path.display())));
     }
     let freg = agent.register_storage(&regs, &["posix"])?;
-    let buf = AlignedBuf::new(max * 2)?;
+    let buf = c.buffer_or(BufferKind::Huge).alloc(max * 2)?;
     let breg = agent.register_buf(&buf)?;
     let target = Target {
         agent: agent.name().to_string(),
@@ -331,7 +331,7 @@ fn remote_session(a: &StorageArgs, c: &Common, _op: XferOp, max: usize) -> Resul
         &format!("bench-storage-initiator-{}", std::process::id()),
         AgentConfig::default().with_backend("tcp", c.backend_params()?),
     )?;
-    let buf = AlignedBuf::new(max * 2)?;
+    let buf = c.buffer_or(BufferKind::Huge).alloc(max * 2)?;
     let breg = agent.register_buf(&buf)?;
     let mut s = rendezvous::connect(&addr, Duration::from_secs(60))?;
     rendezvous::send(
