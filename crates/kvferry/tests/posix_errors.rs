@@ -206,6 +206,7 @@ fn bad_parameters_are_refused() {
         ("queue_depth", "100000", "outside"),
         ("max_io_size", "1000", "multiple of 4096"),
         ("sqpoll", "maybe", "boolean"),
+        ("queue_bytes", "lots", "queue_bytes"),
     ] {
         let cfg = AgentConfig { backends: vec![("POSIX".into(), Params::new().with(k, v))], ..AgentConfig::default() };
         let e = Agent::new(&format!("posix-bad-{k}"), cfg).unwrap_err();

@@ -167,15 +167,27 @@ impl Job {
         self.files[op.file as usize].raw()
     }
 
-    /// Hands out up to `max` I/Os to start. Returns their indices and whether
-    /// more remain to hand out later (when not, the engine can forget the job).
-    pub(crate) fn claim(&self, max: usize) -> (Range<usize>, bool) {
+    /// Hands out up to `max_ops` I/Os to start, whose lengths add up to at
+    /// most `max_bytes` (but always at least one). Returns their indices and
+    /// whether more remain to hand out later (when not, the engine can forget
+    /// the job).
+    pub(crate) fn claim(&self, max_ops: usize, max_bytes: u64) -> (Range<usize>, bool) {
         let mut s = self.state.lock();
-        if s.canceled || s.error.is_some() {
+        if s.canceled || s.error.is_some() || max_ops == 0 {
             return (0..0, false);
         }
         let start = s.next;
-        let end = start.saturating_add(max).min(self.batch.len());
+        let mut end = start.saturating_add(max_ops).min(self.batch.len());
+        if max_bytes != u64::MAX {
+            let mut bytes = 0u64;
+            for (i, op) in self.batch.ops[start..end].iter().enumerate() {
+                bytes = bytes.saturating_add(op.len);
+                if bytes > max_bytes && i > 0 {
+                    end = start + i;
+                    break;
+                }
+            }
+        }
         s.next = end;
         s.in_flight += end - start;
         (start..end, end < self.batch.len())

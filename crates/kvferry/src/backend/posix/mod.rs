@@ -80,6 +80,12 @@ const PARAMS: &[ParamSpec] = &[
         doc: "io_uring: I/Os in flight per backend instance (1..=4096), shared by all requests; refilled as completions arrive",
     },
     ParamSpec {
+        name: "queue_bytes",
+        default: "0",
+        doc: "io_uring: most bytes of I/O in flight (K/M/G suffixes), on top of queue_depth; 0 = no byte limit. \
+              Disks that complete a whole queue at once answer sooner with a smaller budget",
+    },
+    ParamSpec {
         name: "threads",
         default: "8",
         doc: "thread-pool engine: worker threads doing pread/pwrite (1..=1024), which is also its number of I/Os in flight",
@@ -98,16 +104,32 @@ const PARAMS: &[ParamSpec] = &[
 
 const NAME: &str = "POSIX";
 
-/// Starts an engine: `uring`, `threads`, or `auto` (io_uring when it works).
-fn start_engine(kind: &str, queue_depth: u32, threads: usize, sqpoll: bool) -> Result<Arc<dyn Engine>> {
-    Ok(match kind {
-        "uring" => Arc::new(uring::UringEngine::start(queue_depth, sqpoll)?),
-        "threads" => Arc::new(threads::ThreadEngine::start(threads)?),
-        _ => match uring::UringEngine::start(queue_depth, sqpoll) {
+/// How to start an engine.
+#[derive(Clone, Debug)]
+pub(crate) struct EngineSpec {
+    /// `uring`, `threads`, or `auto` (io_uring when it works).
+    pub(crate) kind: String,
+    /// io_uring: I/Os in flight.
+    pub(crate) queue_depth: u32,
+    /// io_uring: bytes in flight (`u64::MAX`: no limit).
+    pub(crate) queue_bytes: u64,
+    /// Thread pool: workers.
+    pub(crate) threads: usize,
+    /// io_uring: kernel submission-queue polling.
+    pub(crate) sqpoll: bool,
+}
+
+/// Starts the engine `spec` asks for.
+fn start_engine(spec: &EngineSpec) -> Result<Arc<dyn Engine>> {
+    let uring = || uring::UringEngine::start(spec.queue_depth, spec.queue_bytes, spec.sqpoll);
+    Ok(match spec.kind.as_str() {
+        "uring" => Arc::new(uring()?),
+        "threads" => Arc::new(threads::ThreadEngine::start(spec.threads)?),
+        _ => match uring() {
             Ok(e) => Arc::new(e),
             Err(e) => {
                 tracing::info!(error = %e, "POSIX: io_uring unavailable, using the thread pool");
-                Arc::new(threads::ThreadEngine::start(threads)?)
+                Arc::new(threads::ThreadEngine::start(spec.threads)?)
             }
         },
     })
@@ -129,7 +151,7 @@ impl BackendPlugin for PosixPlugin {
     fn create(&self, ctx: BackendContext, params: &Params) -> Result<Arc<dyn Backend>> {
         let params = params.resolved(PARAMS);
         let cfg = Config::from_params(&params)?;
-        let engine = start_engine(&cfg.engine, cfg.queue_depth, cfg.threads, cfg.sqpoll)?;
+        let engine = start_engine(&cfg.engine)?;
         tracing::info!(agent = %ctx.agent_name, engine = engine.name(), "POSIX backend created");
         Ok(Arc::new(PosixBackend {
             inner: Arc::new(Inner {
@@ -147,11 +169,8 @@ impl BackendPlugin for PosixPlugin {
 /// The parsed parameters.
 #[derive(Debug)]
 struct Config {
-    engine: String,
-    queue_depth: u32,
-    threads: usize,
+    engine: EngineSpec,
     max_io: u64,
-    sqpoll: bool,
 }
 
 impl Config {
@@ -182,7 +201,11 @@ impl Config {
             )));
         }
         let sqpoll = p.parse_bool(NAME, "sqpoll")?;
-        Ok(Config { engine, queue_depth, threads, max_io, sqpoll })
+        let queue_bytes = match p.parse_size(NAME, "queue_bytes")? {
+            0 => u64::MAX,
+            b => b,
+        };
+        Ok(Config { engine: EngineSpec { kind: engine, queue_depth, queue_bytes, threads, sqpoll }, max_io })
     }
 }
 

@@ -32,6 +32,11 @@ pub(crate) enum Served {
 
 /// I/Os a server keeps in flight at once, over all its connections.
 const SERVE_QUEUE_DEPTH: u32 = 64;
+/// Bytes a server keeps in flight at once. Virtual disks tend to complete
+/// everything queued in one go: a modest budget makes the first answers
+/// ready sooner, so sending overlaps the next reads (on the reference VM,
+/// 8 MiB served remote reads at 0.88× the local disk, 64 MiB at 0.77×).
+const SERVE_QUEUE_BYTES: u64 = 8 << 20;
 /// Threads of the fallback engine.
 const SERVE_THREADS: usize = 4;
 /// Longest an operation may take before it fails (storage I/O always ends;
@@ -50,7 +55,13 @@ impl FileServer {
     /// the engine with the first one.
     pub(crate) fn register(&self, r: &Region) -> Result<()> {
         if self.engine.get().is_none() {
-            let e = super::start_engine("auto", SERVE_QUEUE_DEPTH, SERVE_THREADS, false)?;
+            let e = super::start_engine(&super::EngineSpec {
+                kind: "auto".into(),
+                queue_depth: SERVE_QUEUE_DEPTH,
+                queue_bytes: SERVE_QUEUE_BYTES,
+                threads: SERVE_THREADS,
+                sqpoll: false,
+            })?;
             let _ = self.engine.set(e);
         }
         self.table.write().register(r)

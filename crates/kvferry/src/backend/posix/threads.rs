@@ -53,7 +53,7 @@ fn worker(s: &Shared) {
             let mut q = s.queue.lock();
             loop {
                 if let Some(job) = q.jobs.front().cloned() {
-                    let (range, more) = job.claim(1);
+                    let (range, more) = job.claim(1, u64::MAX);
                     if !more {
                         q.jobs.pop_front();
                     }

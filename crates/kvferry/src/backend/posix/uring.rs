@@ -3,9 +3,9 @@
 //!
 //! Posting a job pushes it on a queue and signals an eventfd the ring thread
 //! keeps a poll armed on, so `post` never waits for I/O. The ring thread keeps
-//! up to `queue_depth` I/Os in flight across all jobs (oldest job first),
-//! refilling as completions arrive, and retries short reads and writes for
-//! the remainder.
+//! up to `queue_depth` I/Os (and at most `queue_bytes` bytes) in flight across
+//! all jobs (oldest job first), refilling as completions arrive, and retries
+//! short reads and writes for the remainder.
 //!
 //! Buffers and files stay owned while the kernel may touch them: each slot of
 //! an in-flight I/O holds an `Arc` of its job (which holds the open files),
@@ -77,13 +77,15 @@ pub(crate) struct UringEngine {
 }
 
 impl UringEngine {
-    /// Starts a ring of `queue_depth` I/Os (kernel SQ polling if `sqpoll`).
+    /// Starts a ring of `queue_depth` I/Os, of which at most `queue_bytes`
+    /// bytes are in flight at once (`u64::MAX`: no limit), with kernel SQ
+    /// polling if `sqpoll`.
     ///
     /// The ring is created on its own thread, which is the only one that ever
     /// submits to it: that lets the kernel run completions on that thread
     /// only when it asks for them (`SINGLE_ISSUER | DEFER_TASKRUN`, Linux
     /// 6.1+; older kernels get a plain ring).
-    pub(crate) fn start(queue_depth: u32, sqpoll: bool) -> Result<UringEngine> {
+    pub(crate) fn start(queue_depth: u32, queue_bytes: u64, sqpoll: bool) -> Result<UringEngine> {
         probe()?;
         let shared = Arc::new(Shared {
             queue: Mutex::new(VecDeque::new()),
@@ -97,7 +99,7 @@ impl UringEngine {
             .spawn(move || match build_ring(queue_depth, sqpoll) {
                 Ok(ring) => {
                     let _ = tx.send(Ok(()));
-                    Ring::new(ring, s, queue_depth as usize).run()
+                    Ring::new(ring, s, queue_depth as usize, queue_bytes).run()
                 }
                 Err(e) => {
                     let _ = tx.send(Err(e));
@@ -168,12 +170,15 @@ struct Ring {
     free: Vec<u32>,
     active: VecDeque<Arc<Job>>,
     in_flight: usize,
+    /// Bytes of the I/Os in flight, and their limit.
+    bytes: u64,
+    max_bytes: u64,
     wake_armed: bool,
     cqes: Vec<(u64, i32)>,
 }
 
 impl Ring {
-    fn new(ring: IoUring, shared: Arc<Shared>, depth: usize) -> Ring {
+    fn new(ring: IoUring, shared: Arc<Shared>, depth: usize, max_bytes: u64) -> Ring {
         Ring {
             ring,
             shared,
@@ -181,6 +186,8 @@ impl Ring {
             free: (0..depth as u32).rev().collect(),
             active: VecDeque::new(),
             in_flight: 0,
+            bytes: 0,
+            max_bytes,
             wake_armed: false,
             cqes: Vec::with_capacity(depth * 2 + 2),
         }
@@ -237,11 +244,16 @@ impl Ring {
         false
     }
 
-    /// Starts I/Os of queued jobs until every slot is busy.
+    /// Starts I/Os of queued jobs until every slot is busy or the byte
+    /// budget is spent (an idle ring always starts one I/O, however large).
     fn fill(&mut self) {
-        while !self.free.is_empty() {
+        while !self.free.is_empty() && (self.bytes < self.max_bytes || self.in_flight == 0) {
             let Some(job) = self.active.front().cloned() else { break };
-            let (range, more) = job.claim(self.free.len());
+            let budget = match self.max_bytes {
+                u64::MAX => u64::MAX,
+                max => max.saturating_sub(self.bytes),
+            };
+            let (range, more) = job.claim(self.free.len(), budget);
             if !more {
                 self.active.pop_front();
             }
@@ -249,6 +261,7 @@ impl Ring {
                 let s = self.free.pop().unwrap_or_else(|| unreachable!("claimed at most free.len() I/Os"));
                 self.slots[s as usize] = Slot { job: Some(job.clone()), op: i, moved: 0, retries: 0 };
                 self.in_flight += 1;
+                self.bytes += job.op(i).len;
                 self.issue(s);
             }
         }
@@ -280,6 +293,7 @@ impl Ring {
     fn finish(&mut self, s: u32, result: std::result::Result<(), Failure>) {
         let slot = std::mem::take(&mut self.slots[s as usize]);
         if let Some(job) = slot.job {
+            self.bytes -= job.op(slot.op).len;
             job.complete(slot.op, slot.moved, result);
         }
         self.free.push(s);

@@ -73,8 +73,9 @@ struct Served<'a> {
     spare: Vec<crate::mem::AlignedBuf>,
 }
 
-/// File READs one connection keeps in flight.
-const FILE_READ_DEPTH: usize = 4;
+/// Bytes of file READs one connection holds, running or waiting to be sent
+/// (its staging memory): beyond it, it answers before it starts more.
+const FILE_READ_HELD: u64 = 32 << 20;
 
 /// A file operation whose I/Os are running into (or from) its staging buffer.
 struct PendingRead {
@@ -166,11 +167,11 @@ fn serve_conn(shared: &Shared, stream: &TcpStream) -> io::Result<()> {
         }
     };
     loop {
-        if !s.reads.is_empty() {
-            // Send what is ready; when no next frame is waiting, answer everything.
-            while s.front_read_done() {
-                s.flush_reads(1)?;
-            }
+        // File READs in flight: start the next frame's I/O whenever one is
+        // waiting and there is room, else answer the oldest (waiting for it
+        // if need be). Starting comes first so that the disk gets new work the
+        // moment earlier reads finish, not after their answers went out.
+        while !s.reads.is_empty() {
             if s.rx.bytes().len() < HEADER_LEN {
                 match s.rx.fill_once(fd, true) {
                     Ok(_) => {}
@@ -178,9 +179,10 @@ fn serve_conn(shared: &Shared, stream: &TcpStream) -> io::Result<()> {
                     Err(e) => return Err(e),
                 }
             }
-            if s.rx.bytes().len() < HEADER_LEN {
-                s.flush_reads(usize::MAX)?;
+            if s.rx.bytes().len() >= HEADER_LEN && s.read_room() {
+                break;
             }
+            s.flush_reads(1)?;
         }
         // Poll briefly for the next frame before sleeping: a thread woken from
         // sleep costs more than a small frame.
@@ -257,8 +259,8 @@ impl Served<'_> {
     /// A frame on exported files: WRITE payloads land in a staging buffer and
     /// go to the files; READ data comes from the files through one. Entries
     /// were checked against the live regions already. READs are pipelined:
-    /// up to [`FILE_READ_DEPTH`] run at once and are answered in order, so the
-    /// disk works on the next frames while earlier data goes out.
+    /// up to [`FILE_READ_HELD`] bytes of them are started ahead and answered
+    /// in order, so the disk works on the next frames while earlier data goes out.
     fn file_op(&mut self, h: &Header, tlen: usize) -> io::Result<()> {
         let table = &self.rx.bytes()[..tlen];
         let entries: Vec<(crate::backend::AccessKey, u64, u64)> = (0..h.count as usize)
@@ -269,8 +271,6 @@ impl Served<'_> {
         if h.ty == FrameType::Write {
             // Answers go out in order: earlier READs first.
             self.flush_reads(usize::MAX)?;
-        } else if self.reads.len() >= FILE_READ_DEPTH {
-            self.flush_reads(1)?;
         }
         let len = h.len as usize;
         let mut staging = match self.spare.pop().filter(|b| b.len() >= len) {
@@ -320,9 +320,11 @@ impl Served<'_> {
         Ok(())
     }
 
-    /// Whether the oldest pending READ has finished.
-    fn front_read_done(&self) -> bool {
-        self.reads.front().is_some_and(|p| p.job.outcome().is_some())
+    /// Whether another file READ may start: the READs held (running, or
+    /// finished and not sent yet) stay under [`FILE_READ_HELD`] bytes. The
+    /// server's engine decides how many of them run on the disk at once.
+    fn read_room(&self) -> bool {
+        self.reads.iter().map(|p| p.len).sum::<u64>() < FILE_READ_HELD
     }
 
     /// Waits for one file operation and sends its answer (ACK, DATA or ERROR).
