@@ -207,6 +207,7 @@ fn bad_parameters_are_refused() {
         ("max_io_size", "1000", "multiple of 4096"),
         ("sqpoll", "maybe", "boolean"),
         ("queue_bytes", "lots", "queue_bytes"),
+        ("busy_poll_us", "2000000", "outside"),
     ] {
         let cfg = AgentConfig { backends: vec![("POSIX".into(), Params::new().with(k, v))], ..AgentConfig::default() };
         let e = Agent::new(&format!("posix-bad-{k}"), cfg).unwrap_err();

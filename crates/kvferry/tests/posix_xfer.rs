@@ -15,7 +15,7 @@ const MIB: u64 = 1024 * KIB;
 
 /// Many 4 KiB descriptors, shuffled across several path-mode files: WRITE
 /// them out, check the files with std, READ them back into another buffer.
-fn many_descriptors_across_files(engine: &str, direct: bool, queue_bytes: &str) {
+fn many_descriptors_across_files(engine: &str, direct: bool, queue_bytes: &str, busy_poll_us: &str) {
     let test = format!("many-{engine}-{}-{queue_bytes}", if direct { "direct" } else { "buffered" });
     let dir = TestDir::new(&test);
     if direct {
@@ -23,7 +23,9 @@ fn many_descriptors_across_files(engine: &str, direct: bool, queue_bytes: &str) 
             return skipped(&test, &format!("no O_DIRECT under {}: {why}", dir.0.display()));
         }
     }
-    let a = agent(&test, engine, &[("queue_depth", "32"), ("threads", "4"), ("queue_bytes", queue_bytes)]);
+    let params =
+        [("queue_depth", "32"), ("threads", "4"), ("queue_bytes", queue_bytes), ("busy_poll_us", busy_poll_us)];
+    let a = agent(&test, engine, &params);
     const FILES: u64 = 4;
     const BLOCK: u64 = 4 * KIB;
     const PER_FILE: u64 = 512;
@@ -73,23 +75,24 @@ fn many_descriptors_across_files(engine: &str, direct: bool, queue_bytes: &str) 
 #[test]
 fn many_descriptors_buffered() {
     for e in engines("many_descriptors_buffered") {
-        many_descriptors_across_files(e, false, "0");
+        many_descriptors_across_files(e, false, "0", "1000");
     }
 }
 
 #[test]
 fn many_descriptors_direct() {
     for e in engines("many_descriptors_direct") {
-        many_descriptors_across_files(e, true, "0");
+        many_descriptors_across_files(e, true, "0", "1000");
     }
 }
 
 /// With a byte budget of two and a half blocks, io_uring keeps at most three
-/// 4 KiB I/Os in flight (the last one may overshoot), and still moves every byte.
+/// 4 KiB I/Os in flight (the last one may overshoot), and still moves every
+/// byte; waiters and the ring thread sleep at once (no polling).
 #[test]
 fn many_descriptors_with_a_byte_budget() {
     for e in engines("many_descriptors_with_a_byte_budget") {
-        many_descriptors_across_files(e, true, "10K");
+        many_descriptors_across_files(e, true, "10K", "0");
     }
 }
 

@@ -96,6 +96,13 @@ const PARAMS: &[ParamSpec] = &[
         doc: "longest single I/O (4K..=1G, a multiple of 4096); longer descriptors and merged runs are split so many I/Os run in parallel",
     },
     ParamSpec {
+        name: "busy_poll_us",
+        default: "1000",
+        doc: "microseconds a thread waiting for a request, and the idle io_uring thread waiting for work, poll \
+              (yielding the CPU between looks) before they sleep (0..=1000000). Saves two thread wake-ups per \
+              request, tens of µs each on a virtual machine; 0 sleeps at once",
+    },
+    ParamSpec {
         name: "sqpoll",
         default: "false",
         doc: "io_uring: let a kernel thread poll the submission queue (saves a syscall per batch, costs a busy core)",
@@ -117,11 +124,13 @@ pub(crate) struct EngineSpec {
     pub(crate) threads: usize,
     /// io_uring: kernel submission-queue polling.
     pub(crate) sqpoll: bool,
+    /// io_uring: how long the idle ring thread polls for new jobs before it sleeps.
+    pub(crate) busy_poll: Duration,
 }
 
 /// Starts the engine `spec` asks for.
 fn start_engine(spec: &EngineSpec) -> Result<Arc<dyn Engine>> {
-    let uring = || uring::UringEngine::start(spec.queue_depth, spec.queue_bytes, spec.sqpoll);
+    let uring = || uring::UringEngine::start(spec.queue_depth, spec.queue_bytes, spec.sqpoll, spec.busy_poll);
     Ok(match spec.kind.as_str() {
         "uring" => Arc::new(uring()?),
         "threads" => Arc::new(threads::ThreadEngine::start(spec.threads)?),
@@ -160,6 +169,7 @@ impl BackendPlugin for PosixPlugin {
                 table: RwLock::new(FileTable::default()),
                 engine,
                 max_io: cfg.max_io,
+                busy_poll: cfg.engine.busy_poll,
             }),
             params,
         }))
@@ -205,7 +215,12 @@ impl Config {
             0 => u64::MAX,
             b => b,
         };
-        Ok(Config { engine: EngineSpec { kind: engine, queue_depth, queue_bytes, threads, sqpoll }, max_io })
+        let busy_poll_us: u64 = p.parse(NAME, "busy_poll_us")?;
+        if busy_poll_us > 1_000_000 {
+            return Err(Error::invalid(format!("backend POSIX: busy_poll_us = {busy_poll_us} is outside 0..=1000000")));
+        }
+        let busy_poll = Duration::from_micros(busy_poll_us);
+        Ok(Config { engine: EngineSpec { kind: engine, queue_depth, queue_bytes, threads, sqpoll, busy_poll }, max_io })
     }
 }
 
@@ -216,6 +231,8 @@ struct Inner {
     table: RwLock<FileTable>,
     engine: Arc<dyn Engine>,
     max_io: u64,
+    /// How long `wait` polls before it sleeps.
+    busy_poll: Duration,
 }
 
 /// The POSIX backend instance of one agent.
@@ -434,7 +451,7 @@ impl BackendXfer for PosixXfer {
 
     fn wait(&mut self, timeout: Duration) -> Result<XferState> {
         if let Some(job) = &self.job {
-            job.wait(timeout);
+            job.wait(timeout, self.inner.busy_poll);
         }
         self.outcome()
     }

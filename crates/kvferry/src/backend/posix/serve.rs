@@ -61,6 +61,9 @@ impl FileServer {
                 queue_bytes: SERVE_QUEUE_BYTES,
                 threads: SERVE_THREADS,
                 sqpoll: false,
+                // Connection threads wait for one operation at a time, between
+                // sends: they sleep rather than poll.
+                busy_poll: Duration::ZERO,
             })?;
             let _ = self.engine.set(e);
         }
@@ -147,7 +150,7 @@ impl FileServer {
     /// Waits (bounded) for a started job and returns its outcome; on timeout
     /// it cancels the job, which returns once no I/O touches the buffer.
     pub(crate) fn finish(job: &Job) -> Result<()> {
-        if !job.wait(SERVE_TIMEOUT) {
+        if !job.wait(SERVE_TIMEOUT, Duration::ZERO) {
             // Returns once no I/O is in flight, so `buf` is no longer touched.
             job.cancel();
         }

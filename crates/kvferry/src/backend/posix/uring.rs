@@ -17,6 +17,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use io_uring::{opcode, squeue, types, IoUring, Probe};
 use parking_lot::Mutex;
@@ -65,6 +66,8 @@ fn probe_now() -> std::result::Result<(), String> {
 #[derive(Debug)]
 struct Shared {
     queue: Mutex<VecDeque<Arc<Job>>>,
+    /// Whether `queue` may hold jobs (read without the lock by a polling ring thread).
+    queued: AtomicBool,
     wake: EventFd,
     shutdown: AtomicBool,
 }
@@ -79,16 +82,18 @@ pub(crate) struct UringEngine {
 impl UringEngine {
     /// Starts a ring of `queue_depth` I/Os, of which at most `queue_bytes`
     /// bytes are in flight at once (`u64::MAX`: no limit), with kernel SQ
-    /// polling if `sqpoll`.
+    /// polling if `sqpoll`. Once idle, the ring thread polls for new jobs for
+    /// `busy_poll` before it sleeps in the kernel.
     ///
     /// The ring is created on its own thread, which is the only one that ever
     /// submits to it: that lets the kernel run completions on that thread
     /// only when it asks for them (`SINGLE_ISSUER | DEFER_TASKRUN`, Linux
     /// 6.1+; older kernels get a plain ring).
-    pub(crate) fn start(queue_depth: u32, queue_bytes: u64, sqpoll: bool) -> Result<UringEngine> {
+    pub(crate) fn start(queue_depth: u32, queue_bytes: u64, sqpoll: bool, busy_poll: Duration) -> Result<UringEngine> {
         probe()?;
         let shared = Arc::new(Shared {
             queue: Mutex::new(VecDeque::new()),
+            queued: AtomicBool::new(false),
             wake: EventFd::new().map_err(|e| Error::io("POSIX: creating an eventfd", e))?,
             shutdown: AtomicBool::new(false),
         });
@@ -99,7 +104,7 @@ impl UringEngine {
             .spawn(move || match build_ring(queue_depth, sqpoll) {
                 Ok(ring) => {
                     let _ = tx.send(Ok(()));
-                    Ring::new(ring, s, queue_depth as usize, queue_bytes).run()
+                    Ring::new(ring, s, queue_depth as usize, queue_bytes, busy_poll).run()
                 }
                 Err(e) => {
                     let _ = tx.send(Err(e));
@@ -138,6 +143,7 @@ impl Engine for UringEngine {
             return Err(Error::new(ErrorKind::Canceled, "POSIX: the io_uring engine is shutting down"));
         }
         self.shared.queue.lock().push_back(job);
+        self.shared.queued.store(true, Ordering::Release);
         self.shared.wake.signal();
         Ok(())
     }
@@ -173,12 +179,13 @@ struct Ring {
     /// Bytes of the I/Os in flight, and their limit.
     bytes: u64,
     max_bytes: u64,
+    busy_poll: Duration,
     wake_armed: bool,
     cqes: Vec<(u64, i32)>,
 }
 
 impl Ring {
-    fn new(ring: IoUring, shared: Arc<Shared>, depth: usize, max_bytes: u64) -> Ring {
+    fn new(ring: IoUring, shared: Arc<Shared>, depth: usize, max_bytes: u64, busy_poll: Duration) -> Ring {
         Ring {
             ring,
             shared,
@@ -188,6 +195,7 @@ impl Ring {
             in_flight: 0,
             bytes: 0,
             max_bytes,
+            busy_poll,
             wake_armed: false,
             cqes: Vec::with_capacity(depth * 2 + 2),
         }
@@ -203,6 +211,7 @@ impl Ring {
                 // for as long as this thread runs.
                 self.wake_armed = unsafe { self.push(&poll) };
             }
+            self.shared.queued.store(false, Ordering::Release);
             self.active.extend(self.shared.queue.lock().drain(..));
             if self.shared.shutdown.load(Ordering::Acquire) {
                 for job in self.active.drain(..) {
@@ -216,6 +225,9 @@ impl Ring {
             // also waits for the first completion (submitting in small batches
             // measured slower).
             self.fill();
+            if self.in_flight == 0 && self.poll_for_work() {
+                continue;
+            }
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)) => {}
@@ -225,6 +237,26 @@ impl Ring {
                 }
             }
             self.reap();
+        }
+    }
+
+    /// Idle: looks for new jobs for up to `busy_poll`, yielding the CPU
+    /// between looks, so that a job posted right after the last one finished
+    /// (a thread that waits, then posts again) costs no wake-up. Returns
+    /// whether one arrived (or shutdown began).
+    fn poll_for_work(&self) -> bool {
+        if self.busy_poll.is_zero() {
+            return false;
+        }
+        let until = Instant::now() + self.busy_poll;
+        loop {
+            if self.shared.queued.load(Ordering::Acquire) || self.shared.shutdown.load(Ordering::Acquire) {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            std::thread::yield_now();
         }
     }
 
