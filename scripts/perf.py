@@ -2,7 +2,7 @@
 """Measures kvferry against the physical references and NIXL in one session,
 alternating them round by round, and prints medians and paired ratios.
 
-Usage: scripts/perf.py [--rounds 5] [--nixl .venv-nixl/bin/python] [--skip-nixl]
+Usage: scripts/perf.py [--rounds 5] [--only all|storage] [--nixl .venv-nixl/bin/python] [--skip-nixl]
 Needs: target/release/kvferry (cargo build --release), iperf3, fio, gcc
 (for the memcpy anchor); NIXL optional. See docs/PERFORMANCE.md."""
 import argparse, json, os, re, shutil, statistics, subprocess, sys, tempfile, time
@@ -47,8 +47,16 @@ def nixl_p2p(py, tls, op, sizes, batch=1):
             res[int(m.group(1))] = (float(m.group(3)), float(m.group(4)))
     return res
 
-def nixl_storage(py):
-    out = sh(f"{py} {ANCHORS}/nixl_storage.py --block 1M --batch 256 --engine uring --direct --dir {DIR}", timeout=300, check=False)
+def nixl_storage(py, huge=True):
+    args = f"--block 1M --batch 256 --engine uring --direct --dir {DIR}"
+    if huge:
+        cmd = f"{py} {ANCHORS}/nixl_storage.py {args}"
+    else:
+        # numpy madvises transparent huge pages for arrays of 4 MiB and more;
+        # this runs the same anchor with that off (4 KiB pages, as fio has).
+        cmd = (f"{py} -c \"import sys, runpy, numpy; numpy.core.multiarray._set_madvise_hugepage(False); "
+               f"sys.argv = ['nixl_storage.py'] + sys.argv[1:]; runpy.run_path('{ANCHORS}/nixl_storage.py', run_name='__main__')\" {args}")
+    out = sh(cmd, timeout=300, check=False)
     w = float(re.search(r"^WRITE.*median ([\d.]+) GB/s", out, re.M).group(1))
     r = float(re.search(r"^READ.*median ([\d.]+) GB/s", out, re.M).group(1))
     return w, r
@@ -58,6 +66,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--nixl", default=os.path.join(os.path.dirname(ROOT), ".venv-nixl/bin/python"))
     ap.add_argument("--skip-nixl", action="store_true")
+    ap.add_argument("--only", choices=["all", "storage"], default="all")
     a = ap.parse_args()
     os.makedirs(DIR, exist_ok=True)
     sh(f"gcc -O2 {ANCHORS}/memcpy_bw.c -o /tmp/kvferry_memcpy_bw")
@@ -72,15 +81,17 @@ def main():
             print(f"round {r + 1}/{a.rounds}", file=sys.stderr, flush=True)
             put("memcpy 64M", memcpy())
             put("iperf3", iperf())
-            for be in ["local", "shm", "tcp"]:
+            p = kv_json("bench p2p --backend tcp --block-sizes 64M --op read")[0]
+            put("tcp READ 67108864", (p["gbps"], p["lat_us_avg"]))
+            for be in ([] if a.only == "storage" else ["local", "shm", "tcp"]):
                 for p in kv_json(f"bench p2p --backend {be} --block-sizes 4K,64M"):
                     put(f"{be} WRITE {p['block_size']}", (p["gbps"], p["lat_us_avg"]))
-                for p in kv_json(f"bench p2p --backend {be} --block-sizes 4K,64M --op read"):
+                for p in kv_json(f"bench p2p --backend {be} --block-sizes 4K{'' if be == 'tcp' else ',64M'} --op read"):
                     put(f"{be} READ {p['block_size']}", (p["gbps"], p["lat_us_avg"]))
                 for op in ["write", "read"]:
                     p = kv_json(f"bench p2p --backend {be} --block-sizes 16K --batch-sizes 4096 --op {op}")[0]
                     put(f"{be} {op.upper()} 16Kx4096", (p["gbps"], p["prep_us_avg"]))
-            if use_nixl:
+            if use_nixl and a.only == "all":
                 for tls, name in [("tcp", "nixl-tcp"), ("default", "nixl-shm")]:
                     for op in ["WRITE", "READ"]:
                         for size, v in nixl_p2p(a.nixl, tls, op, "4K,64M").items():
@@ -97,6 +108,8 @@ def main():
             st256 = f"bench storage --dir {DIR} --file-size 256M --direct --block-size 1M --batch-size 256 --iters 8"
             put("posix WRITE 1M x256 (256M file)", kv_json(f"{st256} --op write")[0]["gbps"])
             put("posix READ 1M x256 (256M file)", kv_json(f"{st256} --op read")[0]["gbps"])
+            put("posix WRITE 1M x256 (256M file, 4K pages)", kv_json(f"{st256} --op write --buffer shared")[0]["gbps"])
+            put("posix READ 1M x256 (256M file, 4K pages)", kv_json(f"{st256} --op read --buffer shared")[0]["gbps"])
             put("posix randread 4K x64 iops",
                 kv_json(f"{st} --block-size 4K --batch-size 64 --op read --pattern rand --duration 3")[0]["iops"])
             put("remote READ 1M x256", kv_json(f"bench storage --mode loopback --dir {DIR} --file-size 1G --direct "
@@ -105,6 +118,9 @@ def main():
                 w, rd = nixl_storage(a.nixl)
                 put("nixl-posix WRITE 1M x256", w)
                 put("nixl-posix READ 1M x256", rd)
+                w, rd = nixl_storage(a.nixl, huge=False)
+                put("nixl-posix WRITE 1M x256 (4K pages)", w)
+                put("nixl-posix READ 1M x256 (4K pages)", rd)
     finally:
         iperf_srv.kill()
         shutil.rmtree(DIR, ignore_errors=True)
@@ -128,7 +144,9 @@ def main():
                    ("posix WRITE 1M x256", "fio write 1M qd256"), ("posix READ 1M x256", "fio read 1M qd256"),
                    ("posix randread 4K x64 iops", "fio randread 4K qd64 iops"),
                    ("posix WRITE 1M x256 (256M file)", "nixl-posix WRITE 1M x256"),
-                   ("posix READ 1M x256 (256M file)", "nixl-posix READ 1M x256")]:
+                   ("posix READ 1M x256 (256M file)", "nixl-posix READ 1M x256"),
+                   ("posix WRITE 1M x256 (256M file, 4K pages)", "nixl-posix WRITE 1M x256 (4K pages)"),
+                   ("posix READ 1M x256 (256M file, 4K pages)", "nixl-posix READ 1M x256 (4K pages)")]:
         if k in rows and ref in rows:
             print(f"  {k} / {ref}: {ratio(k, ref):.2f}")
     for be in ["tcp", "shm"]:
