@@ -5,7 +5,9 @@
 //! payloads straight into registered memory, writes READ payloads straight
 //! from it, and answers with ACK, DATA or ERROR. The registration table is
 //! read-locked from the check to the end of the copy, so a region cannot be
-//! deregistered (and freed) in the middle of one.
+//! deregistered (and freed) in the middle of one. Frames on exported files
+//! go through staging buffers and the server's storage engine, started ahead
+//! and answered in order (see `Served::file_op`).
 
 use std::io;
 use std::net::{TcpListener, TcpStream};
@@ -67,18 +69,18 @@ struct Served<'a> {
     /// Bytes received and not handled yet.
     rx: sys::RecvBuf,
     spans: Vec<Span>,
-    /// File READs started and not answered yet, oldest first.
-    reads: std::collections::VecDeque<PendingRead>,
+    /// File operations started and not answered yet, oldest first.
+    pending: std::collections::VecDeque<PendingFile>,
     /// Staging buffers to reuse (page-aligned for O_DIRECT).
     spare: Vec<crate::mem::AlignedBuf>,
 }
 
-/// Bytes of file READs one connection holds, running or waiting to be sent
-/// (its staging memory): beyond it, it answers before it starts more.
-const FILE_READ_HELD: u64 = 32 << 20;
+/// Bytes of file operations one connection holds, running or waiting to be
+/// answered (its staging memory): beyond it, it answers before it starts more.
+const FILE_HELD: u64 = 32 << 20;
 
 /// A file operation whose I/Os are running into (or from) its staging buffer.
-struct PendingRead {
+struct PendingFile {
     op: u64,
     len: u64,
     job: Arc<crate::backend::posix::Job>,
@@ -86,7 +88,7 @@ struct PendingRead {
     buf: Option<crate::mem::AlignedBuf>,
 }
 
-impl Drop for PendingRead {
+impl Drop for PendingFile {
     fn drop(&mut self) {
         // The kernel may still write into the buffer: wait until no I/O is in flight.
         if self.buf.is_some() {
@@ -155,7 +157,7 @@ fn serve_conn(shared: &Shared, stream: &TcpStream) -> io::Result<()> {
         peer: hello.name.as_str().into(),
         rx: sys::RecvBuf::new(RECV_BUF),
         spans: Vec::new(),
-        reads: std::collections::VecDeque::new(),
+        pending: std::collections::VecDeque::new(),
         spare: Vec::new(),
     };
     // Idle between frames: wait for as long as the backend lives.
@@ -167,11 +169,11 @@ fn serve_conn(shared: &Shared, stream: &TcpStream) -> io::Result<()> {
         }
     };
     loop {
-        // File READs in flight: start the next frame's I/O whenever one is
-        // waiting and there is room, else answer the oldest (waiting for it
+        // File operations in flight: start the next frame's I/O whenever one
+        // is waiting and there is room, else answer the oldest (waiting for it
         // if need be). Starting comes first so that the disk gets new work the
-        // moment earlier reads finish, not after their answers went out.
-        while !s.reads.is_empty() {
+        // moment earlier I/O finishes, not after the answers went out.
+        while !s.pending.is_empty() {
             if s.rx.bytes().len() < HEADER_LEN {
                 match s.rx.fill_once(fd, true) {
                     Ok(_) => {}
@@ -179,10 +181,10 @@ fn serve_conn(shared: &Shared, stream: &TcpStream) -> io::Result<()> {
                     Err(e) => return Err(e),
                 }
             }
-            if s.rx.bytes().len() >= HEADER_LEN && s.read_room() {
+            if s.rx.bytes().len() >= HEADER_LEN && s.file_room() {
                 break;
             }
-            s.flush_reads(1)?;
+            s.flush_pending(1)?;
         }
         // Poll briefly for the next frame before sleeping: a thread woken from
         // sleep costs more than a small frame.
@@ -209,8 +211,8 @@ fn serve_conn(shared: &Shared, stream: &TcpStream) -> io::Result<()> {
         };
         let is_file = matches!(h.ty, FrameType::Write | FrameType::Read) && s.file_frame(&h)?;
         if !is_file {
-            // Memory operations and notifications answer after earlier file READs.
-            s.flush_reads(usize::MAX)?;
+            // Memory operations and notifications answer after earlier file operations.
+            s.flush_pending(usize::MAX)?;
         }
         match h.ty {
             FrameType::Write | FrameType::Read => s.data_op(&h)?,
@@ -258,9 +260,12 @@ fn welcome(shared: &Shared, status: Status, message: String) -> Vec<u8> {
 impl Served<'_> {
     /// A frame on exported files: WRITE payloads land in a staging buffer and
     /// go to the files; READ data comes from the files through one. Entries
-    /// were checked against the live regions already. READs are pipelined:
-    /// up to [`FILE_READ_HELD`] bytes of them are started ahead and answered
-    /// in order, so the disk works on the next frames while earlier data goes out.
+    /// were checked against the live regions already. Operations are
+    /// pipelined: up to [`FILE_HELD`] bytes of them are started ahead and
+    /// answered in order, so the disk works on the next frames while earlier
+    /// data goes out (READ) or the next payload comes in (WRITE). An answer
+    /// goes out only once its I/O finished: a WRITE is acknowledged when its
+    /// bytes are in the file.
     fn file_op(&mut self, h: &Header, tlen: usize) -> io::Result<()> {
         let table = &self.rx.bytes()[..tlen];
         let entries: Vec<(crate::backend::AccessKey, u64, u64)> = (0..h.count as usize)
@@ -268,10 +273,6 @@ impl Served<'_> {
             .map(|e| (e.key, e.addr, e.len))
             .collect();
         self.rx.consume(tlen);
-        if h.ty == FrameType::Write {
-            // Answers go out in order: earlier READs first.
-            self.flush_reads(usize::MAX)?;
-        }
         let len = h.len as usize;
         let mut staging = match self.spare.pop().filter(|b| b.len() >= len) {
             Some(b) => b,
@@ -281,7 +282,8 @@ impl Served<'_> {
                     if h.ty == FrameType::Write {
                         self.rx.discard(self.fd, h.len, &mut mid_frame)?;
                     }
-                    self.flush_reads(usize::MAX)?;
+                    // Answers go out in order: earlier operations first.
+                    self.flush_pending(usize::MAX)?;
                     return self.send_error(h.op, &ProtoError { status: Status::Storage, message: e.to_string() });
                 }
             },
@@ -299,36 +301,32 @@ impl Served<'_> {
             Ok(job) => job,
             Err(e) => {
                 self.spare.push(staging);
-                self.flush_reads(usize::MAX)?;
+                self.flush_pending(usize::MAX)?;
                 return self.send_error(h.op, &file_error(&e));
             }
         };
-        let pending = PendingRead { op: h.op, len: h.len, job, buf: Some(staging) };
-        if h.ty == FrameType::Write {
-            return self.answer(pending);
-        }
-        self.reads.push_back(pending);
+        self.pending.push_back(PendingFile { op: h.op, len: h.len, job, buf: Some(staging) });
         Ok(())
     }
 
-    /// Answers up to `n` pending READs (or WRITEs handed to [`answer`]), oldest first.
-    fn flush_reads(&mut self, n: usize) -> io::Result<()> {
+    /// Answers up to `n` pending file operations, oldest first.
+    fn flush_pending(&mut self, n: usize) -> io::Result<()> {
         for _ in 0..n {
-            let Some(p) = self.reads.pop_front() else { break };
+            let Some(p) = self.pending.pop_front() else { break };
             self.answer(p)?;
         }
         Ok(())
     }
 
-    /// Whether another file READ may start: the READs held (running, or
-    /// finished and not sent yet) stay under [`FILE_READ_HELD`] bytes. The
+    /// Whether another file operation may start: those held (running, or
+    /// finished and not answered yet) stay under [`FILE_HELD`] bytes. The
     /// server's engine decides how many of them run on the disk at once.
-    fn read_room(&self) -> bool {
-        self.reads.iter().map(|p| p.len).sum::<u64>() < FILE_READ_HELD
+    fn file_room(&self) -> bool {
+        self.pending.iter().map(|p| p.len).sum::<u64>() < FILE_HELD
     }
 
     /// Waits for one file operation and sends its answer (ACK, DATA or ERROR).
-    fn answer(&mut self, mut p: PendingRead) -> io::Result<()> {
+    fn answer(&mut self, mut p: PendingFile) -> io::Result<()> {
         let r = crate::backend::posix::FileServer::finish(&p.job);
         // Finished (or cancelled): no I/O touches the buffer any more.
         let buf = p.buf.take();
