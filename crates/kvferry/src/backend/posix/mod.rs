@@ -371,7 +371,15 @@ impl Backend for PosixBackend {
         }
         drop(table);
         let batch = IoBatch::new(ops, keys.len())?;
-        Ok(Box::new(PosixXfer { inner: self.inner.clone(), mem: plan.remote_mem, keys, batch, job: None, notif: None }))
+        Ok(Box::new(PosixXfer {
+            inner: self.inner.clone(),
+            mem: plan.remote_mem,
+            keys,
+            batch,
+            job: None,
+            notif: None,
+            poll_left: Duration::ZERO,
+        }))
     }
 
     fn send_notification(&self, _peer: &str, _msg: &[u8]) -> Result<()> {
@@ -397,6 +405,9 @@ struct PosixXfer {
     job: Option<Arc<Job>>,
     /// The notification to deliver to this agent after the data.
     notif: Option<Vec<u8>>,
+    /// Polling left to this posting's first wait (`busy_poll_us`): later
+    /// waits, such as the short slices of a long `Request::wait`, sleep.
+    poll_left: Duration,
 }
 
 impl PosixXfer {
@@ -442,6 +453,7 @@ impl BackendXfer for PosixXfer {
         self.notif = notif.map(<[u8]>::to_vec);
         self.inner.engine.submit(job.clone())?;
         self.job = Some(job);
+        self.poll_left = self.inner.busy_poll;
         Ok(XferState::InProgress)
     }
 
@@ -451,7 +463,7 @@ impl BackendXfer for PosixXfer {
 
     fn wait(&mut self, timeout: Duration) -> Result<XferState> {
         if let Some(job) = &self.job {
-            job.wait(timeout, self.inner.busy_poll);
+            job.wait(timeout, std::mem::take(&mut self.poll_left));
         }
         self.outcome()
     }
