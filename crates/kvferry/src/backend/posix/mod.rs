@@ -98,9 +98,10 @@ const PARAMS: &[ParamSpec] = &[
     ParamSpec {
         name: "busy_poll_us",
         default: "1000",
-        doc: "microseconds a thread waiting for a request, and the idle io_uring thread waiting for work, poll \
-              (yielding the CPU between looks) before they sleep (0..=1000000). Saves two thread wake-ups per \
-              request, tens of µs each on a virtual machine; 0 sleeps at once",
+        doc: "microseconds a thread waiting for a request (at the start of each posting's first wait), and the \
+              idle io_uring thread waiting for work, poll (yielding the CPU between looks) before they sleep \
+              (0..=1000000). Saves two thread wake-ups per request, tens of µs each on a virtual machine; 0 sleeps \
+              at once",
     },
     ParamSpec {
         name: "sqpoll",
