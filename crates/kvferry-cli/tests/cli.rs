@@ -94,6 +94,33 @@ fn p2p_loopback_json_parses_and_verifies() {
     }
 }
 
+/// `--buffer huge` reaches both sides (the loopback target is its own
+/// process) and every byte still arrives.
+#[test]
+fn p2p_with_huge_page_buffers_verifies() {
+    let o = kvferry(&[
+        "bench",
+        "p2p",
+        "--backend",
+        "tcp",
+        "--block-sizes",
+        "4K,4M",
+        "--num_iter",
+        "10",
+        "--json",
+        "--check-consistency",
+        "--buffer",
+        "huge",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    assert!(lines.iter().all(|l| l["verified"] == true), "{lines:?}");
+    let o = kvferry(&["bench", "p2p", "--buffer", "gigantic"]);
+    assert!(!o.status.success() && text(&o).contains("shared"), "{}", text(&o));
+}
+
 #[test]
 fn p2p_duration_table_and_plot() {
     let dir = std::env::temp_dir().join(format!("kvferry-cli-{}", std::process::id()));
@@ -351,7 +378,7 @@ fn storage_local_and_remote_file_segments_across_processes() {
     std::fs::create_dir_all(&dir).unwrap();
     for (mode, op, extra) in [
         ("local", "write", &["--engine", "threads"][..]),
-        ("local", "read", &["--direct"][..]),
+        ("local", "read", &["--direct", "--buffer", "shared"][..]),
         ("loopback", "write", &[][..]),
         ("loopback", "read", &["--direct", "--pattern", "rand"][..]),
     ] {

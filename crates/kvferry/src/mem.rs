@@ -174,7 +174,7 @@ fn huge_alloc(len: usize) -> Option<RawAlloc> {
             std::ptr::null_mut(),
             over,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
             -1,
             0,
         )
@@ -324,8 +324,8 @@ impl AlignedBuf {
     /// This is the buffer for storage I/O and large copies. An O_DIRECT
     /// read or write pins every page it touches, and with 2 MiB pages a 1 MiB
     /// I/O pins one page instead of 256: on the reference machine that
-    /// doubles POSIX bandwidth (see docs/PERFORMANCE.md). numpy and PyTorch
-    /// buffers get the same treatment from their allocators.
+    /// doubles POSIX bandwidth (see docs/PERFORMANCE.md). numpy's allocator
+    /// does the same for arrays of 4 MiB and more.
     ///
     /// Unlike [`new`](Self::new), same-host peers cannot map this memory: the
     /// SHM backend reaches it with cross-memory attach (`process_vm_*`), which

@@ -74,8 +74,7 @@ pub struct Common {
 }
 
 /// How the bench allocates its buffers (see [`kvferry::AlignedBuf`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum BufferKind {
     /// `AlignedBuf::new`: a memfd that SHM peers map for plain memcpy.
     Shared,
@@ -84,6 +83,14 @@ pub enum BufferKind {
 }
 
 impl BufferKind {
+    /// The flag's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BufferKind::Shared => "shared",
+            BufferKind::Huge => "huge",
+        }
+    }
+
     /// Allocates `len` bytes of this kind.
     pub fn alloc(self, len: usize) -> Result<kvferry::AlignedBuf> {
         match self {

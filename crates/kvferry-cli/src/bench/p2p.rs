@@ -12,7 +12,7 @@ use kvferry::{
 };
 
 use super::report::{self, Point, Timings};
-use super::{pattern, sweep, Common};
+use super::{pattern, sweep, BufferKind, Common};
 use crate::rendezvous::{self, Msg};
 
 /// Where this process plays.
@@ -155,7 +155,7 @@ fn run_target_store(args: &P2pArgs) -> Result<()> {
     let a = Agent::new(&name, st.config().with_backend(&args.backend, args.common.backend_params()?))?;
     let store = a.store()?;
     let len = span_per_initiator(&args.common)? * st.initiators.max(1);
-    let mut buf = AlignedBuf::new(len)?;
+    let mut buf = args.common.buffer_or(BufferKind::Shared).alloc(len)?;
     pattern::fill(buf.as_mut_slice(), 0, TARGET_SEED);
     let _reg = a.register_buf(&buf)?;
     // A previous run of the same job may have left its "done" marks.
@@ -185,7 +185,7 @@ fn connect_store(args: &P2pArgs) -> Result<Session> {
     let agent = Agent::new(&name, st.config().with_backend(&args.backend, args.common.backend_params()?))?;
     let store = agent.store()?;
     let span = span_per_initiator(&args.common)?;
-    let mut buf = AlignedBuf::new(span * 2)?;
+    let mut buf = args.common.buffer_or(BufferKind::Shared).alloc(span * 2)?;
     pattern::fill(&mut buf.as_mut_slice()[..span], 0, INIT_SEED);
     let reg = agent.register_buf(&buf)?;
     agent.send_local_metadata(MetaPeer::Store)?;
@@ -241,7 +241,7 @@ pub fn run_target(args: &P2pArgs) -> Result<()> {
     let params = args.common.backend_params()?;
     let result = (|| {
         let a = agent("target", &backend, &params)?;
-        let mut buf = AlignedBuf::new(buf_len as usize)?;
+        let mut buf = args.common.buffer_or(BufferKind::Shared).alloc(buf_len as usize)?;
         pattern::fill(buf.as_mut_slice(), 0, pattern_seed);
         let reg = a.register_buf(&buf)?;
         a.load_remote_metadata(&metadata)?;
@@ -286,12 +286,12 @@ pub fn connect(args: &P2pArgs, buf_len: usize) -> Result<Session> {
     let params = args.common.backend_params()?;
     let agent = agent("initiator", &args.backend, &params)?;
     // The second half of the local buffer receives read-backs for verification.
-    let mut buf = AlignedBuf::new(buf_len * 2)?;
+    let mut buf = args.common.buffer_or(BufferKind::Shared).alloc(buf_len * 2)?;
     pattern::fill(&mut buf.as_mut_slice()[..buf_len], 0, INIT_SEED);
     let reg = agent.register_buf(&buf)?;
     if args.mode == Mode::Loopback && args.backend.eq_ignore_ascii_case("local") {
         let t = self::agent("target", &args.backend, &params)?;
-        let mut tb = AlignedBuf::new(buf_len)?;
+        let mut tb = args.common.buffer_or(BufferKind::Shared).alloc(buf_len)?;
         pattern::fill(tb.as_mut_slice(), 0, TARGET_SEED);
         let treg = t.register_buf(&tb)?;
         agent.load_remote_metadata(&t.local_metadata()?)?;
@@ -352,6 +352,9 @@ fn spawn_target(args: &P2pArgs) -> Result<(String, ChildGuard)> {
     argv.push(args.backend.clone());
     for p in &args.common.param {
         argv.extend(["--param".to_string(), p.clone()]);
+    }
+    if let Some(b) = args.common.buffer {
+        argv.extend(["--buffer".to_string(), b.as_str().to_string()]);
     }
     spawn_child(&argv)
 }
