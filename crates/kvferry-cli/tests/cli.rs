@@ -44,6 +44,7 @@ fn argument_errors_are_clear() {
     assert!(text(&o).contains("'bogus'"), "{}", text(&o));
     let o = kvferry(&["bench", "storage", "--mode", "initiator"]);
     assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("needs --port"), "{}", text(&o));
 }
 
 #[test]

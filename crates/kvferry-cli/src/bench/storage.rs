@@ -324,6 +324,10 @@ fn remote_session(a: &StorageArgs, c: &Common, _op: XferOp, max: usize) -> Resul
         let (addr, child) = super::p2p::spawn_child(&argv)?;
         keep.push(Box::new(child));
         addr
+    } else if a.port == 0 {
+        return Err(Error::invalid(
+            "bench storage --mode initiator needs --port: the port the target printed (KVFERRY-TARGET listening on …)",
+        ));
     } else {
         format!("{}:{}", a.ip, a.port)
     };
