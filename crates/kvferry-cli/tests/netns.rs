@@ -2,52 +2,13 @@
 //! namespaces joined by a veth pair, created and removed here. Where
 //! namespaces cannot be made (no root, no `ip`), the test says so loudly.
 
+#[path = "../../kvferry/tests/netns_support/mod.rs"]
+mod netns_support;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-struct Netns {
-    a: String,
-    b: String,
-    ip_a: String,
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip").args(args).output().map_err(|e| format!("cannot run `ip`: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("`ip {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
-    }
-}
-
-impl Netns {
-    fn create() -> Result<Netns, String> {
-        let pid = std::process::id();
-        let net = format!("10.{}.{}", 200 + pid % 50, (pid / 50) % 250);
-        let n = Netns { a: format!("kvfc-{pid}-a"), b: format!("kvfc-{pid}-b"), ip_a: format!("{net}.1") };
-        let ip_b = format!("{net}.2");
-        let (va, vb) = (format!("kvca{}", pid % 100_000), format!("kvcb{}", pid % 100_000));
-        ip(&["netns", "add", &n.a])?;
-        ip(&["netns", "add", &n.b])?;
-        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb])?;
-        ip(&["link", "set", &va, "netns", &n.a])?;
-        ip(&["link", "set", &vb, "netns", &n.b])?;
-        ip(&["-n", &n.a, "addr", "add", &format!("{}/24", n.ip_a), "dev", &va])?;
-        ip(&["-n", &n.b, "addr", "add", &format!("{ip_b}/24"), "dev", &vb])?;
-        for (ns, dev) in [(&n.a, &va), (&n.b, &vb)] {
-            ip(&["-n", ns, "link", "set", dev, "up"])?;
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
-        }
-        Ok(n)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = ip(&["netns", "del", &self.a]);
-        let _ = ip(&["netns", "del", &self.b]);
-    }
-}
+use netns_support::Netns;
 
 /// Runs `kvferry <args>` as a target inside `ns`, returns it and its port.
 fn target(ns: &str, args: &[&str]) -> (std::process::Child, String) {
@@ -83,14 +44,7 @@ fn initiator(ns: &str, args: &[&str]) -> std::process::Output {
 
 #[test]
 fn memory_and_remote_files_between_two_namespaces() {
-    let ns = match Netns::create() {
-        Ok(ns) => ns,
-        Err(why) => {
-            eprintln!("\n*** SKIPPED: cannot create network namespaces: {why} ***\n");
-            println!("SKIPPED: cannot create network namespaces: {why}");
-            return;
-        }
-    };
+    let Some(ns) = Netns::create_or_skip("c", 201) else { return };
     // Memory over TCP.
     let (t, port) =
         target(&ns.a, &["bench", "p2p", "--mode", "target", "--backend", "tcp", "--ip", &ns.ip_a, "--port", "0"]);

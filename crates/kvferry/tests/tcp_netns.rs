@@ -3,66 +3,17 @@
 //! the test itself. Where namespaces cannot be created (no root, no `ip`),
 //! the test says so loudly and returns.
 
+mod netns_support;
 mod tcp_support;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kvferry::{AlignedBuf, Params, XferOp};
+use netns_support::Netns;
 use tcp_support::{fetch, fill, first_mismatch, PeerProc};
 
 peer_entry!();
-
-/// Namespaces and the veth pair; removed on drop, even when the test fails.
-struct Netns {
-    a: String,
-    b: String,
-    ip_a: String,
-    ip_b: String,
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip").args(args).output().map_err(|e| format!("cannot run `ip`: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("`ip {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
-    }
-}
-
-impl Netns {
-    fn create() -> Result<Netns, String> {
-        let pid = std::process::id();
-        let tag = format!("{:x}{:04x}", pid, Instant::now().elapsed().subsec_nanos() as u16 ^ (pid as u16));
-        let n = Netns {
-            a: format!("kvft-{tag}-a"),
-            b: format!("kvft-{tag}-b"),
-            ip_a: format!("10.{}.{}.1", 100 + pid % 100, (pid / 100) % 250),
-            ip_b: format!("10.{}.{}.2", 100 + pid % 100, (pid / 100) % 250),
-        };
-        let (va, vb) = (format!("kva{}", pid % 100_000), format!("kvb{}", pid % 100_000));
-        ip(&["netns", "add", &n.a])?;
-        ip(&["netns", "add", &n.b])?;
-        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb])?;
-        ip(&["link", "set", &va, "netns", &n.a])?;
-        ip(&["link", "set", &vb, "netns", &n.b])?;
-        ip(&["-n", &n.a, "addr", "add", &format!("{}/24", n.ip_a), "dev", &va])?;
-        ip(&["-n", &n.b, "addr", "add", &format!("{}/24", n.ip_b), "dev", &vb])?;
-        for (ns, dev) in [(&n.a, &va), (&n.b, &vb)] {
-            ip(&["-n", ns, "link", "set", dev, "up"])?;
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
-        }
-        Ok(n)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        // Deleting a namespace deletes the veth end inside it, and so the pair.
-        let _ = ip(&["netns", "del", &self.a]);
-        let _ = ip(&["netns", "del", &self.b]);
-    }
-}
 
 /// The initiator role, run inside namespace A.
 #[test]
@@ -101,14 +52,7 @@ fn initiator_entry() {
 
 #[test]
 fn two_hosts_in_network_namespaces() {
-    let ns = match Netns::create() {
-        Ok(ns) => ns,
-        Err(why) => {
-            eprintln!("\n*** SKIPPED: cannot create network namespaces: {why} ***\n");
-            println!("SKIPPED: cannot create network namespaces: {why}");
-            return;
-        }
-    };
+    let Some(ns) = Netns::create_or_skip("t", 101) else { return };
     let len = 8 << 20;
     let mut peer = PeerProc::spawn("tn-peer", len, &[("KVF_TCP_LISTEN", &ns.ip_b)], &["ip", "netns", "exec", &ns.b]);
     let exe = std::env::current_exe().unwrap();
