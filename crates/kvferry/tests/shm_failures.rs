@@ -9,7 +9,7 @@ mod shm_support;
 use std::time::{Duration, Instant};
 
 use kvferry::{AlignedBuf, ErrorKind, MemType, XferDesc, XferDescList, XferOp};
-use shm_support::{agent, fill, peer_main, scratch, Peer};
+use shm_support::{agent, eventually, fill, peer_main, scratch, Peer};
 
 const ME: &str = "shm_failures";
 
@@ -25,15 +25,6 @@ fn spawn(name: &str, size: usize, seed: u64) -> Peer {
 
 fn one(base: u64, len: usize) -> XferDescList {
     XferDescList::from_descs(MemType::Dram, vec![XferDesc::new(base, len as u64, 0)])
-}
-
-/// Waits (bounded) until `f` holds.
-fn eventually(what: &str, f: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < deadline, "{what}: not within 10 s");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 #[test]

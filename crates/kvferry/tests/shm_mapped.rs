@@ -7,12 +7,10 @@
 
 mod shm_support;
 
-use std::time::{Duration, Instant};
-
 use kvferry::{
     Agent, AgentConfig, AlignedBuf, ErrorKind, MemType, Params, RegDesc, RegDescList, XferDesc, XferDescList, XferOp,
 };
-use shm_support::{agent, fill, maps_inode, pattern, peer_main, scratch, Peer};
+use shm_support::{agent, eventually, fill, maps_inode, pattern, peer_main, remote_list, Peer};
 
 const ME: &str = "shm_mapped";
 
@@ -26,32 +24,12 @@ fn spawn(name: &str, size: usize, seed: u64, extra: &[(&str, &str)]) -> Peer {
     Peer::spawn("shm_peer_main", name, size, seed, extra)
 }
 
-fn dump(peer: &mut Peer, tag: &str) -> Vec<u8> {
-    let path = scratch(tag);
-    peer.ok(&format!("DUMP {}", path.display()));
-    let d = std::fs::read(&path).unwrap();
-    let _ = std::fs::remove_file(&path);
-    d
-}
-
-fn descs(base: u64, offsets: impl Iterator<Item = usize>, len: usize) -> XferDescList {
-    XferDescList::from_descs(MemType::Dram, offsets.map(|o| XferDesc::new(base + o as u64, len as u64, 0)).collect())
-}
-
 /// Registers a `Vec`'s memory raw (no memfd behind it).
 fn register_vec(a: &Agent, v: &[u8]) -> kvferry::Registration {
     let mut l = RegDescList::new(MemType::Dram);
     l.push(RegDesc::new(v.as_ptr() as u64, v.len() as u64, 0));
     // SAFETY: every Vec passed here outlives its registration (dropped first in each test).
     unsafe { a.register_mem(&l, &[]) }.unwrap()
-}
-
-fn eventually(what: &str, f: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < deadline, "{what}: not within 10 s");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 #[test]
@@ -69,12 +47,12 @@ fn aligned_buf_regions_use_the_mapped_path() {
 
     // One descriptor, WRITE then READ.
     let whole_l = buf.xfer_blocks(0, B * K, 1).unwrap();
-    let whole_r = descs(peer.addr, std::iter::once(0), B * K);
+    let whole_r = remote_list(peer.addr, std::iter::once(0), B * K);
     let w = a.create_request(XferOp::Write, &whole_l, &whole_r, "shm-m1", None).unwrap();
     assert_eq!(w.data_path(), Some("mapped"));
     assert!(maps_inode(inode), "prepare mapped the peer's memfd");
     w.post(None).unwrap();
-    assert!(dump(&mut peer, "m1w") == buf.as_slice(), "WRITE: the peer's buffer differs from ours");
+    assert!(peer.dump("m1w") == buf.as_slice(), "WRITE: the peer's buffer differs from ours");
     peer.ok("FILL 33");
     let r = a.create_request(XferOp::Read, &whole_l, &whole_r, "shm-m1", None).unwrap();
     assert_eq!(r.data_path(), Some("mapped"));
@@ -84,11 +62,11 @@ fn aligned_buf_regions_use_the_mapped_path() {
     // 4096 scattered descriptors, WRITE then READ.
     fill(buf.as_mut_slice(), 44);
     let local = buf.xfer_blocks(0, B, K).unwrap();
-    let remote = descs(peer.addr, (0..K).map(|i| perm(i) * B), B);
+    let remote = remote_list(peer.addr, (0..K).map(|i| perm(i) * B), B);
     let w = a.create_request(XferOp::Write, &local, &remote, "shm-m1", None).unwrap();
     assert_eq!((w.segments(), w.data_path()), (K, Some("mapped")));
     w.post(None).unwrap();
-    let got = dump(&mut peer, "m1w4k");
+    let got = peer.dump("m1w4k");
     for i in 0..K {
         assert!(got[perm(i) * B..][..B] == buf.as_slice()[i * B..][..B], "WRITE: block {i} differs");
     }
@@ -116,15 +94,15 @@ fn raw_registered_memory_uses_cross_memory_attach() {
     let reg = register_vec(&a, &mine);
     a.load_remote_metadata(&raw_peer.md).unwrap();
     a.load_remote_metadata(&buf_peer.md).unwrap();
-    let local = descs(mine.as_ptr() as u64, (0..N / 4096).map(|i| i * 4096), 4096);
+    let local = remote_list(mine.as_ptr() as u64, (0..N / 4096).map(|i| i * 4096), 4096);
 
     for (peer, path) in [(&mut raw_peer, "cma"), (&mut buf_peer, "mapped")] {
         let name = peer.name.clone();
-        let remote = descs(peer.addr, (0..N / 4096).map(|i| ((i * 7) % (N / 4096)) * 4096), 4096);
+        let remote = remote_list(peer.addr, (0..N / 4096).map(|i| ((i * 7) % (N / 4096)) * 4096), 4096);
         let w = a.create_request(XferOp::Write, &local, &remote, &name, None).unwrap();
         assert_eq!(w.data_path(), Some(path), "{name}");
         w.post(None).unwrap();
-        let got = dump(peer, &format!("raw-{name}"));
+        let got = peer.dump(&format!("raw-{name}"));
         for i in 0..N / 4096 {
             let o = ((i * 7) % (N / 4096)) * 4096;
             assert!(got[o..][..4096] == mine[i * 4096..][..4096], "{name}: WRITE block {i} differs");
@@ -176,7 +154,7 @@ fn mixed_requests_and_the_map_parameter() {
     let first = buf.xfer_blocks(0, 4096, 1).unwrap();
     let one = |agent: &Agent, owner: &Agent, addr: u64| {
         agent.load_remote_metadata(&owner.local_metadata().unwrap()).unwrap();
-        let r = descs(addr, std::iter::once(0), 4096);
+        let r = remote_list(addr, std::iter::once(0), 4096);
         let req = agent.create_request_with(XferOp::Write, &first, &r, owner.name(), None, &["SHM"]).unwrap();
         req.post(None).unwrap();
         req.data_path()
@@ -204,7 +182,7 @@ fn deregistration_unmaps_and_later_posts_touch_nothing() {
     let _r = a.register_buf(&buf).unwrap();
     a.load_remote_metadata(&peer.md).unwrap();
     let local = buf.xfer_blocks(0, N, 1).unwrap();
-    let remote = descs(peer.addr, std::iter::once(0), N);
+    let remote = remote_list(peer.addr, std::iter::once(0), N);
     let w = a.create_request(XferOp::Write, &local, &remote, "shm-mdereg", None).unwrap();
     let r = a.create_request(XferOp::Read, &local, &remote, "shm-mdereg", None).unwrap();
     assert_eq!(w.data_path(), Some("mapped"));
@@ -222,7 +200,7 @@ fn deregistration_unmaps_and_later_posts_touch_nothing() {
         assert!(e.message().contains("deregistered"), "{e}");
     }
     assert_eq!(buf.as_slice().iter().enumerate().position(|(i, &b)| b != pattern(13, i)), None, "READ moved nothing");
-    let got = dump(&mut peer, "mdereg");
+    let got = peer.dump("mdereg");
     assert_eq!(got.iter().enumerate().position(|(i, &b)| b != pattern(12, i)), None, "the owner's memory is untouched");
     let e = a.create_request(XferOp::Write, &local, &remote, "shm-mdereg", None).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotAllowed, "{e}");
@@ -239,7 +217,7 @@ fn exited_peer_fails_mapped_posts_and_is_unmapped() {
     let _r = a.register_buf(&buf).unwrap();
     a.load_remote_metadata(&peer.md).unwrap();
     let local = buf.xfer_blocks(0, N, 1).unwrap();
-    let remote = descs(peer.addr, std::iter::once(0), N);
+    let remote = remote_list(peer.addr, std::iter::once(0), N);
     let w = a.create_request(XferOp::Write, &local, &remote, "shm-mexit", None).unwrap();
     let r = a.create_request(XferOp::Read, &local, &remote, "shm-mexit", None).unwrap();
     assert_eq!((w.data_path(), r.data_path()), (Some("mapped"), Some("mapped")));

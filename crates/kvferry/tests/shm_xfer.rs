@@ -7,8 +7,8 @@ mod shm_support;
 
 use std::time::Duration;
 
-use kvferry::{AlignedBuf, ErrorKind, MemType, XferDesc, XferDescList, XferOp};
-use shm_support::{agent, fill, pattern, peer_main, scratch, Peer};
+use kvferry::{AlignedBuf, ErrorKind, XferOp};
+use shm_support::{agent, fill, pattern, peer_main, remote_list, Peer};
 
 const ME: &str = "shm_xfer";
 
@@ -20,18 +20,6 @@ fn shm_peer_main() {
 
 fn spawn(name: &str, size: usize, seed: u64, extra: &[(&str, &str)]) -> Peer {
     Peer::spawn("shm_peer_main", name, size, seed, extra)
-}
-
-fn dump(peer: &mut Peer, tag: &str) -> Vec<u8> {
-    let path = scratch(tag);
-    peer.ok(&format!("DUMP {}", path.display()));
-    let d = std::fs::read(&path).unwrap();
-    let _ = std::fs::remove_file(&path);
-    d
-}
-
-fn remote_list(base: u64, offsets: impl Iterator<Item = usize>, len: usize) -> XferDescList {
-    XferDescList::from_descs(MemType::Dram, offsets.map(|o| XferDesc::new(base + o as u64, len as u64, 0)).collect())
 }
 
 #[test]
@@ -50,7 +38,7 @@ fn write_and_read_one_descriptor() {
     assert_eq!(w.backend(), "SHM");
     w.post(None).unwrap();
     w.wait(Duration::from_secs(5)).unwrap();
-    assert!(dump(&mut peer, "w1") == buf.as_slice(), "WRITE: the peer's buffer differs from ours");
+    assert!(peer.dump("w1") == buf.as_slice(), "WRITE: the peer's buffer differs from ours");
 
     peer.ok("FILL 33");
     let r = a.create_request(XferOp::Read, &local, &remote, "shm-p1", None).unwrap();
@@ -80,7 +68,7 @@ fn write_and_read_4096_scattered_descriptors() {
     assert_eq!(w.segments(), K, "scattered descriptors stay separate");
     w.post(None).unwrap();
     w.wait(Duration::from_secs(5)).unwrap();
-    let got = dump(&mut peer, "w4k");
+    let got = peer.dump("w4k");
     for i in 0..K {
         assert!(got[perm(i) * B..][..B] == buf.as_slice()[i * B..][..B], "WRITE: block {i} differs");
     }

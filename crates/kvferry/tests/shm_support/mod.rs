@@ -386,6 +386,15 @@ impl Peer {
     }
 
     /// Sends a command that must answer OK.
+    /// The peer's whole buffer, as it is now (written to a scratch file by the peer).
+    pub fn dump(&mut self, tag: &str) -> Vec<u8> {
+        let path = scratch(tag);
+        self.ok(&format!("DUMP {}", path.display()));
+        let d = std::fs::read(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        d
+    }
+
     pub fn ok(&mut self, c: &str) {
         let a = self.cmd(c);
         assert_eq!(a, "OK", "peer answered {a:?} to {c:?}");
@@ -424,4 +433,21 @@ impl Drop for Peer {
 /// A scratch file path unique to this process.
 pub fn scratch(tag: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("kvferry-shm-test-{}-{tag}", std::process::id()))
+}
+
+/// DRAM descriptors of `len` bytes at `base + offset` for each offset.
+pub fn remote_list(base: u64, offsets: impl Iterator<Item = usize>, len: usize) -> kvferry::XferDescList {
+    kvferry::XferDescList::from_descs(
+        MemType::Dram,
+        offsets.map(|o| kvferry::XferDesc::new(base + o as u64, len as u64, 0)).collect(),
+    )
+}
+
+/// Waits (bounded, 10 s) until `f` holds.
+pub fn eventually(what: &str, f: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "{what}: not within 10 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
