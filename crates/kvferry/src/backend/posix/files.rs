@@ -204,6 +204,22 @@ impl fmt::Debug for OpenFile {
 }
 
 impl OpenFile {
+    /// `/dev/null`, read-write, for unit tests of code that only carries files.
+    #[cfg(test)]
+    pub(crate) fn dev_null() -> Arc<OpenFile> {
+        let f = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null").unwrap();
+        Arc::new(OpenFile {
+            fd: OwnedFd::from(f),
+            origin: Origin::Fd { fd: -1, dev: 0, ino: 0 },
+            access: Access::ReadWrite,
+            direct: false,
+            block: false,
+            mem_align: 1,
+            off_align: 1,
+            device_size: None,
+        })
+    }
+
     /// The descriptor the engines use.
     pub(crate) fn raw(&self) -> RawFd {
         self.fd.as_raw_fd()

@@ -381,3 +381,48 @@ pub(crate) fn run_blocking(job: &Job, i: usize) -> (u64, std::result::Result<(),
     }
     (moved, Ok(()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(lens: &[u64]) -> Arc<Job> {
+        let mut offset = 0;
+        let ops = lens
+            .iter()
+            .map(|&len| {
+                let op = IoOp { kind: IoKind::Read, file: 0, seg: 0, buf: 4096, len, offset };
+                offset += len;
+                op
+            })
+            .collect();
+        Job::new(IoBatch::new(ops, 1).unwrap(), vec![OpenFile::dev_null()]).unwrap()
+    }
+
+    #[test]
+    fn claims_respect_the_op_and_byte_budgets() {
+        let j = job(&[4096; 10]);
+        // The byte budget stops before the op that would pass it...
+        assert_eq!(j.claim(64, 10 * 1024), (0..2, true));
+        // ...but always hands out one, however small the budget.
+        assert_eq!(j.claim(64, 1), (2..3, true));
+        assert_eq!(j.claim(3, u64::MAX), (3..6, true));
+        assert_eq!(j.claim(0, u64::MAX), (0..0, false), "no slot, nothing claimed");
+        assert_eq!(j.claim(64, u64::MAX), (6..10, false), "the rest; nothing left to hand out");
+        // One op larger than the whole budget still goes (an idle ring starts it).
+        assert_eq!(job(&[8 << 20, 4096]).claim(64, 1 << 20), (0..1, true));
+    }
+
+    #[test]
+    fn a_stopped_job_hands_out_nothing_and_a_waiter_returns() {
+        let j = job(&[4096; 4]);
+        assert_eq!(j.claim(2, u64::MAX), (0..2, true));
+        j.complete(0, 4096, Ok(()));
+        j.complete(1, 0, Err(Failure::Eof));
+        assert_eq!(j.claim(2, u64::MAX), (0..0, false));
+        // Finished (an error, nothing in flight): polling and sleeping waits both return at once.
+        assert!(j.wait(Duration::from_secs(5), Duration::from_millis(1)));
+        assert!(j.wait(Duration::from_secs(5), Duration::ZERO));
+        assert!(j.outcome().unwrap().unwrap_err().message().contains("end of file"));
+    }
+}
