@@ -50,6 +50,7 @@
 //! ```
 
 pub mod agent;
+pub mod auth;
 pub mod backend;
 pub mod desc;
 pub mod error;
@@ -62,6 +63,7 @@ pub mod request;
 
 pub use agent::xfer_types::PreparedList;
 pub use agent::{Agent, AgentConfig, ExportedFile, MetaPeer, Registration, Store};
+pub use auth::AuthToken;
 pub use backend::{XferOp, XferState};
 pub use desc::{RegDesc, RegDescList, XferDesc, XferDescList};
 pub use error::{Error, ErrorKind, Result};

@@ -4,7 +4,9 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
+use crate::auth::AuthToken;
 use crate::error::{Error, Result};
+use crate::notif::NotifLimits;
 use crate::params::Params;
 
 /// How an [`Agent`](crate::Agent) behaves. Build with `AgentConfig::default()`
@@ -30,8 +32,9 @@ pub struct AgentConfig {
     /// How long metadata calls (fetch, wait for a peer) may take. Default: 5 s.
     pub metadata_timeout: Duration,
     /// A shared secret: peers without the same token are refused at the
-    /// handshake. Default: `KVFERRY_AUTH_TOKEN` if set, else none.
-    pub auth_token: Option<String>,
+    /// handshake of every port the agent opens. Default: `KVFERRY_AUTH_TOKEN`
+    /// if set, else none. Never printed (`Debug` redacts it).
+    pub auth_token: Option<AuthToken>,
     /// URL of a kvferry metadata server (`http://host:port`) for central
     /// metadata. Default: `KVFERRY_METADATA_URL` if set, else none.
     pub metadata_url: Option<String>,
@@ -44,6 +47,11 @@ pub struct AgentConfig {
     /// Lease on everything the agent publishes centrally: a crashed agent's
     /// metadata disappears this long after its last renewal. Default: 5 s.
     pub metadata_lease: Duration,
+    /// How many bytes of received notifications the agent holds until the
+    /// application takes them, per sender and in all; past them new ones are
+    /// refused (and counted). Default: [`NotifLimits::default`] (16 MiB per
+    /// sender, 128 MiB in all): bounded memory whatever peers send.
+    pub notif_limits: NotifLimits,
     /// Backends created with the agent, in order, with their parameters.
     /// Default: none (add them with `create_backend`), or `KVFERRY_BACKENDS`
     /// through [`AgentConfig::from_env`].
@@ -70,7 +78,7 @@ impl AgentConfig {
             connect_timeout: Duration::from_secs(2),
             peer_timeout: Duration::from_secs(2),
             metadata_timeout: Duration::from_secs(5),
-            auth_token: env("KVFERRY_AUTH_TOKEN", None),
+            auth_token: env(crate::auth::AUTH_TOKEN_ENV, None).map(AuthToken::from_config),
             metadata_url: env("KVFERRY_METADATA_URL", None),
             etcd_endpoints: env("KVFERRY_ETCD_ENDPOINTS", Some("NIXL_ETCD_ENDPOINTS"))
                 .map(|s| s.split(',').map(|e| e.trim().to_string()).filter(|e| !e.is_empty()).collect())
@@ -78,6 +86,7 @@ impl AgentConfig {
             metadata_namespace: env("KVFERRY_ETCD_NAMESPACE", Some("NIXL_ETCD_NAMESPACE"))
                 .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string()),
             metadata_lease: Duration::from_secs(5),
+            notif_limits: NotifLimits::default(),
             backends: Vec::new(),
         }
     }
@@ -101,8 +110,10 @@ impl AgentConfig {
     }
 
     /// Sets the shared secret (see [`auth_token`](Self::auth_token)).
+    /// An empty or over-long token fails closed: it admits no peer (see
+    /// [`AuthToken::new`] for the checked constructor).
     pub fn with_auth_token(mut self, token: impl Into<String>) -> Self {
-        self.auth_token = Some(token.into());
+        self.auth_token = Some(AuthToken::from_config(token.into()));
         self
     }
 
@@ -175,7 +186,8 @@ mod tests {
         assert_eq!(cfg.backends[0].0, "TCP");
         assert_eq!(cfg.backends[0].1.raw("lanes"), Some("8"));
         assert_eq!(cfg.backends[1].1.raw("x"), Some("y"));
-        assert_eq!(cfg.auth_token.as_deref(), Some("s3cret"));
+        assert!(cfg.auth_token.as_ref().is_some_and(|t| t.verify(b"s3cret")));
+        assert!(!format!("{cfg:?}").contains("s3cret"), "Debug must not print the token");
         assert_eq!(cfg.metadata_namespace, DEFAULT_NAMESPACE);
         let nixl = [("NIXL_ETCD_ENDPOINTS", "http://a:2379, http://b:2379"), ("NIXL_ETCD_NAMESPACE", "/nixl/agents/")]
             .map(|(k, v)| (k.to_string(), v.to_string()));

@@ -131,6 +131,7 @@ impl Agent {
             return Err(Error::new(ErrorKind::Backend, format!("the OS random source failed: {e}")));
         }
         let backends = config.backends.clone();
+        let notif_limits = config.notif_limits;
         let agent = Agent {
             inner: Arc::new(AgentInner {
                 name: name.into(),
@@ -140,7 +141,7 @@ impl Agent {
                 regions: RwLock::new(Default::default()),
                 next_region_id: AtomicU64::new(1),
                 peers: RwLock::new(Default::default()),
-                notifs: NotifSink::new(),
+                notifs: NotifSink::with_limits(notif_limits),
                 create_lock: Mutex::new(()),
                 central: Mutex::new(None),
                 exports: Mutex::new(Vec::new()),

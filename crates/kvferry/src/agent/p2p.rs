@@ -116,7 +116,7 @@ impl Agent {
             .name(format!("kvf-md-{what}"))
             .spawn(move || {
                 let cfg = agent.config();
-                let r = listener::call(addr, cfg.metadata_timeout, cfg.auth_token.as_deref(), op, &body).and_then(
+                let r = listener::call(addr, cfg.metadata_timeout, cfg.auth_token.as_ref(), op, &body).and_then(
                     |(reply, blob)| match (fetch, reply) {
                         (Some(want), Op::Metadata) => {
                             let got = agent.load_remote_metadata(&blob)?;

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::auth::AuthToken;
 use crate::error::{Error, Result};
 
 /// First four bytes of every listener message.
@@ -205,7 +206,12 @@ impl std::fmt::Debug for ListenerHandle {
 
 impl ListenerHandle {
     /// Binds `addr` and serves requests with `handler` on a thread of its own.
-    pub(crate) fn start(addr: SocketAddr, timeout: Duration, token: Option<String>, handler: Handler) -> Result<Self> {
+    pub(crate) fn start(
+        addr: SocketAddr,
+        timeout: Duration,
+        token: Option<AuthToken>,
+        handler: Handler,
+    ) -> Result<Self> {
         let listener = TcpListener::bind(addr)
             .map_err(|e| Error::io(format!("metadata listener: cannot bind {addr}; pick another listen_port"), e))?;
         let port = listener.local_addr().map_err(|e| Error::io("metadata listener address", e))?.port();
@@ -221,7 +227,7 @@ impl ListenerHandle {
                     }
                     match conn {
                         Ok(s) => {
-                            if let Err(e) = serve_one(&s, timeout, token.as_deref(), &handler) {
+                            if let Err(e) = serve_one(&s, timeout, token.as_ref(), &handler) {
                                 tracing::debug!(error = %e, "metadata listener: request failed");
                             }
                         }
@@ -266,7 +272,7 @@ fn read_msg(s: &mut TcpStream) -> Result<(MsgHeader, Vec<u8>, Vec<u8>)> {
     Ok((h, token, body))
 }
 
-fn serve_one(s: &TcpStream, timeout: Duration, token: Option<&str>, handler: &Handler) -> Result<()> {
+fn serve_one(s: &TcpStream, timeout: Duration, token: Option<&AuthToken>, handler: &Handler) -> Result<()> {
     let mut s = s.try_clone().map_err(|e| Error::io("metadata listener", e))?;
     s.set_read_timeout(Some(timeout)).ok();
     s.set_write_timeout(Some(timeout)).ok();
@@ -280,12 +286,10 @@ fn serve_one(s: &TcpStream, timeout: Duration, token: Option<&str>, handler: &Ha
             return Err(e);
         }
     };
-    if let Some(t) = token {
-        if !crate::backend::tcp::proto::constant_time_eq(t.as_bytes(), &tok) {
-            let msg = "metadata listener: auth token missing or wrong; set the same KVFERRY_AUTH_TOKEN on both agents";
-            reply(&mut s, Op::Error, msg.as_bytes())?;
-            return Err(Error::not_allowed(msg));
-        }
+    if !AuthToken::admits(token, &tok) {
+        let msg = "metadata listener: auth token missing or wrong; set the same KVFERRY_AUTH_TOKEN on both agents";
+        reply(&mut s, Op::Error, msg.as_bytes())?;
+        return Err(Error::not_allowed(msg));
     }
     let req = match ListenerRequest::decode(h.op, body) {
         Ok(r) => r,
@@ -306,7 +310,7 @@ fn serve_one(s: &TcpStream, timeout: Duration, token: Option<&str>, handler: &Ha
 pub(crate) fn call(
     addr: SocketAddr,
     timeout: Duration,
-    token: Option<&str>,
+    token: Option<&AuthToken>,
     op: Op,
     body: &[u8],
 ) -> Result<(Op, Vec<u8>)> {
@@ -314,7 +318,7 @@ pub(crate) fn call(
     let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| Error::io(ctx("cannot connect"), e))?;
     s.set_read_timeout(Some(timeout)).ok();
     s.set_write_timeout(Some(timeout)).ok();
-    let msg = encode_msg(op, token.unwrap_or_default().as_bytes(), body)?;
+    let msg = encode_msg(op, token.map(AuthToken::as_bytes).unwrap_or_default(), body)?;
     s.write_all(&msg).map_err(|e| Error::io(ctx("sending"), e))?;
     let (h, _, body) = read_msg(&mut s).map_err(|e| e.context(ctx("answer")))?;
     if h.op == Op::Error {
@@ -349,15 +353,15 @@ mod tests {
             ListenerRequest::Fetch(n) if n == "me" => Ok(Some(b"blob".to_vec())),
             _ => Err("no".into()),
         });
-        let l =
-            ListenerHandle::start("127.0.0.1:0".parse().unwrap(), Duration::from_secs(2), Some("t".into()), handler)
-                .unwrap();
+        let t = AuthToken::new("t").unwrap();
+        let l = ListenerHandle::start("127.0.0.1:0".parse().unwrap(), Duration::from_secs(2), Some(t.clone()), handler)
+            .unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{}", l.port()).parse().unwrap();
-        let (op, body) = call(addr, Duration::from_secs(2), Some("t"), Op::Fetch, b"me").unwrap();
+        let (op, body) = call(addr, Duration::from_secs(2), Some(&t), Op::Fetch, b"me").unwrap();
         assert_eq!((op, body.as_slice()), (Op::Metadata, &b"blob"[..]));
         let e = call(addr, Duration::from_secs(2), None, Op::Fetch, b"me").unwrap_err();
         assert!(e.message().contains("auth token"), "{e}");
         drop(l);
-        assert!(call(addr, Duration::from_secs(1), Some("t"), Op::Fetch, b"me").is_err());
+        assert!(call(addr, Duration::from_secs(1), Some(&t), Op::Fetch, b"me").is_err());
     }
 }

@@ -75,7 +75,7 @@ pub fn tcp_proto(data: &[u8]) {
             }
             if let Ok(h) = proto::Hello::decode(rest) {
                 let _ = h.check(7, None);
-                let _ = h.check(h.expect_instance, Some(b"secret"));
+                let _ = h.check(h.expect_instance, kvferry::AuthToken::new("secret").ok().as_ref());
                 let mut out = Vec::new();
                 h.encode(&mut out);
                 assert_eq!(proto::Hello::decode(&out).expect("round trip"), h);

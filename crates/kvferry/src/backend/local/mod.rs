@@ -164,8 +164,7 @@ impl Backend for LocalBackend {
 
     fn send_notification(&self, peer: &str, msg: &[u8]) -> Result<()> {
         let t = find_target(&self.shared, &self.peers, peer)?;
-        t.notifs.push(self.shared.agent.clone(), msg.to_vec());
-        Ok(())
+        t.notifs.push(self.shared.agent.clone(), msg.to_vec())
     }
 }
 
@@ -207,7 +206,9 @@ impl BackendXfer for LocalXfer {
         }
         drop(regions);
         if let Some(n) = notif {
-            target.notifs.push(self.shared.agent.clone(), n.to_vec());
+            // The data moved; a full queue at the target fails the posting
+            // so that the initiator learns the notification was not delivered.
+            target.notifs.push(self.shared.agent.clone(), n.to_vec())?;
         }
         Ok(XferState::Done)
     }

@@ -420,7 +420,7 @@ impl PosixXfer {
             None => Ok(XferState::InProgress),
             Some(Ok(())) => {
                 if let Some(n) = self.notif.take() {
-                    self.inner.notifs.push(self.inner.agent.clone(), n);
+                    self.inner.notifs.push(self.inner.agent.clone(), n)?;
                 }
                 Ok(XferState::Done)
             }

@@ -226,7 +226,7 @@ impl ShmBackend {
                 agent: &self.ctx.agent_name,
                 instance: self.ctx.instance,
                 nonce: slot.info.nonce,
-                token: cfg.auth_token.as_deref(),
+                token: cfg.auth_token.as_ref(),
             },
             peer.into(),
             slot.instance,

@@ -32,6 +32,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use super::fdpass::{self, FdReader};
 use super::mapping::Mapping;
 use super::wire::{frame_len, Frame, MapStatus, MAX_QUERY_KEYS, VERSION};
+use crate::auth::AuthToken;
 use crate::backend::{AccessKey, PeerEvents};
 use crate::error::{Error, Result};
 use crate::mem::MemShare;
@@ -70,7 +71,7 @@ pub struct Exported {
 struct ServerShared {
     agent: Arc<str>,
     nonce: u64,
-    token: Option<String>,
+    token: Option<AuthToken>,
     sink: NotifSink,
     handshake_timeout: Duration,
     /// Keys of the regions registered with this backend now, with the memfd
@@ -110,7 +111,7 @@ impl Server {
         name: Vec<u8>,
         agent: Arc<str>,
         nonce: u64,
-        token: Option<String>,
+        token: Option<AuthToken>,
         sink: NotifSink,
         handshake_timeout: Duration,
     ) -> Result<Server> {
@@ -243,7 +244,10 @@ fn serve(mut s: UnixStream, shared: Arc<ServerShared>) {
             }
         };
         match f {
-            Frame::Notif(msg) => shared.sink.push(conn.peer.clone(), msg),
+            Frame::Notif(msg) => {
+                // A full queue refuses (counted and logged by the sink).
+                let _ = shared.sink.push(conn.peer.clone(), msg);
+            }
             Frame::Query { id, keys } => {
                 // Hold the writer while reading the table: a REVOKE for a key
                 // read as live here is then written after this STATUS.
@@ -325,10 +329,8 @@ fn handshake(s: &mut UnixStream, shared: &ServerShared, buf: &mut Vec<u8>) -> Re
             ),
         ));
     }
-    if let Some(t) = &shared.token {
-        if t.as_bytes() != token.as_slice() {
-            return Err(refuse(s, "auth token does not match (set the same KVFERRY_AUTH_TOKEN on both agents)".into()));
-        }
+    if !AuthToken::admits(shared.token.as_ref(), &token) {
+        return Err(refuse(s, "auth token does not match (set the same KVFERRY_AUTH_TOKEN on both agents)".into()));
     }
     if crate::metadata::codec::check_agent_name(&name).is_err() {
         return Err(refuse(s, "the HELLO's agent name is not a valid agent name".into()));
@@ -434,7 +436,7 @@ pub struct Hello<'a> {
     /// The owner's nonce from its connection info.
     pub nonce: u64,
     /// This agent's auth token, if any.
-    pub token: Option<&'a str>,
+    pub token: Option<&'a AuthToken>,
 }
 
 impl Link {
@@ -461,7 +463,7 @@ impl Link {
             version: VERSION,
             instance: hello.instance,
             nonce: hello.nonce,
-            token: hello.token.unwrap_or_default().as_bytes().to_vec(),
+            token: hello.token.map(|t| t.as_bytes().to_vec()).unwrap_or_default(),
             name: hello.agent.to_string(),
         }
         .encode(&mut out);

@@ -330,7 +330,7 @@ fn connect(shared: &Arc<Shared>, peer: &Arc<Peer>, lane: usize) -> Result<Arc<Co
         instance: shared.instance,
         expect_instance: peer.instance,
         name: shared.agent.to_string(),
-        token: shared.auth_token.clone().unwrap_or_default().into_bytes(),
+        token: shared.auth_token.as_ref().map(|t| t.as_bytes().to_vec()).unwrap_or_default(),
     }
     .encode(&mut hello);
     let hs = |e: io::Error| {

@@ -234,7 +234,7 @@ pub(crate) struct Shared {
     cfg: Cfg,
     peer_timeout: Duration,
     connect_timeout: Duration,
-    auth_token: Option<String>,
+    auth_token: Option<crate::auth::AuthToken>,
     notifs: NotifSink,
     events: PeerEvents,
     /// Live registrations by key: `(addr, len)`. Read-locked by a target

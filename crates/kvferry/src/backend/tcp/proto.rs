@@ -295,7 +295,7 @@ impl Hello {
     }
 
     /// The target's verdict on this hello: `Ok` or the status and message to refuse with.
-    pub fn check(&self, my_instance: u64, token: Option<&[u8]>) -> Result<(), ProtoError> {
+    pub fn check(&self, my_instance: u64, token: Option<&crate::auth::AuthToken>) -> Result<(), ProtoError> {
         if self.version != VERSION {
             return Err(ProtoError {
                 status: Status::BadVersion,
@@ -305,17 +305,15 @@ impl Hello {
                 ),
             });
         }
-        if let Some(t) = token {
-            if !constant_time_eq(t, &self.token) {
-                return Err(ProtoError {
-                    status: Status::AuthRefused,
-                    message: format!(
-                        "agent '{}' presented {} auth token; set the same KVFERRY_AUTH_TOKEN (or AgentConfig::auth_token) on both agents",
-                        self.name,
-                        if self.token.is_empty() { "no" } else { "a wrong" }
-                    ),
-                });
-            }
+        if !crate::auth::AuthToken::admits(token, &self.token) {
+            return Err(ProtoError {
+                status: Status::AuthRefused,
+                message: format!(
+                    "agent '{}' presented {} auth token; set the same KVFERRY_AUTH_TOKEN (or AgentConfig::auth_token) on both agents",
+                    self.name,
+                    if self.token.is_empty() { "no" } else { "a wrong" }
+                ),
+            });
         }
         if self.expect_instance != 0 && self.expect_instance != my_instance {
             return Err(ProtoError {
@@ -328,14 +326,6 @@ impl Hello {
         }
         Ok(())
     }
-}
-
-/// Compares secrets without an early exit that would leak where they differ.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The target's answer to a [`Hello`].
@@ -658,8 +648,10 @@ mod tests {
         let fixed: [u8; HELLO_FIXED] = b[..HELLO_FIXED].try_into().unwrap();
         assert_eq!(Hello::rest_len(&fixed).unwrap(), 4);
         assert_eq!(Hello::decode(&b).unwrap(), h);
-        assert!(h.check(9, Some(b"tok")).is_ok());
-        assert_eq!(h.check(9, Some(b"other")).unwrap_err().status, Status::AuthRefused);
+        let tok = crate::auth::AuthToken::new("tok").unwrap();
+        let other = crate::auth::AuthToken::new("other").unwrap();
+        assert!(h.check(9, Some(&tok)).is_ok());
+        assert_eq!(h.check(9, Some(&other)).unwrap_err().status, Status::AuthRefused);
         assert_eq!(h.check(8, None).unwrap_err().status, Status::WrongInstance);
         let old = Hello { version: 0, ..h.clone() };
         assert_eq!(old.check(9, None).unwrap_err().status, Status::BadVersion);

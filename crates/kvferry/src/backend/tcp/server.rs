@@ -144,7 +144,7 @@ fn serve_conn(shared: &Shared, stream: &TcpStream) -> io::Result<()> {
         Ok(h) => h,
         Err(e) => return refuse(e.status, e.message),
     };
-    if let Err(e) = hello.check(shared.instance, shared.auth_token.as_deref().map(str::as_bytes)) {
+    if let Err(e) = hello.check(shared.instance, shared.auth_token.as_ref()) {
         tracing::warn!(agent = %shared.agent, peer = %hello.name, reason = %e, "TCP: connection refused");
         return refuse(e.status, e.message);
     }
@@ -220,7 +220,8 @@ fn serve_conn(shared: &Shared, stream: &TcpStream) -> io::Result<()> {
                 // Header::decode bounded len to MAX_NOTIF.
                 let mut msg = Vec::new();
                 s.rx.read_vec(fd, &mut msg, h.len as usize, &mut mid_frame)?;
-                shared.notifs.push(s.peer.clone(), msg);
+                // A full queue refuses (counted and logged by the sink).
+                let _ = shared.notifs.push(s.peer.clone(), msg);
             }
             other => {
                 let e = ProtoError {
