@@ -4,7 +4,12 @@
 //!
 //! Only a sealed memfd is accepted: `F_SEAL_SHRINK` guarantees the file can
 //! never become shorter than the mapping, so no copy can fault (`SIGBUS`)
-//! past its end, whatever the owner does. The mapping covers exactly the
+//! past its end, whatever the owner does. A hugetlbfs memfd
+//! (`MFD_HUGETLB`) is refused too: its pages are allocated at first touch
+//! from the huge page pool, and a touch that finds the pool empty is a
+//! `SIGBUS` in the toucher, so a hostile owner could size one beyond the pool
+//! and crash its initiators. Hole punching (`fallocate`) on a shmem memfd is
+//! harmless: the next touch gets a fresh zero page. The mapping covers exactly the
 //! region's pages and is unmapped on drop; the SHM link drops it when the
 //! owner revokes the region or the connection ends.
 
@@ -54,13 +59,29 @@ impl Mapping {
             return Err(bad("it is not a memfd sealed against shrinking".into()));
         }
         // SAFETY: stat is plain data; fstat fills it for a descriptor we own.
-        let size = unsafe {
+        let (size, mode) = unsafe {
             let mut st: libc::stat = std::mem::zeroed();
             if libc::fstat(fd.as_raw_fd(), &mut st) != 0 {
                 return Err(Error::io("SHM: fstat of a peer's memfd", std::io::Error::last_os_error()));
             }
-            st.st_size as u64
+            (st.st_size as u64, st.st_mode)
         };
+        if mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(bad("it is not a regular file".into()));
+        }
+        // SAFETY: statfs is plain data; fstatfs fills it for a descriptor we own.
+        let fs_type = unsafe {
+            let mut sf: libc::statfs = std::mem::zeroed();
+            if libc::fstatfs(fd.as_raw_fd(), &mut sf) != 0 {
+                return Err(Error::io("SHM: fstatfs of a peer's memfd", std::io::Error::last_os_error()));
+            }
+            sf.f_type
+        };
+        if fs_type == libc::HUGETLBFS_MAGIC {
+            return Err(bad(
+                "it is a hugetlbfs memfd (MFD_HUGETLB), whose pages may be missing at first touch (SIGBUS)".into(),
+            ));
+        }
         if end > size {
             return Err(bad(format!("the region ends at byte {end} of a {size}-byte file")));
         }
@@ -134,5 +155,69 @@ mod tests {
         let f = std::fs::File::open("/proc/self/stat").unwrap();
         let e = Mapping::map(f.as_fd().try_clone_to_owned().unwrap(), 0, 0, 1).unwrap_err();
         assert!(e.message().contains("sealed"), "{e}");
+    }
+
+    fn memfd(flags: libc::c_uint) -> Option<OwnedFd> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: memfd_create with a valid C string; a non-negative result is a new descriptor we own.
+        let raw = unsafe { libc::memfd_create(c"hostile".as_ptr(), libc::MFD_CLOEXEC | flags) };
+        // SAFETY: as above.
+        (raw >= 0).then(|| unsafe { OwnedFd::from_raw_fd(raw) })
+    }
+
+    /// What a hostile owner could hand over: each is refused before any
+    /// mapping exists, so no later copy can SIGBUS this process.
+    #[test]
+    fn hostile_memfds_are_refused() {
+        let size = 4 * 4096;
+        // Unsealed: the owner could truncate it under a mapping.
+        let fd = memfd(libc::MFD_ALLOW_SEALING).unwrap();
+        // SAFETY: ftruncate on our own descriptor.
+        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), size) }, 0);
+        let e = Mapping::map(fd, 0, 0x1000, size as u64).unwrap_err();
+        assert!(e.message().contains("sealed against shrinking"), "{e}");
+        // Sealing not even allowed (F_SEAL_SEAL set from birth).
+        let fd = memfd(0).unwrap();
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), size) }, 0);
+        assert!(Mapping::map(fd, 0, 0x1000, size as u64).unwrap_err().message().contains("sealed"));
+        // Sealed against growing only: still shrinkable.
+        let fd = memfd(libc::MFD_ALLOW_SEALING).unwrap();
+        // SAFETY: ftruncate and F_ADD_SEALS on our own descriptor.
+        unsafe {
+            assert_eq!(libc::ftruncate(fd.as_raw_fd(), size), 0);
+            assert_eq!(libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_GROW), 0);
+        }
+        assert!(Mapping::map(fd, 0, 0x1000, size as u64).unwrap_err().message().contains("shrinking"));
+        // Sealed but shorter than the region it claims to hold.
+        let fd = memfd(libc::MFD_ALLOW_SEALING).unwrap();
+        // SAFETY: as above.
+        unsafe {
+            assert_eq!(libc::ftruncate(fd.as_raw_fd(), 4096), 0);
+            assert_eq!(libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK), 0);
+        }
+        let e = Mapping::map(fd, 0, 0x1000, size as u64).unwrap_err();
+        assert!(e.message().contains("ends at byte"), "{e}");
+        // Hugetlbfs, sealed, sized far beyond any huge page pool: refused by
+        // file system type. (Kernels without hugetlbfs memfds cannot make one.)
+        match memfd(libc::MFD_HUGETLB | libc::MFD_ALLOW_SEALING) {
+            None => eprintln!("hostile_memfds_are_refused: no MFD_HUGETLB here; hugetlbfs case not run"),
+            Some(fd) => {
+                let huge = 1i64 << 40;
+                // SAFETY: ftruncate and F_ADD_SEALS on our own descriptor.
+                let sized = unsafe { libc::ftruncate(fd.as_raw_fd(), huge) } == 0;
+                // SAFETY: as above.
+                let sealed = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) } == 0;
+                if sized && sealed {
+                    let e = Mapping::map(fd, 0, 0x1000, huge as u64).unwrap_err();
+                    assert!(e.message().contains("hugetlbfs"), "{e}");
+                } else {
+                    eprintln!("hostile_memfds_are_refused: cannot size/seal a hugetlbfs memfd here; case not run");
+                }
+            }
+        }
+        // And kvferry's own buffers pass every check.
+        let buf = AlignedBuf::new(size as usize).unwrap();
+        Mapping::map(buf.share().unwrap().fd().try_clone_to_owned().unwrap(), 0, 0x1000, size as u64).unwrap();
     }
 }

@@ -88,7 +88,32 @@ const PARAMS: &[ParamSpec] = &[
               hold their keys, and map peers' such regions to copy with memcpy instead of cross-memory \
               attach. Default true (memcpy speed); false: cross-memory attach only, on both roles.",
     },
+    ParamSpec {
+        name: "allowed_uids",
+        default: "",
+        doc: "Comma-separated uids, besides this process's own, that may use the SHM control socket, both \
+              roles: as owner, connections from other uids are refused at accept (SO_PEERCRED) before any \
+              byte is read; as initiator, an owner socket held by another uid is not trusted. Default empty: \
+              same uid only (a same-uid process could ptrace this one anyway). Admitting a uid lets it get \
+              the memfds of this agent's regions whose keys it holds, i.e. read and write them.",
+    },
 ];
+
+/// Parses the `allowed_uids` parameter: comma-separated decimal uids.
+fn parse_uids(s: &str) -> Result<Vec<u32>> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            t.parse::<u32>().map_err(|_| {
+                Error::invalid(format!(
+                    "SHM parameter allowed_uids: '{t}' is not a uid; give decimal uids separated by commas, e.g. \
+                     allowed_uids=1001,1002"
+                ))
+            })
+        })
+        .collect()
+}
 
 /// Yama's `ptrace_scope`, if the Yama LSM is present.
 fn ptrace_scope() -> Option<u32> {
@@ -132,6 +157,7 @@ impl BackendPlugin for ShmPlugin {
     fn create(&self, ctx: BackendContext, params: &Params) -> Result<Arc<dyn Backend>> {
         let params = params.resolved(PARAMS);
         let map = params.parse_bool(NAME, "map")?;
+        let access = notify::Access::with_extra(parse_uids(params.raw("allowed_uids").unwrap_or(""))?);
         if params.parse_bool(NAME, "ptracer_any")? && ptrace_scope() == Some(1) {
             // SAFETY: prctl(PR_SET_PTRACER) takes integer arguments only and changes process attributes.
             let r = unsafe { libc::prctl(libc::PR_SET_PTRACER, libc::PR_SET_PTRACER_ANY, 0, 0, 0) };
@@ -149,7 +175,10 @@ impl BackendPlugin for ShmPlugin {
         // Peers read this word through cross-memory attach; it never changes.
         let nonce_cell = Box::new(nonce);
         let me = HostId::current();
-        let socket = format!("kvferry-shm-{}-{nonce:016x}", me.pid).into_bytes();
+        // The name is public (/proc/net/unix): it must not carry the nonce.
+        // A separate random part keeps names unique per backend instance.
+        let tag = AccessKey::random()?;
+        let socket = format!("kvferry-shm-{}-{:032x}", me.pid, u128::from_le_bytes(tag.0)).into_bytes();
         let server = Server::start(
             socket.clone(),
             ctx.agent_name.clone(),
@@ -157,6 +186,7 @@ impl BackendPlugin for ShmPlugin {
             ctx.config.auth_token.clone(),
             ctx.notifs.clone(),
             ctx.config.connect_timeout,
+            access.clone(),
         )?;
         let info = ConnInfo {
             pid: me.pid,
@@ -172,6 +202,7 @@ impl BackendPlugin for ShmPlugin {
             info,
             _nonce_cell: nonce_cell,
             server,
+            access,
             peers: RwLock::new(HashMap::new()),
         }))
     }
@@ -195,6 +226,8 @@ pub struct ShmBackend {
     info: ConnInfo,
     _nonce_cell: Box<u64>,
     server: Server,
+    /// Which uids this backend talks to, both roles.
+    access: notify::Access,
     peers: RwLock<HashMap<Arc<str>, Arc<PeerSlot>>>,
 }
 
@@ -233,6 +266,7 @@ impl ShmBackend {
             slot.info.pid as i32,
             (cfg.connect_timeout, cfg.peer_timeout),
             self.ctx.peer_events.clone(),
+            &self.access,
         )?;
         *g = Some(link.clone());
         Ok(link)

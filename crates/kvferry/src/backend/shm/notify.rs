@@ -15,14 +15,22 @@
 //!   the owner's regions mapped here, whether the peer is gone, and one
 //!   reader thread.
 //!
-//! Abstract sockets vanish with their last descriptor: nothing to clean up on disk.
+//! Abstract sockets vanish with their last descriptor: nothing to clean up on
+//! disk. Their names are visible to every user (`/proc/net/unix`), so the
+//! name carries no secret; who may talk on the socket is decided by the
+//! kernel-reported credentials of the other end (`SO_PEERCRED`), checked on
+//! both sides ([`Access`]): the owner accepts only its own uid (and the uids
+//! it was told to allow), before any byte is read or any thread started; the
+//! initiator accepts an owner only if the socket's listener is the pid its
+//! metadata names, running as an allowed uid. The nonce and the auth token
+//! are checked on top, in HELLO.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -53,6 +61,62 @@ fn abstract_addr(name: &[u8]) -> Result<SocketAddr> {
     SocketAddr::from_abstract_name(name).map_err(|e| Error::io("SHM: abstract socket name", e))
 }
 
+/// The credentials the kernel recorded for the other end of a connected Unix
+/// socket (`SO_PEERCRED`): for an accepted socket, the connecting process at
+/// `connect`; for a connecting one, the listener's process at `listen`.
+pub fn peer_cred(s: &UnixStream) -> io::Result<libc::ucred> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a plain-data
+    // struct of exactly that size; the descriptor is a live socket we own.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred)
+}
+
+/// Which local users may use an SHM control socket, either side: this
+/// process's effective uid always, plus the uids listed in the SHM parameter
+/// `allowed_uids`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Access {
+    /// This process's effective uid.
+    pub me: u32,
+    /// Other uids allowed (the `allowed_uids` parameter).
+    pub extra: Vec<u32>,
+}
+
+impl Access {
+    /// This process's own uid only.
+    pub fn own_uid() -> Access {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        Access { me: unsafe { libc::geteuid() }, extra: Vec::new() }
+    }
+
+    /// This process's uid plus `extra`.
+    pub fn with_extra(extra: Vec<u32>) -> Access {
+        Access { extra, ..Access::own_uid() }
+    }
+
+    /// Whether `uid` may use the socket.
+    pub fn admits(&self, uid: u32) -> bool {
+        uid == self.me || self.extra.contains(&uid)
+    }
+}
+
+/// Most connections an owner serves at once (one thread each); more are
+/// refused with a REFUSE frame naming the limit.
+pub const MAX_CONNS: usize = 1024;
+
 // ───────────────────────────── owner side ─────────────────────────────
 
 /// A registered region whose memory peers may map: its memfd, and where it is.
@@ -78,6 +142,14 @@ struct ServerShared {
     /// of those that peers may map.
     live: RwLock<HashMap<AccessKey, Option<Exported>>>,
     conns: Mutex<Vec<Arc<ServerConn>>>,
+    /// Who may connect (checked on `SO_PEERCRED` at accept).
+    access: Access,
+    /// Connections being served now (handshake included).
+    serving: AtomicUsize,
+    /// Connections refused at accept (wrong uid, too many).
+    refused: AtomicU64,
+    /// Connections closed because their notifications overflowed the queue.
+    flooded: AtomicU64,
     stop: AtomicBool,
 }
 
@@ -106,7 +178,8 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds the abstract socket `name` and starts the listener thread.
+    /// Binds the abstract socket `name` and starts the listener thread, which
+    /// accepts connections only from the uids `access` admits.
     pub fn start(
         name: Vec<u8>,
         agent: Arc<str>,
@@ -114,6 +187,7 @@ impl Server {
         token: Option<AuthToken>,
         sink: NotifSink,
         handshake_timeout: Duration,
+        access: Access,
     ) -> Result<Server> {
         let listener = UnixListener::bind_addr(&abstract_addr(&name)?).map_err(|e| {
             Error::io(format!("SHM: binding the control socket @{}", String::from_utf8_lossy(&name)), e)
@@ -126,6 +200,10 @@ impl Server {
             handshake_timeout,
             live: RwLock::new(HashMap::new()),
             conns: Mutex::new(Vec::new()),
+            access,
+            serving: AtomicUsize::new(0),
+            refused: AtomicU64::new(0),
+            flooded: AtomicU64::new(0),
             stop: AtomicBool::new(false),
         });
         let s = shared.clone();
@@ -134,6 +212,18 @@ impl Server {
             .spawn(move || accept_loop(listener, s))
             .map_err(|e| Error::io("SHM: starting the control listener thread", e))?;
         Ok(Server { shared, name, accept: Some(accept) })
+    }
+
+    /// Connections refused at accept so far: a uid not allowed, or more than
+    /// [`MAX_CONNS`] at once.
+    pub fn refused(&self) -> u64 {
+        self.shared.refused.load(Ordering::Relaxed)
+    }
+
+    /// Connections closed so far because a notification of theirs found the
+    /// agent's notification queue full.
+    pub fn flooded(&self) -> u64 {
+        self.shared.flooded.load(Ordering::Relaxed)
     }
 
     /// Marks a region live (registered); `export`: its memfd, for peers to map.
@@ -210,9 +300,20 @@ fn accept_loop(listener: UnixListener, shared: Arc<ServerShared>) {
         }
         match stream {
             Ok((s, _)) => {
+                if let Err(why) = admit(&s, &shared) {
+                    shared.refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(agent = %shared.agent, "SHM: connection refused: {why}");
+                    refuse_now(&s, &why);
+                    continue;
+                }
+                shared.serving.fetch_add(1, Ordering::SeqCst);
                 let sh = shared.clone();
-                let spawned = std::thread::Builder::new().name("kvferry-shm-conn".into()).spawn(move || serve(s, sh));
+                let spawned = std::thread::Builder::new().name("kvferry-shm-conn".into()).spawn(move || {
+                    serve(s, &sh);
+                    sh.serving.fetch_sub(1, Ordering::SeqCst);
+                });
                 if let Err(e) = spawned {
+                    shared.serving.fetch_sub(1, Ordering::SeqCst);
                     tracing::warn!(error = %e, "SHM: cannot start a connection thread; connection dropped");
                 }
             }
@@ -224,10 +325,47 @@ fn accept_loop(listener: UnixListener, shared: Arc<ServerShared>) {
     }
 }
 
+/// Decides, from the kernel's word on who connected (`SO_PEERCRED`) and how
+/// many are served, whether an accepted connection gets a thread; the reason
+/// otherwise. Nothing is read from the peer before this.
+fn admit(s: &UnixStream, shared: &ServerShared) -> std::result::Result<(), String> {
+    let cred = peer_cred(s).map_err(|e| format!("SO_PEERCRED failed ({e}); cannot tell who connected"))?;
+    if !shared.access.admits(cred.uid) {
+        return Err(format!(
+            "process {} runs as uid {}, and agent '{}' (uid {}) admits only its own uid{} on its SHM control \
+             socket; set the SHM parameter allowed_uids on the owner to admit it",
+            cred.pid,
+            cred.uid,
+            shared.agent,
+            shared.access.me,
+            if shared.access.extra.is_empty() { String::new() } else { format!(" and {:?}", shared.access.extra) }
+        ));
+    }
+    let n = shared.serving.load(Ordering::SeqCst);
+    if n >= MAX_CONNS {
+        return Err(format!(
+            "agent '{}' already serves {n} SHM connections (the most it serves at once); process {} (uid {}) \
+             must retry later",
+            shared.agent, cred.pid, cred.uid
+        ));
+    }
+    Ok(())
+}
+
+/// Tells a refused peer why, without waiting on it: one non-blocking write of
+/// a REFUSE frame (dropped if its socket buffer is full), then the socket closes.
+fn refuse_now(s: &UnixStream, why: &str) {
+    let mut out = Vec::new();
+    Frame::Refuse(why.to_string()).encode(&mut out);
+    if s.set_nonblocking(true).is_ok() {
+        let _ = (&*s).write(&out);
+    }
+}
+
 /// Serves one incoming connection until it closes.
-fn serve(mut s: UnixStream, shared: Arc<ServerShared>) {
+fn serve(mut s: UnixStream, shared: &ServerShared) {
     let mut buf = Vec::new();
-    let conn = match handshake(&mut s, &shared, &mut buf) {
+    let conn = match handshake(&mut s, shared, &mut buf) {
         Ok(c) => c,
         Err(e) => {
             tracing::debug!(agent = %shared.agent, error = %e, "SHM: connection refused");
@@ -245,8 +383,24 @@ fn serve(mut s: UnixStream, shared: Arc<ServerShared>) {
         };
         match f {
             Frame::Notif(msg) => {
-                // A full queue refuses (counted and logged by the sink).
-                let _ = shared.sink.push(conn.peer.clone(), msg);
+                // A full queue refuses (counted by the sink): the sender is
+                // told why and its connection closed, so that a flood costs
+                // the owner nothing more than the queue's bound.
+                if let Err(e) = shared.sink.push(conn.peer.clone(), msg) {
+                    shared.flooded.fetch_add(1, Ordering::Relaxed);
+                    let why = format!(
+                        "agent '{}' closed this SHM connection: a notification from '{}' was refused ({}); \
+                         the target must take its notifications faster, or raise AgentConfig.notif_limits",
+                        shared.agent,
+                        conn.peer,
+                        e.message()
+                    );
+                    tracing::warn!(agent = %shared.agent, peer = %conn.peer, "SHM: {why}");
+                    out.clear();
+                    Frame::Refuse(why).encode(&mut out);
+                    let _ = conn.writer.lock().write_all(&out);
+                    break;
+                }
             }
             Frame::Query { id, keys } => {
                 // Hold the writer while reading the table: a REVOKE for a key
@@ -440,8 +594,11 @@ pub struct Hello<'a> {
 }
 
 impl Link {
-    /// Connects to the owner's socket, says HELLO, waits (bounded) for WELCOME
-    /// and starts the reader thread.
+    /// Connects to the owner's socket, checks that the process listening on
+    /// it is `pid` running as a uid `access` admits (`SO_PEERCRED`; anyone
+    /// can bind an abstract name, so the name alone proves nothing), says
+    /// HELLO, waits (bounded) for WELCOME and starts the reader thread.
+    #[allow(clippy::too_many_arguments)]
     pub fn connect(
         socket: &[u8],
         hello: Hello<'_>,
@@ -450,12 +607,25 @@ impl Link {
         pid: i32,
         timeouts: (Duration, Duration),
         events: PeerEvents,
+        access: &Access,
     ) -> Result<Arc<Link>> {
         let (connect_timeout, peer_timeout) = timeouts;
         let mut s = UnixStream::connect_addr(&abstract_addr(socket)?).map_err(|e| {
             Error::io(format!("SHM: connecting to agent '{peer}' (pid {pid}): its control socket does not answer"), e)
         })?;
         let io = |what: &'static str| move |e: io::Error| Error::io(format!("SHM: {what}"), e);
+        let cred = peer_cred(&s).map_err(io("SO_PEERCRED on the control socket"))?;
+        if cred.pid != pid || !access.admits(cred.uid) {
+            return Err(Error::not_allowed(format!(
+                "SHM: the control socket of agent '{peer}' is held by process {} (uid {}), not by the agent's \
+                 process {pid} running as an allowed uid ({}{}); refusing to trust it (another process bound the \
+                 name, or the agent restarted: fetch its metadata again; set allowed_uids to admit another uid)",
+                cred.pid,
+                cred.uid,
+                access.me,
+                if access.extra.is_empty() { String::new() } else { format!(", {:?}", access.extra) }
+            )));
+        }
         s.set_read_timeout(Some(connect_timeout)).map_err(io("set_read_timeout"))?;
         s.set_write_timeout(Some(peer_timeout)).map_err(io("set_write_timeout"))?;
         let mut out = Vec::new();
@@ -776,6 +946,10 @@ impl Link {
                         break e.message().to_string();
                     }
                 }
+                Ok(Frame::Refuse(why)) => {
+                    tracing::warn!(peer = %self.peer, "SHM: the owner closed the control connection: {why}");
+                    break format!("the owner closed the control connection: {why}");
+                }
                 Ok(other) => break format!("unexpected frame from the owner: {other:?}"),
                 Err(e) => break format!("control connection closed ({})", e.message()),
             }
@@ -793,9 +967,13 @@ mod tests {
     fn pair(name: &str) -> (Server, Arc<Link>) {
         let socket = format!("kvferry-shm-test-{}-{name}", std::process::id()).into_bytes();
         let t = Duration::from_secs(5);
-        let server = Server::start(socket.clone(), "owner".into(), 7, None, NotifSink::new(), t).unwrap();
+        let server =
+            Server::start(socket.clone(), "owner".into(), 7, None, NotifSink::new(), t, Access::own_uid()).unwrap();
         let hello = Hello { agent: "init", instance: 1, nonce: 7, token: None };
-        let link = Link::connect(&socket, hello, "owner".into(), 1, 1, (t, t), PeerEvents::detached()).unwrap();
+        let pid = std::process::id() as i32;
+        let link =
+            Link::connect(&socket, hello, "owner".into(), 1, pid, (t, t), PeerEvents::detached(), &Access::own_uid())
+                .unwrap();
         (server, link)
     }
 
@@ -832,5 +1010,115 @@ mod tests {
         // The owner going away is visible at once, without the reader thread.
         drop(server);
         assert!(link.hung_up());
+    }
+
+    #[test]
+    fn access_admits_own_uid_and_listed_ones() {
+        let a = Access::own_uid();
+        assert!(a.admits(a.me));
+        assert!(!a.admits(a.me.wrapping_add(1)));
+        let b = Access::with_extra(vec![a.me.wrapping_add(1)]);
+        assert!(b.admits(a.me) && b.admits(a.me.wrapping_add(1)) && !b.admits(a.me.wrapping_add(2)));
+    }
+
+    /// An abstract name can be bound by anyone: the initiator trusts a socket
+    /// only if its listener is the expected pid, as an admitted uid.
+    #[test]
+    fn initiator_refuses_a_socket_held_by_another_process_or_uid() {
+        let name = format!("kvferry-shm-test-{}-squat", std::process::id()).into_bytes();
+        let _squatter = UnixListener::bind_addr(&abstract_addr(&name).unwrap()).unwrap();
+        let t = Duration::from_secs(2);
+        let hello = || Hello { agent: "init", instance: 1, nonce: 7, token: None };
+        let me = std::process::id() as i32;
+        let e = Link::connect(
+            &name,
+            hello(),
+            "owner".into(),
+            1,
+            me + 1,
+            (t, t),
+            PeerEvents::detached(),
+            &Access::own_uid(),
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::NotAllowed, "{e}");
+        assert!(e.message().contains(&format!("held by process {me}")), "{e}");
+        let stranger = Access { me: Access::own_uid().me.wrapping_add(1), extra: Vec::new() };
+        let e = Link::connect(&name, hello(), "owner".into(), 1, me, (t, t), PeerEvents::detached(), &stranger)
+            .unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::NotAllowed, "{e}");
+    }
+
+    /// The owner refuses, at accept, a uid it does not admit: a REFUSE frame
+    /// naming the uid and the parameter, then EOF; no HELLO is even read.
+    #[test]
+    fn owner_refuses_a_uid_it_does_not_admit() {
+        let name = format!("kvferry-shm-test-{}-uid", std::process::id()).into_bytes();
+        let t = Duration::from_secs(5);
+        let stranger = Access { me: Access::own_uid().me.wrapping_add(1), extra: Vec::new() };
+        let server = Server::start(name.clone(), "owner".into(), 7, None, NotifSink::new(), t, stranger).unwrap();
+        let mut s = UnixStream::connect_addr(&abstract_addr(&name).unwrap()).unwrap();
+        s.set_read_timeout(Some(t)).unwrap();
+        let mut buf = Vec::new();
+        match read_frame(&mut s, &mut buf).unwrap() {
+            Frame::Refuse(why) => assert!(why.contains("allowed_uids") && why.contains("uid"), "{why}"),
+            other => panic!("expected REFUSE, got {other:?}"),
+        }
+        assert_eq!(s.read(&mut [0u8; 16]).unwrap(), 0, "then EOF");
+        assert_eq!(server.refused(), 1);
+    }
+
+    /// A hand-built client floods NOTIF frames: the queue stays within its
+    /// per-sender bound, the flooder is told why and closed, and another
+    /// sender's notifications still arrive.
+    #[test]
+    fn notif_flood_is_bounded_and_the_flooder_closed() {
+        let name = format!("kvferry-shm-test-{}-flood", std::process::id()).into_bytes();
+        let t = Duration::from_secs(5);
+        let limits = crate::notif::NotifLimits { per_peer_bytes: 64 << 10, total_bytes: 1 << 20 };
+        let sink = NotifSink::with_limits(limits);
+        let server = Server::start(name.clone(), "owner".into(), 7, None, sink.clone(), t, Access::own_uid()).unwrap();
+        let mut s = UnixStream::connect_addr(&abstract_addr(&name).unwrap()).unwrap();
+        s.set_read_timeout(Some(t)).unwrap();
+        s.set_write_timeout(Some(t)).unwrap();
+        let mut out = Vec::new();
+        let hello = Frame::Hello { version: VERSION, instance: 1, nonce: 7, token: Vec::new(), name: "flooder".into() };
+        hello.encode(&mut out);
+        s.write_all(&out).unwrap();
+        let mut buf = Vec::new();
+        assert_eq!(read_frame(&mut s, &mut buf).unwrap(), Frame::Welcome);
+        out.clear();
+        Frame::Notif(vec![0xab; 1000]).encode(&mut out);
+        let mut sent = 0usize;
+        // 10 000 × 1 KB = 10 MB offered, 150 × the sender's share.
+        while sent < 10_000 && s.write_all(&out).is_ok() {
+            sent += 1;
+        }
+        match read_frame(&mut s, &mut buf).unwrap() {
+            Frame::Refuse(why) => assert!(why.contains("refused") && why.contains("notif_limits"), "{why}"),
+            other => panic!("expected REFUSE, got {other:?}"),
+        }
+        assert!(sent < 10_000, "the owner closed the flooding connection (sent {sent})");
+        assert!(sink.queued_bytes() <= limits.per_peer_bytes, "{} bytes queued", sink.queued_bytes());
+        assert!(sink.dropped() >= 1);
+        assert_eq!(server.flooded(), 1);
+        // A legitimate sender still gets through.
+        let hello = Hello { agent: "legit", instance: 2, nonce: 7, token: None };
+        let me = std::process::id() as i32;
+        let link =
+            Link::connect(&name, hello, "owner".into(), 1, me, (t, t), PeerEvents::detached(), &Access::own_uid())
+                .unwrap();
+        let mut f = Vec::new();
+        link.send(&Frame::Notif(b"still here".to_vec()), &mut f).unwrap();
+        let deadline = Instant::now() + t;
+        let got = loop {
+            sink.wait(Duration::from_millis(100));
+            let n = sink.take();
+            if let Some(m) = n.get("legit") {
+                break m.clone();
+            }
+            assert!(Instant::now() < deadline, "the legit notification did not arrive");
+        };
+        assert_eq!(got, vec![b"still here".to_vec()]);
     }
 }
