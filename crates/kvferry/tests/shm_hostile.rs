@@ -336,6 +336,6 @@ fn allowed_uids_admits_a_listed_uid() {
     finish(child);
 
     let bad = kvferry::AgentConfig::default().with_backend("SHM", kvferry::Params::new().with("allowed_uids", "12,x"));
-    let e = kvferry::Agent::new(&format!("{ME}-badallow"), bad).err().expect("a bad uid list is refused");
+    let e = kvferry::Agent::new(&format!("{ME}-badallow"), bad).expect_err("a bad uid list is refused");
     assert!(e.to_string().contains("allowed_uids"), "{e}");
 }
