@@ -220,6 +220,21 @@ impl OpenFile {
         })
     }
 
+    /// Any descriptor (a pipe, say), read-write, for unit tests of the engines.
+    #[cfg(test)]
+    pub(crate) fn for_test(fd: OwnedFd) -> Arc<OpenFile> {
+        Arc::new(OpenFile {
+            fd,
+            origin: Origin::Fd { fd: -1, dev: 0, ino: 0 },
+            access: Access::ReadWrite,
+            direct: false,
+            block: false,
+            mem_align: 1,
+            off_align: 1,
+            device_size: None,
+        })
+    }
+
     /// The descriptor the engines use.
     pub(crate) fn raw(&self) -> RawFd {
         self.fd.as_raw_fd()

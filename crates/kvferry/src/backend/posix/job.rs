@@ -16,7 +16,7 @@ use std::io;
 use std::ops::Range;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
@@ -118,7 +118,16 @@ pub(crate) struct Job {
     cv: Condvar,
     /// `state.finished`, readable without the lock (for polling waiters).
     done: AtomicBool,
+    /// Set by an engine that can take I/Os back from the kernel (io_uring's
+    /// async cancel): called once by [`cancel`](Job::cancel).
+    on_cancel: OnceLock<CancelHook>,
 }
+
+/// What an engine runs when one of its jobs is canceled.
+pub(crate) type CancelHook = Arc<dyn Fn() + Send + Sync>;
+
+/// How often a [`Job::cancel`] that is still waiting for the kernel logs it.
+pub(crate) const CANCEL_WARN_EVERY: Duration = Duration::from_secs(10);
 
 impl fmt::Debug for Job {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -158,6 +167,7 @@ impl Job {
             state: Mutex::new(JobState::default()),
             cv: Condvar::new(),
             done: AtomicBool::new(false),
+            on_cancel: OnceLock::new(),
         }))
     }
 
@@ -287,15 +297,47 @@ impl Job {
         true
     }
 
-    /// Stops handing out I/Os and blocks until none is in flight, so the
-    /// caller may release the job's memory. I/Os already in the kernel
-    /// cannot be taken back; local storage I/O always completes.
+    /// Lets the engine running this job take its I/Os back from the kernel
+    /// on [`cancel`](Job::cancel); the first hook set stays.
+    pub(crate) fn set_on_cancel(&self, hook: &CancelHook) {
+        let _ = self.on_cancel.set(hook.clone());
+    }
+
+    /// Stops handing out I/Os, asks the engine to take back those in the
+    /// kernel (io_uring: `IORING_OP_ASYNC_CANCEL`, which ends I/Os still
+    /// queued or waiting interruptibly, e.g. on a hung network file system),
+    /// and blocks until none is in flight, so that the caller may release the
+    /// job's memory.
+    ///
+    /// The wait has no deadline, on purpose: the buffers are the caller's
+    /// registered memory, and returning while the kernel may still write
+    /// into them would let it write into freed memory. Local storage I/O
+    /// always completes; an I/O the kernel cannot interrupt (a pread on a
+    /// hard-mounted NFS server that is gone, in the thread-pool engine) keeps
+    /// this waiting as long as it lasts. Every [`CANCEL_WARN_EVERY`] such a
+    /// wait is logged with what is still in flight, so it is never silent.
     pub(crate) fn cancel(&self) {
         let mut s = self.state.lock();
         s.canceled = true;
         self.settle(&mut s);
+        if s.finished {
+            return;
+        }
+        if let Some(hook) = self.on_cancel.get() {
+            drop(s);
+            hook();
+            s = self.state.lock();
+        }
+        let start = Instant::now();
         while !s.finished {
-            self.cv.wait(&mut s);
+            if self.cv.wait_for(&mut s, CANCEL_WARN_EVERY).timed_out() && !s.finished {
+                tracing::warn!(
+                    in_flight = s.in_flight,
+                    waited_s = start.elapsed().as_secs(),
+                    "POSIX: a canceled transfer still waits for I/O the kernel has not finished (hung storage?); \
+                     its memory must stay allocated until then, so cancel keeps waiting"
+                );
+            }
         }
     }
 
@@ -424,5 +466,34 @@ mod tests {
         assert!(j.wait(Duration::from_secs(5), Duration::from_millis(1)));
         assert!(j.wait(Duration::from_secs(5), Duration::ZERO));
         assert!(j.outcome().unwrap().unwrap_err().message().contains("end of file"));
+    }
+
+    /// Cancel keeps its promise even when no engine can take the I/O back:
+    /// it returns only after the in-flight I/O completed, and runs the
+    /// engine's cancel hook once.
+    #[test]
+    fn cancel_returns_only_once_nothing_is_in_flight() {
+        let j = job(&[4096; 3]);
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let c = calls.clone();
+        let hook: CancelHook = Arc::new(move || {
+            c.fetch_add(1, Ordering::SeqCst);
+        });
+        j.set_on_cancel(&hook);
+        assert_eq!(j.claim(1, u64::MAX), (0..1, true));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let j2 = j.clone();
+        std::thread::spawn(move || {
+            j2.cancel();
+            let _ = tx.send(());
+        });
+        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err(), "cancel waits for the I/O in flight");
+        assert_eq!(j.claim(2, u64::MAX), (0..0, false), "a canceled job hands out nothing more");
+        j.complete(0, 0, Err(Failure::Stopped));
+        rx.recv_timeout(Duration::from_secs(5)).expect("cancel returns once nothing is in flight");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(j.outcome().unwrap().unwrap_err().kind(), ErrorKind::Canceled);
+        j.cancel();
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "a finished job's cancel returns at once");
     }
 }

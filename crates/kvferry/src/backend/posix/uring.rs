@@ -22,12 +22,16 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, squeue, types, IoUring, Probe};
 use parking_lot::Mutex;
 
-use super::job::{Engine, Failure, IoKind, Job};
+use super::job::{CancelHook, Engine, Failure, IoKind, Job};
 use super::sys::EventFd;
 use crate::error::{Error, ErrorKind, Result};
 
-/// `user_data` of the eventfd poll (slot numbers are below it).
+/// `user_data` of the eventfd poll. An I/O's is its slot number in the low
+/// 32 bits and the slot's generation above, so that a cancel can name
+/// exactly one I/O even if its slot is reused.
 const WAKE: u64 = u64::MAX;
+/// `user_data` of the async cancels sent for canceled jobs.
+const CANCEL: u64 = u64::MAX - 1;
 /// Entries handed to the kernel per `io_uring_enter` while filling. The
 /// kernel plugs a whole submission and dispatches it to the device at the
 /// end; in small groups the disk starts on the first I/Os while the later
@@ -77,13 +81,22 @@ struct Shared {
     queued: AtomicBool,
     wake: EventFd,
     shutdown: AtomicBool,
+    /// A job was canceled: the ring thread sends async cancels for its I/Os.
+    cancel_pending: AtomicBool,
 }
 
 /// The io_uring engine.
-#[derive(Debug)]
 pub(crate) struct UringEngine {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
+    /// Given to every job submitted: wakes the ring thread to cancel.
+    on_cancel: CancelHook,
+}
+
+impl std::fmt::Debug for UringEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UringEngine").field("shared", &self.shared).finish()
+    }
 }
 
 impl UringEngine {
@@ -103,6 +116,14 @@ impl UringEngine {
             queued: AtomicBool::new(false),
             wake: EventFd::new().map_err(|e| Error::io("POSIX: creating an eventfd", e))?,
             shutdown: AtomicBool::new(false),
+            cancel_pending: AtomicBool::new(false),
+        });
+        let weak = Arc::downgrade(&shared);
+        let on_cancel: CancelHook = Arc::new(move || {
+            if let Some(s) = weak.upgrade() {
+                s.cancel_pending.store(true, Ordering::Release);
+                s.wake.signal();
+            }
         });
         let s = shared.clone();
         let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<()>>(1);
@@ -119,7 +140,7 @@ impl UringEngine {
             })
             .map_err(|e| Error::io("POSIX: starting the io_uring thread", e))?;
         let built = rx.recv().unwrap_or_else(|_| Err(io::Error::other("the io_uring thread died at start")));
-        let engine = UringEngine { shared, thread: Some(thread) };
+        let engine = UringEngine { shared, thread: Some(thread), on_cancel };
         built.map_err(|e| Error::io("POSIX: creating the io_uring ring", e))?;
         Ok(engine)
     }
@@ -149,6 +170,7 @@ impl Engine for UringEngine {
         if self.shared.shutdown.load(Ordering::Acquire) {
             return Err(Error::new(ErrorKind::Canceled, "POSIX: the io_uring engine is shutting down"));
         }
+        job.set_on_cancel(&self.on_cancel);
         self.shared.queue.lock().push_back(job);
         self.shared.queued.store(true, Ordering::Release);
         self.shared.wake.signal();
@@ -173,6 +195,10 @@ struct Slot {
     op: usize,
     moved: u64,
     retries: u32,
+    /// Bumped at each use of the slot: the high half of its `user_data`.
+    generation: u32,
+    /// An async cancel was sent for this I/O.
+    cancel_sent: bool,
 }
 
 /// The ring thread's state.
@@ -217,6 +243,9 @@ impl Ring {
                 // SAFETY: a poll references only the eventfd, which `shared` keeps open
                 // for as long as this thread runs.
                 self.wake_armed = unsafe { self.push(&poll) };
+            }
+            if self.shared.cancel_pending.swap(false, Ordering::AcqRel) {
+                self.cancel_stopped();
             }
             self.shared.queued.store(false, Ordering::Release);
             self.active.extend(self.shared.queue.lock().drain(..));
@@ -298,7 +327,9 @@ impl Ring {
             }
             for i in range {
                 let s = self.free.pop().unwrap_or_else(|| unreachable!("claimed at most free.len() I/Os"));
-                self.slots[s as usize] = Slot { job: Some(job.clone()), op: i, moved: 0, retries: 0 };
+                let generation = self.slots[s as usize].generation.wrapping_add(1);
+                self.slots[s as usize] =
+                    Slot { job: Some(job.clone()), op: i, moved: 0, retries: 0, generation, cancel_sent: false };
                 self.in_flight += 1;
                 self.bytes += job.op(i).len;
                 self.issue(s);
@@ -323,7 +354,7 @@ impl Ring {
             IoKind::Read => opcode::Read::new(fd, buf as *mut u8, len).offset(off).build(),
             IoKind::Write => opcode::Write::new(fd, buf as *const u8, len).offset(off).build(),
         }
-        .user_data(u64::from(s));
+        .user_data(Self::user_data(s, slot.generation));
         // SAFETY: the buffer lies in memory registered with the agent, which the
         // job's owner keeps valid until the job is finished (it waits for no I/O
         // in flight); the slot holds the job, whose files keep `fd` open, until
@@ -333,8 +364,37 @@ impl Ring {
         }
     }
 
+    /// The `user_data` of the I/O in slot `s` at `generation` (never WAKE or
+    /// CANCEL: slot numbers are far below `u32::MAX - 1`).
+    fn user_data(s: u32, generation: u32) -> u64 {
+        (u64::from(generation) << 32) | u64::from(s)
+    }
+
+    /// Sends an async cancel for every in-flight I/O of a stopped job. The
+    /// canceled I/O completes with `ECANCELED` (or, if it was past the point
+    /// of no return, normally); either way its slot is freed only when its
+    /// own completion is reaped, so the kernel is done with the buffer then.
+    /// A cancel names the I/O by slot and generation, so it cannot hit an
+    /// I/O that later reuses the slot.
+    fn cancel_stopped(&mut self) {
+        for s in 0..self.slots.len() {
+            let slot = &self.slots[s];
+            let Some(job) = &slot.job else { continue };
+            if slot.cancel_sent || !job.stopped() {
+                continue;
+            }
+            let target = Self::user_data(s as u32, slot.generation);
+            let e = opcode::AsyncCancel::new(target).build().user_data(CANCEL);
+            // SAFETY: an async cancel references no memory.
+            if unsafe { self.push(&e) } {
+                self.slots[s].cancel_sent = true;
+            }
+        }
+    }
+
     fn finish(&mut self, s: u32, result: std::result::Result<(), Failure>) {
-        let slot = std::mem::take(&mut self.slots[s as usize]);
+        let generation = self.slots[s as usize].generation;
+        let slot = std::mem::replace(&mut self.slots[s as usize], Slot { generation, ..Slot::default() });
         if let Some(job) = slot.job {
             self.bytes -= job.op(slot.op).len;
             job.complete(slot.op, slot.moved, result);
@@ -353,13 +413,20 @@ impl Ring {
                 self.wake_armed = false;
                 continue;
             }
+            if ud == CANCEL {
+                // The canceled I/O reports its own completion.
+                continue;
+            }
             let s = ud as u32;
             let Some(slot) = self.slots.get_mut(s as usize) else { continue };
             let Some(job) = slot.job.clone() else { continue };
             let op = *job.op(slot.op);
             if res < 0 {
                 let errno = -res;
-                if matches!(errno, libc::EINTR | libc::EAGAIN) && slot.retries < MAX_RETRIES && !job.stopped() {
+                if errno == libc::ECANCELED && job.stopped() {
+                    // Taken back by our async cancel: the job was canceled.
+                    self.finish(s, Err(Failure::Stopped));
+                } else if matches!(errno, libc::EINTR | libc::EAGAIN) && slot.retries < MAX_RETRIES && !job.stopped() {
                     slot.retries += 1;
                     self.issue(s);
                 } else {
@@ -380,5 +447,71 @@ impl Ring {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::posix::files::OpenFile;
+    use crate::backend::posix::job::{IoBatch, IoOp};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    /// An I/O that would never complete by itself (a read of an empty pipe
+    /// whose writer stays open, standing in for hung storage): `cancel`
+    /// takes it back from the kernel with an async cancel and returns, the
+    /// job ends `Canceled`, and the engine still serves the next job.
+    #[test]
+    fn cancel_takes_back_an_io_that_never_completes() {
+        if let Err(e) = probe() {
+            eprintln!("cancel_takes_back_an_io_that_never_completes: not run: {e}");
+            return;
+        }
+        let engine = UringEngine::start(8, u64::MAX, false, Duration::ZERO).unwrap();
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills two descriptors, which we own from here on.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: as above.
+        let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let mut buf = vec![0u8; 4096];
+        let op = IoOp { kind: IoKind::Read, file: 0, seg: 0, buf: buf.as_mut_ptr() as u64, len: 4096, offset: 0 };
+        let pipe = OpenFile::for_test(rd);
+        let job = Job::new(IoBatch::new(vec![op], 1).unwrap(), vec![pipe]).unwrap();
+        engine.submit(job.clone()).unwrap();
+        assert!(!job.wait(Duration::from_millis(200), Duration::ZERO), "the read waits on the empty pipe");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let j = job.clone();
+        std::thread::spawn(move || {
+            j.cancel();
+            let _ = tx.send(());
+        });
+        let returned = rx.recv_timeout(Duration::from_secs(5)).is_ok();
+        if !returned {
+            // Unblock the read so that nothing is left hanging, then fail.
+            // SAFETY: a write of 4096 bytes from a live buffer into our pipe.
+            unsafe { libc::write(wr.as_raw_fd(), [1u8; 4096].as_ptr().cast(), 4096) };
+            let _ = rx.recv_timeout(Duration::from_secs(5));
+        }
+        assert!(returned, "cancel did not take the hung read back within 5 s");
+        let e = job.outcome().expect("finished").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Canceled, "{e}");
+        drop(buf);
+        // The ring still works: the next read of the same pipe gets its data.
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::write(wr.as_raw_fd(), [7u8; 64].as_ptr().cast(), 64) }, 64);
+        let mut buf2 = vec![0u8; 64];
+        let op = IoOp { kind: IoKind::Read, file: 0, seg: 0, buf: buf2.as_mut_ptr() as u64, len: 64, offset: 0 };
+        let rd2 = job_file_dup(&job);
+        let job2 = Job::new(IoBatch::new(vec![op], 1).unwrap(), vec![rd2]).unwrap();
+        engine.submit(job2.clone()).unwrap();
+        assert!(job2.wait(Duration::from_secs(5), Duration::ZERO), "the next job runs");
+        job2.outcome().unwrap().unwrap();
+        assert_eq!(buf2, vec![7u8; 64]);
+    }
+
+    fn job_file_dup(job: &Job) -> Arc<OpenFile> {
+        let fd = job.fd(job.op(0));
+        // SAFETY: dup of a descriptor the job keeps open; the copy is ours.
+        OpenFile::for_test(unsafe { OwnedFd::from_raw_fd(libc::dup(fd)) })
     }
 }
