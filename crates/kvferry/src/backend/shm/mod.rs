@@ -21,6 +21,14 @@
 //! refusal (`EPERM`, Yama `ptrace_scope`, different user) makes `load_remote`
 //! fail with a clear error, and the agent uses TCP for that peer instead.
 //!
+//! **Who may connect.** The control socket's name is public and holds no
+//! secret; both ends check the other's kernel-reported credentials
+//! (`SO_PEERCRED`): same uid only, unless the `allowed_uids` parameter
+//! lists more, and on the initiator side the listener must be the pid the
+//! owner's metadata names. Then HELLO checks the nonce and the auth token.
+//! Memfds received for mapping must be sealed against shrinking, long
+//! enough and not on hugetlbfs (see [`mapping`]).
+//!
 //! **Choice.** Rank 10: preferred over TCP (50) for same-host peers; LOCAL
 //! (0) stays first for agents of one process. Hints from the caller win.
 //!
