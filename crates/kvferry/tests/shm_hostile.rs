@@ -339,3 +339,63 @@ fn allowed_uids_admits_a_listed_uid() {
     let e = kvferry::Agent::new(&format!("{ME}-badallow"), bad).expect_err("a bad uid list is refused");
     assert!(e.to_string().contains("allowed_uids"), "{e}");
 }
+
+/// A hand-built same-uid client floods a real agent with NOTIF frames over
+/// its control socket: the agent queues at most the sender's share, tells
+/// the flooder why and closes it; a legitimate peer process's notification
+/// still arrives, and the agent can take what was queued.
+#[test]
+fn notification_flood_is_bounded_and_a_legit_peer_still_gets_through() {
+    let share = 64u64 << 10;
+    let mut cfg = kvferry::AgentConfig::default().with_backend("SHM", kvferry::Params::new());
+    cfg.notif_limits = kvferry::notif::NotifLimits { per_peer_bytes: share, total_bytes: 1 << 20 };
+    let me = format!("{ME}-flooded");
+    let a = kvferry::Agent::new(&me, cfg).unwrap();
+    let buf = AlignedBuf::new(4096).unwrap();
+    let _r = a.register_buf(&buf).unwrap();
+    let md = a.local_metadata().unwrap();
+    let t = target_of(&md);
+
+    let addr = SocketAddr::from_abstract_name(&t.info.socket).unwrap();
+    let mut s = UnixStream::connect_addr(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut out = Vec::new();
+    Frame::Hello { version: VERSION, instance: 9, nonce: t.info.nonce, token: Vec::new(), name: "flooder".into() }
+        .encode(&mut out);
+    s.write_all(&out).unwrap();
+    assert_eq!(read_frame(&mut s).unwrap(), Frame::Welcome);
+    out.clear();
+    Frame::Notif(vec![0x5a; 4000]).encode(&mut out);
+    let mut sent = 0;
+    // 4000 × 4 KB = 16 MB offered against a 64 KiB share.
+    while sent < 4000 && s.write_all(&out).is_ok() {
+        sent += 1;
+    }
+    let why = match read_frame(&mut s) {
+        Ok(Frame::Refuse(why)) => why,
+        other => panic!("expected REFUSE after {sent} frames, got {other:?}"),
+    };
+    assert!(why.contains("notif_limits") && why.contains("flooder"), "{why}");
+    assert!(sent < 4000, "the flooding connection was closed");
+
+    let mut peer = Peer::spawn("shm_peer_main", "shm-hflood-legit", 4096, 1, &[]);
+    peer.ok(&format!("LOAD {}", hex(&md)));
+    peer.ok(&format!("SEND {me} legit"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut flood_bytes = 0u64;
+    let mut legit = Vec::new();
+    while legit.is_empty() && Instant::now() < deadline {
+        a.wait_notifications(Duration::from_millis(100));
+        for (from, msgs) in a.take_notifications() {
+            match from.as_str() {
+                "flooder" => flood_bytes += msgs.iter().map(|m| m.len() as u64 + 64).sum::<u64>(),
+                "shm-hflood-legit" => legit.extend(msgs),
+                other => panic!("unexpected sender {other}"),
+            }
+        }
+    }
+    assert_eq!(legit, vec![b"legit".to_vec()], "the legit peer's notification arrived");
+    assert!(flood_bytes > 0 && flood_bytes <= share, "{flood_bytes} bytes of the flood were queued, share {share}");
+    peer.exit();
+}

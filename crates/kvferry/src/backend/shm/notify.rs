@@ -396,9 +396,8 @@ fn serve(mut s: UnixStream, shared: &ServerShared) {
                         e.message()
                     );
                     tracing::warn!(agent = %shared.agent, peer = %conn.peer, "SHM: {why}");
-                    out.clear();
-                    Frame::Refuse(why).encode(&mut out);
-                    let _ = conn.writer.lock().write_all(&out);
+                    // Non-blocking: a flooder that does not read cannot hold the writer (and a revoke).
+                    refuse_now(&conn.writer.lock(), &why);
                     break;
                 }
             }
