@@ -146,6 +146,8 @@ struct ServerShared {
     access: Access,
     /// Connections being served now (handshake included).
     serving: AtomicUsize,
+    /// Most connections served at once ([`MAX_CONNS`] unless a test lowers it).
+    max_conns: AtomicUsize,
     /// Connections refused at accept (wrong uid, too many).
     refused: AtomicU64,
     /// Connections closed because their notifications overflowed the queue.
@@ -202,6 +204,7 @@ impl Server {
             conns: Mutex::new(Vec::new()),
             access,
             serving: AtomicUsize::new(0),
+            max_conns: AtomicUsize::new(MAX_CONNS),
             refused: AtomicU64::new(0),
             flooded: AtomicU64::new(0),
             stop: AtomicBool::new(false),
@@ -224,6 +227,12 @@ impl Server {
     /// agent's notification queue full.
     pub fn flooded(&self) -> u64 {
         self.shared.flooded.load(Ordering::Relaxed)
+    }
+
+    /// Lowers (or raises) the most connections served at once, [`MAX_CONNS`]
+    /// by default; for tests of the bound.
+    pub fn set_max_conns(&self, n: usize) {
+        self.shared.max_conns.store(n, Ordering::Relaxed);
     }
 
     /// Marks a region live (registered); `export`: its memfd, for peers to map.
@@ -342,7 +351,7 @@ fn admit(s: &UnixStream, shared: &ServerShared) -> std::result::Result<(), Strin
         ));
     }
     let n = shared.serving.load(Ordering::SeqCst);
-    if n >= MAX_CONNS {
+    if n >= shared.max_conns.load(Ordering::Relaxed) {
         return Err(format!(
             "agent '{}' already serves {n} SHM connections (the most it serves at once); process {} (uid {}) \
              must retry later",
@@ -1065,6 +1074,44 @@ mod tests {
         }
         assert_eq!(s.read(&mut [0u8; 16]).unwrap(), 0, "then EOF");
         assert_eq!(server.refused(), 1);
+    }
+
+    /// Same-uid clients that connect and say nothing hold a connection slot
+    /// each, up to the cap, and only for the handshake timeout: one more is
+    /// refused with a REFUSE naming the limit, and once the idle ones time
+    /// out a legitimate initiator connects.
+    #[test]
+    fn connection_cap_and_idle_handshakes_are_bounded() {
+        let name = format!("kvferry-shm-test-{}-cap", std::process::id()).into_bytes();
+        let t = Duration::from_millis(500);
+        let server =
+            Server::start(name.clone(), "owner".into(), 7, None, NotifSink::new(), t, Access::own_uid()).unwrap();
+        server.set_max_conns(4);
+        let addr = abstract_addr(&name).unwrap();
+        let idle: Vec<UnixStream> = (0..4).map(|_| UnixStream::connect_addr(&addr).unwrap()).collect();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while server.shared.serving.load(Ordering::SeqCst) < 4 {
+            assert!(Instant::now() < deadline, "the idle connections were not accepted");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut extra = UnixStream::connect_addr(&addr).unwrap();
+        extra.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        match read_frame(&mut extra, &mut Vec::new()).unwrap() {
+            Frame::Refuse(why) => assert!(why.contains("already serves 4"), "{why}"),
+            other => panic!("expected REFUSE, got {other:?}"),
+        }
+        assert_eq!(server.refused(), 1);
+        // The idle ones are dropped after the handshake timeout; then a real initiator gets in.
+        while server.shared.serving.load(Ordering::SeqCst) > 0 {
+            assert!(Instant::now() < deadline, "idle handshakes were not timed out");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let me = std::process::id() as i32;
+        let hello = Hello { agent: "legit", instance: 2, nonce: 7, token: None };
+        let tt = Duration::from_secs(5);
+        Link::connect(&name, hello, "owner".into(), 1, me, (tt, tt), PeerEvents::detached(), &Access::own_uid())
+            .unwrap();
+        drop(idle);
     }
 
     /// A hand-built client floods NOTIF frames: the queue stays within its
