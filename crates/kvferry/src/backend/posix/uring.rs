@@ -244,7 +244,10 @@ impl Ring {
                 // for as long as this thread runs.
                 self.wake_armed = unsafe { self.push(&poll) };
             }
-            if self.shared.cancel_pending.swap(false, Ordering::AcqRel) {
+            // A plain load first: the common case (no cancel) writes nothing.
+            if self.shared.cancel_pending.load(Ordering::Relaxed)
+                && self.shared.cancel_pending.swap(false, Ordering::AcqRel)
+            {
                 self.cancel_stopped();
             }
             self.shared.queued.store(false, Ordering::Release);

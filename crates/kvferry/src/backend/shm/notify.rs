@@ -1076,6 +1076,65 @@ mod tests {
         assert_eq!(server.refused(), 1);
     }
 
+    /// A hand-built hostile owner (same process, so SO_PEERCRED passes)
+    /// answers MAP with memfds it could later truncate or that are too short:
+    /// the initiator maps none of them and uses cross-memory attach for those
+    /// regions, so no copy can ever SIGBUS it.
+    #[test]
+    fn initiator_does_not_map_a_hostile_owners_memfd() {
+        use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+        let name = format!("kvferry-shm-test-{}-hostile-owner", std::process::id()).into_bytes();
+        let listener = UnixListener::bind_addr(&abstract_addr(&name).unwrap()).unwrap();
+        let keys = [AccessKey([1; 16]), AccessKey([2; 16])];
+        let owner = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = Vec::new();
+            assert!(matches!(read_frame(&mut s, &mut buf).unwrap(), Frame::Hello { .. }));
+            let mut out = Vec::new();
+            Frame::Welcome.encode(&mut out);
+            s.write_all(&out).unwrap();
+            for n in 0..2 {
+                let Frame::Map { id, .. } = read_frame(&mut s, &mut buf).unwrap() else { panic!("expected MAP") };
+                // SAFETY: memfd_create with a valid C string; the new descriptor is ours.
+                let fd = unsafe {
+                    OwnedFd::from_raw_fd(libc::memfd_create(
+                        c"evil".as_ptr(),
+                        libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+                    ))
+                };
+                // n = 0: unsealed, 1 MiB (truncatable later); n = 1: sealed but 4 KiB for a 1 MiB region.
+                let size = if n == 0 { 1 << 20 } else { 4096 };
+                // SAFETY: ftruncate / F_ADD_SEALS on our own descriptor.
+                unsafe {
+                    assert_eq!(libc::ftruncate(fd.as_raw_fd(), size), 0);
+                    if n == 1 {
+                        assert_eq!(libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK), 0);
+                    }
+                }
+                out.clear();
+                let status = MapStatus::Fd;
+                Frame::Mapped { id, status, region_addr: 0x10_0000, region_len: 1 << 20, offset: 0 }.encode(&mut out);
+                fdpass::send_with_fd(&s, &out, fd.as_fd()).unwrap();
+            }
+            // Hold the connection until the initiator is done.
+            let _ = read_frame(&mut s, &mut buf);
+        });
+        let t = Duration::from_secs(5);
+        let hello = Hello { agent: "init", instance: 1, nonce: 7, token: None };
+        let me = std::process::id() as i32;
+        let link =
+            Link::connect(&name, hello, "owner".into(), 1, me, (t, t), PeerEvents::detached(), &Access::own_uid())
+                .unwrap();
+        link.ensure_mapped(&keys, t).unwrap();
+        {
+            let st = link.state.read();
+            assert!(st.maps.is_empty(), "no hostile memfd was mapped");
+            assert!(keys.iter().all(|k| st.cma_only.contains(k) && st.live.contains(k)), "both fall back to CMA");
+        }
+        link.close("test over");
+        owner.join().unwrap();
+    }
+
     /// Same-uid clients that connect and say nothing hold a connection slot
     /// each, up to the cap, and only for the handshake timeout: one more is
     /// refused with a REFUSE naming the limit, and once the idle ones time
