@@ -126,7 +126,10 @@ pub fn run(a: &ServeArgs) -> Result<()> {
         "KVFERRY-TARGET listening on {addr} as '{}' with backends {:?}{}{}{}",
         agent.name(),
         agent.backends(),
-        agent.listen_addr().map(|a| format!(", metadata listener on {a}")).unwrap_or_default(),
+        agent
+            .listen_addr()
+            .map(|a| format!(", metadata listener on port {} (bound to {})", a.port(), a.ip()))
+            .unwrap_or_default(),
         if published { ", published to the metadata store" } else { "" },
         if agent.config().auth_token.is_some() { ", auth token required" } else { "" }
     );
