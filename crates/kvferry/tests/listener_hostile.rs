@@ -142,6 +142,17 @@ fn forged_send_and_invalidate_without_the_token_are_refused() {
     assert!(!t.check_remote(victim.name(), None), "nothing was loaded");
     let (op, why, _) = ask(LO, addr, Op::Fetch, &[], t.name().as_bytes());
     assert_eq!(op, Op::Error, "FETCH without the token hands out no keys: {why}");
+    // The token is checked before the body: a header announcing 10 MiB with
+    // no token is refused at once, without waiting for (or allocating) the body.
+    let mut s = connect_from(LO, addr);
+    let mut h = encode_msg(Op::Send, &[], &[]).unwrap();
+    h[8..12].copy_from_slice(&(10u32 << 20).to_le_bytes());
+    s.write_all(&h).unwrap();
+    let t0 = Instant::now();
+    let (op, why) = answer(&mut s, T).unwrap();
+    assert_eq!(op, Op::Error);
+    assert!(String::from_utf8_lossy(&why).contains("auth token"));
+    assert!(t0.elapsed() < Duration::from_secs(1), "refused from the header: {:?}", t0.elapsed());
     // With the token the same SEND loads; an INVALIDATE without it is refused.
     let (op, why, _) = ask(LO, addr, Op::Send, b"s3cret", &blob);
     assert_eq!(op, Op::Ok, "{why}");
@@ -371,4 +382,28 @@ fn the_listener_binds_where_the_tcp_data_port_binds() {
     assert_eq!(op, Op::Metadata);
     let e = a.load_untrusted_metadata(b"junk", LO.into()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Malformed, "{e}");
+}
+
+#[test]
+fn a_blob_past_the_default_regions_cap_is_refused_and_leaves_nothing() {
+    let (t, addr) = target(None, ListenerLimits::default());
+    let (src, _b, _r) = source("lh-huge", 1);
+    let mut md = kvferry::metadata::AgentMetadata::decode(&src.local_metadata().unwrap()).unwrap();
+    let one = md.regions[0].clone();
+    md.regions = (0..(1u64 << 16) + 1)
+        .map(|i| {
+            let mut r = one.clone();
+            r.addr = 0x1000_0000 + i * 4096;
+            r.len = 4096;
+            r
+        })
+        .collect();
+    let blob = md.encode();
+    assert!(blob.len() < ListenerLimits::default().max_body as usize, "within max_body: the regions cap decides");
+    let (op, why, _) = ask(LO, addr, Op::Send, &[], &blob);
+    assert_eq!(op, Op::Error);
+    assert!(why.contains("65537 regions") && why.contains("max_regions_per_peer"), "{why}");
+    assert!(t.remote_agents().is_empty());
+    // The listener still serves.
+    assert_eq!(ask(LO, addr, Op::Fetch, &[], t.name().as_bytes()).0, Op::Metadata);
 }

@@ -180,7 +180,9 @@ impl Agent {
     /// apply (peers pushed at once, regions per peer and in all), and, unless
     /// an auth token is configured (the sender then proved it holds it), it
     /// may not replace a peer that was loaded another way or from another
-    /// address (`NotAllowed`).
+    /// address (`NotAllowed`). When a token is configured, the caller must
+    /// have checked that the sender presented it (the listener and the
+    /// rendezvous of `kvferry serve` do).
     pub fn load_untrusted_metadata(&self, bytes: &[u8], from: IpAddr) -> Result<String> {
         self.load_peer(bytes, Origin::Pushed(from), None)
     }
