@@ -407,3 +407,19 @@ fn a_blob_past_the_default_regions_cap_is_refused_and_leaves_nothing() {
     // The listener still serves.
     assert_eq!(ask(LO, addr, Op::Fetch, &[], t.name().as_bytes()).0, Op::Metadata);
 }
+
+#[test]
+fn metadata_bytes_of_pushed_peers_are_capped_in_all() {
+    let (a, _b1, _r1) = source("lh-bytes-a", 2);
+    let (b, _b2, _r2) = source("lh-bytes-b", 2);
+    let (blob_a, blob_b) = (a.local_metadata().unwrap(), b.local_metadata().unwrap());
+    let cap = (blob_a.len() + blob_b.len() / 2) as u64;
+    let (t, addr) = target(None, ListenerLimits { max_blob_bytes_total: cap, ..ListenerLimits::default() });
+    assert_eq!(ask(LO, addr, Op::Send, &[], &blob_a).0, Op::Ok);
+    let (op, why, _) = ask(LO, addr, Op::Send, &[], &blob_b);
+    assert_eq!(op, Op::Error);
+    assert!(why.contains("max_blob_bytes_total"), "{why}");
+    // Refreshing the one loaded is not double-charged.
+    assert_eq!(ask(LO, addr, Op::Send, &[], &blob_a).0, Op::Ok);
+    assert_eq!(t.remote_agents(), vec![a.name().to_string()]);
+}

@@ -64,6 +64,9 @@ pub(crate) struct RemotePeer {
     pub(crate) extensions: Vec<(String, Vec<u8>)>,
     /// Who loaded it.
     pub(crate) origin: Origin,
+    /// Blob bytes this entry was built from (partial blobs add up): what
+    /// `listener_limits.max_blob_bytes_total` charges.
+    pub(crate) charged: u64,
 }
 
 impl Agent {
@@ -192,6 +195,7 @@ impl Agent {
     fn check_caps(
         &self,
         md: &AgentMetadata,
+        charged: u64,
         origin: Origin,
         peers: &std::collections::HashMap<Arc<str>, Arc<RemotePeer>>,
     ) -> Result<()> {
@@ -219,10 +223,17 @@ impl Agent {
             }
         }
         let others = peers.values().filter(|p| p.origin.capped() && *p.name != *md.name);
-        let (mut pushed, mut total) = (0usize, 0usize);
+        let (mut pushed, mut total, mut bytes) = (0usize, 0usize, 0u64);
         for p in others {
             pushed += usize::from(matches!(p.origin, Origin::Pushed(_)));
             total += p.regions.len();
+            bytes += p.charged;
+        }
+        if bytes + charged > lim.max_blob_bytes_total {
+            return Err(Error::not_allowed(format!(
+                "agent '{}''s {charged} bytes of metadata would pass the {} bytes that peers loaded through the network may hold in all (listener_limits.max_blob_bytes_total)",
+                md.name, lim.max_blob_bytes_total
+            )));
         }
         if matches!(origin, Origin::Pushed(_)) && old.is_none() && pushed >= lim.max_peers {
             return Err(Error::not_allowed(format!(
@@ -263,8 +274,11 @@ impl Agent {
         };
 
         let mut peers = self.inner.peers.write();
+        let old_charged =
+            peers.get(md.name.as_str()).filter(|p| p.instance == md.instance && md.partial).map_or(0, |p| p.charged);
+        let charged = old_charged + bytes.len() as u64;
         if origin.capped() {
-            self.check_caps(&md, origin, &peers)?;
+            self.check_caps(&md, charged, origin, &peers)?;
         }
         let name: Arc<str> = md.name.as_str().into();
         let old = peers.get(&name).cloned();
@@ -331,6 +345,7 @@ impl Agent {
             loaded_mask,
             extensions,
             origin,
+            charged,
         };
         peers.insert(name, Arc::new(peer));
         Ok(md.name)

@@ -224,6 +224,9 @@ pub struct ListenerLimits {
     /// Regions of all peers loaded through listeners together (about 110
     /// bytes of memory each). Default: 1 Mi (about 110 MiB).
     pub max_regions_total: usize,
+    /// Metadata bytes (connection info, exported files, regions) of all
+    /// peers loaded through listeners together. Default: 256 MiB.
+    pub max_blob_bytes_total: u64,
 }
 
 impl Default for ListenerLimits {
@@ -237,6 +240,7 @@ impl Default for ListenerLimits {
             max_peers: 1024,
             max_regions_per_peer: 1 << 16,
             max_regions_total: 1 << 20,
+            max_blob_bytes_total: 256 << 20,
         }
     }
 }
