@@ -120,13 +120,17 @@ fn a_client_trickling_bytes_does_not_block_a_fetch_and_is_cut_off_at_the_deadlin
     let t0 = Instant::now();
     let (op, _, blob) = ask(LO, addr, Op::Fetch, &[], t.name().as_bytes());
     assert_eq!(op, Op::Metadata, "a legitimate FETCH is served while the slow client holds its connection");
-    assert!(t0.elapsed() < Duration::from_secs(1), "served at once, not after the slow client: {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_millis(1500),
+        "served at once, not after the slow client: {:?}",
+        t0.elapsed()
+    );
     assert!(!blob.is_empty());
     let (ans, took) = trickle.join().unwrap();
     let (op, why) = ans.expect("the slow client gets an answer before the connection closes");
     assert_eq!(op, Op::Error);
     assert!(String::from_utf8_lossy(&why).contains("deadline"), "{}", String::from_utf8_lossy(&why));
-    assert!(took < Duration::from_secs(5), "cut off near the 2 s deadline, not per byte: {took:?}");
+    assert!(took < Duration::from_secs(7), "cut off near the 2 s deadline, not per byte: {took:?}");
 }
 
 #[test]
@@ -152,7 +156,7 @@ fn forged_send_and_invalidate_without_the_token_are_refused() {
     let (op, why) = answer(&mut s, T).unwrap();
     assert_eq!(op, Op::Error);
     assert!(String::from_utf8_lossy(&why).contains("auth token"));
-    assert!(t0.elapsed() < Duration::from_secs(1), "refused from the header: {:?}", t0.elapsed());
+    assert!(t0.elapsed() < Duration::from_secs(2), "refused from the header: {:?}", t0.elapsed());
     // With the token the same SEND loads; an INVALIDATE without it is refused.
     let (op, why, _) = ask(LO, addr, Op::Send, b"s3cret", &blob);
     assert_eq!(op, Op::Ok, "{why}");
@@ -202,7 +206,13 @@ fn without_a_token_a_stranger_can_neither_replace_nor_withdraw_a_peer_loaded_els
 
 #[test]
 fn connections_from_one_address_are_capped_while_another_address_is_served() {
-    let limits = ListenerLimits { max_connections_per_ip: 4, max_connections: 6, ..ListenerLimits::default() };
+    // A long deadline: the held connections must outlive a slow, loaded test run.
+    let limits = ListenerLimits {
+        max_connections_per_ip: 4,
+        max_connections: 6,
+        request_deadline: Duration::from_secs(60),
+        ..ListenerLimits::default()
+    };
     let (t, addr) = target(None, limits);
     // The attacker opens 100 idle connections from 127.0.0.1: four are held,
     // the rest are answered ERROR at once.
@@ -233,13 +243,22 @@ fn connections_from_one_address_are_capped_while_another_address_is_served() {
     let t0 = Instant::now();
     let (op, _, _) = ask(OTHER, addr, Op::Fetch, &[], t.name().as_bytes());
     assert_eq!(op, Op::Metadata);
-    assert!(t0.elapsed() < Duration::from_secs(1));
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
     // The total cap: two more from 127.0.0.2 fill it (4 + 2 = 6), a third is refused.
-    let _b1 = connect_from(OTHER, addr);
-    let _b2 = connect_from(OTHER, addr);
-    std::thread::sleep(Duration::from_millis(200));
+    // (The FETCH's slot is given back just after its answer: retry until both are held.)
+    let hold = || {
+        let deadline = Instant::now() + T;
+        loop {
+            let mut s = connect_from(OTHER, addr);
+            if answer(&mut s, Duration::from_millis(300)).is_none() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "a slot for 127.0.0.2 comes free");
+        }
+    };
+    let (_b1, _b2) = (hold(), hold());
     let mut c = connect_from(Ipv4Addr::new(127, 0, 0, 3), addr);
-    let (op, why) = answer(&mut c, T).unwrap();
+    let (op, why) = answer(&mut c, T).expect("refused at once");
     assert_eq!(op, Op::Error);
     assert!(String::from_utf8_lossy(&why).contains("max_connections"));
     // Once the attacker lets go, its address is served again.
