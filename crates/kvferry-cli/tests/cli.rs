@@ -19,6 +19,8 @@ fn every_command_has_help() {
         (&["--help"][..], "bench"),
         (&["bench", "--help"][..], "p2p"),
         (&["bench", "p2p", "--help"][..], "--check-consistency"),
+        (&["bench", "p2p", "--help"][..], "--max-buffer"),
+        (&["serve", "--help"][..], "KVFERRY_AUTH_TOKEN"),
         (&["bench", "storage", "--help"][..], "--engine"),
         (&["info", "--help"][..], "--json"),
         (&["serve", "--help"][..], "--mem-size"),
