@@ -4,15 +4,27 @@
 //!
 //! Frames: a 4-byte little-endian length, then a postcard [`Msg`]. Every read
 //! is bounded by a timeout and a maximum frame size.
+//!
+//! A client's first frame is [`Msg::Auth`] with the shared token (empty when
+//! none is configured), read with a small size cap; the server checks it
+//! before it reads anything larger. [`Server`] accepts concurrently within
+//! [`Limits`]: connections in all and per source address, and one deadline
+//! for the whole handshake.
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kvferry::{Error, Result};
+use kvferry::{AuthToken, Error, Result};
 use serde::{Deserialize, Serialize};
 
 const MAX_FRAME: usize = 64 << 20;
+/// Largest first (`Auth`) frame: a token and postcard's framing.
+const MAX_AUTH_FRAME: usize = kvferry::auth::MAX_TOKEN_LEN + 16;
 
 /// What initiator and target say to each other.
 #[derive(Debug, Serialize, Deserialize)]
@@ -23,6 +35,8 @@ pub enum Msg {
     Ready { metadata: Vec<u8>, descs: Vec<u8>, files: Vec<u8> },
     /// Either side: a failure, with its message.
     Failed(String),
+    /// Client → server, first: the shared token (empty if none).
+    Auth(Vec<u8>),
 }
 
 /// Writes one frame.
@@ -36,21 +50,204 @@ pub fn send(s: &mut TcpStream, m: &Msg) -> Result<()> {
 
 /// Reads one frame, waiting at most `timeout`.
 pub fn recv(s: &mut TcpStream, timeout: Duration) -> Result<Msg> {
-    s.set_read_timeout(Some(timeout)).map_err(|e| Error::io("rendezvous: set timeout", e))?;
+    recv_until(s, Instant::now() + timeout, MAX_FRAME)
+}
+
+/// Fills `buf` before `deadline`: a peer trickling bytes is cut off there.
+fn read_until(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::timeout(format!(
+                "rendezvous: the peer sent {got} of {} bytes before the deadline",
+                buf.len()
+            )));
+        }
+        s.set_read_timeout(Some(left)).map_err(|e| Error::io("rendezvous: set timeout", e))?;
+        match s.read(&mut buf[got..]) {
+            Ok(0) => {
+                return Err(Error::new(
+                    kvferry::ErrorKind::RemoteDisconnect,
+                    "rendezvous: the peer closed the connection",
+                ))
+            }
+            Ok(n) => got += n,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io("rendezvous: reading from the peer", e)),
+        }
+    }
+    Ok(())
+}
+
+/// Reads one frame of at most `max` bytes before `deadline`.
+pub fn recv_until(s: &mut TcpStream, deadline: Instant, max: usize) -> Result<Msg> {
     let mut len = [0u8; 4];
-    s.read_exact(&mut len).map_err(|e| Error::io("rendezvous: waiting for the peer", e))?;
+    read_until(s, &mut len, deadline)?;
     let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_FRAME {
-        return Err(Error::malformed(format!("rendezvous frame of {len} bytes is larger than {MAX_FRAME}")));
+    if len > max {
+        return Err(Error::malformed(format!("rendezvous frame of {len} bytes is larger than {max}")));
     }
     let mut body = vec![0u8; len];
-    s.read_exact(&mut body).map_err(|e| Error::io("rendezvous: reading a frame", e))?;
+    read_until(s, &mut body, deadline)?;
     let m: Msg =
         postcard::from_bytes(&body).map_err(|e| Error::malformed(format!("rendezvous frame does not decode: {e}")))?;
     if let Msg::Failed(why) = &m {
         return Err(Error::new(kvferry::ErrorKind::Backend, format!("the peer failed: {why}")));
     }
     Ok(m)
+}
+
+/// Connects to `addr` (retrying refused connections until `timeout`) and
+/// presents `token` (the first frame every server expects).
+pub fn connect_auth(addr: &str, timeout: Duration, token: Option<&AuthToken>) -> Result<TcpStream> {
+    let mut s = connect(addr, timeout)?;
+    send(&mut s, &Msg::Auth(token.map(|t| t.as_bytes().to_vec()).unwrap_or_default()))?;
+    Ok(s)
+}
+
+/// Bounds of a rendezvous [`Server`].
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections in their handshake at once, from everyone. Default: 64.
+    pub max_connections: usize,
+    /// Connections in their handshake at once from one IP address. Default: 8.
+    pub max_connections_per_ip: usize,
+    /// The whole handshake (token, `Hello`, the answer) must end within this. Default: 10 s.
+    pub deadline: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_connections: 64, max_connections_per_ip: 8, deadline: Duration::from_secs(10) }
+    }
+}
+
+#[derive(Default)]
+struct Gate {
+    total: usize,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+/// A connection's place in the [`Gate`]; dropping it frees it.
+struct Slot(Arc<Mutex<Gate>>, IpAddr);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        g.total -= 1;
+        if let Some(n) = g.per_ip.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                g.per_ip.remove(&self.1);
+            }
+        }
+    }
+}
+
+/// What a server does with an authenticated client's first message: the
+/// stream (its handshake deadline is `deadline`), the client's address, the message.
+pub type Handler = Arc<dyn Fn(&mut TcpStream, SocketAddr, Msg, Instant) -> Result<()> + Send + Sync>;
+
+/// A rendezvous port served concurrently: every connection gets a thread
+/// (within [`Limits`]), must present the token first, and its handshake
+/// must end by the deadline.
+pub struct Server {
+    listener: TcpListener,
+    limits: Limits,
+    token: Option<AuthToken>,
+}
+
+impl Server {
+    /// Serves `listener` with `limits`, admitting clients that present `token`
+    /// (any client when `None`).
+    pub fn new(listener: TcpListener, limits: Limits, token: Option<AuthToken>) -> Server {
+        Server { listener, limits, token }
+    }
+
+    /// Accepts until `stop` is set (checked at least every 200 ms), running
+    /// `handler` on each admitted client's first message on a thread of its own.
+    pub fn run(self, stop: &AtomicBool, handler: Handler) -> Result<()> {
+        let gate = Arc::new(Mutex::new(Gate::default()));
+        let token = self.token.map(Arc::new);
+        self.listener.set_nonblocking(true).map_err(|e| Error::io("rendezvous: nonblocking", e))?;
+        while !stop.load(Ordering::Relaxed) {
+            let mut pfd = libc::pollfd { fd: self.listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd on the listening socket this Server owns, for the call's duration.
+            unsafe { libc::poll(&mut pfd, 1, 200) };
+            loop {
+                let (s, peer) = match self.listener.accept() {
+                    Ok(c) => c,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        eprintln!("rendezvous: accept: {e}");
+                        break;
+                    }
+                };
+                let admitted = {
+                    let mut g = gate.lock().unwrap_or_else(|p| p.into_inner());
+                    let n = g.per_ip.get(&peer.ip()).copied().unwrap_or(0);
+                    if g.total >= self.limits.max_connections {
+                        Err(format!("rendezvous busy: {} handshakes in flight; retry shortly", g.total))
+                    } else if n >= self.limits.max_connections_per_ip {
+                        Err(format!(
+                            "rendezvous: {n} handshakes from {} in flight already; finish those first",
+                            peer.ip()
+                        ))
+                    } else {
+                        g.total += 1;
+                        *g.per_ip.entry(peer.ip()).or_insert(0) += 1;
+                        Ok(Slot(gate.clone(), peer.ip()))
+                    }
+                };
+                let slot = match admitted {
+                    Ok(slot) => slot,
+                    Err(why) => {
+                        // A fresh socket's buffer takes the short answer without blocking.
+                        let mut s = s;
+                        let _ = s.set_nonblocking(true);
+                        let _ = send(&mut s, &Msg::Failed(why));
+                        continue;
+                    }
+                };
+                let (token, handler, deadline) = (token.clone(), handler.clone(), self.limits.deadline);
+                let spawned = std::thread::Builder::new().name("kvf-rendezvous".into()).spawn(move || {
+                    let _slot = slot;
+                    let mut s = s;
+                    let _ = s.set_nonblocking(false);
+                    let _ = s.set_nodelay(true);
+                    let _ = s.set_write_timeout(Some(deadline));
+                    let deadline = Instant::now() + deadline;
+                    let r = admit(&mut s, deadline, token.as_deref()).and_then(|()| {
+                        let m = recv_until(&mut s, deadline, MAX_FRAME)?;
+                        handler(&mut s, peer, m, deadline)
+                    });
+                    if let Err(e) = r {
+                        let _ = s.set_write_timeout(Some(Duration::from_millis(200)));
+                        let _ = send(&mut s, &Msg::Failed(e.to_string()));
+                        eprintln!("rendezvous: client {peer}: {e}");
+                    }
+                });
+                if let Err(e) = spawned {
+                    eprintln!("rendezvous: cannot spawn a connection thread: {e}");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads the client's `Auth` frame (small) and checks its token.
+fn admit(s: &mut TcpStream, deadline: Instant, token: Option<&AuthToken>) -> Result<()> {
+    match recv_until(s, deadline, MAX_AUTH_FRAME)? {
+        Msg::Auth(t) if AuthToken::admits(token, &t) => Ok(()),
+        Msg::Auth(_) => Err(Error::not_allowed(
+            "rendezvous: auth token missing or wrong; set the same KVFERRY_AUTH_TOKEN on both sides",
+        )),
+        _ => Err(Error::malformed("rendezvous: a client starts with its auth frame; run the same kvferry version")),
+    }
 }
 
 /// Connects to `addr`, retrying refused connections until `timeout`.

@@ -5,7 +5,7 @@
 //! transfers until SIGINT or SIGTERM.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,7 +36,9 @@ pub struct ServeArgs {
     /// Open the files with O_DIRECT.
     #[arg(long)]
     pub direct: bool,
-    /// Address of the rendezvous port.
+    /// Address of the rendezvous port. Clients must present KVFERRY_AUTH_TOKEN
+    /// when it is set here; without it anyone who reaches the port gets the
+    /// metadata (addresses and access keys): prefer a specific address.
     #[arg(long, default_value = "0.0.0.0")]
     pub ip: String,
     /// Rendezvous port (0: any free port, printed on start).
@@ -45,7 +47,9 @@ pub struct ServeArgs {
     /// Backend parameter BACKEND.NAME=VALUE (repeatable), e.g. --param tcp.lanes=4.
     #[arg(long)]
     pub param: Vec<String>,
-    /// Also serve metadata peer to peer on this port (NIXL's listener; 0 picks one).
+    /// Also serve metadata peer to peer on this port (NIXL's listener; 0 picks
+    /// one). It binds where the TCP data port binds (`--param tcp.bind=IP`),
+    /// else 0.0.0.0.
     #[arg(long)]
     pub listen_port: Option<u16>,
     /// Publish metadata and exposed descriptors to this metadata server.
@@ -103,7 +107,6 @@ pub fn run(a: &ServeArgs) -> Result<()> {
         files.push(RegDesc::new(0, size, id));
     }
     let listener = rendezvous::listen(&a.ip, a.port)?;
-    listener.set_nonblocking(true).map_err(|e| Error::io("rendezvous: nonblocking", e))?;
     let addr = listener.local_addr().map_err(|e| Error::io("rendezvous: local address", e))?;
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -120,40 +123,38 @@ pub fn run(a: &ServeArgs) -> Result<()> {
         store.put(&format!("/kvferry/serve/{}/files", agent.name()), &files_bytes)?;
     }
     println!(
-        "KVFERRY-TARGET listening on {addr} as '{}' with backends {:?}{}{}",
+        "KVFERRY-TARGET listening on {addr} as '{}' with backends {:?}{}{}{}",
         agent.name(),
         agent.backends(),
-        agent.listen_port().map(|p| format!(", metadata listener on port {p}")).unwrap_or_default(),
-        if published { ", published to the metadata store" } else { "" }
+        agent
+            .listen_addr()
+            .map(|a| format!(", metadata listener on port {} (bound to {})", a.port(), a.ip()))
+            .unwrap_or_default(),
+        if published { ", published to the metadata store" } else { "" },
+        if agent.config().auth_token.is_some() { ", auth token required" } else { "" }
     );
-    while !stop.load(Ordering::Relaxed) {
-        match listener.accept() {
-            Ok((mut s, peer)) => {
-                let _ = s.set_nonblocking(false);
-                let r = rendezvous::recv(&mut s, Duration::from_secs(10)).and_then(|m| match m {
-                    Msg::Hello { metadata, .. } => {
-                        let name = agent.load_remote_metadata(&metadata)?;
-                        rendezvous::send(
-                            &mut s,
-                            &Msg::Ready {
-                                metadata: agent.local_metadata()?,
-                                descs: descs.clone(),
-                                files: files_bytes.clone(),
-                            },
-                        )?;
-                        Ok(name)
-                    }
-                    _ => Err(Error::malformed("expected Hello")),
-                });
-                match r {
-                    Ok(name) => eprintln!("serve: agent '{name}' connected from {peer}"),
-                    Err(e) => eprintln!("serve: client {peer}: {e}"),
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => eprintln!("serve: accept: {e}"),
+    let limits = rendezvous::Limits { deadline: Duration::from_secs(10), ..rendezvous::Limits::default() };
+    let server = rendezvous::Server::new(listener, limits, agent.config().auth_token.clone());
+    let (ag, descs, files_bytes) = (agent.clone(), Arc::new(descs), Arc::new(files_bytes));
+    let handler: rendezvous::Handler = Arc::new(move |s, peer, m, _deadline| match m {
+        Msg::Hello { metadata, .. } => {
+            // Capped like a listener SEND: the peers cap, regions caps, and
+            // (without a token) no replacing a peer loaded from elsewhere.
+            let name = ag.load_untrusted_metadata(&metadata, peer.ip())?;
+            rendezvous::send(
+                s,
+                &Msg::Ready {
+                    metadata: ag.local_metadata()?,
+                    descs: descs.as_ref().clone(),
+                    files: files_bytes.as_ref().clone(),
+                },
+            )?;
+            eprintln!("serve: agent '{name}' connected from {peer}");
+            Ok(())
         }
-    }
+        _ => Err(Error::malformed("expected Hello")),
+    });
+    server.run(&stop, handler)?;
     eprintln!("serve: signalled, shutting down");
     if published {
         let store = agent.store()?;

@@ -19,6 +19,8 @@ fn every_command_has_help() {
         (&["--help"][..], "bench"),
         (&["bench", "--help"][..], "p2p"),
         (&["bench", "p2p", "--help"][..], "--check-consistency"),
+        (&["bench", "p2p", "--help"][..], "--max-buffer"),
+        (&["serve", "--help"][..], "KVFERRY_AUTH_TOKEN"),
         (&["bench", "storage", "--help"][..], "--engine"),
         (&["info", "--help"][..], "--json"),
         (&["serve", "--help"][..], "--mem-size"),
@@ -417,4 +419,209 @@ fn storage_local_and_remote_file_segments_across_processes() {
     let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
     assert!(left.is_empty(), "bench files are removed afterwards: {left:?}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Hand-written rendezvous frames (a 4-byte length, then postcard): what a
+/// hostile client sends, without kvferry's own initiator.
+mod raw {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    fn varint(mut n: u64, out: &mut Vec<u8>) {
+        loop {
+            let b = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(b);
+                return;
+            }
+            out.push(b | 0x80);
+        }
+    }
+
+    fn bytes(b: &[u8], out: &mut Vec<u8>) {
+        varint(b.len() as u64, out);
+        out.extend_from_slice(b);
+    }
+
+    fn frame(body: Vec<u8>) -> Vec<u8> {
+        let mut f = (body.len() as u32).to_le_bytes().to_vec();
+        f.extend(body);
+        f
+    }
+
+    /// `Msg::Auth(token)`.
+    pub fn auth(token: &[u8]) -> Vec<u8> {
+        let mut b = vec![3];
+        bytes(token, &mut b);
+        frame(b)
+    }
+
+    /// `Msg::Hello { backend, buf_len, pattern_seed, metadata }`.
+    pub fn hello(backend: &str, buf_len: u64, metadata: &[u8]) -> Vec<u8> {
+        let mut b = vec![0];
+        bytes(backend.as_bytes(), &mut b);
+        varint(buf_len, &mut b);
+        b.push(0xA5);
+        bytes(metadata, &mut b);
+        frame(b)
+    }
+
+    /// Reads one answer: `Ok(())` for `Ready`, `Err(message)` for `Failed`.
+    pub fn answer(s: &mut TcpStream, timeout: Duration) -> Result<(), String> {
+        s.set_read_timeout(Some(timeout)).unwrap();
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).map_err(|e| format!("no answer: {e}"))?;
+        let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+        s.read_exact(&mut body).map_err(|e| format!("short answer: {e}"))?;
+        match body[0] {
+            1 => Ok(()),
+            2 => Err(String::from_utf8_lossy(&body[2..]).into_owned()),
+            v => Err(format!("unexpected variant {v}")),
+        }
+    }
+
+    /// Connects to `addr` and sends `frames`.
+    pub fn send(addr: &str, frames: &[Vec<u8>]) -> TcpStream {
+        send_from(std::net::Ipv4Addr::LOCALHOST, addr, frames)
+    }
+
+    /// Connects to `addr` from source address `src` (another loopback
+    /// address stands for another host) and sends `frames`.
+    pub fn send_from(src: std::net::Ipv4Addr, addr: &str, frames: &[Vec<u8>]) -> TcpStream {
+        use std::os::fd::FromRawFd;
+        let dst: std::net::SocketAddrV4 = addr.parse().unwrap();
+        let sockaddr = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from(ip).to_be() },
+            sin_zero: [0; 8],
+        };
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        // SAFETY: socket(2)/bind(2)/connect(2) on a descriptor this function
+        // owns (handed to TcpStream, which closes it), with sockaddr_in values
+        // that outlive each call.
+        let mut s = unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+            let s = TcpStream::from_raw_fd(fd);
+            let sa = sockaddr(src, 0);
+            assert_eq!(libc::bind(fd, &sa as *const _ as *const libc::sockaddr, len), 0, "bind {src}");
+            let da = sockaddr(*dst.ip(), dst.port());
+            assert_eq!(libc::connect(fd, &da as *const _ as *const libc::sockaddr, len), 0, "connect {addr}");
+            s
+        };
+        for f in frames {
+            s.write_all(f).unwrap();
+        }
+        s
+    }
+}
+
+#[test]
+fn serve_rendezvous_speaks_the_token_and_serves_many_at_once_within_a_deadline() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvferry"))
+        .args(["serve", "--backends", "tcp", "--mem-size", "1M", "--ip", "127.0.0.1", "--port", "0"])
+        .env("KVFERRY_AUTH_TOKEN", "s3cret")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let line = first_line(&mut child);
+    let _serve = Killer(child);
+    assert!(line.contains("auth token required"), "{line}");
+    let addr = line.split_whitespace().nth(3).unwrap().to_string();
+    // An attacker on 127.0.0.1 holds eight connections without sending a
+    // byte (its per-address share); a ninth is refused at once.
+    let idle: Vec<_> = (0..8).map(|_| raw::send(&addr, &[])).collect();
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut s = raw::send(&addr, &[]);
+    let e = raw::answer(&mut s, Duration::from_secs(2)).unwrap_err();
+    assert!(e.contains("in flight already"), "{e}");
+    // No token, or a wrong one: refused, no metadata handed out.
+    let other = std::net::Ipv4Addr::new(127, 0, 0, 2);
+    let mut s = raw::send_from(other, &addr, &[raw::auth(b""), raw::hello("tcp", 0, b"")]);
+    let e = raw::answer(&mut s, Duration::from_secs(5)).unwrap_err();
+    assert!(e.contains("auth token"), "{e}");
+    let mut s = raw::send_from(other, &addr, &[raw::auth(b"guess")]);
+    assert!(raw::answer(&mut s, Duration::from_secs(5)).unwrap_err().contains("auth token"));
+    // Sixteen clients with the token at once are all answered while the attacker waits.
+    let mut cfg = kvferry::AgentConfig::default().with_backend("tcp", kvferry::Params::new());
+    cfg.auth_token = None;
+    let me = kvferry::Agent::new(&format!("cli-rv-{}", std::process::id()), cfg).unwrap();
+    let md = me.local_metadata().unwrap();
+    let clients: Vec<_> = (0..16u8)
+        .map(|i| {
+            let (addr, md) = (addr.clone(), md.clone());
+            std::thread::spawn(move || {
+                let src = std::net::Ipv4Addr::new(127, 0, 1, i);
+                let mut s = raw::send_from(src, &addr, &[raw::auth(b"s3cret"), raw::hello("tcp", 0, &md)]);
+                raw::answer(&mut s, Duration::from_secs(5))
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap().expect("a client with the token gets Ready");
+    }
+    assert!(started.elapsed() < Duration::from_secs(5), "served concurrently: {:?}", started.elapsed());
+    // The attacker's connections are cut off at the 10 s handshake deadline.
+    for mut s in idle {
+        let r = raw::answer(&mut s, Duration::from_secs(15));
+        assert!(r.as_ref().is_err_and(|e| e.contains("deadline") || e.contains("no answer")), "{r:?}");
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(14), "the deadline holds: {took:?}");
+}
+
+#[test]
+fn p2p_target_refuses_a_huge_buffer_or_no_token_and_keeps_serving() {
+    let mut target = Command::new(env!("CARGO_BIN_EXE_kvferry"))
+        .args(["bench", "p2p", "--mode", "target", "--backend", "tcp", "--ip", "127.0.0.1", "--port", "0"])
+        .env("KVFERRY_AUTH_TOKEN", "tok")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let line = first_line(&mut target);
+    let target = Killer(target);
+    let addr = line.trim().strip_prefix("KVFERRY-TARGET listening on ").unwrap().to_string();
+    let port = addr.rsplit(':').next().unwrap().to_string();
+    // An attacker holds a connection during the whole run.
+    let _idle = raw::send(&addr, &[]);
+    let mut s = raw::send(&addr, &[raw::auth(b""), raw::hello("tcp", 4096, b"")]);
+    assert!(raw::answer(&mut s, Duration::from_secs(5)).unwrap_err().contains("auth token"));
+    // 2^40 bytes: refused before anything is allocated, with what to do.
+    let mut s = raw::send(&addr, &[raw::auth(b"tok"), raw::hello("tcp", 1 << 40, b"")]);
+    let e = raw::answer(&mut s, Duration::from_secs(5)).unwrap_err();
+    assert!(e.contains("1099511627776") && e.contains("--max-buffer"), "{e}");
+    // The target still serves a real initiator (with the token), then leaves.
+    let o = Command::new(env!("CARGO_BIN_EXE_kvferry"))
+        .args(["bench", "p2p", "--mode", "initiator", "--backend", "tcp", "--ip", "127.0.0.1", "--port", &port])
+        .args(["--block-sizes", "4K", "--batch-sizes", "1", "--num_iter", "10", "--check-consistency"])
+        .env("KVFERRY_AUTH_TOKEN", "tok")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let mut target = target;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while target.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the target leaves after its initiator");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // An explicit --max-buffer is honoured.
+    let mut small = Command::new(env!("CARGO_BIN_EXE_kvferry"))
+        .args(["bench", "p2p", "--mode", "target", "--ip", "127.0.0.1", "--port", "0", "--max-buffer", "1M"])
+        .env_remove("KVFERRY_AUTH_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let line = first_line(&mut small);
+    let _small = Killer(small);
+    let addr = line.trim().strip_prefix("KVFERRY-TARGET listening on ").unwrap().to_string();
+    let mut s = raw::send(&addr, &[raw::auth(b""), raw::hello("tcp", 2 << 20, b"")]);
+    let e = raw::answer(&mut s, Duration::from_secs(5)).unwrap_err();
+    assert!(e.contains("1048576"), "{e}");
 }

@@ -4,6 +4,8 @@
 
 use std::io::{BufRead, BufReader, IsTerminal};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
@@ -41,6 +43,12 @@ pub struct P2pArgs {
     /// Target rendezvous port (0 in target mode: any free port, printed on start).
     #[arg(long, default_value_t = 0)]
     pub port: u16,
+    /// Target mode: the largest buffer an initiator may ask for (e.g. 8G);
+    /// larger requests are refused and the target keeps waiting. Default:
+    /// half of MemAvailable. Initiators must present KVFERRY_AUTH_TOKEN when
+    /// the target has it set.
+    #[arg(long)]
+    pub max_buffer: Option<String>,
     #[command(flatten)]
     pub store: StoreArgs,
     #[command(flatten)]
@@ -227,17 +235,79 @@ fn connect_store(args: &P2pArgs) -> Result<Session> {
     })
 }
 
+/// The default `--max-buffer`: half of the memory available now (so that a
+/// peer's request cannot set off the OOM killer), or 1 GiB if
+/// `/proc/meminfo` cannot be read.
+fn default_max_buffer() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kib| kib * 1024 / 2)
+        .unwrap_or(1 << 30)
+}
+
+/// The largest buffer this target allocates for an initiator.
+fn max_buffer(args: &P2pArgs) -> Result<u64> {
+    match &args.max_buffer {
+        None => Ok(default_max_buffer()),
+        Some(v) => kvferry::params::parse_size(v)
+            .ok_or_else(|| Error::invalid(format!("--max-buffer '{v}' is not a size (e.g. 4G)"))),
+    }
+}
+
 /// Runs the target side: serve one initiator, then return when it leaves.
+/// Clients that fail the handshake (no token, a buffer above
+/// `--max-buffer`, garbage, too slow) get an error and the target keeps
+/// waiting for a good one; handshakes run concurrently within
+/// [`rendezvous::Limits`].
 pub fn run_target(args: &P2pArgs) -> Result<()> {
+    let max = max_buffer(args)?;
     let listener = rendezvous::listen(&args.ip, args.port)?;
     let addr = listener.local_addr().map_err(|e| Error::io("rendezvous: local address", e))?;
     println!("KVFERRY-TARGET listening on {addr}");
-    let (mut s, peer) = listener.accept().map_err(|e| Error::io("rendezvous: accept", e))?;
-    let _ = s.set_nodelay(true);
-    let Msg::Hello { backend, buf_len, pattern_seed, metadata } = rendezvous::recv(&mut s, Duration::from_secs(60))?
-    else {
-        return Err(Error::malformed(format!("rendezvous: {peer} did not start with Hello")));
-    };
+    let token = AgentConfig::default().auth_token;
+    // The first initiator whose Hello passes the checks is handed over here.
+    type Accepted = (std::net::TcpStream, std::net::SocketAddr, String, u64, u8, Vec<u8>);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Accepted>(1);
+    let tx = std::sync::Mutex::new(Some(tx));
+    let handler: rendezvous::Handler = Arc::new(move |s, peer, m, _deadline| {
+        let Msg::Hello { backend, buf_len, pattern_seed, metadata } = m else {
+            return Err(Error::malformed(format!("rendezvous: {peer} did not start with Hello")));
+        };
+        if buf_len > max {
+            return Err(Error::invalid(format!(
+                "the initiator asks for a {buf_len}-byte target buffer, above this target's --max-buffer of {max} bytes: start the target with a larger --max-buffer, or the initiator with smaller --block-sizes, --batch-sizes or --threads"
+            )));
+        }
+        let mut slot = tx.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(sender) = slot.as_ref() else {
+            return Err(Error::not_allowed("this target already serves an initiator; start another target"));
+        };
+        let stream = s.try_clone().map_err(|e| Error::io("rendezvous: keeping the connection", e))?;
+        sender
+            .try_send((stream, peer, backend, buf_len, pattern_seed, metadata))
+            .map_err(|_| Error::not_allowed("this target already serves an initiator; start another target"))?;
+        *slot = None;
+        Ok(())
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = rendezvous::Server::new(listener, rendezvous::Limits::default(), token);
+    let st = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name("kvf-bench-rendezvous".into())
+        .spawn(move || server.run(&st, handler))
+        .map_err(|e| Error::io("rendezvous: cannot spawn its thread", e))?;
+    let accepted = rx.recv();
+    stop.store(true, Ordering::Relaxed);
+    let _ = thread.join();
+    let (mut s, _peer, backend, buf_len, pattern_seed, metadata) =
+        accepted.map_err(|_| Error::internal("rendezvous: the server stopped before an initiator arrived"))?;
+    // The handshake's deadline is over: the session lasts as long as the initiator keeps it.
+    let _ = s.set_write_timeout(Some(Duration::from_secs(60)));
     let params = args.common.backend_params()?;
     let result = (|| {
         let a = agent("target", &backend, &params)?;
@@ -315,7 +385,7 @@ pub fn connect(args: &P2pArgs, buf_len: usize) -> Result<Session> {
         }
         _ => (format!("{}:{}", args.ip, args.port), None),
     };
-    let mut s = rendezvous::connect(&addr, Duration::from_secs(30))?;
+    let mut s = rendezvous::connect_auth(&addr, Duration::from_secs(30), agent.config().auth_token.as_ref())?;
     rendezvous::send(
         &mut s,
         &Msg::Hello {

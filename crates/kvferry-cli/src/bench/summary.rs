@@ -74,6 +74,7 @@ pub fn run(json: bool) -> Result<()> {
                 backend: backend.to_string(),
                 ip: "127.0.0.1".into(),
                 port: 0,
+                max_buffer: None,
                 store: Default::default(),
                 common: c.clone(),
             };

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::auth::AuthToken;
 use crate::error::{Error, Result};
+use crate::metadata::listener::ListenerLimits;
 use crate::notif::NotifLimits;
 use crate::params::Params;
 
@@ -16,10 +17,17 @@ pub struct AgentConfig {
     /// Serve metadata requests from peers on `listen_addr:listen_port`.
     /// Default: off, as in NIXL; turn on for peer-to-peer metadata exchange.
     pub listener: bool,
-    /// Address the metadata listener binds. Default: `0.0.0.0` (all interfaces).
-    pub listen_addr: IpAddr,
+    /// Address the metadata listener binds. Default: `None`, which binds
+    /// where the data port binds: the TCP backend's `bind` parameter when it
+    /// names a specific address (a loopback-only data port gets a
+    /// loopback-only listener), else `0.0.0.0` (all interfaces, as in NIXL).
+    pub listen_addr: Option<IpAddr>,
     /// Port of the metadata listener; 0 picks a free one. Default: 0.
     pub listen_port: u16,
+    /// Bounds of the metadata listener and of the peers loaded through it
+    /// (connections in all and per address, the request deadline, body
+    /// sizes, peers and regions). Default: [`ListenerLimits::default`].
+    pub listener_limits: ListenerLimits,
     /// Threads a backend may use for its own work (progress, storage I/O).
     /// Default: 0, which lets each backend pick from the CPU count.
     pub worker_threads: usize,
@@ -72,7 +80,8 @@ impl AgentConfig {
         };
         AgentConfig {
             listener: false,
-            listen_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            listen_addr: None,
+            listener_limits: ListenerLimits::default(),
             listen_port: 0,
             worker_threads: 0,
             connect_timeout: Duration::from_secs(2),
@@ -101,6 +110,21 @@ impl AgentConfig {
         self.listener = true;
         self.listen_port = port;
         self
+    }
+
+    /// The address the metadata listener binds: [`listen_addr`](Self::listen_addr)
+    /// if set, else the TCP backend's `bind` parameter when it is a specific
+    /// address, else `0.0.0.0`.
+    pub fn listener_bind_addr(&self) -> IpAddr {
+        if let Some(a) = self.listen_addr {
+            return a;
+        }
+        self.backends
+            .iter()
+            .filter(|(name, _)| name.eq_ignore_ascii_case("tcp"))
+            .find_map(|(_, p)| p.raw("bind").and_then(|b| b.trim().parse::<IpAddr>().ok()))
+            .filter(|a| !a.is_unspecified())
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
     }
 
     /// Sets the peer timeout (see [`peer_timeout`](Self::peer_timeout)).
@@ -202,5 +226,27 @@ mod tests {
         assert_eq!(cfg.metadata_url.as_deref(), Some("http://m:1"));
         let bad = AgentConfig::from_vars([("KVFERRY_BACKENDS".to_string(), "tc p".to_string())]);
         assert!(bad.is_err());
+    }
+
+    #[test]
+    fn listener_binds_where_the_data_port_binds() {
+        let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+        assert_eq!(AgentConfig::default().listener_bind_addr(), any, "no TCP backend: every interface");
+        let mut p = Params::new();
+        p.set("bind", "127.0.0.1");
+        let lo = AgentConfig::default().with_backend("TCP", p);
+        assert_eq!(lo.listener_bind_addr(), "127.0.0.1".parse::<IpAddr>().unwrap());
+        let mut p = Params::new();
+        p.set("bind", "0.0.0.0");
+        assert_eq!(AgentConfig::default().with_backend("tcp", p).listener_bind_addr(), any);
+        let mut set = lo.clone();
+        set.listen_addr = Some("127.0.0.2".parse().unwrap());
+        assert_eq!(set.listener_bind_addr(), "127.0.0.2".parse::<IpAddr>().unwrap(), "an explicit address wins");
+        let env = AgentConfig::from_vars(
+            [("KVFERRY_BACKENDS", "tcp"), ("KVFERRY_TCP_BIND", "127.0.0.1")]
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+        .unwrap();
+        assert_eq!(env.listener_bind_addr(), "127.0.0.1".parse::<IpAddr>().unwrap());
     }
 }

@@ -12,35 +12,36 @@ use std::net::{SocketAddr, ToSocketAddrs};
 
 use std::sync::{Arc, Weak};
 
+use super::peers::Origin;
 use super::{Agent, AgentInner};
 use crate::error::{Error, Result};
-use crate::metadata::listener::{self, Handler, ListenerHandle, ListenerRequest, Op};
+use crate::metadata::listener::{self, Caller, Handler, ListenerHandle, ListenerRequest, Op};
 
 impl Agent {
     /// Starts the metadata listener (called by [`Agent::new`] when `config.listener` is on).
     pub(crate) fn start_listener(&self) -> Result<()> {
         let cfg = &self.inner.config;
         let weak: Weak<AgentInner> = Arc::downgrade(&self.inner);
-        let handler: Handler = Arc::new(move |req| {
+        let handler: Handler = Arc::new(move |caller, req| {
             let agent = weak.upgrade().map(|inner| Agent { inner }).ok_or("the agent is shutting down")?;
-            agent.handle_listener(req).map_err(|e| e.to_string())
+            agent.handle_listener(caller, req).map_err(|e| e.to_string())
         });
         let h = ListenerHandle::start(
-            SocketAddr::new(cfg.listen_addr, cfg.listen_port),
-            cfg.metadata_timeout,
+            SocketAddr::new(cfg.listener_bind_addr(), cfg.listen_port),
+            cfg.listener_limits,
             cfg.auth_token.clone(),
             handler,
         )?;
-        tracing::debug!(agent = %self.name(), port = h.port(), "metadata listener started");
+        tracing::debug!(agent = %self.name(), addr = %h.local_addr(), "metadata listener started");
         *self.inner.listener.lock() = Some(h);
         Ok(())
     }
 
-    fn handle_listener(&self, req: ListenerRequest) -> Result<Option<Vec<u8>>> {
+    fn handle_listener(&self, caller: Caller, req: ListenerRequest) -> Result<Option<Vec<u8>>> {
         match req {
             ListenerRequest::Send(blob) => {
-                let name = self.load_remote_metadata(&blob)?;
-                tracing::debug!(agent = %self.name(), peer = %name, "metadata received from a peer");
+                let name = self.load_peer(&blob, Origin::Pushed(caller.addr.ip()), None)?;
+                tracing::debug!(agent = %self.name(), peer = %name, from = %caller.addr, "metadata received from a peer");
                 Ok(None)
             }
             ListenerRequest::Fetch(name) if name.is_empty() || name == self.name() => Ok(Some(self.local_metadata()?)),
@@ -48,12 +49,19 @@ impl Agent {
                 Err(Error::not_found(format!("this listener serves agent '{}', not '{name}'", self.name())))
             }
             ListenerRequest::Invalidate { name, instance } => {
-                let known = self.inner.peers.read().get(name.as_str()).map(|p| p.instance);
-                match known {
-                    Some(i) if i == instance || instance == 0 => self.invalidate_remote(&name).map(|_| None),
-                    Some(_) => Ok(None), // an older instance withdrew: the newer one stays
-                    None => Ok(None),
-                }
+                // Without a token, only the address the peer's metadata came
+                // from may withdraw it: a stranger cannot evict a peer.
+                self.invalidate_if(&name, |p| {
+                    if !caller.authenticated && !p.origin.is_from(caller.addr.ip()) {
+                        return Err(Error::not_allowed(format!(
+                            "INVALIDATE of agent '{name}' from {}: its metadata did not come from that address; without an auth token only the peer itself may withdraw it",
+                            caller.addr.ip()
+                        )));
+                    }
+                    // An older instance withdrawing leaves the newer one loaded.
+                    Ok(p.instance == instance || instance == 0)
+                })
+                .map(|_| None)
             }
         }
     }
@@ -73,6 +81,12 @@ impl Agent {
     /// The port the metadata listener is bound to, if the listener is on.
     pub fn listen_port(&self) -> Option<u16> {
         self.inner.listener.lock().as_ref().map(ListenerHandle::port)
+    }
+
+    /// The address and port the metadata listener is bound to, if it is on
+    /// (see [`AgentConfig::listener_bind_addr`](crate::AgentConfig::listener_bind_addr)).
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.inner.listener.lock().as_ref().map(ListenerHandle::local_addr)
     }
 
     /// Sends `blob` (this agent's full metadata if `None`) to the agent
@@ -118,14 +132,10 @@ impl Agent {
                 let cfg = agent.config();
                 let r = listener::call(addr, cfg.metadata_timeout, cfg.auth_token.as_ref(), op, &body).and_then(
                     |(reply, blob)| match (fetch, reply) {
-                        (Some(want), Op::Metadata) => {
-                            let got = agent.load_remote_metadata(&blob)?;
-                            if got != want {
-                                let _ = agent.invalidate_remote(&got);
-                                return Err(Error::mismatch(format!("{addr} serves agent '{got}', not '{want}'")));
-                            }
-                            Ok(())
-                        }
+                        (Some(want), Op::Metadata) => agent
+                            .load_peer(&blob, Origin::Fetched(addr.ip()), Some(&want))
+                            .map(drop)
+                            .map_err(|e| e.context(format!("loading what {addr} served"))),
                         (None, Op::Ok) => Ok(()),
                         (_, other) => Err(Error::malformed(format!("{addr} answered {other:?}"))),
                     },

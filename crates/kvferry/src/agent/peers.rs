@@ -1,5 +1,6 @@
 //! Metadata: what this agent publishes, and the cache of what peers published.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::ranges::{RangeMap, Span};
@@ -25,6 +26,31 @@ impl Span for RemoteRegion {
     }
 }
 
+/// How a peer's metadata got into this agent, which decides who may replace
+/// or withdraw it and which caps apply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// The application loaded it (`load_remote_metadata`, the central store).
+    Local,
+    /// A peer at this address pushed it to one of our ports (a listener
+    /// `SEND`, [`Agent::load_untrusted_metadata`]).
+    Pushed(IpAddr),
+    /// We fetched it from a listener at this address.
+    Fetched(IpAddr),
+}
+
+impl Origin {
+    /// Whether a peer at `ip` is where this metadata came from.
+    pub(crate) fn is_from(self, ip: IpAddr) -> bool {
+        matches!(self, Origin::Pushed(a) | Origin::Fetched(a) if a == ip)
+    }
+
+    /// Whether peers' caps apply (it came over the network unasked or from a listener).
+    fn capped(self) -> bool {
+        !matches!(self, Origin::Local)
+    }
+}
+
 /// What this agent knows of one peer.
 #[derive(Debug)]
 pub(crate) struct RemotePeer {
@@ -36,6 +62,11 @@ pub(crate) struct RemotePeer {
     /// Bit `i`: the backend in local slot `i` loaded the peer's connection info.
     pub(crate) loaded_mask: u32,
     pub(crate) extensions: Vec<(String, Vec<u8>)>,
+    /// Who loaded it.
+    pub(crate) origin: Origin,
+    /// Blob bytes this entry was built from (partial blobs add up): what
+    /// `listener_limits.max_blob_bytes_total` charges.
+    pub(crate) charged: u64,
 }
 
 impl Agent {
@@ -143,7 +174,89 @@ impl Agent {
     /// instance) replaces the old peer entirely. Garbage, truncated or
     /// future-version bytes and this agent's own metadata get clear errors.
     pub fn load_remote_metadata(&self, bytes: &[u8]) -> Result<String> {
+        self.load_peer(bytes, Origin::Local, None)
+    }
+
+    /// Loads a metadata blob that a peer at `from` pushed to a port this
+    /// agent serves, as the metadata listener does with a `SEND`: the caps of
+    /// [`AgentConfig::listener_limits`](crate::AgentConfig::listener_limits)
+    /// apply (peers pushed at once, regions per peer and in all), and, unless
+    /// an auth token is configured (the sender then proved it holds it), it
+    /// may not replace a peer that was loaded another way or from another
+    /// address (`NotAllowed`). When a token is configured, the caller must
+    /// have checked that the sender presented it (the listener and the
+    /// rendezvous of `kvferry serve` do).
+    pub fn load_untrusted_metadata(&self, bytes: &[u8], from: IpAddr) -> Result<String> {
+        self.load_peer(bytes, Origin::Pushed(from), None)
+    }
+
+    /// Checks `md` against the caps for peers loaded through the network
+    /// (`peers` is the table, write-locked by the caller).
+    fn check_caps(
+        &self,
+        md: &AgentMetadata,
+        charged: u64,
+        origin: Origin,
+        peers: &std::collections::HashMap<Arc<str>, Arc<RemotePeer>>,
+    ) -> Result<()> {
+        let lim = &self.inner.config.listener_limits;
+        let old = peers.get(md.name.as_str());
+        let merged = old.filter(|p| p.instance == md.instance && md.partial).map_or(0, |p| p.regions.len());
+        let regions = merged + md.regions.len();
+        if regions > lim.max_regions_per_peer {
+            return Err(Error::not_allowed(format!(
+                "agent '{}' publishes {regions} regions; peers loaded through the network may publish at most {} (listener_limits.max_regions_per_peer): raise it or register fewer, larger regions",
+                md.name, lim.max_regions_per_peer
+            )));
+        }
+        if let (Origin::Pushed(ip), Some(old)) = (origin, old) {
+            if self.inner.config.auth_token.is_none() && !old.origin.is_from(ip) {
+                return Err(Error::not_allowed(format!(
+                    "agent '{}' is already loaded ({}); metadata pushed from {ip} without an auth token may not replace it: invalidate it first, or configure KVFERRY_AUTH_TOKEN on both agents",
+                    md.name,
+                    match old.origin {
+                        Origin::Local => "by the application".to_string(),
+                        Origin::Pushed(a) => format!("pushed from {a}"),
+                        Origin::Fetched(a) => format!("fetched from {a}"),
+                    }
+                )));
+            }
+        }
+        let others = peers.values().filter(|p| p.origin.capped() && *p.name != *md.name);
+        let (mut pushed, mut total, mut bytes) = (0usize, 0usize, 0u64);
+        for p in others {
+            pushed += usize::from(matches!(p.origin, Origin::Pushed(_)));
+            total += p.regions.len();
+            bytes += p.charged;
+        }
+        if bytes + charged > lim.max_blob_bytes_total {
+            return Err(Error::not_allowed(format!(
+                "agent '{}''s {charged} bytes of metadata would pass the {} bytes that peers loaded through the network may hold in all (listener_limits.max_blob_bytes_total)",
+                md.name, lim.max_blob_bytes_total
+            )));
+        }
+        if matches!(origin, Origin::Pushed(_)) && old.is_none() && pushed >= lim.max_peers {
+            return Err(Error::not_allowed(format!(
+                "{pushed} peers pushed through the network are loaded already (listener_limits.max_peers): agent '{}' is refused until one is invalidated",
+                md.name
+            )));
+        }
+        if total + regions > lim.max_regions_total {
+            return Err(Error::not_allowed(format!(
+                "agent '{}''s {regions} regions would pass the {} regions that peers loaded through the network may hold in all (listener_limits.max_regions_total)",
+                md.name, lim.max_regions_total
+            )));
+        }
+        Ok(())
+    }
+
+    /// Loads a blob from `origin`; with `expect`, a blob of another agent is
+    /// refused before anything is loaded.
+    pub(crate) fn load_peer(&self, bytes: &[u8], origin: Origin, expect: Option<&str>) -> Result<String> {
         let md = AgentMetadata::decode(bytes)?;
+        if let Some(want) = expect.filter(|w| *w != md.name) {
+            return Err(Error::mismatch(format!("the metadata served is agent '{}''s, not '{want}''s", md.name)));
+        }
         if md.name == self.name() {
             return Err(Error::invalid(format!(
                 "this is agent '{}''s own metadata; load a peer's metadata instead (transfers to itself need no loading)",
@@ -161,6 +274,12 @@ impl Agent {
         };
 
         let mut peers = self.inner.peers.write();
+        let old_charged =
+            peers.get(md.name.as_str()).filter(|p| p.instance == md.instance && md.partial).map_or(0, |p| p.charged);
+        let charged = old_charged + bytes.len() as u64;
+        if origin.capped() {
+            self.check_caps(&md, charged, origin, &peers)?;
+        }
         let name: Arc<str> = md.name.as_str().into();
         let old = peers.get(&name).cloned();
         let same_instance = old.as_ref().is_some_and(|p| p.instance == md.instance);
@@ -225,6 +344,8 @@ impl Agent {
             regions,
             loaded_mask,
             extensions,
+            origin,
+            charged,
         };
         peers.insert(name, Arc::new(peer));
         Ok(md.name)
@@ -249,6 +370,23 @@ impl Agent {
             }
             None => Err(Error::not_found(format!("agent '{name}' is not loaded on agent '{}'", self.name()))),
         }
+    }
+
+    /// Forgets `name` if `allow` says so about the entry loaded now (checked
+    /// under the table's lock, so the entry cannot change in between).
+    /// `Ok(false)`: not loaded, or `allow` declined.
+    pub(crate) fn invalidate_if(&self, name: &str, allow: impl FnOnce(&RemotePeer) -> Result<bool>) -> Result<bool> {
+        let mut peers = self.inner.peers.write();
+        let Some(p) = peers.get(name) else { return Ok(false) };
+        if !allow(p)? {
+            return Ok(false);
+        }
+        let p = peers.remove(name);
+        drop(peers);
+        if let Some(p) = p {
+            self.unload_from_backends(&p);
+        }
+        Ok(true)
     }
 
     /// Called by backends (through `PeerEvents`) when a peer is gone.

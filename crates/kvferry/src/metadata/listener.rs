@@ -12,14 +12,22 @@
 //! `INVALIDATE` (body: instance u64 then the sender's name). Answers: `OK`,
 //! `ERROR` (body: UTF-8 message), `METADATA` (body: the blob). The framing
 //! ([`MsgHeader`], [`encode_msg`]) does no I/O and never trusts a length.
+//!
+//! The listener serves connections concurrently within [`ListenerLimits`]:
+//! a cap on connections in flight (in all and per source address), one
+//! deadline for the whole exchange, a cap on body bytes held at once, and the
+//! token checked before a body is read.
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use crate::auth::AuthToken;
 use crate::error::{Error, Result};
@@ -186,13 +194,141 @@ impl ListenerRequest {
     }
 }
 
+/// The bounds of a metadata listener and of what peers may leave in the
+/// agent through it. Every field is a hard cap; the defaults fit a cluster of
+/// a thousand agents and keep a hostile client's reach to a few hundred MiB.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenerLimits {
+    /// Connections served at once, from everyone; more are answered `ERROR`
+    /// and closed at once. Default: 64.
+    pub max_connections: usize,
+    /// Connections served at once from one IP address. Default: 8, so that
+    /// one host cannot take every slot.
+    pub max_connections_per_ip: usize,
+    /// The whole exchange (header, token, body, the agent's work, the
+    /// answer) must finish within this; a client that sends a byte every few
+    /// seconds is cut off here. Default: 5 s.
+    pub request_deadline: Duration,
+    /// Largest request body the listener reads (at most [`MAX_BODY`]).
+    /// Default: 16 MiB (an agent with 1000 regions publishes about 29 KiB).
+    pub max_body: u32,
+    /// Bytes of request bodies held by all connections at once; a request
+    /// that would pass it is refused before its body is read. Default: 128 MiB.
+    pub max_inflight_bytes: u64,
+    /// Peers loaded through the listener (`SEND`) held at once; a new one
+    /// past it is refused until one is invalidated. Default: 1024.
+    pub max_peers: usize,
+    /// Regions one peer loaded through the listener (or fetched from a
+    /// listener) may publish. Default: 65 536.
+    pub max_regions_per_peer: usize,
+    /// Regions of all peers loaded through listeners together (about 110
+    /// bytes of memory each). Default: 1 Mi (about 110 MiB).
+    pub max_regions_total: usize,
+    /// Metadata bytes (connection info, exported files, regions) of all
+    /// peers loaded through listeners together. Default: 256 MiB.
+    pub max_blob_bytes_total: u64,
+}
+
+impl Default for ListenerLimits {
+    fn default() -> Self {
+        ListenerLimits {
+            max_connections: 64,
+            max_connections_per_ip: 8,
+            request_deadline: Duration::from_secs(5),
+            max_body: 16 << 20,
+            max_inflight_bytes: 128 << 20,
+            max_peers: 1024,
+            max_regions_per_peer: 1 << 16,
+            max_regions_total: 1 << 20,
+            max_blob_bytes_total: 256 << 20,
+        }
+    }
+}
+
+/// Who sent a request to the listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Caller {
+    /// The peer's address as the socket saw it.
+    pub(crate) addr: SocketAddr,
+    /// A token is configured and the caller presented it.
+    pub(crate) authenticated: bool,
+}
+
 /// What the agent does with a request: `Ok(Some(blob))` answers METADATA,
 /// `Ok(None)` OK, `Err(msg)` ERROR.
-pub(crate) type Handler = Arc<dyn Fn(ListenerRequest) -> std::result::Result<Option<Vec<u8>>, String> + Send + Sync>;
+pub(crate) type Handler =
+    Arc<dyn Fn(Caller, ListenerRequest) -> std::result::Result<Option<Vec<u8>>, String> + Send + Sync>;
 
-/// A running listener. Dropping it stops the thread.
+/// Connections in flight, in all and per source address, and the body bytes
+/// they hold. Taken once per connection (accept and close), never per byte.
+#[derive(Debug, Default)]
+struct Gate {
+    total: usize,
+    per_ip: HashMap<IpAddr, usize>,
+    bytes: u64,
+}
+
+/// One admitted connection's share of the [`Gate`]; dropping it gives it back.
+struct Slot {
+    gate: Arc<Mutex<Gate>>,
+    ip: IpAddr,
+    bytes: u64,
+}
+
+impl Slot {
+    /// Takes a slot for a connection from `ip`, or says which cap is full.
+    fn admit(gate: &Arc<Mutex<Gate>>, limits: &ListenerLimits, ip: IpAddr) -> std::result::Result<Slot, String> {
+        let mut g = gate.lock();
+        if g.total >= limits.max_connections {
+            return Err(format!(
+                "metadata listener busy: {} connections in flight (max_connections); retry shortly",
+                g.total
+            ));
+        }
+        let n = g.per_ip.entry(ip).or_insert(0);
+        if *n >= limits.max_connections_per_ip {
+            return Err(format!(
+                "metadata listener: {n} connections from {ip} already in flight (max_connections_per_ip); finish those first"
+            ));
+        }
+        *n += 1;
+        g.total += 1;
+        Ok(Slot { gate: gate.clone(), ip, bytes: 0 })
+    }
+
+    /// Reserves `n` body bytes against `max_inflight_bytes`.
+    fn reserve(&mut self, n: u64, limits: &ListenerLimits) -> Result<()> {
+        let mut g = self.gate.lock();
+        if g.bytes + n > limits.max_inflight_bytes {
+            return Err(Error::not_allowed(format!(
+                "metadata listener busy: a {n}-byte body would pass the {} bytes all requests may hold at once (max_inflight_bytes); retry shortly",
+                limits.max_inflight_bytes
+            )));
+        }
+        g.bytes += n;
+        self.bytes += n;
+        Ok(())
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut g = self.gate.lock();
+        g.total -= 1;
+        g.bytes -= self.bytes;
+        if let Some(n) = g.per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                g.per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// A running listener. Dropping it stops accepting; connections in flight
+/// end by their deadline.
 pub(crate) struct ListenerHandle {
-    port: u16,
+    addr: SocketAddr,
     fd: RawFd,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -200,48 +336,74 @@ pub(crate) struct ListenerHandle {
 
 impl std::fmt::Debug for ListenerHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ListenerHandle").field("port", &self.port).finish()
+        f.debug_struct("ListenerHandle").field("addr", &self.addr).finish()
     }
 }
 
 impl ListenerHandle {
-    /// Binds `addr` and serves requests with `handler` on a thread of its own.
+    /// Binds `addr` and serves requests with `handler`: an accept thread and
+    /// one short-lived thread per admitted connection, within `limits`.
     pub(crate) fn start(
         addr: SocketAddr,
-        timeout: Duration,
+        limits: ListenerLimits,
         token: Option<AuthToken>,
         handler: Handler,
     ) -> Result<Self> {
         let listener = TcpListener::bind(addr)
             .map_err(|e| Error::io(format!("metadata listener: cannot bind {addr}; pick another listen_port"), e))?;
-        let port = listener.local_addr().map_err(|e| Error::io("metadata listener address", e))?.port();
+        let bound = listener.local_addr().map_err(|e| Error::io("metadata listener address", e))?;
         let fd = listener.as_raw_fd();
         let stop = Arc::new(AtomicBool::new(false));
         let st = stop.clone();
+        let gate = Arc::new(Mutex::new(Gate::default()));
+        let token = token.map(Arc::new);
         let thread = std::thread::Builder::new()
-            .name(format!("kvf-md-listen-{port}"))
+            .name(format!("kvf-md-listen-{}", bound.port()))
             .spawn(move || {
                 for conn in listener.incoming() {
                     if st.load(Ordering::Acquire) {
                         break;
                     }
-                    match conn {
-                        Ok(s) => {
-                            if let Err(e) = serve_one(&s, timeout, token.as_ref(), &handler) {
-                                tracing::debug!(error = %e, "metadata listener: request failed");
-                            }
+                    let s = match conn {
+                        Ok(s) => s,
+                        Err(_) => {
+                            // Out of descriptors or a reset before accept: back off a little.
+                            std::thread::sleep(Duration::from_millis(10));
+                            continue;
                         }
-                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                    };
+                    let Ok(peer) = s.peer_addr() else { continue };
+                    let slot = match Slot::admit(&gate, &limits, peer.ip()) {
+                        Ok(slot) => slot,
+                        Err(msg) => {
+                            refuse(s, &msg);
+                            continue;
+                        }
+                    };
+                    let (token, handler) = (token.clone(), handler.clone());
+                    let spawned = std::thread::Builder::new().name("kvf-md-conn".into()).spawn(move || {
+                        let mut slot = slot;
+                        if let Err(e) = serve_one(s, peer, &limits, &mut slot, token.as_deref(), &handler) {
+                            tracing::debug!(%peer, error = %e, "metadata listener: request failed");
+                        }
+                    });
+                    if let Err(e) = spawned {
+                        tracing::warn!(error = %e, "metadata listener: cannot spawn a connection thread");
                     }
                 }
             })
             .map_err(|e| Error::io("metadata listener: cannot spawn its thread", e))?;
-        Ok(ListenerHandle { port, fd, stop, thread: Some(thread) })
+        Ok(ListenerHandle { addr: bound, fd, stop, thread: Some(thread) })
     }
 
     /// The bound port.
     pub(crate) fn port(&self) -> u16 {
-        self.port
+        self.addr.port()
+    }
+
+    /// The bound address.
+    pub(crate) fn local_addr(&self) -> SocketAddr {
+        self.addr
     }
 }
 
@@ -252,8 +414,8 @@ impl Drop for ListenerHandle {
         // shutdown wakes its accept() (Linux) and is harmless if it already exited.
         unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
         if let Some(t) = self.thread.take() {
-            // The agent may be dropped by the listener thread itself (its
-            // handler held the last handle): it exits by itself then.
+            // The agent may be dropped by a listener thread itself (its
+            // handler held the last handle): the accept thread exits by itself then.
             if t.thread().id() != std::thread::current().id() {
                 let _ = t.join();
             }
@@ -261,36 +423,101 @@ impl Drop for ListenerHandle {
     }
 }
 
-fn read_msg(s: &mut TcpStream) -> Result<(MsgHeader, Vec<u8>, Vec<u8>)> {
-    let mut hb = [0u8; HEADER_LEN];
-    s.read_exact(&mut hb).map_err(|e| Error::io("metadata listener: reading a message", e))?;
-    let h = MsgHeader::decode(&hb)?;
-    let mut token = vec![0u8; h.token_len as usize];
-    s.read_exact(&mut token).map_err(|e| Error::io("metadata listener: reading a message", e))?;
-    let mut body = vec![0u8; h.body_len as usize];
-    s.read_exact(&mut body).map_err(|e| Error::io("metadata listener: reading a message", e))?;
-    Ok((h, token, body))
+/// Answers `ERROR msg` to a connection over a cap without ever blocking the
+/// accept thread (the message fits in a fresh socket's buffer), then closes it.
+fn refuse(mut s: TcpStream, msg: &str) {
+    let _ = s.set_nonblocking(true);
+    if let Ok(m) = encode_msg(Op::Error, &[], msg.as_bytes()) {
+        let _ = s.write(&m);
+    }
 }
 
-fn serve_one(s: &TcpStream, timeout: Duration, token: Option<&AuthToken>, handler: &Handler) -> Result<()> {
-    let mut s = s.try_clone().map_err(|e| Error::io("metadata listener", e))?;
-    s.set_read_timeout(Some(timeout)).ok();
-    s.set_write_timeout(Some(timeout)).ok();
+/// Fills `buf` from `s` before `deadline` (a whole-message deadline, not a
+/// per-read one: a peer trickling bytes is cut off at the deadline).
+fn read_until(s: &mut TcpStream, buf: &mut [u8], deadline: Instant, what: &str) -> Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::timeout(format!(
+                "metadata listener: {what}: {got} of {} bytes arrived before the deadline",
+                buf.len()
+            )));
+        }
+        s.set_read_timeout(Some(left)).map_err(|e| Error::io("metadata listener: set a timeout", e))?;
+        match s.read(&mut buf[got..]) {
+            Ok(0) => {
+                return Err(Error::new(
+                    crate::ErrorKind::RemoteDisconnect,
+                    format!("metadata listener: {what}: the peer closed after {got} of {} bytes", buf.len()),
+                ))
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => return Err(Error::io(format!("metadata listener: {what}"), e)),
+        }
+    }
+    Ok(())
+}
+
+/// Writes all of `bytes` before `deadline`.
+fn write_until(s: &mut TcpStream, bytes: &[u8], deadline: Instant) -> Result<()> {
+    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
+    s.set_write_timeout(Some(left)).map_err(|e| Error::io("metadata listener: set a timeout", e))?;
+    s.write_all(bytes).map_err(|e| Error::io("metadata listener: answering", e))
+}
+
+/// Reads one message: header, then token (checked before the body is read
+/// or even allocated), then body (reserved against the in-flight budget).
+fn read_request(
+    s: &mut TcpStream,
+    deadline: Instant,
+    limits: &ListenerLimits,
+    slot: &mut Slot,
+    token: Option<&AuthToken>,
+) -> Result<(MsgHeader, Vec<u8>)> {
+    let mut hb = [0u8; HEADER_LEN];
+    read_until(s, &mut hb, deadline, "reading a header")?;
+    let h = MsgHeader::decode(&hb)?;
+    let mut tok = vec![0u8; h.token_len as usize];
+    read_until(s, &mut tok, deadline, "reading the token")?;
+    if !AuthToken::admits(token, &tok) {
+        return Err(Error::not_allowed(
+            "metadata listener: auth token missing or wrong; set the same KVFERRY_AUTH_TOKEN on both agents",
+        ));
+    }
+    if h.body_len > limits.max_body {
+        return Err(Error::not_allowed(format!(
+            "metadata listener: a {}-byte body is larger than this listener accepts ({} bytes, max_body)",
+            h.body_len, limits.max_body
+        )));
+    }
+    slot.reserve(u64::from(h.body_len), limits)?;
+    let mut body = vec![0u8; h.body_len as usize];
+    read_until(s, &mut body, deadline, "reading the body")?;
+    Ok((h, body))
+}
+
+fn serve_one(
+    mut s: TcpStream,
+    peer: SocketAddr,
+    limits: &ListenerLimits,
+    slot: &mut Slot,
+    token: Option<&AuthToken>,
+    handler: &Handler,
+) -> Result<()> {
+    let deadline = Instant::now() + limits.request_deadline;
     let reply = |s: &mut TcpStream, op: Op, body: &[u8]| -> Result<()> {
-        s.write_all(&encode_msg(op, &[], body)?).map_err(|e| Error::io("metadata listener: answering", e))
+        write_until(s, &encode_msg(op, &[], body)?, deadline)
     };
-    let (h, tok, body) = match read_msg(&mut s) {
+    let (h, body) = match read_request(&mut s, deadline, limits, slot, token) {
         Ok(m) => m,
         Err(e) => {
             let _ = reply(&mut s, Op::Error, e.message().as_bytes());
             return Err(e);
         }
     };
-    if !AuthToken::admits(token, &tok) {
-        let msg = "metadata listener: auth token missing or wrong; set the same KVFERRY_AUTH_TOKEN on both agents";
-        reply(&mut s, Op::Error, msg.as_bytes())?;
-        return Err(Error::not_allowed(msg));
-    }
     let req = match ListenerRequest::decode(h.op, body) {
         Ok(r) => r,
         Err(e) => {
@@ -298,7 +525,8 @@ fn serve_one(s: &TcpStream, timeout: Duration, token: Option<&AuthToken>, handle
             return Err(e);
         }
     };
-    match handler(req) {
+    let caller = Caller { addr: peer, authenticated: token.is_some() };
+    match handler(caller, req) {
         Ok(Some(blob)) => reply(&mut s, Op::Metadata, &blob),
         Ok(None) => reply(&mut s, Op::Ok, &[]),
         Err(msg) => reply(&mut s, Op::Error, msg.as_bytes()),
@@ -306,7 +534,7 @@ fn serve_one(s: &TcpStream, timeout: Duration, token: Option<&AuthToken>, handle
 }
 
 /// Sends one request to the listener at `addr` and returns the answer's
-/// kind and body; every step is bounded by `timeout`.
+/// kind and body; the whole exchange is bounded by `timeout`.
 pub(crate) fn call(
     addr: SocketAddr,
     timeout: Duration,
@@ -314,13 +542,17 @@ pub(crate) fn call(
     op: Op,
     body: &[u8],
 ) -> Result<(Op, Vec<u8>)> {
+    let deadline = Instant::now() + timeout;
     let ctx = |what: &str| format!("metadata listener at {addr}: {what}");
     let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| Error::io(ctx("cannot connect"), e))?;
-    s.set_read_timeout(Some(timeout)).ok();
-    s.set_write_timeout(Some(timeout)).ok();
     let msg = encode_msg(op, token.map(AuthToken::as_bytes).unwrap_or_default(), body)?;
-    s.write_all(&msg).map_err(|e| Error::io(ctx("sending"), e))?;
-    let (h, _, body) = read_msg(&mut s).map_err(|e| e.context(ctx("answer")))?;
+    write_until(&mut s, &msg, deadline).map_err(|e| e.context(ctx("sending")))?;
+    let mut hb = [0u8; HEADER_LEN];
+    read_until(&mut s, &mut hb, deadline, "reading the answer").map_err(|e| e.context(ctx("answer")))?;
+    let h = MsgHeader::decode(&hb).map_err(|e| e.context(ctx("answer")))?;
+    let mut rest = vec![0u8; h.token_len as usize + h.body_len as usize];
+    read_until(&mut s, &mut rest, deadline, "reading the answer").map_err(|e| e.context(ctx("answer")))?;
+    let body = rest.split_off(h.token_len as usize);
     if h.op == Op::Error {
         return Err(Error::new(crate::ErrorKind::NotAllowed, ctx(&String::from_utf8_lossy(&body))));
     }
@@ -349,13 +581,14 @@ mod tests {
 
     #[test]
     fn serves_and_stops() {
-        let handler: Handler = Arc::new(|r| match r {
+        let handler: Handler = Arc::new(|_, r| match r {
             ListenerRequest::Fetch(n) if n == "me" => Ok(Some(b"blob".to_vec())),
             _ => Err("no".into()),
         });
         let t = AuthToken::new("t").unwrap();
-        let l = ListenerHandle::start("127.0.0.1:0".parse().unwrap(), Duration::from_secs(2), Some(t.clone()), handler)
-            .unwrap();
+        let l =
+            ListenerHandle::start("127.0.0.1:0".parse().unwrap(), ListenerLimits::default(), Some(t.clone()), handler)
+                .unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{}", l.port()).parse().unwrap();
         let (op, body) = call(addr, Duration::from_secs(2), Some(&t), Op::Fetch, b"me").unwrap();
         assert_eq!((op, body.as_slice()), (Op::Metadata, &b"blob"[..]));

@@ -54,7 +54,7 @@ pub fn peer_main() {
     }
     let mut cfg = AgentConfig::default().with_listener(0).with_backend("TCP", params);
     if let Ok(a) = std::env::var("KVF_TCP_LISTEN") {
-        cfg.listen_addr = a.parse().unwrap();
+        cfg.listen_addr = Some(a.parse().unwrap());
     }
     let agent = Agent::new(&name, cfg).unwrap();
     let mut buf = AlignedBuf::new(len).unwrap();
