@@ -233,7 +233,12 @@ fn http_api_speaks_to_plain_clients() {
     let r = raw("GET /v1/kv/%zz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     assert!(r.starts_with("HTTP/1.1 400"), "{r}");
     let r = raw("PUT /v1/kv/x?lease=99 HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx");
-    assert!(r.starts_with("HTTP/1.1 404") && r.contains("lease 99"), "{r}");
+    assert!(r.starts_with("HTTP/1.1 400") && r.contains("32 hex digits"), "{r}");
+    let unknown = format!("{:032x}", 99);
+    let r = raw(&format!(
+        "PUT /v1/kv/x?lease={unknown} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx"
+    ));
+    assert!(r.starts_with("HTTP/1.1 404") && r.contains(&unknown), "{r}");
     let r = raw("GARBAGE\r\n\r\n");
     assert!(!r.starts_with("HTTP/1.1 200"), "{r}");
     let r = raw("GET /v1/events?since=0&prefix=hel&wait_ms=10 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");

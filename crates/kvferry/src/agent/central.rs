@@ -152,7 +152,14 @@ impl Central {
                 if let Some(l) = lease {
                     match self.store.keep_alive(l) {
                         Ok(true) => {}
-                        Ok(false) | Err(_) => {
+                        // A transient failure (a busy or unreachable store) is
+                        // retried at the next beat: re-publishing under a new
+                        // lease while the old one lives would be refused, since
+                        // the old lease still owns the keys.
+                        Err(e) => {
+                            tracing::debug!(error = %e, store = %self.store.endpoint(), "lease keep-alive failed; retrying");
+                        }
+                        Ok(false) => {
                             if let Err(e) = self.republish() {
                                 tracing::warn!(error = %e, store = %self.store.endpoint(), "cannot re-publish metadata yet; will retry");
                             } else {
@@ -319,8 +326,17 @@ impl Agent {
         match to {
             MetaPeer::Store => {
                 let c = self.central()?;
-                c.state.lock().published.clear();
-                c.store.delete_prefix(&format!("{}{}/", c.ns, self.name())).map(drop)
+                let lease = {
+                    let mut st = c.state.lock();
+                    st.published.clear();
+                    st.lease
+                };
+                let prefix = format!("{}{}/", c.ns, self.name());
+                match lease {
+                    // The metadata server lets only the lease holder delete its keys.
+                    Some(l) => c.store.delete_leased_prefix(&prefix, l).map(drop),
+                    None => c.store.delete_prefix(&prefix).map(drop),
+                }
             }
             MetaPeer::Addr(addr) => self.p2p_invalidate(addr),
         }
