@@ -5,10 +5,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use kvferry::metadata::server::MetaServer;
+use kvferry::auth::AuthToken;
+use kvferry::metadata::server::{MetaServer, MetaServerConfig};
 use kvferry::{Error, Result};
 
 /// Arguments of `kvferry meta-server`.
+///
+/// Every request but `GET /v1/health` needs `Authorization: Bearer <token>`
+/// when a token is set; keys written under a lease can be changed only with
+/// that lease's (random, 128-bit) id. See docs/METADATA.md.
 #[derive(Args, Debug, Clone)]
 pub struct MetaServerArgs {
     /// Address to listen on.
@@ -17,16 +22,78 @@ pub struct MetaServerArgs {
     /// Port to listen on (0: any free port, printed on start).
     #[arg(long, default_value_t = 9400)]
     pub port: u16,
+    /// Shared secret every request but GET /v1/health must present as
+    /// `Authorization: Bearer <token>` (401 otherwise). Prefer the
+    /// environment variable: a command line is visible to every local user.
+    #[arg(long, env = "KVFERRY_AUTH_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Largest value in bytes (larger PUTs get 413).
+    #[arg(long, default_value_t = MetaServerConfig::default().max_value)]
+    pub max_value: usize,
+    /// Most keys stored at once (more PUTs get 507).
+    #[arg(long, default_value_t = MetaServerConfig::default().max_keys)]
+    pub max_keys: usize,
+    /// Most bytes stored at once, keys and values plus 64 a key (507 beyond).
+    #[arg(long, default_value_t = MetaServerConfig::default().max_bytes)]
+    pub max_bytes: usize,
+    /// Most live leases (507 beyond).
+    #[arg(long, default_value_t = MetaServerConfig::default().max_leases)]
+    pub max_leases: usize,
+    /// Most open connections; more wait in the accept queue.
+    #[arg(long, default_value_t = MetaServerConfig::default().max_connections)]
+    pub max_connections: usize,
+    /// Most requests waiting at once (wait_ms > 0); more get 503, ordinary
+    /// requests never count. Must be below --max-connections.
+    #[arg(long, default_value_t = MetaServerConfig::default().max_waiters)]
+    pub max_waiters: usize,
+    /// Largest request head in bytes (431 beyond; at least 8192 is read).
+    #[arg(long, default_value_t = MetaServerConfig::default().max_header_bytes)]
+    pub max_header_bytes: usize,
+    /// Milliseconds a connection has to send a request head (idle
+    /// connections are closed after it).
+    #[arg(long, default_value_t = MetaServerConfig::default().header_timeout.as_millis() as u64)]
+    pub header_timeout_ms: u64,
+    /// Milliseconds a request has to send its body (408 after).
+    #[arg(long, default_value_t = MetaServerConfig::default().body_timeout.as_millis() as u64)]
+    pub body_timeout_ms: u64,
+}
+
+impl MetaServerArgs {
+    /// The server configuration these arguments ask for.
+    pub fn config(&self) -> Result<MetaServerConfig> {
+        let token = match self.token.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(t) => Some(AuthToken::new(t)?),
+        };
+        Ok(MetaServerConfig {
+            token,
+            max_value: self.max_value,
+            max_keys: self.max_keys,
+            max_bytes: self.max_bytes,
+            max_leases: self.max_leases,
+            max_connections: self.max_connections,
+            max_waiters: self.max_waiters,
+            max_header_bytes: self.max_header_bytes,
+            header_timeout: Duration::from_millis(self.header_timeout_ms),
+            body_timeout: Duration::from_millis(self.body_timeout_ms),
+        })
+    }
 }
 
 /// Serves until SIGINT or SIGTERM.
 pub fn run(a: &MetaServerArgs) -> Result<()> {
-    let srv = MetaServer::start(&format!("{}:{}", a.ip, a.port))?;
+    let cfg = a.config()?;
+    let auth = if cfg.token.is_some() { "token required" } else { "NO token: anyone who reaches the port may write" };
+    let srv = MetaServer::start_with(&format!("{}:{}", a.ip, a.port), cfg)?;
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone()).map_err(|e| Error::io("installing signal handlers", e))?;
     }
-    println!("KVFERRY-META-SERVER listening on {}  (agents: KVFERRY_METADATA_URL={})", srv.addr(), srv.url());
+    println!(
+        "KVFERRY-META-SERVER listening on {}  (agents: KVFERRY_METADATA_URL={}; {auth})",
+        srv.addr(),
+        srv.url()
+    );
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
     }
