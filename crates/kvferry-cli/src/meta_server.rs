@@ -89,11 +89,7 @@ pub fn run(a: &MetaServerArgs) -> Result<()> {
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone()).map_err(|e| Error::io("installing signal handlers", e))?;
     }
-    println!(
-        "KVFERRY-META-SERVER listening on {}  (agents: KVFERRY_METADATA_URL={}; {auth})",
-        srv.addr(),
-        srv.url()
-    );
+    println!("KVFERRY-META-SERVER listening on {}  (agents: KVFERRY_METADATA_URL={}; {auth})", srv.addr(), srv.url());
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -18,7 +18,7 @@ use parking_lot::Mutex;
 use super::{Agent, AgentInner};
 use crate::desc::RegDescList;
 use crate::error::{Error, Result};
-use crate::metadata::store::{self, MetaStore};
+use crate::metadata::store::{self, MetaStore, OWNED};
 
 /// Where metadata is sent to, or fetched from.
 ///
@@ -80,7 +80,27 @@ impl Central {
         }
     }
 
+    /// Publishes under the agent's lease. A key still owned by another live
+    /// lease (this agent's previous process, crashed less than a lease ago)
+    /// is retried until that lease has had time to expire; after that the
+    /// refusal is returned (another live agent uses this name).
     fn publish(&self, key: String, value: Vec<u8>) -> Result<()> {
+        let deadline = Instant::now() + self.ttl + Duration::from_millis(500);
+        loop {
+            match self.publish_once(key.clone(), value.clone()) {
+                Err(e)
+                    if e.kind() == crate::ErrorKind::NotAllowed
+                        && e.message().contains(OWNED)
+                        && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn publish_once(&self, key: String, value: Vec<u8>) -> Result<()> {
         let mut st = self.state.lock();
         let lease = self.lease(&mut st)?;
         match self.store.put(&key, &value, Some(lease)) {

@@ -641,7 +641,8 @@ fn put(sh: &Shared, key: String, value: Bytes, lease: Option<LeaseId>) -> Resp {
             return error(
                 403,
                 format!(
-                    "key '{key}' belongs to another agent's live lease; only a request with that lease may change it"
+                    "key '{key}' {}; only a request with that lease may change it (wait for it to expire, or use another name)",
+                    crate::metadata::store::OWNED
                 ),
             );
         }
@@ -706,7 +707,10 @@ async fn route(req: Request<Incoming>, path: &str, sh: &Arc<Shared>) -> std::res
                     if e.lease.is_some() && !owned_by(e, lease) {
                         return Err(error(
                             403,
-                            format!("key '{key}' belongs to a live lease; delete it with ?lease=<that lease>, or revoke the lease"),
+                            format!(
+                                "key '{key}' {}; delete it with ?lease=<that lease>, or revoke the lease",
+                                crate::metadata::store::OWNED
+                            ),
                         ));
                     }
                 }
@@ -826,14 +830,20 @@ async fn route(req: Request<Incoming>, path: &str, sh: &Arc<Shared>) -> std::res
         let prefix = query(q, "prefix").unwrap_or_default();
         let since = query_u64(q, "since")?.unwrap_or(0);
         let wait = wait_of(q)?;
-        return Ok(wait_until(sh, wait, |st, last| {
+        // Events up to `scanned` held nothing for this prefix: each wake-up
+        // looks only at what is new (found by binary search, the log is in
+        // revision order), so waiters cost little under the lock.
+        let mut scanned = since;
+        return Ok(wait_until(sh, wait, move |st, last| {
             let compacted = st.events.front().is_some_and(|e| e.rev > since + 1) && since > 0;
+            let from = st.events.partition_point(|e| e.rev <= scanned);
             let events: Vec<_> = st
                 .events
-                .iter()
-                .filter(|e| e.rev > since && e.key.starts_with(&prefix))
+                .range(from..)
+                .filter(|e| e.key.starts_with(&prefix))
                 .map(|e| json!({"rev": e.rev, "kind": if e.put { "put" } else { "delete" }, "key": e.key}))
                 .collect();
+            scanned = scanned.max(st.rev);
             (!events.is_empty() || compacted || last)
                 .then(|| reply(200, json!({"revision": st.rev, "compacted": compacted, "events": events})))
         })

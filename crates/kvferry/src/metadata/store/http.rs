@@ -115,10 +115,14 @@ impl HttpStore {
             .map_err(|e| Error::malformed(format!("metadata server {}: {what}: answer is not JSON: {e}", self.base)))?;
         if status != 200 {
             let msg = v.get("error").and_then(Value::as_str).unwrap_or("no details");
-            return Err(Error::new(
-                ErrorKind::Backend,
-                format!("metadata server {}: {what}: HTTP {status}: {msg}", self.base),
-            ));
+            let (kind, hint) = match status {
+                401 => {
+                    (ErrorKind::NotAllowed, "; set KVFERRY_AUTH_TOKEN (AgentConfig::auth_token) to the server's token")
+                }
+                403 => (ErrorKind::NotAllowed, ""),
+                _ => (ErrorKind::Backend, ""),
+            };
+            return Err(Error::new(kind, format!("metadata server {}: {what}: HTTP {status}: {msg}{hint}", self.base)));
         }
         Ok(v)
     }

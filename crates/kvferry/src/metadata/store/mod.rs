@@ -21,6 +21,10 @@ mod etcd;
 #[cfg(feature = "etcd")]
 pub use etcd::EtcdStore;
 
+/// Part of the `NotAllowed` message of a store that refused to change a key
+/// because another live lease owns it.
+pub(crate) const OWNED: &str = "belongs to another live lease";
+
 /// What changed under a watched prefix.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WatchBatch {
