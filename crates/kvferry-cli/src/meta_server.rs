@@ -56,6 +56,10 @@ pub struct MetaServerArgs {
     /// Milliseconds a request has to send its body (408 after).
     #[arg(long, default_value_t = MetaServerConfig::default().body_timeout.as_millis() as u64)]
     pub body_timeout_ms: u64,
+    /// Seconds one connection may live (then it is closed after the request
+    /// in flight): a client that never reads cannot hold a slot.
+    #[arg(long, default_value_t = MetaServerConfig::default().max_connection_time.as_secs())]
+    pub max_connection_secs: u64,
 }
 
 impl MetaServerArgs {
@@ -76,6 +80,7 @@ impl MetaServerArgs {
             max_header_bytes: self.max_header_bytes,
             header_timeout: Duration::from_millis(self.header_timeout_ms),
             body_timeout: Duration::from_millis(self.body_timeout_ms),
+            max_connection_time: Duration::from_secs(self.max_connection_secs),
         })
     }
 }

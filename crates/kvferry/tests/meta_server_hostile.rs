@@ -447,3 +447,44 @@ fn a_long_listing_does_not_stall_other_requests() {
         "a GET waited {worst:?} while a listing took {listing:?}"
     );
 }
+
+#[test]
+fn a_client_that_never_reads_its_answers_cannot_hold_a_connection() {
+    let cfg = MetaServerConfig {
+        max_connections: 8,
+        max_waiters: 2,
+        max_connection_time: Duration::from_secs(1),
+        ..MetaServerConfig::default()
+    };
+    let srv = MetaServer::start_with("127.0.0.1:0", cfg).unwrap();
+    let addr = srv.addr();
+    let big = vec![9u8; 8 << 20];
+    assert_eq!(call(addr, "PUT", "/v1/kv/big", None, &big).0, 200);
+    // Every slot: ask for 8 MiB a few times over, never read.
+    let stuck: Vec<TcpStream> = (0..8)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            for _ in 0..4 {
+                s.write_all(b"GET /v1/kv/big HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            }
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    // The server cuts them loose after max_connection_time, and serves others.
+    let t = Instant::now();
+    let (st, b) = call(addr, "GET", "/v1/health", None, b"");
+    assert_eq!(st, 200, "{b}");
+    assert!(t.elapsed() < Duration::from_secs(4), "waited {:?}", t.elapsed());
+    // Soon only the asking connection is left (at most 1 s of grace more).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, b) = call(addr, "GET", "/v1/health", None, b"");
+        if json(&b)["connections"].as_u64() == Some(1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "stuck connections are still open: {b}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(stuck);
+}

@@ -97,6 +97,11 @@ pub struct MetaServerConfig {
     pub header_timeout: Duration,
     /// Time a request has to send its whole body (408 after). Default 30 s.
     pub body_timeout: Duration,
+    /// Longest life of one connection: then it finishes the request in
+    /// flight (1 s more at most) and is closed, so a client that never
+    /// reads its answers cannot hold a connection slot. Default 120 s
+    /// (must be over 60 s, the longest wait).
+    pub max_connection_time: Duration,
 }
 
 impl Default for MetaServerConfig {
@@ -112,6 +117,7 @@ impl Default for MetaServerConfig {
             max_header_bytes: 64 << 10,
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
+            max_connection_time: Duration::from_secs(120),
         }
     }
 }
@@ -146,6 +152,9 @@ impl MetaServerConfig {
         }
         if self.header_timeout.is_zero() || self.body_timeout.is_zero() {
             return Err(Error::invalid("metadata server: header_timeout and body_timeout must be above zero"));
+        }
+        if self.max_connection_time.is_zero() {
+            return Err(Error::invalid("metadata server: max_connection_time must be above zero"));
         }
         if self.token.as_ref().is_some_and(|t| !t.is_usable()) {
             return Err(Error::invalid(
@@ -289,6 +298,7 @@ impl MetaServer {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("kvferry-meta")
+            .max_blocking_threads(4)
             .enable_io()
             .enable_time()
             .build()
@@ -419,8 +429,18 @@ async fn serve_connection(sock: tokio::net::TcpStream, shared: &Arc<Shared>) {
         .header_read_timeout(cfg.header_timeout)
         .max_buf_size(cfg.max_header_bytes.max(8192))
         .serve_connection(hyper_util::rt::TokioIo::new(sock), svc);
-    if let Err(e) = conn.await {
-        tracing::debug!(error = %e, "metadata server: connection ended with an error");
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "metadata server: connection ended with an error");
+            }
+        }
+        _ = tokio::time::sleep(cfg.max_connection_time) => {
+            // Finish the request in flight if the client takes its answer, then close.
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+        }
     }
 }
 
@@ -742,9 +762,22 @@ async fn route(req: Request<Incoming>, path: &str, sh: &Arc<Shared>) -> std::res
                         .collect();
                     (st.rev, keys)
                 };
-                let list: Vec<Value> =
-                    keys.into_iter().map(|(k, len, leased)| json!({"key": k, "len": len, "leased": leased})).collect();
-                reply(200, json!({"revision": rev, "keys": list}))
+                let small = keys.len() <= 1024;
+                let build = move || {
+                    let list: Vec<Value> = keys
+                        .into_iter()
+                        .map(|(k, len, leased)| json!({"key": k, "len": len, "leased": leased}))
+                        .collect();
+                    reply(200, json!({"revision": rev, "keys": list}))
+                };
+                if small {
+                    build()
+                } else {
+                    // Off the two request workers (a few blocking threads at most).
+                    tokio::task::spawn_blocking(build)
+                        .await
+                        .unwrap_or_else(|e| error(500, format!("building the listing failed: {e}")))
+                }
             }
             Method::DELETE => {
                 if prefix.is_empty() {
