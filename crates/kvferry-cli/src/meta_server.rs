@@ -15,6 +15,13 @@ use kvferry::{Error, Result};
 /// when a token is set; keys written under a lease can be changed only with
 /// that lease's (random, 128-bit) id. See docs/METADATA.md.
 #[derive(Args, Debug, Clone)]
+#[command(after_help = "\
+Security: with a token (KVFERRY_AUTH_TOKEN or --token) every request but GET /v1/health needs
+`Authorization: Bearer <token>` (401 otherwise); without one, anyone who reaches the port may read
+and write unleased keys. Keys written under a lease (?lease=ID) can be changed or deleted only
+with that lease's id (128 random bits, never listed); the empty-prefix DELETE is refused.
+Full caps answer 413 (value) or 507 (keys, bytes, leases); out of file descriptors the server
+backs off and keeps accepting (GET /v1/health counts accept_errors). See docs/METADATA.md.")]
 pub struct MetaServerArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]

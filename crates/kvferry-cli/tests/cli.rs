@@ -484,3 +484,14 @@ fn storage_local_and_remote_file_segments_across_processes() {
     assert!(left.is_empty(), "bench files are removed afterwards: {left:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn meta_server_refuses_bad_limits_and_tokens_clearly() {
+    let o = kvferry(&["meta-server", "--port", "0", "--max-waiters", "2000"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("max_waiters"), "{}", text(&o));
+    let long = "x".repeat(2000);
+    let o = kvferry(&["meta-server", "--port", "0", "--token", &long]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("auth token"), "{}", text(&o));
+}
