@@ -67,6 +67,10 @@ pub struct MetaServerArgs {
     /// in flight): a client that never reads cannot hold a slot.
     #[arg(long, default_value_t = MetaServerConfig::default().max_connection_time.as_secs())]
     pub max_connection_secs: u64,
+    /// Most bytes of bodies over 64 KiB received at once (larger uploads
+    /// wait up to a quarter of the body timeout, then get 503); at least --max-value.
+    #[arg(long, default_value_t = MetaServerConfig::default().max_body_bytes)]
+    pub max_body_bytes: usize,
 }
 
 impl MetaServerArgs {
@@ -88,6 +92,7 @@ impl MetaServerArgs {
             header_timeout: Duration::from_millis(self.header_timeout_ms),
             body_timeout: Duration::from_millis(self.body_timeout_ms),
             max_connection_time: Duration::from_secs(self.max_connection_secs),
+            max_body_bytes: self.max_body_bytes,
         })
     }
 }

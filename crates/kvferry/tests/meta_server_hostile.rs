@@ -488,3 +488,48 @@ fn a_client_that_never_reads_its_answers_cannot_hold_a_connection() {
     }
     drop(stuck);
 }
+
+#[test]
+fn slow_large_uploads_cannot_take_the_memory_and_small_puts_still_flow() {
+    let cfg = MetaServerConfig {
+        max_value: 1 << 20,
+        max_body_bytes: 2 << 20,
+        body_timeout: Duration::from_millis(800),
+        ..MetaServerConfig::default()
+    };
+    let srv = MetaServer::start_with("127.0.0.1:0", cfg).unwrap();
+    let addr = srv.addr();
+    // Two uploads declare 1 MiB each and send nothing: the budget is taken.
+    let hold: Vec<TcpStream> = (0..2)
+        .map(|i| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(
+                format!("PUT /v1/kv/hold{i} HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n\r\n").as_bytes(),
+            )
+            .unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    // A third large upload is told to come back.
+    let t = Instant::now();
+    let mut big =
+        b"PUT /v1/kv/third HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\nConnection: close\r\n\r\n".to_vec();
+    big.extend(std::iter::repeat_n(b'b', 1 << 20));
+    let (st, b) = status_and_body(&raw(addr, &big));
+    assert_eq!(st, 503, "{b}");
+    assert!(b.contains("max_body_bytes"), "{b}");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    // Small values (metadata blobs) flow meanwhile.
+    let store = HttpStore::new(&srv.url(), Duration::from_secs(2)).unwrap();
+    store.put("small", &[1u8; 30_000], None).unwrap();
+    agents_still_work(&srv.url(), None);
+    // The holders time out and the budget comes back.
+    for mut s in hold {
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 408"));
+    }
+    assert_eq!(status_and_body(&raw(addr, &big)).0, 200);
+}

@@ -62,6 +62,8 @@ pub const MAX_WAIT: Duration = Duration::from_secs(60);
 pub const MAX_TTL: Duration = Duration::from_secs(3600);
 /// Events kept for watchers that fall behind.
 const EVENT_LOG: usize = 16 * 1024;
+/// Bodies up to this size do not take from `max_body_bytes`.
+const SMALL_BODY: usize = 64 << 10;
 /// Bytes a key costs in the total-bytes budget beyond its key and value
 /// (the map entry, the lease's key set).
 const ENTRY_OVERHEAD: usize = 64;
@@ -97,6 +99,12 @@ pub struct MetaServerConfig {
     pub header_timeout: Duration,
     /// Time a request has to send its whole body (408 after). Default 30 s.
     pub body_timeout: Duration,
+    /// Most bytes of request bodies over 64 KiB being received at once; a
+    /// large upload waits for room up to a quarter of `body_timeout`, then
+    /// gets 503.
+    /// Smaller bodies are not counted (they are bounded by
+    /// `max_connections` × 64 KiB). Default 256 MiB (at least `max_value`).
+    pub max_body_bytes: usize,
     /// Longest life of one connection: then it finishes the request in
     /// flight (1 s more at most) and is closed, so a client that never
     /// reads its answers cannot hold a connection slot. Default 120 s
@@ -118,6 +126,7 @@ impl Default for MetaServerConfig {
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
             max_connection_time: Duration::from_secs(120),
+            max_body_bytes: 256 << 20,
         }
     }
 }
@@ -152,6 +161,15 @@ impl MetaServerConfig {
         }
         if self.header_timeout.is_zero() || self.body_timeout.is_zero() {
             return Err(Error::invalid("metadata server: header_timeout and body_timeout must be above zero"));
+        }
+        if self.max_value > u32::MAX as usize || self.max_body_bytes < self.max_value {
+            return Err(Error::invalid(format!(
+                "metadata server: max_value ({}) must be at most 4 GiB and at most max_body_bytes ({})",
+                self.max_value, self.max_body_bytes
+            )));
+        }
+        if self.max_body_bytes > Semaphore::MAX_PERMITS {
+            return Err(Error::invalid("metadata server: max_body_bytes is too large"));
         }
         if self.max_connection_time.is_zero() {
             return Err(Error::invalid("metadata server: max_connection_time must be above zero"));
@@ -251,6 +269,8 @@ struct Shared {
     /// The revision, for waiters: bumped after every change.
     changed: watch::Sender<u64>,
     waiters: Arc<Semaphore>,
+    /// Bytes of large bodies being received (`max_body_bytes`).
+    body_budget: Arc<Semaphore>,
     stop: AtomicBool,
     accept_errors: AtomicU64,
     connections: AtomicU64,
@@ -305,6 +325,7 @@ impl MetaServer {
             .map_err(|e| Error::io("metadata server: starting its runtime", e))?;
         let shared = Arc::new(Shared {
             waiters: Arc::new(Semaphore::new(cfg.max_waiters)),
+            body_budget: Arc::new(Semaphore::new(cfg.max_body_bytes)),
             cfg,
             state: Mutex::new(State::default()),
             changed: watch::Sender::new(0),
@@ -639,12 +660,38 @@ async fn read_body(req: Request<Incoming>, sh: &Shared) -> std::result::Result<B
     if declared.is_some_and(|n| n > max as u64) {
         return Err(too_big());
     }
-    match tokio::time::timeout(sh.cfg.body_timeout, Limited::new(req.into_body(), max).collect()).await {
+    // Bodies over SMALL_BODY take their size (declared, or max_value when
+    // chunked) from the max_body_bytes budget while they arrive, so a
+    // thousand slow uploads cannot take the memory; small ones (metadata
+    // blobs, flags) never wait for it.
+    let deadline = tokio::time::Instant::now() + sh.cfg.body_timeout;
+    let need = declared.map_or(max, |n| n as usize);
+    let permit = if need > SMALL_BODY {
+        let want = u32::try_from(need).unwrap_or(u32::MAX);
+        let room = sh.cfg.body_timeout / 4;
+        match tokio::time::timeout(room, sh.body_budget.clone().acquire_many_owned(want)).await {
+            Ok(Ok(p)) => Some(p),
+            _ => {
+                return Err(error(
+                    503,
+                    format!(
+                        "other uploads held the server's max_body_bytes ({} bytes) for {room:?}; retry later",
+                        sh.cfg.max_body_bytes
+                    ),
+                ))
+            }
+        }
+    } else {
+        None
+    };
+    let body = match tokio::time::timeout_at(deadline, Limited::new(req.into_body(), max).collect()).await {
         Err(_) => Err(error(408, format!("the request body did not arrive within {:?}", sh.cfg.body_timeout))),
         Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_big()),
         Ok(Err(e)) => Err(bad(format!("could not read the request body: {e}"))),
         Ok(Ok(c)) => Ok(c.to_bytes()),
-    }
+    };
+    drop(permit);
+    body
 }
 
 fn put(sh: &Shared, key: String, value: Bytes, lease: Option<LeaseId>) -> Resp {
