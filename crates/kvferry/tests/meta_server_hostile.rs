@@ -408,7 +408,8 @@ fn a_long_listing_does_not_stall_other_requests() {
             tail.extend_from_slice(&buf[..n]);
             let text = String::from_utf8_lossy(&tail);
             seen += text.matches("HTTP/1.1 200").count();
-            let keep = tail.len().min(16);
+            // Keep fewer bytes than the pattern: no match is counted twice.
+            let keep = tail.len().min("HTTP/1.1 200".len() - 1);
             tail.drain(..tail.len() - keep);
         }
     });
