@@ -197,6 +197,8 @@ fn a_token_is_required_on_every_request_but_health() {
     let good =
         HttpStore::new(&srv.url(), Duration::from_secs(2)).unwrap().with_token(Some(AuthToken::new(token).unwrap()));
     assert_eq!(good.get("a").unwrap().as_deref(), Some(&b"x"[..]));
+    let debug = format!("{good:?}");
+    assert!(!debug.contains(token) && debug.contains("redacted"), "{debug}");
     let none = HttpStore::new(&srv.url(), Duration::from_secs(2)).unwrap();
     let e = none.put("b", b"y", None).unwrap_err();
     assert!(e.message().contains("401"), "{e}");

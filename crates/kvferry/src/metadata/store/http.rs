@@ -18,7 +18,6 @@ use crate::metadata::server::percent_encode;
 /// every call. The server's lease ids are 128-bit capabilities; the
 /// [`MetaStore`] handles this client returns stand for them and never leave
 /// the process.
-#[derive(Debug)]
 pub struct HttpStore {
     base: String,
     agent: ureq::Agent,
@@ -28,6 +27,18 @@ pub struct HttpStore {
     /// Lease handle → the server's lease id.
     leases: Mutex<HashMap<u64, String>>,
     next_lease: AtomicU64,
+}
+
+impl std::fmt::Debug for HttpStore {
+    /// Leaves the token and the lease ids out: they are secrets.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpStore")
+            .field("base", &self.base)
+            .field("timeout", &self.timeout)
+            .field("token", &self.bearer.as_ref().map(|_| "<redacted>"))
+            .field("leases", &self.leases.lock().len())
+            .finish()
+    }
 }
 
 impl HttpStore {
