@@ -112,6 +112,14 @@ fn huge_content_length_then_close_leaves_the_server_serving() {
     let (st, b) = status_and_body(&r);
     assert_eq!(st, 413, "{r}");
     assert!(b.contains("max_value"), "{b}");
+    // Lengths that do not parse, or disagree, are refused as bad requests.
+    for cl in
+        ["Content-Length: 99999999999999999999999", "Content-Length: -1", "Content-Length: 3\r\nContent-Length: 4"]
+    {
+        let r =
+            raw(addr, format!("PUT /v1/kv/odd HTTP/1.1\r\nHost: x\r\n{cl}\r\nConnection: close\r\n\r\nabc").as_bytes());
+        assert!(r.starts_with("HTTP/1.1 400"), "{cl}: {r}");
+    }
     assert!(healthy(addr));
     assert_eq!(call(addr, "PUT", "/v1/kv/fine", None, b"value").0, 200);
     assert_eq!(call(addr, "GET", "/v1/kv/fine", None, b""), (200, "value".to_string()));
