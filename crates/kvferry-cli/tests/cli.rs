@@ -211,6 +211,66 @@ impl Drop for Killer {
     }
 }
 
+/// One raw HTTP request (`"METHOD /path"`) with `Connection: close`; the status and the body.
+fn http(addr: &str, line: &str, token: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let req = format!("{line} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 1\r\nConnection: close\r\n\r\nv");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+#[test]
+fn meta_server_survives_running_out_of_file_descriptors() {
+    // 64 descriptors: the server runs out long before the test does.
+    let mut srv = Command::new("sh")
+        .args(["-c", "ulimit -n 64 && exec \"$0\" meta-server --port 0 --header-timeout-ms 60000"])
+        .arg(env!("CARGO_BIN_EXE_kvferry"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let line = first_line(&mut srv);
+    let mut srv = Killer(srv);
+    let addr = line.split_whitespace().nth(3).expect("meta-server prints its address").to_string();
+    let sock: std::net::SocketAddr = addr.parse().unwrap();
+    assert_eq!(http(&addr, "PUT /v1/kv/before", None).0, 200);
+    // Hold idle connections until the server can accept no more (the rest
+    // wait in the kernel's backlog or time out connecting).
+    let mut held = Vec::new();
+    for _ in 0..150 {
+        match std::net::TcpStream::connect_timeout(&sock, Duration::from_millis(300)) {
+            Ok(c) => held.push(c),
+            Err(_) => break,
+        }
+    }
+    assert!(held.len() > 64, "only {} connections", held.len());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(srv.0.try_wait().unwrap().is_none(), "the server exited");
+    drop(held);
+    // It serves again once descriptors are free, and says it ran out.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let health = loop {
+        let (st, body) = http(&addr, "GET /v1/health", None);
+        if st == 200 {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "the server never served again");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let v: serde_json::Value = serde_json::from_str(&health).unwrap();
+    assert!(v["accept_errors"].as_u64().unwrap() > 0, "it never ran out of descriptors: {v}");
+    assert_eq!(http(&addr, "PUT /v1/kv/after", None).0, 200);
+    let (st, body) = http(&addr, "GET /v1/kv/before", None);
+    assert_eq!((st, body.as_str()), (200, "v"));
+    let _ = srv.0.kill();
+}
+
 fn first_line(child: &mut std::process::Child) -> String {
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
@@ -219,33 +279,39 @@ fn first_line(child: &mut std::process::Child) -> String {
 
 #[test]
 fn p2p_target_and_initiator_find_each_other_through_the_meta_server() {
+    // Every process shares the token through KVFERRY_AUTH_TOKEN.
+    let token = format!("cli-token-{}", std::process::id());
     let mut srv = Command::new(env!("CARGO_BIN_EXE_kvferry"))
         .args(["meta-server", "--port", "0"])
+        .env("KVFERRY_AUTH_TOKEN", &token)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let line = first_line(&mut srv);
     let _srv = Killer(srv);
+    assert!(line.contains("token required"), "{line}");
     let addr = line.split_whitespace().nth(3).expect("meta-server prints its address").to_string();
+    let (st, body) = http(&addr, "PUT /v1/kv/intruder", None);
+    assert_eq!(st, 401, "{body}");
     let url = format!("http://{addr}");
     let job = format!("cli-{}", std::process::id());
     let flags = ["--backend", "tcp", "--job", &job, "--block-sizes", "4K,64K", "--metadata-url", &url];
     let target = Command::new(env!("CARGO_BIN_EXE_kvferry"))
         .args(["bench", "p2p", "--mode", "target", "--name", "cli-target"])
         .args(flags)
+        .env("KVFERRY_AUTH_TOKEN", &token)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let target = Killer(target);
-    let o = kvferry(
-        &[
-            &["bench", "p2p", "--mode", "initiator", "--json", "--check-consistency", "--num_iter", "20"][..],
-            &flags[..],
-        ]
-        .concat(),
-    );
+    let o = Command::new(env!("CARGO_BIN_EXE_kvferry"))
+        .args(["bench", "p2p", "--mode", "initiator", "--json", "--check-consistency", "--num_iter", "20"])
+        .args(flags)
+        .env("KVFERRY_AUTH_TOKEN", &token)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", text(&o));
     let lines: Vec<serde_json::Value> =
         String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
@@ -624,4 +690,15 @@ fn p2p_target_refuses_a_huge_buffer_or_no_token_and_keeps_serving() {
     let mut s = raw::send(&addr, &[raw::auth(b""), raw::hello("tcp", 2 << 20, b"")]);
     let e = raw::answer(&mut s, Duration::from_secs(5)).unwrap_err();
     assert!(e.contains("1048576"), "{e}");
+}
+
+#[test]
+fn meta_server_refuses_bad_limits_and_tokens_clearly() {
+    let o = kvferry(&["meta-server", "--port", "0", "--max-waiters", "2000"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("max_waiters"), "{}", text(&o));
+    let long = "x".repeat(2000);
+    let o = kvferry(&["meta-server", "--port", "0", "--token", &long]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("auth token"), "{}", text(&o));
 }

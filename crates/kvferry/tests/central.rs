@@ -233,9 +233,43 @@ fn http_api_speaks_to_plain_clients() {
     let r = raw("GET /v1/kv/%zz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     assert!(r.starts_with("HTTP/1.1 400"), "{r}");
     let r = raw("PUT /v1/kv/x?lease=99 HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx");
-    assert!(r.starts_with("HTTP/1.1 404") && r.contains("lease 99"), "{r}");
+    assert!(r.starts_with("HTTP/1.1 400") && r.contains("32 hex digits"), "{r}");
+    let unknown = format!("{:032x}", 99);
+    let r = raw(&format!(
+        "PUT /v1/kv/x?lease={unknown} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx"
+    ));
+    assert!(r.starts_with("HTTP/1.1 404") && r.contains(&unknown), "{r}");
     let r = raw("GARBAGE\r\n\r\n");
     assert!(!r.starts_with("HTTP/1.1 200"), "{r}");
     let r = raw("GET /v1/events?since=0&prefix=hel&wait_ms=10 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     assert!(r.contains("\"kind\":\"put\""), "{r}");
+}
+
+#[test]
+fn a_name_held_by_another_live_lease_waits_for_it_then_refuses() {
+    let srv = MetaServer::start("127.0.0.1:0").unwrap();
+    let c = cfg(&srv.url());
+    let other = HttpStore::new(&srv.url(), Duration::from_secs(2)).unwrap();
+    // A crashed predecessor's key: its lease is never renewed, so the new
+    // process gets the name once the old lease (600 ms) expires.
+    let n = name("heir");
+    let old = other.grant_lease(Duration::from_millis(600)).unwrap();
+    other.put(&format!("{}{n}/metadata", c.metadata_namespace), b"stale", Some(old)).unwrap();
+    let a = Agent::new(&n, c.clone()).unwrap();
+    let t = Instant::now();
+    a.send_local_metadata(MetaPeer::Store).unwrap();
+    assert!(t.elapsed() >= Duration::from_millis(300), "published over a live lease after {:?}", t.elapsed());
+    let b = Agent::new(&name("reader"), c.clone()).unwrap();
+    b.fetch_remote_metadata(&n, None, MetaPeer::Store).unwrap();
+    // A live holder that keeps renewing: the newcomer is refused, clearly.
+    let n2 = name("taken");
+    let live = other.grant_lease(Duration::from_secs(30)).unwrap();
+    other.put(&format!("{}{n2}/metadata", c.metadata_namespace), b"mine", Some(live)).unwrap();
+    let e = Agent::new(&n2, c).unwrap().send_local_metadata(MetaPeer::Store).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotAllowed, "{e}");
+    assert!(e.message().contains("live lease"), "{e}");
+    assert_eq!(
+        other.get(&format!("{}{n2}/metadata", cfg("http://x").metadata_namespace)).unwrap().as_deref(),
+        Some(&b"mine"[..])
+    );
 }

@@ -18,7 +18,7 @@ use parking_lot::Mutex;
 use super::{Agent, AgentInner};
 use crate::desc::RegDescList;
 use crate::error::{Error, Result};
-use crate::metadata::store::{self, MetaStore};
+use crate::metadata::store::{self, MetaStore, OWNED};
 
 /// Where metadata is sent to, or fetched from.
 ///
@@ -80,7 +80,27 @@ impl Central {
         }
     }
 
+    /// Publishes under the agent's lease. A key still owned by another live
+    /// lease (this agent's previous process, crashed less than a lease ago)
+    /// is retried until that lease has had time to expire; after that the
+    /// refusal is returned (another live agent uses this name).
     fn publish(&self, key: String, value: Vec<u8>) -> Result<()> {
+        let deadline = Instant::now() + self.ttl + Duration::from_millis(500);
+        loop {
+            match self.publish_once(key.clone(), value.clone()) {
+                Err(e)
+                    if e.kind() == crate::ErrorKind::NotAllowed
+                        && e.message().contains(OWNED)
+                        && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn publish_once(&self, key: String, value: Vec<u8>) -> Result<()> {
         let mut st = self.state.lock();
         let lease = self.lease(&mut st)?;
         match self.store.put(&key, &value, Some(lease)) {
@@ -152,7 +172,14 @@ impl Central {
                 if let Some(l) = lease {
                     match self.store.keep_alive(l) {
                         Ok(true) => {}
-                        Ok(false) | Err(_) => {
+                        // A transient failure (a busy or unreachable store) is
+                        // retried at the next beat: re-publishing under a new
+                        // lease while the old one lives would be refused, since
+                        // the old lease still owns the keys.
+                        Err(e) => {
+                            tracing::debug!(error = %e, store = %self.store.endpoint(), "lease keep-alive failed; retrying");
+                        }
+                        Ok(false) => {
                             if let Err(e) = self.republish() {
                                 tracing::warn!(error = %e, store = %self.store.endpoint(), "cannot re-publish metadata yet; will retry");
                             } else {
@@ -319,8 +346,17 @@ impl Agent {
         match to {
             MetaPeer::Store => {
                 let c = self.central()?;
-                c.state.lock().published.clear();
-                c.store.delete_prefix(&format!("{}{}/", c.ns, self.name())).map(drop)
+                let lease = {
+                    let mut st = c.state.lock();
+                    st.published.clear();
+                    st.lease
+                };
+                let prefix = format!("{}{}/", c.ns, self.name());
+                match lease {
+                    // The metadata server lets only the lease holder delete its keys.
+                    Some(l) => c.store.delete_leased_prefix(&prefix, l).map(drop),
+                    None => c.store.delete_prefix(&prefix).map(drop),
+                }
             }
             MetaPeer::Addr(addr) => self.p2p_invalidate(addr),
         }

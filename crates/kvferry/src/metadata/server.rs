@@ -7,49 +7,188 @@
 //! |---|---|
 //! | `GET /v1/kv/{key}` | 200 and the value, or 404 |
 //! | `GET /v1/kv/{key}?wait_ms=N` | waits up to N ms for the key to appear |
-//! | `PUT /v1/kv/{key}[?lease=ID]` (body: value) | 200 `{"revision":R}`; 404 if the lease is gone |
-//! | `DELETE /v1/kv/{key}` | 200 `{"deleted":n}` |
-//! | `GET /v1/prefix/{prefix}` | 200 `{"revision":R,"keys":[{"key","len","lease"}]}` |
-//! | `DELETE /v1/prefix/{prefix}` | 200 `{"deleted":n}` |
-//! | `POST /v1/lease?ttl_ms=N` | 200 `{"id":ID,"ttl_ms":N}` |
+//! | `PUT /v1/kv/{key}[?lease=ID]` (body: value) | 200 `{"revision":R}`; 404 if the lease is gone; 403 if another lease owns the key |
+//! | `DELETE /v1/kv/{key}[?lease=ID]` | 200 `{"deleted":n}`; 403 if the key is leased and `ID` is not its lease |
+//! | `GET /v1/prefix/{prefix}` | 200 `{"revision":R,"keys":[{"key","len","leased"}]}` |
+//! | `DELETE /v1/prefix/{prefix}[?lease=ID]` | 200 `{"deleted":n,"kept":m}`: only the keys of lease `ID` (without: only unleased keys); the empty prefix is refused |
+//! | `POST /v1/lease?ttl_ms=N` | 200 `{"id":"<32 hex digits>","ttl_ms":N}` |
 //! | `POST /v1/lease/{id}/keepalive` | 200, or 404 once expired |
-//! | `DELETE /v1/lease/{id}` | 200; deletes the lease's keys |
+//! | `DELETE /v1/lease/{id}` | 200; deletes the lease's keys; 404 if unknown |
 //! | `GET /v1/events?prefix=P&since=R&wait_ms=N` | 200 `{"revision","compacted","events":[{"rev","kind","key"}]}` |
-//! | `GET /v1/health` | 200 `{"ok":true,"revision":R,"keys":n}` |
+//! | `GET /v1/health` | 200 `{"ok":true,"revision":R,"keys":n,...}` (no token needed) |
 //!
 //! Keys are percent-decoded URL paths and may contain `/`. Values are raw bytes.
 //! A key written with a lease disappears when the lease is not renewed within
 //! its TTL: a crashed agent's metadata goes away on its own.
+//!
+//! Security (see `docs/METADATA.md`): with a token configured every request
+//! but `GET /v1/health` needs `Authorization: Bearer <token>` (401
+//! otherwise). Lease ids are 128 random bits and are the capability: a key
+//! written under a live lease can be overwritten or deleted only by a
+//! request that presents that lease. Everything is bounded by
+//! [`MetaServerConfig`]: connections, waiting long-polls, header bytes,
+//! header and body read times, value size, key count, total bytes, leases.
+
+// The Err of the request helpers is the HTTP answer itself (built once per
+// refused request, never on the data path), so its size does not matter.
+#![allow(clippy::result_large_err)]
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::convert::Infallible;
 use std::fmt;
-use std::io::Read;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex};
-use serde_json::json;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+use tokio::sync::{watch, Semaphore};
 
+use crate::auth::AuthToken;
 use crate::error::{Error, Result};
 
-/// Largest value accepted, in bytes.
+/// Default largest value accepted, in bytes (16 MiB).
 pub const MAX_VALUE: usize = 16 << 20;
 /// Longest key accepted, in bytes.
 pub const MAX_KEY: usize = 1024;
 /// Longest long-poll accepted.
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
+/// Longest lease TTL accepted.
+pub const MAX_TTL: Duration = Duration::from_secs(3600);
 /// Events kept for watchers that fall behind.
 const EVENT_LOG: usize = 16 * 1024;
-/// Requests served at once; more get 503.
-const MAX_INFLIGHT: usize = 512;
+/// Bodies up to this size do not take from `max_body_bytes`.
+const SMALL_BODY: usize = 64 << 10;
+/// Bytes a key costs in the total-bytes budget beyond its key and value
+/// (the map entry, the lease's key set).
+const ENTRY_OVERHEAD: usize = 64;
+
+/// The limits and the token of a [`MetaServer`]. `Default` gives the
+/// documented defaults and no token.
+#[derive(Clone, Debug)]
+pub struct MetaServerConfig {
+    /// With a token, every request but `GET /v1/health` must carry
+    /// `Authorization: Bearer <token>` (401 otherwise).
+    pub token: Option<AuthToken>,
+    /// Largest value, in bytes (413 beyond). Default 16 MiB.
+    pub max_value: usize,
+    /// Most keys stored at once (507 beyond). Default 100 000.
+    pub max_keys: usize,
+    /// Most bytes stored at once, keys and values plus 64 bytes a key (507
+    /// beyond). Default 1 GiB.
+    pub max_bytes: usize,
+    /// Most live leases (507 beyond). Default 65 536.
+    pub max_leases: usize,
+    /// Most open connections; more wait in the kernel's accept queue until
+    /// one closes. Default 1024.
+    pub max_connections: usize,
+    /// Most requests waiting at once (`wait_ms` > 0 on `GET /v1/kv` and
+    /// `GET /v1/events`); more get 503 at once. Ordinary requests never
+    /// count against it. Default 256 (must be below `max_connections`).
+    pub max_waiters: usize,
+    /// Largest request head (request line and headers) in bytes (431
+    /// beyond; at least 8192). Default 64 KiB.
+    pub max_header_bytes: usize,
+    /// Time a connection has to send a complete request head, also between
+    /// requests on a kept-alive connection (then it is closed). Default 10 s.
+    pub header_timeout: Duration,
+    /// Time a request has to send its whole body (408 after). Default 30 s.
+    pub body_timeout: Duration,
+    /// Most bytes of request bodies over 64 KiB being received at once; a
+    /// large upload waits for room up to a quarter of `body_timeout`, then
+    /// gets 503.
+    /// Smaller bodies are not counted (they are bounded by
+    /// `max_connections` × 64 KiB). Default 256 MiB (at least `max_value`).
+    pub max_body_bytes: usize,
+    /// Longest life of one connection: then it finishes the request in
+    /// flight (1 s more at most) and is closed, so a client that never
+    /// reads its answers cannot hold a connection slot. Default 120 s
+    /// (must be over 60 s, the longest wait).
+    pub max_connection_time: Duration,
+}
+
+impl Default for MetaServerConfig {
+    fn default() -> Self {
+        MetaServerConfig {
+            token: None,
+            max_value: MAX_VALUE,
+            max_keys: 100_000,
+            max_bytes: 1 << 30,
+            max_leases: 65_536,
+            max_connections: 1024,
+            max_waiters: 256,
+            max_header_bytes: 64 << 10,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            max_connection_time: Duration::from_secs(120),
+            max_body_bytes: 256 << 20,
+        }
+    }
+}
+
+impl MetaServerConfig {
+    /// Requires `token` on every request but `GET /v1/health`.
+    pub fn with_token(mut self, token: Option<AuthToken>) -> Self {
+        self.token = token;
+        self
+    }
+
+    fn check(&self) -> Result<()> {
+        let zero = [
+            ("max_value", self.max_value),
+            ("max_keys", self.max_keys),
+            ("max_bytes", self.max_bytes),
+            ("max_leases", self.max_leases),
+            ("max_connections", self.max_connections),
+            ("max_waiters", self.max_waiters),
+        ];
+        if let Some((name, _)) = zero.iter().find(|(_, v)| *v == 0) {
+            return Err(Error::invalid(format!("metadata server: {name} must be at least 1")));
+        }
+        if self.max_waiters >= self.max_connections {
+            return Err(Error::invalid(format!(
+                "metadata server: max_waiters ({}) must be below max_connections ({}) so that waiting requests cannot take every connection",
+                self.max_waiters, self.max_connections
+            )));
+        }
+        if self.max_connections > Semaphore::MAX_PERMITS {
+            return Err(Error::invalid("metadata server: max_connections is too large"));
+        }
+        if self.header_timeout.is_zero() || self.body_timeout.is_zero() {
+            return Err(Error::invalid("metadata server: header_timeout and body_timeout must be above zero"));
+        }
+        if self.max_value > u32::MAX as usize || self.max_body_bytes < self.max_value {
+            return Err(Error::invalid(format!(
+                "metadata server: max_value ({}) must be at most 4 GiB and at most max_body_bytes ({})",
+                self.max_value, self.max_body_bytes
+            )));
+        }
+        if self.max_body_bytes > Semaphore::MAX_PERMITS {
+            return Err(Error::invalid("metadata server: max_body_bytes is too large"));
+        }
+        if self.max_connection_time.is_zero() {
+            return Err(Error::invalid("metadata server: max_connection_time must be above zero"));
+        }
+        if self.token.as_ref().is_some_and(|t| !t.is_usable()) {
+            return Err(Error::invalid(
+                "metadata server: the auth token is empty or too long; fix KVFERRY_AUTH_TOKEN / --token",
+            ));
+        }
+        Ok(())
+    }
+}
+
+type LeaseId = u128;
 
 #[derive(Debug)]
 struct Entry {
-    value: Arc<Vec<u8>>,
-    lease: Option<u64>,
+    value: Bytes,
+    lease: Option<LeaseId>,
 }
 
 #[derive(Debug)]
@@ -69,10 +208,15 @@ struct Event {
 #[derive(Debug, Default)]
 struct State {
     kv: BTreeMap<String, Entry>,
-    leases: HashMap<u64, Lease>,
+    leases: HashMap<LeaseId, Lease>,
     rev: u64,
     events: VecDeque<Event>,
-    next_lease: u64,
+    /// Bytes charged to `max_bytes`.
+    bytes: usize,
+}
+
+fn cost(key: &str, value: &[u8]) -> usize {
+    key.len() + value.len() + ENTRY_OVERHEAD
 }
 
 impl State {
@@ -87,6 +231,7 @@ impl State {
     fn remove(&mut self, key: &str) -> bool {
         match self.kv.remove(key) {
             Some(e) => {
+                self.bytes -= cost(key, &e.value);
                 if let Some(l) = e.lease.and_then(|id| self.leases.get_mut(&id)) {
                     l.keys.remove(key);
                 }
@@ -97,38 +242,54 @@ impl State {
         }
     }
 
-    fn expire(&mut self, now: Instant) -> usize {
-        let dead: Vec<u64> = self.leases.iter().filter(|(_, l)| l.deadline <= now).map(|(id, _)| *id).collect();
+    fn drop_lease(&mut self, id: LeaseId) -> usize {
+        let Some(l) = self.leases.remove(&id) else { return 0 };
         let mut n = 0;
-        for id in dead {
-            if let Some(l) = self.leases.remove(&id) {
-                for k in l.keys {
-                    if self.kv.get(&k).is_some_and(|e| e.lease == Some(id)) {
-                        self.kv.remove(&k);
-                        self.record(false, &k);
-                        n += 1;
-                    }
-                }
+        for k in l.keys {
+            if self.kv.get(&k).is_some_and(|e| e.lease == Some(id)) {
+                let e = self.kv.remove(&k).expect("checked just above");
+                self.bytes -= cost(&k, &e.value);
+                self.record(false, &k);
+                n += 1;
             }
         }
         n
     }
+
+    fn expire(&mut self, now: Instant) -> usize {
+        let dead: Vec<LeaseId> = self.leases.iter().filter(|(_, l)| l.deadline <= now).map(|(id, _)| *id).collect();
+        dead.into_iter().map(|id| self.drop_lease(id)).sum()
+    }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Shared {
+    cfg: MetaServerConfig,
     state: Mutex<State>,
-    changed: Condvar,
+    /// The revision, for waiters: bumped after every change.
+    changed: watch::Sender<u64>,
+    waiters: Arc<Semaphore>,
+    /// Bytes of large bodies being received (`max_body_bytes`).
+    body_budget: Arc<Semaphore>,
     stop: AtomicBool,
-    inflight: AtomicUsize,
+    accept_errors: AtomicU64,
+    connections: AtomicU64,
+}
+
+impl Shared {
+    fn notify(&self, rev: u64) {
+        self.changed.send_replace(rev);
+    }
 }
 
 /// A running embedded metadata server. Stops when dropped.
+///
+/// It runs on its own small tokio runtime (two worker threads); nothing of
+/// the data plane runs there.
 pub struct MetaServer {
     addr: SocketAddr,
     shared: Arc<Shared>,
-    server: Arc<tiny_http::Server>,
-    threads: Vec<JoinHandle<()>>,
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl fmt::Debug for MetaServer {
@@ -138,36 +299,63 @@ impl fmt::Debug for MetaServer {
 }
 
 impl MetaServer {
-    /// Starts serving on `addr` (`"127.0.0.1:0"` picks a free port).
+    /// Starts serving on `addr` (`"127.0.0.1:0"` picks a free port) with
+    /// the default limits and no token.
     pub fn start(addr: &str) -> Result<MetaServer> {
-        let server = tiny_http::Server::http(addr).map_err(|e| {
+        Self::start_with(addr, MetaServerConfig::default())
+    }
+
+    /// Starts serving on `addr` with `cfg`'s token and limits.
+    pub fn start_with(addr: &str, cfg: MetaServerConfig) -> Result<MetaServer> {
+        cfg.check()?;
+        let listener = std::net::TcpListener::bind(addr).map_err(|e| {
             Error::new(crate::ErrorKind::Backend, format!("metadata server: cannot listen on {addr}: {e}"))
         })?;
-        let addr = server
-            .server_addr()
-            .to_ip()
-            .ok_or_else(|| Error::internal("metadata server: listening socket has no IP address"))?;
-        let server = Arc::new(server);
-        let shared = Arc::new(Shared::default());
-        let mut threads = Vec::new();
-        {
-            let (server, shared) = (server.clone(), shared.clone());
-            threads.push(spawn("kvferry-meta-accept", move || accept_loop(&server, &shared))?);
-        }
+        let addr = listener.local_addr().map_err(|e| Error::io("metadata server: reading the listening address", e))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| Error::io("metadata server: setting the listener non-blocking", e))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("kvferry-meta")
+            .max_blocking_threads(4)
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(|e| Error::io("metadata server: starting its runtime", e))?;
+        let shared = Arc::new(Shared {
+            waiters: Arc::new(Semaphore::new(cfg.max_waiters)),
+            body_budget: Arc::new(Semaphore::new(cfg.max_body_bytes)),
+            cfg,
+            state: Mutex::new(State::default()),
+            changed: watch::Sender::new(0),
+            stop: AtomicBool::new(false),
+            accept_errors: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+        });
+        let listener = {
+            let _guard = runtime.enter();
+            tokio::net::TcpListener::from_std(listener)
+                .map_err(|e| Error::io("metadata server: registering the listener", e))?
+        };
+        runtime.spawn(accept_loop(listener, shared.clone()));
         {
             let shared = shared.clone();
-            threads.push(spawn("kvferry-meta-reaper", move || {
-                while !shared.stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(50));
+            runtime.spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(50));
+                loop {
+                    tick.tick().await;
                     let mut st = shared.state.lock();
                     if st.expire(Instant::now()) > 0 {
-                        shared.changed.notify_all();
+                        let rev = st.rev;
+                        drop(st);
+                        shared.notify(rev);
                     }
                 }
-            })?);
+            });
         }
         tracing::info!(%addr, "metadata server listening");
-        Ok(MetaServer { addr, shared, server, threads })
+        Ok(MetaServer { addr, shared, runtime: Some(runtime) })
     }
 
     /// The address it listens on.
@@ -190,6 +378,12 @@ impl MetaServer {
         self.len() == 0
     }
 
+    /// How many times accepting a connection failed (out of descriptors,
+    /// for example); the server backs off and keeps accepting.
+    pub fn accept_errors(&self) -> u64 {
+        self.shared.accept_errors.load(Ordering::Relaxed)
+    }
+
     /// Stops serving and waits for its threads.
     pub fn stop(mut self) {
         self.shutdown();
@@ -197,10 +391,9 @@ impl MetaServer {
 
     fn shutdown(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
-        self.shared.changed.notify_all();
-        self.server.unblock();
-        for t in self.threads.drain(..) {
-            let _ = t.join();
+        self.shared.notify(u64::MAX);
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(Duration::from_secs(2));
         }
     }
 }
@@ -211,52 +404,89 @@ impl Drop for MetaServer {
     }
 }
 
-fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(f)
-        .map_err(|e| Error::io("spawning a metadata server thread", e))
-}
-
-fn accept_loop(server: &tiny_http::Server, shared: &Arc<Shared>) {
-    while !shared.stop.load(Ordering::Relaxed) {
-        let req = match server.recv_timeout(Duration::from_millis(100)) {
-            Ok(Some(r)) => r,
-            Ok(None) => continue,
-            Err(_) => break,
-        };
-        if shared.inflight.fetch_add(1, Ordering::AcqRel) >= MAX_INFLIGHT {
-            shared.inflight.fetch_sub(1, Ordering::AcqRel);
-            let _ = req.respond(reply(503, json!({"error": "too many requests in flight; retry"})));
-            continue;
-        }
-        let shared2 = shared.clone();
-        let spawned = std::thread::Builder::new().name("kvferry-meta-req".into()).spawn(move || {
-            handle(req, &shared2);
-            shared2.inflight.fetch_sub(1, Ordering::AcqRel);
-        });
-        if spawned.is_err() {
-            shared.inflight.fetch_sub(1, Ordering::AcqRel);
+/// Accepts connections while fewer than `max_connections` are open. An
+/// accept error (EMFILE, ENFILE, ENOMEM, a connection reset before it was
+/// taken) is logged and followed by a pause that grows to 1 s; the loop
+/// never exits, so the server serves again as soon as descriptors free up.
+async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
+    let slots = Arc::new(Semaphore::new(shared.cfg.max_connections));
+    let mut pause = Duration::from_millis(5);
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        match listener.accept().await {
+            Ok((sock, _peer)) => {
+                pause = Duration::from_millis(5);
+                let _ = sock.set_nodelay(true);
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    shared.connections.fetch_add(1, Ordering::Relaxed);
+                    serve_connection(sock, &shared).await;
+                    shared.connections.fetch_sub(1, Ordering::Relaxed);
+                    drop(slot);
+                });
+            }
+            Err(e) => {
+                let n = shared.accept_errors.fetch_add(1, Ordering::Relaxed);
+                if n.is_power_of_two() || n == 0 {
+                    tracing::warn!(error = %e, errors = n + 1, "metadata server: accept failed (out of file descriptors? raise `ulimit -n`); backing off and accepting again");
+                }
+                drop(slot);
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
         }
     }
 }
 
-type Resp = tiny_http::Response<std::io::Cursor<Vec<u8>>>;
-
-fn reply(code: u16, body: serde_json::Value) -> Resp {
-    let ct =
-        tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..]).expect("static header is valid");
-    tiny_http::Response::from_data(body.to_string().into_bytes()).with_status_code(code).with_header(ct)
+async fn serve_connection(sock: tokio::net::TcpStream, shared: &Arc<Shared>) {
+    let cfg = &shared.cfg;
+    let sh = shared.clone();
+    let svc = hyper::service::service_fn(move |req| {
+        let sh = sh.clone();
+        async move { Ok::<_, Infallible>(handle(req, &sh).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(cfg.header_timeout)
+        .max_buf_size(cfg.max_header_bytes.max(8192))
+        .serve_connection(hyper_util::rt::TokioIo::new(sock), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "metadata server: connection ended with an error");
+            }
+        }
+        _ = tokio::time::sleep(cfg.max_connection_time) => {
+            // Finish the request in flight if the client takes its answer, then close.
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+        }
+    }
 }
 
-fn bytes(value: &[u8]) -> Resp {
-    let ct = tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/octet-stream"[..])
-        .expect("static header is valid");
-    tiny_http::Response::from_data(value.to_vec()).with_status_code(200).with_header(ct)
+type Resp = Response<Full<Bytes>>;
+
+fn reply(code: u16, body: Value) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    r
+}
+
+fn error(code: u16, msg: impl Into<String>) -> Resp {
+    reply(code, json!({"error": msg.into()}))
+}
+
+fn bytes(value: Bytes) -> Resp {
+    let mut r = Response::new(Full::new(value));
+    r.headers_mut()
+        .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/octet-stream"));
+    r
 }
 
 fn bad(msg: impl Into<String>) -> Resp {
-    reply(400, json!({"error": msg.into()}))
+    error(400, msg)
 }
 
 /// Percent-decodes a URL path segment; `None` on bad escapes or non-UTF-8.
@@ -304,14 +534,27 @@ fn query_u64(q: &str, name: &str) -> std::result::Result<Option<u64>, Resp> {
     }
 }
 
-fn handle(mut req: tiny_http::Request, shared: &Shared) {
-    let url = req.url().to_string();
-    let (path, q) = url.split_once('?').unwrap_or((url.as_str(), ""));
-    let method = req.method().clone();
-    let resp = match route(&method, path, q, &mut req, shared) {
-        Ok(r) | Err(r) => r,
-    };
-    let _ = req.respond(resp);
+/// Formats a lease id as the 32 hex digits clients see.
+fn lease_text(id: LeaseId) -> String {
+    format!("{id:032x}")
+}
+
+fn parse_lease(s: &str) -> std::result::Result<LeaseId, Resp> {
+    if s.len() != 32 || !s.bytes().all(|c| c.is_ascii_hexdigit()) {
+        return Err(bad(format!(
+            "'{}' is not a lease id (32 hex digits, as POST /v1/lease returned)",
+            s.chars().take(64).collect::<String>()
+        )));
+    }
+    LeaseId::from_str_radix(s, 16).map_err(|_| bad("lease id is not hexadecimal"))
+}
+
+fn lease_of(q: &str) -> std::result::Result<Option<LeaseId>, Resp> {
+    query(q, "lease").map(|s| parse_lease(&s)).transpose()
+}
+
+fn gone(id: LeaseId) -> Resp {
+    error(404, format!("lease {} does not exist (expired, revoked, or the server restarted)", lease_text(id)))
 }
 
 fn key_of(rest: &str) -> std::result::Result<String, Resp> {
@@ -326,150 +569,383 @@ fn wait_of(q: &str) -> std::result::Result<Duration, Resp> {
     Ok(Duration::from_millis(query_u64(q, "wait_ms")?.unwrap_or(0)).min(MAX_WAIT))
 }
 
-fn route(
-    method: &tiny_http::Method,
-    path: &str,
-    q: &str,
-    req: &mut tiny_http::Request,
-    shared: &Shared,
-) -> std::result::Result<Resp, Resp> {
-    use tiny_http::Method::{Delete, Get, Post, Put};
+fn authorized(req: &Request<Incoming>, token: Option<&AuthToken>) -> bool {
+    let Some(token) = token else { return true };
+    let presented = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .unwrap_or_default();
+    token.verify(presented)
+}
+
+/// Bytes of the request head as hyper parsed it (target and headers).
+fn head_len(req: &Request<Incoming>) -> usize {
+    let target = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    target + req.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum::<usize>()
+}
+
+async fn handle(req: Request<Incoming>, sh: &Arc<Shared>) -> Resp {
+    // hyper bounds its read buffer near max_header_bytes; this makes the
+    // limit exact whatever size the last read happened to be.
+    if head_len(&req) > sh.cfg.max_header_bytes {
+        return error(
+            431,
+            format!("the request head is over {} bytes (the server's max_header_bytes)", sh.cfg.max_header_bytes),
+        );
+    }
+    let path = req.uri().path().to_string();
+    if path != "/v1/health" && !authorized(&req, sh.cfg.token.as_ref()) {
+        let mut r = error(
+            401,
+            "this metadata server needs `Authorization: Bearer <token>` with its token (KVFERRY_AUTH_TOKEN)",
+        );
+        r.headers_mut().insert(hyper::header::WWW_AUTHENTICATE, hyper::header::HeaderValue::from_static("Bearer"));
+        return r;
+    }
+    match route(req, &path, sh).await {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+/// Runs `check` against the state until it answers or `wait` passes. A
+/// request that has to wait takes one of the `max_waiters` slots (503 when
+/// none is free); one whose answer is ready at once takes none.
+async fn wait_until<F>(sh: &Shared, wait: Duration, mut check: F) -> Resp
+where
+    F: FnMut(&State, bool) -> Option<Resp>,
+{
+    {
+        // An answer that is ready now needs no waiting slot.
+        let st = sh.state.lock();
+        if let Some(r) = check(&st, wait.is_zero()) {
+            return r;
+        }
+    }
+    let Ok(_slot) = sh.waiters.clone().try_acquire_owned() else {
+        return error(
+            503,
+            format!(
+                "{} requests are already waiting (the server's max_waiters); retry later, or ask without wait_ms",
+                sh.cfg.max_waiters
+            ),
+        );
+    };
+    let mut rx = sh.changed.subscribe();
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        rx.borrow_and_update();
+        {
+            let st = sh.state.lock();
+            let last = sh.stop.load(Ordering::Relaxed) || tokio::time::Instant::now() >= deadline;
+            if let Some(r) = check(&st, last) {
+                return r;
+            }
+        }
+        if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+            let st = sh.state.lock();
+            return check(&st, true).expect("a final check answers");
+        }
+    }
+}
+
+async fn read_body(req: Request<Incoming>, sh: &Shared) -> std::result::Result<Bytes, Resp> {
+    let max = sh.cfg.max_value;
+    let too_big = || error(413, format!("values are limited to {max} bytes (the server's max_value)"));
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(too_big());
+    }
+    // Bodies over SMALL_BODY take their size (declared, or max_value when
+    // chunked) from the max_body_bytes budget while they arrive, so a
+    // thousand slow uploads cannot take the memory; small ones (metadata
+    // blobs, flags) never wait for it.
+    let deadline = tokio::time::Instant::now() + sh.cfg.body_timeout;
+    let need = declared.map_or(max, |n| n as usize);
+    let permit = if need > SMALL_BODY {
+        let want = u32::try_from(need).unwrap_or(u32::MAX);
+        let room = sh.cfg.body_timeout / 4;
+        match tokio::time::timeout(room, sh.body_budget.clone().acquire_many_owned(want)).await {
+            Ok(Ok(p)) => Some(p),
+            _ => {
+                return Err(error(
+                    503,
+                    format!(
+                        "other uploads held the server's max_body_bytes ({} bytes) for {room:?}; retry later",
+                        sh.cfg.max_body_bytes
+                    ),
+                ))
+            }
+        }
+    } else {
+        None
+    };
+    let body = match tokio::time::timeout_at(deadline, Limited::new(req.into_body(), max).collect()).await {
+        Err(_) => Err(error(408, format!("the request body did not arrive within {:?}", sh.cfg.body_timeout))),
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_big()),
+        Ok(Err(e)) => Err(bad(format!("could not read the request body: {e}"))),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+    };
+    drop(permit);
+    body
+}
+
+fn put(sh: &Shared, key: String, value: Bytes, lease: Option<LeaseId>) -> Resp {
+    let cfg = &sh.cfg;
+    let mut st = sh.state.lock();
+    if let Some(id) = lease {
+        if !st.leases.contains_key(&id) {
+            return gone(id);
+        }
+    }
+    let old = st.kv.get(&key).map(|e| (e.lease, cost(&key, &e.value)));
+    if let Some((Some(owner), _)) = old {
+        if Some(owner) != lease {
+            return error(
+                403,
+                format!(
+                    "key '{key}' {}; only a request with that lease may change it (wait for it to expire, or use another name)",
+                    crate::metadata::store::OWNED
+                ),
+            );
+        }
+    }
+    if old.is_none() && st.kv.len() >= cfg.max_keys {
+        return error(
+            507,
+            format!("the store holds its maximum of {} keys (max_keys); delete some or raise --max-keys", cfg.max_keys),
+        );
+    }
+    let bytes = st.bytes - old.map_or(0, |(_, c)| c) + cost(&key, &value);
+    if bytes > cfg.max_bytes {
+        return error(
+            507,
+            format!(
+                "storing this value would take the store to {bytes} bytes, over its max_bytes of {}; delete some keys or raise --max-bytes",
+                cfg.max_bytes
+            ),
+        );
+    }
+    st.bytes = bytes;
+    if let Some(l) = lease.and_then(|id| st.leases.get_mut(&id)) {
+        l.keys.insert(key.clone());
+    }
+    st.record(true, &key);
+    st.kv.insert(key, Entry { value, lease });
+    let rev = st.rev;
+    drop(st);
+    sh.notify(rev);
+    reply(200, json!({"revision": rev}))
+}
+
+fn owned_by(e: &Entry, lease: Option<LeaseId>) -> bool {
+    e.lease == lease
+}
+
+async fn route(req: Request<Incoming>, path: &str, sh: &Arc<Shared>) -> std::result::Result<Resp, Resp> {
+    let q = req.uri().query().unwrap_or("").to_string();
+    let q = q.as_str();
+    let method = req.method().clone();
     if let Some(rest) = path.strip_prefix("/v1/kv/") {
         let key = key_of(rest)?;
         return Ok(match method {
-            Get => {
-                let deadline = Instant::now() + wait_of(q)?;
-                let mut st = shared.state.lock();
-                loop {
-                    if let Some(e) = st.kv.get(&key) {
-                        break bytes(&e.value);
-                    }
-                    if shared.stop.load(Ordering::Relaxed) || shared.changed.wait_until(&mut st, deadline).timed_out() {
-                        match st.kv.get(&key) {
-                            Some(e) => break bytes(&e.value),
-                            None => break reply(404, json!({"error": format!("no key '{key}'")})),
-                        }
-                    }
-                }
+            Method::GET => {
+                let wait = wait_of(q)?;
+                wait_until(sh, wait, |st, last| match st.kv.get(&key) {
+                    Some(e) => Some(bytes(e.value.clone())),
+                    None if last => Some(error(404, format!("no key '{key}'"))),
+                    None => None,
+                })
+                .await
             }
-            Put => {
-                let lease = query_u64(q, "lease")?;
-                let mut body = Vec::new();
-                if req.as_reader().take(MAX_VALUE as u64 + 1).read_to_end(&mut body).is_err() {
-                    return Err(bad("could not read the request body"));
-                }
-                if body.len() > MAX_VALUE {
-                    return Err(reply(413, json!({"error": format!("values are limited to {MAX_VALUE} bytes")})));
-                }
-                let mut st = shared.state.lock();
-                if let Some(id) = lease {
-                    match st.leases.get_mut(&id) {
-                        Some(l) => {
-                            l.keys.insert(key.clone());
-                        }
-                        None => {
-                            return Err(reply(404, json!({"error": format!("lease {id} does not exist (expired?)")})))
-                        }
-                    }
-                }
-                if let Some(old) = st.kv.insert(key.clone(), Entry { value: Arc::new(body), lease }) {
-                    if let Some(l) = old.lease.filter(|o| Some(*o) != lease).and_then(|id| st.leases.get_mut(&id)) {
-                        l.keys.remove(&key);
-                    }
-                }
-                st.record(true, &key);
-                let rev = st.rev;
-                shared.changed.notify_all();
-                reply(200, json!({"revision": rev}))
+            Method::PUT => {
+                let lease = lease_of(q)?;
+                let body = read_body(req, sh).await?;
+                put(sh, key, body, lease)
             }
-            Delete => {
-                let mut st = shared.state.lock();
+            Method::DELETE => {
+                let lease = lease_of(q)?;
+                let mut st = sh.state.lock();
+                if let Some(e) = st.kv.get(&key) {
+                    if e.lease.is_some() && !owned_by(e, lease) {
+                        return Err(error(
+                            403,
+                            format!(
+                                "key '{key}' {}; delete it with ?lease=<that lease>, or revoke the lease",
+                                crate::metadata::store::OWNED
+                            ),
+                        ));
+                    }
+                }
                 let n = usize::from(st.remove(&key));
-                shared.changed.notify_all();
+                let rev = st.rev;
+                drop(st);
+                sh.notify(rev);
                 reply(200, json!({"deleted": n}))
             }
-            _ => reply(405, json!({"error": "use GET, PUT or DELETE on /v1/kv/{key}"})),
+            _ => error(405, "use GET, PUT or DELETE on /v1/kv/{key}"),
         });
     }
     if let Some(rest) = path.strip_prefix("/v1/prefix/") {
         let prefix = percent_decode(rest).ok_or_else(|| bad("the prefix is not valid percent-encoded UTF-8"))?;
-        let mut st = shared.state.lock();
-        let keys: Vec<String> =
-            st.kv.range(prefix.clone()..).take_while(|(k, _)| k.starts_with(&prefix)).map(|(k, _)| k.clone()).collect();
+        if prefix.len() > MAX_KEY {
+            return Err(bad(format!("prefixes are at most {MAX_KEY} bytes long")));
+        }
         return Ok(match method {
-            Get => {
-                let list: Vec<_> = keys
-                    .iter()
-                    .filter_map(|k| st.kv.get(k).map(|e| json!({"key": k, "len": e.value.len(), "lease": e.lease})))
-                    .collect();
-                reply(200, json!({"revision": st.rev, "keys": list}))
+            Method::GET => {
+                // Snapshot under the lock (a clone of each key), build the
+                // JSON outside it: a long listing does not stall other requests.
+                let (rev, keys): (u64, Vec<(String, usize, bool)>) = {
+                    let st = sh.state.lock();
+                    let keys = st
+                        .kv
+                        .range::<str, _>((std::ops::Bound::Included(prefix.as_str()), std::ops::Bound::Unbounded))
+                        .take_while(|(k, _)| k.starts_with(&prefix))
+                        .map(|(k, e)| (k.clone(), e.value.len(), e.lease.is_some()))
+                        .collect();
+                    (st.rev, keys)
+                };
+                let small = keys.len() <= 1024;
+                let build = move || {
+                    let list: Vec<Value> = keys
+                        .into_iter()
+                        .map(|(k, len, leased)| json!({"key": k, "len": len, "leased": leased}))
+                        .collect();
+                    reply(200, json!({"revision": rev, "keys": list}))
+                };
+                if small {
+                    build()
+                } else {
+                    // Off the two request workers (a few blocking threads at most).
+                    tokio::task::spawn_blocking(build)
+                        .await
+                        .unwrap_or_else(|e| error(500, format!("building the listing failed: {e}")))
+                }
             }
-            Delete => {
-                let n = keys.iter().filter(|k| st.remove(k)).count();
-                shared.changed.notify_all();
-                reply(200, json!({"deleted": n}))
+            Method::DELETE => {
+                if prefix.is_empty() {
+                    return Err(bad("deleting the empty prefix (every key) is refused; name a prefix"));
+                }
+                let lease = lease_of(q)?;
+                let mut st = sh.state.lock();
+                if let Some(id) = lease {
+                    if !st.leases.contains_key(&id) {
+                        return Err(gone(id));
+                    }
+                }
+                let (mine, kept): (Vec<String>, usize) = {
+                    let mut kept = 0;
+                    let mine = st
+                        .kv
+                        .range::<str, _>((std::ops::Bound::Included(prefix.as_str()), std::ops::Bound::Unbounded))
+                        .take_while(|(k, _)| k.starts_with(&prefix))
+                        .filter_map(|(k, e)| {
+                            if owned_by(e, lease) {
+                                Some(k.clone())
+                            } else {
+                                kept += 1;
+                                None
+                            }
+                        })
+                        .collect();
+                    (mine, kept)
+                };
+                let n = mine.iter().filter(|k| st.remove(k)).count();
+                let rev = st.rev;
+                drop(st);
+                sh.notify(rev);
+                reply(200, json!({"deleted": n, "kept": kept}))
             }
-            _ => reply(405, json!({"error": "use GET or DELETE on /v1/prefix/{prefix}"})),
+            _ => error(405, "use GET or DELETE on /v1/prefix/{prefix}"),
         });
     }
-    if path == "/v1/lease" && *method == Post {
+    if path == "/v1/lease" && method == Method::POST {
         let ttl = Duration::from_millis(query_u64(q, "ttl_ms")?.ok_or_else(|| bad("POST /v1/lease needs ttl_ms"))?);
-        if ttl.is_zero() || ttl > Duration::from_secs(3600) {
-            return Err(bad("ttl_ms must be between 1 and 3600000"));
+        if ttl.is_zero() || ttl > MAX_TTL {
+            return Err(bad(format!("ttl_ms must be between 1 and {}", MAX_TTL.as_millis())));
         }
-        let mut st = shared.state.lock();
-        st.next_lease += 1;
-        let id = st.next_lease;
+        let mut raw = [0u8; 16];
+        getrandom::fill(&mut raw).map_err(|e| error(500, format!("no randomness for a lease id: {e}")))?;
+        let id = LeaseId::from_le_bytes(raw);
+        let mut st = sh.state.lock();
+        if st.leases.len() >= sh.cfg.max_leases {
+            return Err(error(
+                507,
+                format!("the server holds its maximum of {} leases (max_leases); revoke some", sh.cfg.max_leases),
+            ));
+        }
         st.leases.insert(id, Lease { ttl, deadline: Instant::now() + ttl, keys: HashSet::new() });
-        return Ok(reply(200, json!({"id": id, "ttl_ms": ttl.as_millis() as u64})));
+        return Ok(reply(200, json!({"id": lease_text(id), "ttl_ms": ttl.as_millis() as u64})));
     }
     if let Some(rest) = path.strip_prefix("/v1/lease/") {
         let (id, action) = rest.split_once('/').unwrap_or((rest, ""));
-        let id: u64 = id.parse().map_err(|_| bad(format!("'{id}' is not a lease id")))?;
-        let mut st = shared.state.lock();
+        let id = parse_lease(id)?;
+        let mut st = sh.state.lock();
         return Ok(match (method, action) {
-            (Post, "keepalive") => match st.leases.get_mut(&id) {
+            (Method::POST, "keepalive") => match st.leases.get_mut(&id) {
                 Some(l) => {
                     l.deadline = Instant::now() + l.ttl;
-                    reply(200, json!({"id": id, "ttl_ms": l.ttl.as_millis() as u64}))
+                    reply(200, json!({"id": lease_text(id), "ttl_ms": l.ttl.as_millis() as u64}))
                 }
-                None => reply(404, json!({"error": format!("lease {id} does not exist (expired?)")})),
+                None => gone(id),
             },
-            (Delete, "") => {
-                if let Some(l) = st.leases.get_mut(&id) {
-                    l.deadline = Instant::now();
+            (Method::DELETE, "") => {
+                if !st.leases.contains_key(&id) {
+                    return Err(gone(id));
                 }
-                st.expire(Instant::now());
-                shared.changed.notify_all();
-                reply(200, json!({"revoked": id}))
+                let n = st.drop_lease(id);
+                let rev = st.rev;
+                drop(st);
+                sh.notify(rev);
+                reply(200, json!({"revoked": lease_text(id), "deleted": n}))
             }
-            _ => reply(405, json!({"error": "POST /v1/lease/{id}/keepalive or DELETE /v1/lease/{id}"})),
+            _ => error(405, "POST /v1/lease/{id}/keepalive or DELETE /v1/lease/{id}"),
         });
     }
-    if path == "/v1/events" && *method == Get {
+    if path == "/v1/events" && method == Method::GET {
         let prefix = query(q, "prefix").unwrap_or_default();
         let since = query_u64(q, "since")?.unwrap_or(0);
-        let deadline = Instant::now() + wait_of(q)?;
-        let mut st = shared.state.lock();
-        loop {
+        let wait = wait_of(q)?;
+        // Events up to `scanned` held nothing for this prefix: each wake-up
+        // looks only at what is new (found by binary search, the log is in
+        // revision order), so waiters cost little under the lock.
+        let mut scanned = since;
+        return Ok(wait_until(sh, wait, move |st, last| {
             let compacted = st.events.front().is_some_and(|e| e.rev > since + 1) && since > 0;
+            let from = st.events.partition_point(|e| e.rev <= scanned);
             let events: Vec<_> = st
                 .events
-                .iter()
-                .filter(|e| e.rev > since && e.key.starts_with(&prefix))
+                .range(from..)
+                .filter(|e| e.key.starts_with(&prefix))
                 .map(|e| json!({"rev": e.rev, "kind": if e.put { "put" } else { "delete" }, "key": e.key}))
                 .collect();
-            if !events.is_empty() || compacted || shared.stop.load(Ordering::Relaxed) || Instant::now() >= deadline {
-                return Ok(reply(200, json!({"revision": st.rev, "compacted": compacted, "events": events})));
-            }
-            let _ = shared.changed.wait_until(&mut st, deadline);
-        }
+            scanned = scanned.max(st.rev);
+            (!events.is_empty() || compacted || last)
+                .then(|| reply(200, json!({"revision": st.rev, "compacted": compacted, "events": events})))
+        })
+        .await);
     }
     if path == "/v1/health" {
-        let st = shared.state.lock();
-        return Ok(reply(200, json!({"ok": true, "revision": st.rev, "keys": st.kv.len()})));
+        let st = sh.state.lock();
+        return Ok(reply(
+            200,
+            json!({
+                "ok": true,
+                "revision": st.rev,
+                "keys": st.kv.len(),
+                "bytes": st.bytes,
+                "leases": st.leases.len(),
+                "connections": sh.connections.load(Ordering::Relaxed),
+                "accept_errors": sh.accept_errors.load(Ordering::Relaxed),
+                "auth": sh.cfg.token.is_some(),
+            }),
+        ));
     }
-    Err(reply(404, json!({"error": format!("no route {method} {path}; see the kvferry metadata server docs")})))
+    Err(error(404, format!("no route {method} {path}; see the kvferry metadata server docs (docs/METADATA.md)")))
 }
 
 #[cfg(test)]
@@ -483,5 +959,23 @@ mod tests {
         assert_eq!(percent_decode("%zz"), None);
         assert_eq!(percent_decode("%4"), None);
         assert_eq!(query("a=1&wait_ms=20", "wait_ms").as_deref(), Some("20"));
+    }
+
+    #[test]
+    fn lease_ids_round_trip_and_malformed_ones_are_refused() {
+        let id: LeaseId = 0x0123_4567_89ab_cdef_0011_2233_4455_6677;
+        assert_eq!(parse_lease(&lease_text(id)).ok(), Some(id));
+        assert!(parse_lease("1").is_err());
+        assert!(parse_lease(&"g".repeat(32)).is_err());
+        assert!(parse_lease(&"0".repeat(33)).is_err());
+    }
+
+    #[test]
+    fn bad_configurations_are_refused() {
+        let c = MetaServerConfig { max_waiters: 2048, ..MetaServerConfig::default() };
+        assert!(c.check().is_err());
+        let c = MetaServerConfig { max_keys: 0, ..MetaServerConfig::default() };
+        assert!(c.check().is_err());
+        assert!(MetaServerConfig::default().check().is_ok());
     }
 }

@@ -1,19 +1,44 @@
 //! The client of the embedded metadata server (see [`crate::metadata::server`]).
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use serde_json::Value;
 
 use super::{MetaStore, WatchBatch};
+use crate::auth::AuthToken;
 use crate::error::{Error, ErrorKind, Result};
 use crate::metadata::server::percent_encode;
 
 /// A client of a kvferry metadata server at `http://host:port`.
-#[derive(Debug)]
+///
+/// It sends the bearer token given to [`with_token`](Self::with_token) on
+/// every call. The server's lease ids are 128-bit capabilities; the
+/// [`MetaStore`] handles this client returns stand for them and never leave
+/// the process.
 pub struct HttpStore {
     base: String,
     agent: ureq::Agent,
     timeout: Duration,
+    /// `Bearer <token>`, when a token is set.
+    bearer: Option<String>,
+    /// Lease handle → the server's lease id.
+    leases: Mutex<HashMap<u64, String>>,
+    next_lease: AtomicU64,
+}
+
+impl std::fmt::Debug for HttpStore {
+    /// Leaves the token and the lease ids out: they are secrets.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpStore")
+            .field("base", &self.base)
+            .field("timeout", &self.timeout)
+            .field("token", &self.bearer.as_ref().map(|_| "<redacted>"))
+            .field("leases", &self.leases.lock().len())
+            .finish()
+    }
 }
 
 impl HttpStore {
@@ -26,7 +51,28 @@ impl HttpStore {
         }
         let agent =
             ureq::Agent::config_builder().http_status_as_error(false).timeout_connect(Some(timeout)).build().into();
-        Ok(HttpStore { base, agent, timeout })
+        Ok(HttpStore {
+            base,
+            agent,
+            timeout,
+            bearer: None,
+            leases: Mutex::new(HashMap::new()),
+            next_lease: AtomicU64::new(1),
+        })
+    }
+
+    /// Sends `token` as `Authorization: Bearer <token>` on every call (the
+    /// server's `--token` / `KVFERRY_AUTH_TOKEN`).
+    pub fn with_token(mut self, token: Option<AuthToken>) -> Self {
+        self.bearer = token.map(|t| format!("Bearer {}", String::from_utf8_lossy(t.as_bytes())));
+        self
+    }
+
+    /// The server's id for lease handle `lease`.
+    fn lease_id(&self, lease: u64) -> Result<String> {
+        self.leases.lock().get(&lease).cloned().ok_or_else(|| {
+            Error::not_found(format!("metadata server {}: lease {lease} is not one this client holds", self.base))
+        })
     }
 
     fn url(&self, path: &str) -> String {
@@ -41,6 +87,15 @@ impl HttpStore {
         Error::new(kind, format!("metadata server {}: {what}: {e}; is `kvferry meta-server` running there?", self.base))
     }
 
+    fn prep<B>(&self, r: ureq::RequestBuilder<B>, total: Option<Duration>) -> ureq::RequestBuilder<B> {
+        let r = r.header("connection", "close");
+        let r = match &self.bearer {
+            Some(b) => r.header("authorization", b),
+            None => r,
+        };
+        r.config().timeout_global(total).build()
+    }
+
     fn call(&self, method: &str, path: &str, body: Option<&[u8]>, wait: Duration) -> Result<(u16, Vec<u8>)> {
         let url = self.url(path);
         // One connection per call: on a reused connection the server's
@@ -49,18 +104,10 @@ impl HttpStore {
         // about 100 µs on loopback.
         let total = Some(self.timeout + wait);
         let resp = match (method, body) {
-            ("GET", _) => {
-                self.agent.get(&url).header("connection", "close").config().timeout_global(total).build().call()
-            }
-            ("DELETE", _) => {
-                self.agent.delete(&url).header("connection", "close").config().timeout_global(total).build().call()
-            }
-            ("PUT", Some(b)) => {
-                self.agent.put(&url).header("connection", "close").config().timeout_global(total).build().send(b)
-            }
-            ("POST", _) => {
-                self.agent.post(&url).header("connection", "close").config().timeout_global(total).build().send_empty()
-            }
+            ("GET", _) => self.prep(self.agent.get(&url), total).call(),
+            ("DELETE", _) => self.prep(self.agent.delete(&url), total).call(),
+            ("PUT", Some(b)) => self.prep(self.agent.put(&url), total).send(b),
+            ("POST", _) => self.prep(self.agent.post(&url), total).send_empty(),
             _ => return Err(Error::internal(format!("HttpStore: unsupported call {method}"))),
         };
         let mut resp = resp.map_err(|e| self.fail(&format!("{method} {path}"), e))?;
@@ -79,10 +126,14 @@ impl HttpStore {
             .map_err(|e| Error::malformed(format!("metadata server {}: {what}: answer is not JSON: {e}", self.base)))?;
         if status != 200 {
             let msg = v.get("error").and_then(Value::as_str).unwrap_or("no details");
-            return Err(Error::new(
-                ErrorKind::Backend,
-                format!("metadata server {}: {what}: HTTP {status}: {msg}", self.base),
-            ));
+            let (kind, hint) = match status {
+                401 => {
+                    (ErrorKind::NotAllowed, "; set KVFERRY_AUTH_TOKEN (AgentConfig::auth_token) to the server's token")
+                }
+                403 => (ErrorKind::NotAllowed, ""),
+                _ => (ErrorKind::Backend, ""),
+            };
+            return Err(Error::new(kind, format!("metadata server {}: {what}: HTTP {status}: {msg}{hint}", self.base)));
         }
         Ok(v)
     }
@@ -99,11 +150,12 @@ impl MetaStore for HttpStore {
 
     fn put(&self, key: &str, value: &[u8], lease: Option<u64>) -> Result<()> {
         let path = match lease {
-            Some(l) => format!("{}?lease={l}", Self::kv(key)),
+            Some(l) => format!("{}?lease={}", Self::kv(key), self.lease_id(l)?),
             None => Self::kv(key),
         };
         let (st, b) = self.call("PUT", &path, Some(value), Duration::ZERO)?;
         if st == 404 && lease.is_some() {
+            self.leases.lock().remove(&lease.unwrap_or(0));
             return Err(Error::not_found(format!(
                 "metadata server {}: lease {} is gone (expired, or the server restarted)",
                 self.base,
@@ -138,6 +190,13 @@ impl MetaStore for HttpStore {
             as usize)
     }
 
+    fn delete_leased_prefix(&self, prefix: &str, lease: u64) -> Result<usize> {
+        let path = format!("/v1/prefix/{}?lease={}", percent_encode(prefix), self.lease_id(lease)?);
+        let (st, b) = self.call("DELETE", &path, None, Duration::ZERO)?;
+        Ok(self.json(&format!("delete prefix {prefix}"), st, &b)?.get("deleted").and_then(Value::as_u64).unwrap_or(0)
+            as usize)
+    }
+
     fn list(&self, prefix: &str) -> Result<Vec<String>> {
         let (st, b) = self.call("GET", &format!("/v1/prefix/{}", percent_encode(prefix)), None, Duration::ZERO)?;
         let v = self.json(&format!("list {prefix}"), st, &b)?;
@@ -150,23 +209,42 @@ impl MetaStore for HttpStore {
     fn grant_lease(&self, ttl: Duration) -> Result<u64> {
         let (st, b) =
             self.call("POST", &format!("/v1/lease?ttl_ms={}", ttl.as_millis().max(1)), None, Duration::ZERO)?;
-        self.json("grant lease", st, &b)?
+        let id = self
+            .json("grant lease", st, &b)?
             .get("id")
-            .and_then(Value::as_u64)
-            .ok_or_else(|| Error::malformed(format!("metadata server {}: lease answer has no id", self.base)))
+            .and_then(Value::as_str)
+            .filter(|id| id.len() == 32 && id.bytes().all(|c| c.is_ascii_hexdigit()))
+            .map(String::from)
+            .ok_or_else(|| {
+                Error::malformed(format!(
+                    "metadata server {}: lease answer has no 32-hex-digit id (an older kvferry meta-server?)",
+                    self.base
+                ))
+            })?;
+        let handle = self.next_lease.fetch_add(1, Ordering::Relaxed);
+        self.leases.lock().insert(handle, id);
+        Ok(handle)
     }
 
     fn keep_alive(&self, lease: u64) -> Result<bool> {
-        let (st, b) = self.call("POST", &format!("/v1/lease/{lease}/keepalive"), None, Duration::ZERO)?;
+        let Ok(id) = self.lease_id(lease) else { return Ok(false) };
+        let (st, b) = self.call("POST", &format!("/v1/lease/{id}/keepalive"), None, Duration::ZERO)?;
         match st {
-            404 => Ok(false),
+            404 => {
+                self.leases.lock().remove(&lease);
+                Ok(false)
+            }
             _ => self.json("keep lease alive", st, &b).map(|_| true),
         }
     }
 
     fn revoke(&self, lease: u64) -> Result<()> {
-        let (st, b) = self.call("DELETE", &format!("/v1/lease/{lease}"), None, Duration::ZERO)?;
-        self.json("revoke lease", st, &b).map(drop)
+        let Some(id) = self.leases.lock().remove(&lease) else { return Ok(()) };
+        let (st, b) = self.call("DELETE", &format!("/v1/lease/{id}"), None, Duration::ZERO)?;
+        match st {
+            404 => Ok(()), // already gone: what revoking wanted
+            _ => self.json("revoke lease", st, &b).map(drop),
+        }
     }
 
     fn revision(&self) -> Result<u64> {

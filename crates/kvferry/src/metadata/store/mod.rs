@@ -21,6 +21,10 @@ mod etcd;
 #[cfg(feature = "etcd")]
 pub use etcd::EtcdStore;
 
+/// Part of the `NotAllowed` message of a store that refused to change a key
+/// because another live lease owns it.
+pub(crate) const OWNED: &str = "belongs to another live lease";
+
 /// What changed under a watched prefix.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WatchBatch {
@@ -48,6 +52,13 @@ pub trait MetaStore: Send + Sync + fmt::Debug + 'static {
     fn delete(&self, key: &str) -> Result<()>;
     /// Deletes every key under `prefix`; returns how many.
     fn delete_prefix(&self, prefix: &str) -> Result<usize>;
+    /// Deletes the keys under `prefix` that are attached to `lease` (the
+    /// metadata server refuses to let one agent delete another's keys);
+    /// returns how many. Stores without ownership delete the whole prefix.
+    fn delete_leased_prefix(&self, prefix: &str, lease: u64) -> Result<usize> {
+        let _ = lease;
+        self.delete_prefix(prefix)
+    }
     /// Keys under `prefix`, sorted.
     fn list(&self, prefix: &str) -> Result<Vec<String>>;
     /// Grants a lease of `ttl`; keys attached to it vanish unless it is kept alive.
@@ -69,7 +80,9 @@ pub fn open(cfg: &AgentConfig) -> Result<Option<Arc<dyn MetaStore>>> {
         (Some(_), false) => Err(Error::invalid(
             "both KVFERRY_METADATA_URL and KVFERRY_ETCD_ENDPOINTS are set; choose one metadata store",
         )),
-        (Some(url), true) => Ok(Some(Arc::new(HttpStore::new(url, cfg.connect_timeout)?))),
+        (Some(url), true) => {
+            Ok(Some(Arc::new(HttpStore::new(url, cfg.connect_timeout)?.with_token(cfg.auth_token.clone()))))
+        }
         (None, false) => open_etcd(cfg),
         (None, true) => Ok(None),
     }
