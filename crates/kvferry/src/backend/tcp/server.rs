@@ -591,6 +591,11 @@ fn serve_conn(shared: &Shared, stream: &TcpStream, slot: &Slot) -> io::Result<()
         if !is_file {
             // Memory operations and notifications answer after earlier file operations.
             s.flush_pending(usize::MAX)?;
+            // Staging is for runs of file frames: a connection doing other work
+            // gives its spare buffers back to the shared budget.
+            if !s.spare.is_empty() {
+                s.spare.clear();
+            }
         }
         match h.ty {
             FrameType::Write | FrameType::Read => s.data_op(&h)?,
