@@ -499,3 +499,65 @@ fn hello_names_follow_the_agent_name_rules() {
     }
     drop(connect(&t, "fine-name_1.2", b""));
 }
+
+#[test]
+fn an_initiator_read_is_bounded_against_a_target_that_dribbles_data() {
+    // A fake target: the metadata of a real one, with its TCP port pointing here.
+    let real = target("dribbling-target", &[], |c| c);
+    let mut md = AgentMetadata::decode(&real.agent.local_metadata().unwrap()).unwrap();
+    md.name = "fake".into();
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let tcp = md.backends.iter_mut().find(|b| b.name == "TCP").unwrap();
+    let mut info = ConnInfo::decode(tcp.conn_info.as_ref().unwrap()).unwrap();
+    info.port = l.local_addr().unwrap().port();
+    info.addrs = vec!["127.0.0.1".parse().unwrap()];
+    tcp.conn_info = Some(info.encode());
+    let instance = md.instance;
+    let fake = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut fixed = [0u8; kvferry::backend::tcp::proto::HELLO_FIXED];
+        s.read_exact(&mut fixed).unwrap();
+        let mut rest = vec![0u8; Hello::rest_len(&fixed).unwrap()];
+        s.read_exact(&mut rest).unwrap();
+        let mut w = Vec::new();
+        Welcome { version: VERSION, status: Status::Ok, caps: CAPS, instance, name: "fake".into(), message: String::new() }
+            .encode(&mut w);
+        s.write_all(&w).unwrap();
+        let mut hb = [0u8; HEADER_LEN];
+        s.read_exact(&mut hb).unwrap();
+        let h = Header::decode(&hb).unwrap();
+        let mut entries = vec![0u8; h.entries_len()];
+        s.read_exact(&mut entries).unwrap();
+        s.write_all(&Header::new(FrameType::Data, h.op, 0, h.len).encode()).unwrap();
+        // One byte per 100 ms: always inside the initiator's receive timeout.
+        let start = Instant::now();
+        for _ in 0..h.len {
+            if s.write_all(&[0x42]).is_err() || start.elapsed() > Duration::from_secs(20) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let init = Agent::new(
+        "reader",
+        AgentConfig::default().with_backend("TCP", Params::new()).with_peer_timeout(Duration::from_millis(500)),
+    )
+    .unwrap();
+    init.load_remote_metadata(&md.encode()).unwrap();
+    let local = AlignedBuf::new(4096).unwrap();
+    let _reg = init.register_buf(&local).unwrap();
+    let l = XferDescList::from_descs(MemType::Dram, vec![XferDesc::new(local.addr(), 4096, 0)]);
+    let r = XferDescList::from_descs(MemType::Dram, vec![XferDesc::new(real.buf.addr(), 4096, 0)]);
+    let req = init.create_request(XferOp::Read, &l, &r, "fake", None).unwrap();
+    let start = Instant::now();
+    req.post(None).unwrap();
+    let res = req.wait(Duration::from_secs(10));
+    let took = start.elapsed();
+    let e = res.expect_err("a READ dribbled over 400 s completed?");
+    assert!(e.to_string().contains("did not arrive whole in time"), "{e}");
+    assert!(took < Duration::from_secs(3), "the dribbled READ held the initiator for {took:?}");
+    drop(req);
+    drop(init);
+    fake.join().unwrap();
+}
