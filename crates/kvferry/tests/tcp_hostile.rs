@@ -388,7 +388,9 @@ fn deregister_does_not_wait_for_a_slow_write_and_others_are_served_meanwhile() {
     // The attacker announces a 1 MiB WRITE into the victim and dribbles it.
     let mut s = connect(&t, "dribbler", b"");
     let e = Entry { key: vkey, addr: victim.addr(), len: 1 << 20 };
-    s.write_all(&frame(FrameType::Write, 1, &[e], &[])).unwrap();
+    let mut head = Header::new(FrameType::Write, 1, 1, 1 << 20).encode().to_vec();
+    e.encode(&mut head);
+    s.write_all(&head).unwrap();
     s.write_all(&[0xee; 1024]).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let st = stop.clone();
@@ -415,7 +417,8 @@ fn deregister_does_not_wait_for_a_slow_write_and_others_are_served_meanwhile() {
     let took = start.elapsed();
     assert!(took < Duration::from_secs(1), "deregister took {took:?}");
     let snapshot = victim.as_slice().to_vec();
-    assert!(snapshot[2 << 10..].iter().all(|&b| b == 0x11), "only the dribbled prefix was written");
+    assert!(snapshot[..1024].iter().all(|&b| b == 0xee), "the dribbled WRITE was in progress");
+    assert!(snapshot[256 << 10..].iter().all(|&b| b == 0x11), "only the dribbled prefix was written");
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(victim.as_slice(), &snapshot[..], "the region was written after deregister returned");
     assert!(closed_within(&mut s, Duration::from_secs(2)), "the dribbler's connection stays open");
