@@ -524,8 +524,15 @@ fn an_initiator_read_is_bounded_against_a_target_that_dribbles_data() {
         let mut rest = vec![0u8; Hello::rest_len(&fixed).unwrap()];
         s.read_exact(&mut rest).unwrap();
         let mut w = Vec::new();
-        Welcome { version: VERSION, status: Status::Ok, caps: CAPS, instance, name: "fake".into(), message: String::new() }
-            .encode(&mut w);
+        Welcome {
+            version: VERSION,
+            status: Status::Ok,
+            caps: CAPS,
+            instance,
+            name: "fake".into(),
+            message: String::new(),
+        }
+        .encode(&mut w);
         s.write_all(&w).unwrap();
         let mut hb = [0u8; HEADER_LEN];
         s.read_exact(&mut hb).unwrap();
