@@ -803,7 +803,7 @@ impl<'a> Served<'a> {
         }
         self.rx.fill_to(self.fd, h.entries_len().min(proto::ENTRY_LEN), &mut until(self.deadline))?;
         let key = proto::Entry::decode(self.rx.bytes(), 0).map(|e| e.key);
-        Ok(key.is_some_and(|k| !self.shared.regions.read().contains_key(&k) && self.shared.files.serves(&k)))
+        Ok(key.is_some_and(|k| self.shared.files.serves(&k) && !self.shared.regions.read().contains_key(&k)))
     }
 
     /// Refuses a checked frame: skips its payload and answers ERROR.
