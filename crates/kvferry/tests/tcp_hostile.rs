@@ -571,3 +571,30 @@ fn an_initiator_read_is_bounded_against_a_target_that_dribbles_data() {
     drop(init);
     fake.join().unwrap();
 }
+
+#[test]
+fn the_per_address_cap_holds_against_authenticated_connections() {
+    let t = target("cap", &[("max_conns_per_ip", "3")], |c| c);
+    let mut held: Vec<TcpStream> = (0..3).map(|i| connect(&t, &format!("holder{i}"), b"")).collect();
+    // A fourth from the same address finds no handshake to evict: closed, no welcome.
+    let mut s = dial(&t);
+    let _ = s.write_all(&hello(&t, "fourth", b""));
+    let mut b = [0u8; 1];
+    assert!(matches!(s.read(&mut b), Ok(0) | Err(_)), "a connection over max_conns_per_ip was served");
+    // The held ones still work; when one leaves, a new one is admitted.
+    let e = Entry { key: t.mem_key, addr: t.buf.addr(), len: 64 };
+    held[0].write_all(&frame(FrameType::Read, 1, &[e], &[])).unwrap();
+    assert_eq!(answer(&mut held[0]).0.ty, FrameType::Data);
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut s = dial(&t);
+        let _ = s.write_all(&hello(&t, "later", b""));
+        let mut fixed = [0u8; WELCOME_FIXED];
+        if s.read_exact(&mut fixed).is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no room after a held connection left");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
