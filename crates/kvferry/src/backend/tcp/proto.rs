@@ -172,7 +172,7 @@ pub struct ProtoError {
 }
 
 impl ProtoError {
-    fn malformed(message: impl Into<String>) -> Self {
+    pub(crate) fn malformed(message: impl Into<String>) -> Self {
         ProtoError { status: Status::Malformed, message: message.into() }
     }
 }
@@ -296,6 +296,10 @@ impl Hello {
 
     /// The target's verdict on this hello: `Ok` or the status and message to refuse with.
     pub fn check(&self, my_instance: u64, token: Option<&crate::auth::AuthToken>) -> Result<(), ProtoError> {
+        // The same rules as agent names everywhere (no control characters reach logs).
+        if let Err(e) = crate::metadata::codec::check_agent_name(&self.name) {
+            return Err(ProtoError::malformed(format!("hello: {}", e.message())));
+        }
         if self.version != VERSION {
             return Err(ProtoError {
                 status: Status::BadVersion,
@@ -655,6 +659,12 @@ mod tests {
         assert_eq!(h.check(8, None).unwrap_err().status, Status::WrongInstance);
         let old = Hello { version: 0, ..h.clone() };
         assert_eq!(old.check(9, None).unwrap_err().status, Status::BadVersion);
+        // Names follow the agent-name rules: no control characters reach the logs.
+        for bad in ["a\nb", "\u{1b}[31m", "x\u{7f}"] {
+            let e = Hello { name: bad.into(), ..h.clone() }.check(9, Some(&tok)).unwrap_err();
+            assert_eq!(e.status, Status::Malformed, "{bad:?}");
+            assert!(e.message.contains("control characters"), "{}", e.message);
+        }
         // Every truncation is an error, never a panic.
         for n in 0..b.len() {
             assert!(Hello::decode(&b[..n]).is_err());
