@@ -1024,6 +1024,16 @@ impl World {
             a.text()
         );
         match f.expect {
+            Expect::Ack(spans) if h.ty == FrameType::Error && self.grows_whole_file(&spans) => {
+                // Writing past the end of a whole-file registration grows the
+                // file; a target may also refuse it (nothing written).
+                assert!(
+                    STORAGE_OR_NOT_ALLOWED.contains(&h.status),
+                    "{what}: a WRITE past the end of the whole file was refused with {:?}: {}",
+                    h.status,
+                    a.text()
+                );
+            }
             Expect::Ack(spans) => {
                 assert_eq!(
                     (h.ty, h.status),
@@ -1088,6 +1098,15 @@ impl World {
             Expect::Nothing => unreachable!("handled above"),
         }
         Some((h.ty, h.status))
+    }
+
+    /// Whether a WRITE of `spans` ends past the current end of a whole-file
+    /// region's file.
+    fn grows_whole_file(&self, spans: &[(Kind, u64, u64)]) -> bool {
+        spans.iter().any(|&(k, addr, len)| match k {
+            Kind::File(j) => self.files[j].len == 0 && addr + len > self.files[j].shadow.len() as u64,
+            Kind::Mem(_) => false,
+        })
     }
 
     /// A live memory region's `(key, start address, length)`; `None` when
