@@ -14,6 +14,8 @@
 mod hostile_support;
 
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hostile_support::model::{Bytes, Rng, Source, World};
@@ -169,5 +171,62 @@ fn legitimate_traffic_flows_while_attackers_hold_connections() {
     drop(held);
     drop(raw);
     // Nothing the holders sent was applied.
+    w.legit_round();
+}
+
+/// A hostile client streams WRITEs into a region while it is deregistered:
+/// every frame is either applied whole before `deregister` returns or
+/// refused with `NotAllowed`, and no byte of the region changes after
+/// `deregister` returned (the target copies under the table's read lock).
+#[test]
+fn no_byte_moves_after_deregistration_returns() {
+    let mut w = World::new("dereg");
+    let t = w.target().clone();
+    let (key, addr, len) = w.mem_region(1).expect("memory region 1 is live");
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(0));
+    let hammer = {
+        let (stop, acked) = (stop.clone(), acked.clone());
+        std::thread::spawn(move || {
+            let mut c = HostileClient::connect_ok(&t, "hammer", b"");
+            let e = Entry { key, addr, len };
+            let mut refused_after_stop = 0;
+            for op in 1u64.. {
+                let data = vec![op as u8; len as usize];
+                c.send(FrameType::Write, op, len, &[e], &data).expect("send a WRITE");
+                let a = c.answer().expect("an answer to every WRITE");
+                assert_eq!(a.header.op, op);
+                match (a.header.ty, a.header.status) {
+                    (FrameType::Ack, _) => {
+                        assert_eq!(refused_after_stop, 0, "a WRITE was applied after an earlier one was refused");
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    (FrameType::Error, Status::NotAllowed) => {
+                        if stop.load(Ordering::Acquire) {
+                            refused_after_stop += 1;
+                        }
+                    }
+                    other => panic!("unexpected answer {other:?}: {}", a.text()),
+                }
+                if refused_after_stop >= 50 {
+                    break;
+                }
+            }
+        })
+    };
+    while acked.load(Ordering::Relaxed) < 20 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    w.deregister_mem(1);
+    let frozen = w.mem_bytes(1);
+    assert!(frozen.iter().all(|&b| b == frozen[0]), "a WRITE was applied in part: the region holds two frames' bytes");
+    stop.store(true, Ordering::Release);
+    hammer.join().expect("the hammer saw only ACKs, then refusals");
+    assert_eq!(w.mem_bytes(1), frozen, "the region changed after deregister returned");
+    w.resync_mem(1);
+    let mut rng = Rng(0x0064_6572_6567 | 1);
+    for _ in 0..100 {
+        w.step(&mut rng);
+    }
     w.legit_round();
 }

@@ -1120,6 +1120,30 @@ impl World {
         self.files[j].key.map(|k| (k, self.files[j].off, self.files[j].len))
     }
 
+    /// Deregisters memory region `i` (its key joins the dead ones); returns
+    /// once the target no longer touches it.
+    pub fn deregister_mem(&mut self, i: usize) {
+        if let Some(r) = self.mems[i].reg.take() {
+            self.dead.extend(self.mems[i].key.take());
+            r.deregister().expect("deregister a DRAM region");
+        }
+        self.last = format!("deregistered memory region {i}");
+    }
+
+    /// The current bytes of memory region `i` (not its canaries).
+    pub fn mem_bytes(&self, i: usize) -> Vec<u8> {
+        let m = &self.mems[i];
+        self.mem.slice(m.block + m.off, m.len).to_vec()
+    }
+
+    /// Takes the current bytes of memory region `i` into the model (after a
+    /// test wrote it from elsewhere); its canaries stay checked.
+    pub fn resync_mem(&mut self, i: usize) {
+        let now = self.mem_bytes(i);
+        let m = &mut self.mems[i];
+        m.shadow[m.off..m.off + m.len].copy_from_slice(&now);
+    }
+
     /// Index of the length-0 (whole file) registration.
     pub fn whole_file(&self) -> usize {
         self.files.iter().position(|f| f.len == 0).unwrap_or_else(|| unreachable!("FILE_LAYOUT has one"))
