@@ -80,6 +80,15 @@ impl FileServer {
         self.table.read().region(key).is_some()
     }
 
+    /// The exported range of the served file region `key`, as `(file offset,
+    /// len)`: a range of the file, never of memory. A region registered with
+    /// length 0 ("the whole file") reads as reaching the end of the offset
+    /// space; the device size of a block device is checked again when an
+    /// operation starts.
+    pub(crate) fn file_range(&self, key: &AccessKey) -> Option<(u64, u64)> {
+        self.table.read().region(key).map(|r| (r.addr, if r.len == 0 { u64::MAX - r.addr } else { r.len }))
+    }
+
     /// Starts moving the bytes of `entries` — `(key, file offset, len)`, laid
     /// out back to back in `buf` — between `buf` and the files, and returns at
     /// once; [`finish`](Self::finish) waits for every byte or an error that

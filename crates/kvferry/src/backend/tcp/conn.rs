@@ -338,7 +338,16 @@ fn connect(shared: &Arc<Shared>, peer: &Arc<Peer>, lane: usize) -> Result<Arc<Co
             .context("the peer accepted the connection but did not complete the handshake")
     };
     sys::write_bufs(fd, &[&hello]).map_err(hs)?;
-    let mut timeout = || Err(io::Error::new(io::ErrorKind::TimedOut, "no answer within the connect timeout"));
+    // The whole welcome must arrive within the connect timeout (a deadline,
+    // not a per-read timeout: a target that dribbles it is cut off).
+    let hs_deadline = Instant::now() + shared.connect_timeout;
+    let mut timeout = || {
+        if Instant::now() >= hs_deadline {
+            Err(io::Error::new(io::ErrorKind::TimedOut, "no whole answer within the connect timeout"))
+        } else {
+            Ok(())
+        }
+    };
     let mut fixed = [0u8; WELCOME_FIXED];
     sys::read_buf(fd, &mut fixed, &mut timeout).map_err(hs)?;
     let rest = Welcome::rest_len(&fixed).map_err(|e| Error::from(e).context(format!("TCP: {addr}")))?;
@@ -592,7 +601,9 @@ impl Conn {
         let Some(f) = f else {
             return Err(Error::malformed(format!("TCP: agent '{}' sent an unsolicited {:?} frame", peer.name, h.ty)));
         };
-        let (x, gen, sent_at) = (f.x, f.gen, f.sent_at);
+        let (x, gen) = (f.x, f.gen);
+        // The answer's body must arrive whole by then, however it trickles in.
+        let body_deadline = Instant::now() + super::frame_budget(shared.peer_timeout, h.len);
         let plan = &x.frames[f.frame as usize];
         let want = match x.op {
             XferOp::Write => FrameType::Ack,
@@ -602,10 +613,13 @@ impl Conn {
             if self.by_us.load(Ordering::Acquire) || shared.closing.load(Ordering::Acquire) {
                 return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "closed locally"));
             }
-            if sent_at.elapsed() >= shared.peer_timeout {
+            if Instant::now() >= body_deadline {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    format!("no answer for {:?} (peer_timeout) while a request was in flight", shared.peer_timeout),
+                    format!(
+                        "the answer did not arrive whole in time (peer_timeout {:?} plus 1 s per 16 MiB)",
+                        shared.peer_timeout
+                    ),
                 ));
             }
             Ok(())

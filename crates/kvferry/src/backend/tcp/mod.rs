@@ -107,6 +107,36 @@ const PARAMS: &[ParamSpec] = &[
               connected and idle (no thread hop: lowest latency). Larger ones go to lane worker threads.",
     },
     ParamSpec {
+        name: "max_conns",
+        default: "1024",
+        doc: "Most incoming connections the data port holds at once (in handshake or authenticated). At the \
+              cap a new connection evicts the oldest one still in handshake, or is closed at once.",
+    },
+    ParamSpec {
+        name: "max_conns_per_ip",
+        default: "64",
+        doc: "Most incoming connections from one source address (same eviction rule as max_conns). Each \
+              initiator agent opens `lanes` connections.",
+    },
+    ParamSpec {
+        name: "max_handshakes",
+        default: "32",
+        doc: "Most incoming connections still in handshake at once; beyond, the oldest is dropped. A hello \
+              must arrive whole within connect_timeout, so half-sent hellos cannot starve peers with the token.",
+    },
+    ParamSpec {
+        name: "idle_timeout_s",
+        default: "600",
+        doc: "An authenticated incoming connection that sends no frame for this many seconds is closed (its \
+              initiator reconnects on its next request). 0: never.",
+    },
+    ParamSpec {
+        name: "staging_max",
+        default: "256M",
+        doc: "Staging memory for frames on exported files, shared by all incoming connections. A file frame \
+              larger than this is refused; one that does not fit now waits up to peer_timeout for room.",
+    },
+    ParamSpec {
         name: "busy_poll_us",
         default: "50",
         doc: "Microseconds a thread polls a connection (yielding the CPU between tries) before it sleeps: a \
@@ -128,6 +158,12 @@ struct Cfg {
     frame_max: u64,
     inline_max: u64,
     busy_poll: Duration,
+    max_conns: usize,
+    max_conns_per_ip: usize,
+    max_handshakes: usize,
+    /// `None`: authenticated connections may idle forever.
+    idle_timeout: Option<Duration>,
+    staging_max: u64,
 }
 
 impl Cfg {
@@ -156,7 +192,24 @@ impl Cfg {
                 proto::MAX_FRAME_DATA
             )));
         }
+        let count = |name: &str| -> Result<usize> {
+            let v: usize = p.parse("TCP", name)?;
+            if !(1..=1 << 20).contains(&v) {
+                return Err(Error::invalid(format!("backend TCP: {name} = {v}; use 1 to 1048576")));
+            }
+            Ok(v)
+        };
+        let idle: u64 = p.parse("TCP", "idle_timeout_s")?;
+        let staging_max = p.parse_size("TCP", "staging_max")?;
+        if staging_max < 1 << 20 {
+            return Err(Error::invalid(format!("backend TCP: staging_max = {staging_max}; use at least 1M")));
+        }
         Ok(Cfg {
+            max_conns: count("max_conns")?,
+            max_conns_per_ip: count("max_conns_per_ip")?,
+            max_handshakes: count("max_handshakes")?,
+            idle_timeout: (idle > 0).then(|| Duration::from_secs(idle.min(u32::MAX as u64))),
+            staging_max,
             lanes,
             port: p.parse("TCP", "port")?,
             bind: p.parse("TCP", "bind")?,
@@ -198,6 +251,7 @@ impl BackendPlugin for TcpPlugin {
             vec![cfg.bind]
         };
         addrs.truncate(32);
+        let cfg_staging = cfg.staging_max;
         let shared = Arc::new(Shared {
             agent: ctx.agent_name.clone(),
             instance: ctx.instance,
@@ -208,11 +262,13 @@ impl BackendPlugin for TcpPlugin {
             notifs: ctx.notifs.clone(),
             events: ctx.peer_events.clone(),
             regions: RwLock::new(HashMap::new()),
+            next_region: AtomicU64::new(1),
             files: FileServer::default(),
+            staging: server::Staging::new(cfg_staging),
             peers: RwLock::new(HashMap::new()),
             closing: AtomicBool::new(false),
             threads: Mutex::new(Vec::new()),
-            accepted: Mutex::new(HashMap::new()),
+            conns: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             listen_fd: listener.as_raw_fd(),
         });
@@ -237,18 +293,52 @@ pub(crate) struct Shared {
     auth_token: Option<crate::auth::AuthToken>,
     notifs: NotifSink,
     events: PeerEvents,
-    /// Live registrations by key: `(addr, len)`. Read-locked by a target
-    /// connection from the check of a frame to the end of its copy.
-    regions: RwLock<HashMap<AccessKey, (u64, u64)>>,
-    /// The FILE and BLOCK regions among `regions`, with their open files.
+    /// Live DRAM registrations by key. Only memory: a key found here names
+    /// process memory, never a file. Read-locked by a target connection only
+    /// while it checks a frame and publishes which regions the frame uses
+    /// (never across socket I/O); `deregister` then waits for (or aborts)
+    /// the frames that use the region.
+    regions: RwLock<HashMap<AccessKey, MemRegion>>,
+    /// Ids for [`MemRegion`]s (a key registered again is another region).
+    next_region: AtomicU64,
+    /// The FILE and BLOCK regions, with their open files: a table of its own,
+    /// whose `(offset, len)` are file offsets and never become memory spans.
     files: FileServer,
+    /// Staging memory of frames on exported files, over all connections.
+    staging: server::Staging,
     peers: RwLock<HashMap<Arc<str>, Arc<Peer>>>,
     closing: AtomicBool,
     threads: Mutex<Vec<JoinHandle<()>>>,
-    /// Accepted connections, to shut down when the backend closes.
-    accepted: Mutex<HashMap<u64, std::net::TcpStream>>,
+    /// Accepted connections by id: for the caps, for `deregister` (which
+    /// aborts the frames using a region) and to shut down when the backend closes.
+    conns: Mutex<HashMap<u64, Arc<server::Slot>>>,
     next_id: AtomicU64,
     listen_fd: std::os::fd::RawFd,
+}
+
+/// A live DRAM registration as the target checks frames against it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct MemRegion {
+    /// Unique per registration (a frame in progress names the regions it uses by id).
+    id: u64,
+    addr: u64,
+    len: u64,
+}
+
+impl proto::RegionLookup for HashMap<AccessKey, MemRegion> {
+    fn lookup(&self, key: &AccessKey) -> Option<(u64, u64)> {
+        self.get(key).map(|r| (r.addr, r.len))
+    }
+}
+
+/// Slowest rate a frame's payload may arrive or leave at once its header
+/// is in: a frame of `len` bytes must finish within
+/// `peer_timeout + len / MIN_RATE` ([`frame_budget`]).
+const MIN_RATE: f64 = (16u64 << 20) as f64;
+
+/// How long a frame (or an answer) of `len` payload bytes may take, whole.
+pub(crate) fn frame_budget(peer_timeout: Duration, len: u64) -> Duration {
+    peer_timeout + Duration::from_secs_f64(len as f64 / MIN_RATE)
 }
 
 impl Shared {
@@ -297,8 +387,8 @@ impl Drop for TcpBackend {
         for p in peers {
             p.close("the local TCP backend is shutting down");
         }
-        for s in sh.accepted.lock().values() {
-            sys::shutdown(s.as_raw_fd());
+        for s in sh.conns.lock().values() {
+            s.abort("the TCP backend is shutting down");
         }
         let me = std::thread::current().id();
         let threads = std::mem::take(&mut *sh.threads.lock());
@@ -331,32 +421,37 @@ impl Backend for TcpBackend {
         if region.addr.checked_add(region.len).is_none() {
             return Err(Error::invalid("TCP: region end overflows the address space"));
         }
-        let len = match region.mem_type {
-            MemType::Dram => region.len,
-            MemType::File | MemType::Block => {
-                // Served to remote initiators with the POSIX storage code.
-                self.shared.files.register(region)?;
-                if region.len == 0 {
-                    u64::MAX - region.addr
-                } else {
-                    region.len
-                }
+        match region.mem_type {
+            MemType::Dram => {
+                let id = self.shared.next_region.fetch_add(1, Ordering::Relaxed);
+                let r = MemRegion { id, addr: region.addr, len: region.len };
+                self.shared.regions.write().insert(region.key, r);
             }
+            // Served to remote initiators with the POSIX storage code, from
+            // the file table only: (offset, len) there is a file range.
+            MemType::File | MemType::Block => self.shared.files.register(region)?,
             other => {
                 return Err(Error::not_supported(format!("TCP moves DRAM, and serves FILE and BLOCK, not {other}")))
             }
-        };
-        self.shared.regions.write().insert(region.key, (region.addr, len));
+        }
         Ok(Vec::new())
     }
 
     fn deregister(&self, region: &Region) -> Result<()> {
-        // Waits for any frame that is copying into or out of the region.
-        self.shared.regions.write().remove(&region.key);
-        if matches!(region.mem_type, MemType::File | MemType::Block) {
-            self.shared.files.deregister(region)?;
+        match region.mem_type {
+            MemType::Dram => {
+                let removed = self.shared.regions.write().remove(&region.key);
+                if let Some(r) = removed {
+                    // Frames that still use the region are aborted, not waited
+                    // for; returns once none of them touches it any more.
+                    server::release_region(&self.shared, r.id);
+                }
+                Ok(())
+            }
+            // A served file operation holds its open file, not the region.
+            MemType::File | MemType::Block => self.shared.files.deregister(region),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     fn load_remote(&self, peer: &PeerInfo) -> Result<()> {

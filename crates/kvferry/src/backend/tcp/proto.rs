@@ -172,7 +172,7 @@ pub struct ProtoError {
 }
 
 impl ProtoError {
-    fn malformed(message: impl Into<String>) -> Self {
+    pub(crate) fn malformed(message: impl Into<String>) -> Self {
         ProtoError { status: Status::Malformed, message: message.into() }
     }
 }
@@ -296,6 +296,10 @@ impl Hello {
 
     /// The target's verdict on this hello: `Ok` or the status and message to refuse with.
     pub fn check(&self, my_instance: u64, token: Option<&crate::auth::AuthToken>) -> Result<(), ProtoError> {
+        // The same rules as agent names everywhere (no control characters reach logs).
+        if let Err(e) = crate::metadata::codec::check_agent_name(&self.name) {
+            return Err(ProtoError::malformed(format!("hello: {}", e.message())));
+        }
         if self.version != VERSION {
             return Err(ProtoError {
                 status: Status::BadVersion,

@@ -1,25 +1,125 @@
 //! The target side: an accept loop and one thread per accepted connection.
 //!
 //! A connection thread reads frames, checks every entry's key and bounds
-//! against the live registration table *before* a byte moves, reads WRITE
-//! payloads straight into registered memory, writes READ payloads straight
-//! from it, and answers with ACK, DATA or ERROR. The registration table is
-//! read-locked from the check to the end of the copy, so a region cannot be
-//! deregistered (and freed) in the middle of one. Frames on exported files
-//! go through staging buffers and the server's storage engine, started ahead
-//! and answered in order (see `Served::file_op`).
+//! against the live registration table of its kind *before* a byte moves —
+//! memory regions and exported file regions live in different tables, and a
+//! frame's entries must all be of one kind — reads WRITE payloads straight
+//! into registered memory, writes READ payloads straight from it, and
+//! answers with ACK, DATA or ERROR. The memory table is locked only while a
+//! frame is checked and the connection publishes which regions the frame
+//! uses ([`Slot::using`]); `deregister` aborts the connections whose frame
+//! uses the region and returns once none touches it (see [`release_region`]).
+//! Frames on exported files go through staging buffers from one budget
+//! shared by every connection ([`Staging`]) and the server's storage engine,
+//! started ahead and answered in order (see `Served::file_op`).
+//!
+//! Bounds against hostile peers (docs/TCP.md): connection caps (total, per
+//! source address, in handshake) with eviction of the oldest handshake, a
+//! deadline over the whole hello, a deadline over each whole frame, an idle
+//! timeout for authenticated connections, and a connection that overflows its
+//! share of the notification queue is closed.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::{TcpListener, TcpStream};
+use std::net::{IpAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
 
 use super::proto::{self, FrameType, Header, Hello, ProtoError, Status, Welcome, HEADER_LEN, HELLO_FIXED};
 use super::sys::{self, Span};
-use super::Shared;
-use crate::backend::posix::Served as FileDir;
+use super::{frame_budget, MemRegion, Shared};
+use crate::backend::posix::{FileServer, Served as FileDir};
+use crate::backend::AccessKey;
+
+/// A connection still in handshake.
+const PENDING: u8 = 0;
+/// A connection whose hello was accepted.
+const AUTHED: u8 = 1;
+/// A connection being closed by this side (evicted, aborted, shutting down).
+const CLOSED: u8 = 2;
+
+/// One accepted connection as the backend tracks it.
+pub(crate) struct Slot {
+    /// A duplicate of the connection's socket, to shut it down from another thread.
+    stream: TcpStream,
+    ip: IpAddr,
+    since: Instant,
+    /// [`PENDING`], [`AUTHED`] or [`CLOSED`].
+    state: AtomicU8,
+    /// Ids of the memory regions the frame in progress reads or writes
+    /// (empty between frames). Locked by its own thread twice per memory
+    /// frame (uncontended) and by `deregister`.
+    using: Mutex<Vec<u64>>,
+    /// Why this side closed the connection, for the log.
+    why: Mutex<Option<String>>,
+}
+
+impl Slot {
+    /// Closes the connection from this side: every blocked read or write on it
+    /// returns at once, and the thread serving it ends.
+    pub(crate) fn abort(&self, why: &str) {
+        self.state.store(CLOSED, Ordering::Release);
+        self.why.lock().get_or_insert_with(|| why.to_string());
+        sys::shutdown(self.stream.as_raw_fd());
+    }
+
+    /// Evicts a connection still in handshake; `false` if it is not (any more).
+    fn evict(&self, why: &str) -> bool {
+        if self.state.compare_exchange(PENDING, CLOSED, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            return false;
+        }
+        self.abort(why);
+        true
+    }
+
+    fn live(&self) -> bool {
+        self.state.load(Ordering::Acquire) != CLOSED
+    }
+
+    fn pending(&self) -> bool {
+        self.state.load(Ordering::Acquire) == PENDING
+    }
+}
+
+/// Clears a connection's [`Slot::using`] when a memory frame ends, however it ends.
+struct InUse<'a>(&'a Slot);
+
+impl Drop for InUse<'_> {
+    fn drop(&mut self) {
+        self.0.using.lock().clear();
+    }
+}
+
+/// After the region `id` left the memory table: aborts every connection
+/// whose frame in progress uses it (without waiting on the slow peer), then
+/// returns once none of them touches its memory any more — a shut-down
+/// socket fails the copy at once, so this takes microseconds, not the peer's time.
+pub(super) fn release_region(shared: &Shared, id: u64) {
+    let users: Vec<Arc<Slot>> =
+        shared.conns.lock().values().filter(|s| s.using.lock().contains(&id)).cloned().collect();
+    if users.is_empty() {
+        return;
+    }
+    for s in &users {
+        tracing::warn!(agent = %shared.agent, "TCP: a region was deregistered while a peer's frame used it; closing that connection");
+        s.abort("a region its frame used was deregistered");
+    }
+    let start = Instant::now();
+    let mut warned = false;
+    for s in &users {
+        while s.using.lock().contains(&id) {
+            if !warned && start.elapsed() > Duration::from_secs(1) {
+                warned = true;
+                tracing::warn!(agent = %shared.agent, "TCP: deregister still waits for an aborted frame to let go of the region");
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+}
 
 /// Accepts connections until the backend shuts the listener down.
 pub(super) fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
@@ -29,13 +129,17 @@ pub(super) fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
         }
         match stream {
             Ok(s) => {
+                let Some((id, slot)) = admit(&shared, &s) else { continue };
                 let sh = shared.clone();
                 let spawned = std::thread::Builder::new()
                     .name(format!("kvf-tcp-srv-{}", shared.agent))
-                    .spawn(move || serve(sh, s));
+                    .spawn(move || serve(sh, s, id, slot));
                 match spawned {
                     Ok(h) => shared.track(h),
-                    Err(e) => tracing::warn!(error = %e, "TCP: cannot spawn a connection thread; connection dropped"),
+                    Err(e) => {
+                        shared.conns.lock().remove(&id);
+                        tracing::warn!(error = %e, "TCP: cannot spawn a connection thread; connection dropped")
+                    }
                 }
             }
             Err(e) => {
@@ -47,48 +151,180 @@ pub(super) fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     }
 }
 
-fn serve(shared: Arc<Shared>, stream: TcpStream) {
-    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-    let Ok(clone) = stream.try_clone() else { return };
-    shared.accepted.lock().insert(id, clone);
-    if shared.closing.load(Ordering::Acquire) {
-        sys::shutdown(stream.as_raw_fd());
+/// Applies the connection caps to a new connection: makes room by evicting
+/// the oldest connections still in handshake where a cap is reached, or
+/// refuses it (`None`: the stream is dropped, which closes it).
+fn admit(shared: &Shared, s: &TcpStream) -> Option<(u64, Arc<Slot>)> {
+    let ip = s.peer_addr().map(|a| a.ip()).unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    let cfg = &shared.cfg;
+    let mut conns = shared.conns.lock();
+    // Oldest first: the handshakes to evict when a cap is reached.
+    let mut pending: Vec<&Arc<Slot>> = conns.values().filter(|c| c.pending()).collect();
+    pending.sort_by_key(|c| c.since);
+    let live = conns.values().filter(|c| c.live()).count();
+    let from_ip = conns.values().filter(|c| c.live() && c.ip == ip).count();
+    let in_hs = pending.len();
+    // Evicts the oldest handshake (from `ip` only, if `same_ip`); `Some(its address)`.
+    let mut evict = |same_ip: bool, why: &str| -> Option<IpAddr> {
+        while let Some(i) = pending.iter().position(|c| !same_ip || c.ip == ip) {
+            let c = pending.remove(i);
+            if c.evict(why) {
+                return Some(c.ip);
+            }
+        }
+        None
+    };
+    let refuse = |what: &str| {
+        tracing::debug!(agent = %shared.agent, %ip, "TCP: connection refused: {what}");
+    };
+    // Each eviction below lowers every count it belongs to by one.
+    let (mut live, mut from_ip, mut in_hs) = (live, from_ip, in_hs);
+    if from_ip >= cfg.max_conns_per_ip {
+        if evict(true, "max_conns_per_ip reached; oldest handshake dropped").is_none() {
+            refuse("max_conns_per_ip connections from this address are authenticated");
+            return None;
+        }
+        (live, from_ip, in_hs) = (live - 1, from_ip - 1, in_hs - 1);
     }
-    let r = serve_conn(&shared, &stream);
-    shared.accepted.lock().remove(&id);
+    if live >= cfg.max_conns {
+        match evict(false, "max_conns reached; oldest handshake dropped") {
+            None => {
+                refuse("max_conns connections are authenticated");
+                return None;
+            }
+            Some(_) => (live, in_hs) = (live - 1, in_hs - 1),
+        }
+    }
+    if in_hs >= cfg.max_handshakes {
+        evict(false, "max_handshakes reached; oldest handshake dropped");
+    }
+    let _ = (live, from_ip);
+    let stream = s.try_clone().ok()?;
+    let slot = Arc::new(Slot {
+        stream,
+        ip,
+        since: Instant::now(),
+        state: AtomicU8::new(PENDING),
+        using: Mutex::new(Vec::new()),
+        why: Mutex::new(None),
+    });
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    conns.insert(id, slot.clone());
+    Some((id, slot))
+}
+
+fn serve(shared: Arc<Shared>, stream: TcpStream, id: u64, slot: Arc<Slot>) {
+    if shared.closing.load(Ordering::Acquire) {
+        slot.abort("the TCP backend is shutting down");
+    }
+    let r = serve_conn(&shared, &stream, &slot);
+    shared.conns.lock().remove(&id);
     if let Err(e) = r {
-        tracing::debug!(agent = %shared.agent, error = %e, "TCP: incoming connection ended");
+        match slot.why.lock().as_deref() {
+            Some(why) => {
+                tracing::debug!(agent = %shared.agent, ip = %slot.ip, reason = why, "TCP: incoming connection closed")
+            }
+            None => tracing::debug!(agent = %shared.agent, ip = %slot.ip, error = %e, "TCP: incoming connection ended"),
+        }
+    }
+}
+
+/// The budget of staging memory for frames on exported files, shared by
+/// every connection of the backend.
+pub(crate) struct Staging {
+    cap: u64,
+    used: Mutex<u64>,
+    freed: Condvar,
+}
+
+impl Staging {
+    /// A budget of `cap` bytes.
+    pub(crate) fn new(cap: u64) -> Staging {
+        Staging { cap, used: Mutex::new(0), freed: Condvar::new() }
+    }
+
+    /// Takes `n` bytes of the budget if they are free now.
+    fn try_take(&self, n: u64) -> bool {
+        let mut u = self.used.lock();
+        if *u + n <= self.cap {
+            *u += n;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Takes `n` bytes, waiting for others to give some back until `deadline`.
+    fn take_until(&self, n: u64, deadline: Instant) -> bool {
+        let mut u = self.used.lock();
+        while *u + n > self.cap {
+            if self.freed.wait_until(&mut u, deadline).timed_out() && *u + n > self.cap {
+                return false;
+            }
+        }
+        *u += n;
+        true
+    }
+
+    fn give(&self, n: u64) {
+        let mut u = self.used.lock();
+        *u = u.saturating_sub(n);
+        self.freed.notify_all();
+    }
+
+    /// Bytes of the budget in use now.
+    #[cfg(test)]
+    fn used(&self) -> u64 {
+        *self.used.lock()
+    }
+}
+
+/// A staging buffer charged to the backend's [`Staging`] budget until dropped.
+struct Staged<'a> {
+    buf: crate::mem::AlignedBuf,
+    budget: &'a Staging,
+}
+
+impl Drop for Staged<'_> {
+    fn drop(&mut self) {
+        self.budget.give(self.buf.len() as u64);
     }
 }
 
 /// Per-connection state of the target.
 struct Served<'a> {
     shared: &'a Shared,
+    slot: &'a Slot,
     fd: RawFd,
     peer: Arc<str>,
     /// Bytes received and not handled yet.
     rx: sys::RecvBuf,
     spans: Vec<Span>,
+    /// When the frame being handled must be complete.
+    deadline: Instant,
     /// File operations started and not answered yet, oldest first.
-    pending: std::collections::VecDeque<PendingFile>,
-    /// Staging buffers to reuse (page-aligned for O_DIRECT).
-    spare: Vec<crate::mem::AlignedBuf>,
+    pending: std::collections::VecDeque<PendingFile<'a>>,
+    /// Staging buffers to reuse (page-aligned for O_DIRECT), freed when the connection idles.
+    spare: Vec<Staged<'a>>,
 }
 
 /// Bytes of file operations one connection holds, running or waiting to be
 /// answered (its staging memory): beyond it, it answers before it starts more.
 const FILE_HELD: u64 = 32 << 20;
 
+/// How long a connection keeps its spare staging buffers without a frame.
+const SPARE_KEEP: Duration = Duration::from_millis(20);
+
 /// A file operation whose I/Os are running into (or from) its staging buffer.
-struct PendingFile {
+struct PendingFile<'a> {
     op: u64,
     len: u64,
     job: Arc<crate::backend::posix::Job>,
     /// The staging buffer; `None` once handed back.
-    buf: Option<crate::mem::AlignedBuf>,
+    buf: Option<Staged<'a>>,
 }
 
-impl Drop for PendingFile {
+impl Drop for PendingFile<'_> {
     fn drop(&mut self) {
         // The kernel may still write into the buffer: wait until no I/O is in flight.
         if self.buf.is_some() {
@@ -107,6 +343,119 @@ fn staging_buf(len: usize) -> crate::Result<crate::mem::AlignedBuf> {
     }
 }
 
+/// An `on_timeout` for a read that must end by `deadline`.
+fn until(deadline: Instant) -> impl FnMut() -> io::Result<()> {
+    move || {
+        if Instant::now() >= deadline {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the initiator did not send the whole frame in time (peer_timeout plus 1 s per 16 MiB)",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Frame entries resolved against the memory table.
+enum Resolved {
+    /// Every entry lies in a live memory region (spans and region ids filled in).
+    Memory,
+    /// Entry 0 is not a memory region: the frame is checked as a file frame.
+    NotMemory,
+}
+
+/// The refusal of a frame that mixes memory and file regions.
+fn mixed(i: usize) -> ProtoError {
+    ProtoError {
+        status: Status::NotAllowed,
+        message: format!(
+            "entry {i} names a region of another kind than entry 0 (memory and exported files): \
+             a frame's entries must all be memory or all be files; post them as separate requests"
+        ),
+    }
+}
+
+/// Checks a frame's entries against the memory table: every entry names a
+/// live memory region by key and lies inside it, no entry is empty, the
+/// lengths add up to the header's. Fills `spans` with the memory to move
+/// and `ids` with the regions used. A file key among them refuses the frame
+/// (kinds never mix); a file key at entry 0 makes it a file frame.
+fn resolve_memory(
+    h: &Header,
+    table: &[u8],
+    regions: &HashMap<AccessKey, MemRegion>,
+    files: &FileServer,
+    spans: &mut Vec<Span>,
+    ids: &mut Vec<u64>,
+) -> Result<Resolved, ProtoError> {
+    let mut sum = 0u64;
+    for i in 0..h.count as usize {
+        let e = proto::Entry::decode(table, i).ok_or_else(|| ProtoError::malformed("entry table truncated"))?;
+        let Some(r) = regions.get(&e.key) else {
+            if files.serves(&e.key) {
+                return if i == 0 { Ok(Resolved::NotMemory) } else { Err(mixed(i)) };
+            }
+            return Err(ProtoError {
+                status: Status::NotAllowed,
+                message: format!(
+                    "entry {i} ({:#x}+{}) names the key {:?}, which is not registered now",
+                    e.addr, e.len, e.key
+                ),
+            });
+        };
+        if e.len == 0 {
+            return Err(ProtoError::malformed(format!("entry {i} is empty")));
+        }
+        sum = sum.checked_add(e.len).ok_or_else(|| ProtoError::malformed(format!("entry {i}: lengths overflow")))?;
+        let inside = e.addr >= r.addr
+            && e.addr.checked_add(e.len).is_some_and(|end| r.addr.checked_add(r.len).is_some_and(|rend| end <= rend));
+        if !inside {
+            return Err(ProtoError {
+                status: Status::NotAllowed,
+                message: format!(
+                    "entry {i} ({:#x}+{}) is not inside the memory region registered now with the key {:?}",
+                    e.addr, e.len, e.key
+                ),
+            });
+        }
+        spans.push((e.addr, e.len));
+        if ids.last() != Some(&r.id) {
+            ids.push(r.id);
+        }
+    }
+    if sum != h.len {
+        return Err(ProtoError::malformed(format!("entries add up to {sum} bytes but the frame announces {}", h.len)));
+    }
+    Ok(Resolved::Memory)
+}
+
+/// Looks entries up in the exported-file table: `(file offset, len)` ranges.
+struct FileLookup<'a>(&'a FileServer);
+
+impl proto::RegionLookup for FileLookup<'_> {
+    fn lookup(&self, key: &AccessKey) -> Option<(u64, u64)> {
+        self.0.file_range(key)
+    }
+}
+
+/// Checks a file frame: no entry names a memory region, and every one lies
+/// inside a live exported file region (bounds, emptiness, lengths).
+fn check_file_entries(
+    h: &Header,
+    table: &[u8],
+    regions: &HashMap<AccessKey, MemRegion>,
+    files: &FileServer,
+) -> Result<(), ProtoError> {
+    for i in 0..h.count as usize {
+        let e = proto::Entry::decode(table, i).ok_or_else(|| ProtoError::malformed("entry table truncated"))?;
+        if regions.contains_key(&e.key) {
+            return Err(mixed(i));
+        }
+    }
+    proto::check_entries(h, table, &FileLookup(files))
+}
+
 fn file_error(e: &crate::Error) -> ProtoError {
     let status = match e.kind() {
         crate::ErrorKind::InvalidParam => Status::Invalid,
@@ -116,17 +465,25 @@ fn file_error(e: &crate::Error) -> ProtoError {
     ProtoError { status, message: e.message().to_string() }
 }
 
-fn serve_conn(shared: &Shared, stream: &TcpStream) -> io::Result<()> {
+fn serve_conn(shared: &Shared, stream: &TcpStream, slot: &Slot) -> io::Result<()> {
     let fd = stream.as_raw_fd();
     let cfg = &shared.cfg;
     stream.set_nodelay(cfg.nodelay)?;
     sys::set_buffers(fd, cfg.sockbuf)?;
-    stream.set_read_timeout(Some(shared.connect_timeout))?;
     stream.set_write_timeout(Some(shared.peer_timeout))?;
 
-    // Handshake: the hello is bounded, so a fixed read then the announced rest.
+    // Handshake: the whole hello must arrive within connect_timeout (a
+    // deadline, not a per-read timeout: a hello dribbled byte by byte is cut).
+    let hs_deadline = Instant::now() + shared.connect_timeout;
+    stream.set_read_timeout(Some((shared.connect_timeout / 4).max(Duration::from_millis(5))))?;
+    let mut fail = move || {
+        if Instant::now() >= hs_deadline {
+            Err(io::Error::new(io::ErrorKind::TimedOut, "the hello did not arrive whole within connect_timeout"))
+        } else {
+            Ok(())
+        }
+    };
     let mut fixed = [0u8; HELLO_FIXED];
-    let mut fail = || Err(io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"));
     sys::read_buf(fd, &mut fixed, &mut fail)?;
     let refuse = |status: Status, message: String| -> io::Result<()> {
         let w = welcome(shared, status, message.clone());
@@ -145,29 +502,30 @@ fn serve_conn(shared: &Shared, stream: &TcpStream) -> io::Result<()> {
         Err(e) => return refuse(e.status, e.message),
     };
     if let Err(e) = hello.check(shared.instance, shared.auth_token.as_ref()) {
-        tracing::warn!(agent = %shared.agent, peer = %hello.name, reason = %e, "TCP: connection refused");
+        // Debug-escaped: a name that failed the check may hold control characters.
+        tracing::warn!(agent = %shared.agent, peer = ?hello.name, reason = ?e.message, "TCP: connection refused");
         return refuse(e.status, e.message);
     }
+    // Authenticated from here on: no longer evictable as a pending handshake.
+    if slot.state.compare_exchange(PENDING, AUTHED, Ordering::AcqRel, Ordering::Acquire).is_err() {
+        return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "evicted during the handshake"));
+    }
     sys::write_bufs(fd, &[&welcome(shared, Status::Ok, String::new())])?;
-    stream.set_read_timeout(Some(shared.peer_timeout))?;
+    // Silence is judged twice per peer timeout (frame deadlines, idle timeout).
+    stream.set_read_timeout(Some(shared.peer_timeout / 2))?;
 
     let mut s = Served {
         shared,
+        slot,
         fd,
         peer: hello.name.as_str().into(),
         rx: sys::RecvBuf::new(RECV_BUF),
         spans: Vec::new(),
+        deadline: Instant::now(),
         pending: std::collections::VecDeque::new(),
         spare: Vec::new(),
     };
-    // Idle between frames: wait for as long as the backend lives.
-    let mut idle = || {
-        if shared.closing.load(Ordering::Acquire) {
-            Err(io::Error::other("backend closing"))
-        } else {
-            Ok(())
-        }
-    };
+    let mut last_frame = Instant::now();
     loop {
         // File operations in flight: start the next frame's I/O whenever one
         // is waiting and there is room, else answer the oldest (waiting for it
@@ -196,6 +554,23 @@ fn serve_conn(shared: &Shared, stream: &TcpStream) -> io::Result<()> {
                 Err(e) => return Err(e),
             }
         }
+        // Going quiet: spare staging buffers go back to the shared budget.
+        if !s.spare.is_empty() && s.rx.bytes().len() < HEADER_LEN && !sys::wait_ready(fd, true, None, SPARE_KEEP).data {
+            s.spare.clear();
+        }
+        // Idle between frames: up to idle_timeout, or as long as the backend lives.
+        let mut idle = || {
+            if shared.closing.load(Ordering::Acquire) {
+                return Err(io::Error::other("backend closing"));
+            }
+            match cfg.idle_timeout {
+                Some(t) if last_frame.elapsed() >= t => {
+                    tracing::debug!(agent = %shared.agent, "TCP: closing a connection idle for idle_timeout_s");
+                    Err(io::Error::new(io::ErrorKind::TimedOut, format!("no frame for {t:?} (idle_timeout_s)")))
+                }
+                _ => Ok(()),
+            }
+        };
         // One read takes the header and whatever follows it (a small frame whole).
         s.rx.fill_to(fd, HEADER_LEN, &mut idle)?;
         let mut hb = [0u8; HEADER_LEN];
@@ -209,6 +584,9 @@ fn serve_conn(shared: &Shared, stream: &TcpStream) -> io::Result<()> {
                 return Err(io::Error::new(io::ErrorKind::InvalidData, e.message));
             }
         };
+        last_frame = Instant::now();
+        // The whole frame (entries and payload) must arrive by then.
+        s.deadline = last_frame + frame_budget(shared.peer_timeout, h.len);
         let is_file = matches!(h.ty, FrameType::Write | FrameType::Read) && s.file_frame(&h)?;
         if !is_file {
             // Memory operations and notifications answer after earlier file operations.
@@ -219,9 +597,16 @@ fn serve_conn(shared: &Shared, stream: &TcpStream) -> io::Result<()> {
             FrameType::Notif => {
                 // Header::decode bounded len to MAX_NOTIF.
                 let mut msg = Vec::new();
-                s.rx.read_vec(fd, &mut msg, h.len as usize, &mut mid_frame)?;
-                // A full queue refuses (counted and logged by the sink).
-                let _ = shared.notifs.push(s.peer.clone(), msg);
+                s.rx.read_vec(fd, &mut msg, h.len as usize, &mut until(s.deadline))?;
+                // A full queue refuses the notification (counted by the sink).
+                // NOTIF frames have no answer, so the sender learns it the only
+                // way the protocol allows: the connection closes (it sees the
+                // peer lost and reconnects on its next request).
+                if let Err(e) = shared.notifs.push(s.peer.clone(), msg) {
+                    tracing::warn!(agent = %shared.agent, peer = ?s.peer, reason = %e,
+                        "TCP: notification queue full for this sender; closing its connection");
+                    return Err(io::Error::other(format!("notification refused: {e}")));
+                }
             }
             other => {
                 let e = ProtoError {
@@ -239,11 +624,6 @@ fn serve_conn(shared: &Shared, stream: &TcpStream) -> io::Result<()> {
 /// so a small frame arrives in one read and a large one costs one small copy.
 const RECV_BUF: usize = HEADER_LEN + proto::MAX_ENTRIES as usize * proto::ENTRY_LEN + (64 << 10);
 
-/// Inside a frame, silence for the peer timeout means the initiator is gone.
-fn mid_frame() -> io::Result<()> {
-    Err(io::Error::new(io::ErrorKind::TimedOut, "the initiator stopped in the middle of a frame"))
-}
-
 fn welcome(shared: &Shared, status: Status, message: String) -> Vec<u8> {
     let mut out = Vec::new();
     Welcome {
@@ -258,10 +638,64 @@ fn welcome(shared: &Shared, status: Status, message: String) -> Vec<u8> {
     out
 }
 
-impl Served<'_> {
+impl<'a> Served<'a> {
+    /// A staging buffer of at least `len` bytes, charged to the shared
+    /// budget: a spare one, or a new one once there is room — made by
+    /// freeing this connection's spares, then answering its pending
+    /// operations, then waiting (until the frame's deadline) for other
+    /// connections to give some back.
+    fn staging(&mut self, len: usize) -> Result<Staged<'a>, ProtoError> {
+        if let Some(i) = self.spare.iter().position(|b| b.buf.len() >= len) {
+            return Ok(self.spare.swap_remove(i));
+        }
+        let budget = &self.shared.staging;
+        let full = |cap: u64| ProtoError {
+            status: Status::Storage,
+            message: format!(
+                "the target's staging memory for file frames (staging_max = {cap} bytes, shared by all \
+                 connections) stayed full for the frame's time; retry later or use smaller frames"
+            ),
+        };
+        if len as u64 > budget.cap {
+            return Err(ProtoError {
+                status: Status::Invalid,
+                message: format!(
+                    "a file frame of {len} bytes is larger than the target's staging memory (staging_max = {} \
+                     bytes); use a smaller frame_max on the initiator",
+                    budget.cap
+                ),
+            });
+        }
+        self.spare.clear();
+        let mut got = budget.try_take(len as u64);
+        if !got && !self.pending.is_empty() {
+            self.flush_pending(usize::MAX)
+                .map_err(|e| ProtoError { status: Status::Storage, message: e.to_string() })?;
+            self.spare.clear();
+            got = budget.try_take(len as u64);
+        }
+        if !got && !budget.take_until(len as u64, self.deadline) {
+            return Err(full(budget.cap));
+        }
+        match staging_buf(len) {
+            Ok(buf) => {
+                // The budget was charged for `len`; charge what was allocated.
+                let extra = buf.len() as u64 - len as u64;
+                if extra > 0 {
+                    *budget.used.lock() += extra;
+                }
+                Ok(Staged { buf, budget })
+            }
+            Err(e) => {
+                budget.give(len as u64);
+                Err(ProtoError { status: Status::Storage, message: e.to_string() })
+            }
+        }
+    }
+
     /// A frame on exported files: WRITE payloads land in a staging buffer and
     /// go to the files; READ data comes from the files through one. Entries
-    /// were checked against the live regions already. Operations are
+    /// were checked against the live file regions already. Operations are
     /// pipelined: up to [`FILE_HELD`] bytes of them are started ahead and
     /// answered in order, so the disk works on the next frames while earlier
     /// data goes out (READ) or the next payload comes in (WRITE). An answer
@@ -275,25 +709,22 @@ impl Served<'_> {
             .collect();
         self.rx.consume(tlen);
         let len = h.len as usize;
-        let mut staging = match self.spare.pop().filter(|b| b.len() >= len) {
-            Some(b) => b,
-            None => match staging_buf(len) {
-                Ok(b) => b,
-                Err(e) => {
-                    if h.ty == FrameType::Write {
-                        self.rx.discard(self.fd, h.len, &mut mid_frame)?;
-                    }
-                    // Answers go out in order: earlier operations first.
-                    self.flush_pending(usize::MAX)?;
-                    return self.send_error(h.op, &ProtoError { status: Status::Storage, message: e.to_string() });
+        let mut staging = match self.staging(len) {
+            Ok(b) => b,
+            Err(e) => {
+                if h.ty == FrameType::Write {
+                    self.rx.discard(self.fd, h.len, &mut until(self.deadline))?;
                 }
-            },
+                // Answers go out in order: earlier operations first.
+                self.flush_pending(usize::MAX)?;
+                return self.send_error(h.op, &e);
+            }
         };
-        let ptr = staging.as_mut_ptr();
+        let ptr = staging.buf.as_mut_ptr();
         let dir = if h.ty == FrameType::Write { FileDir::Write } else { FileDir::Read };
         if h.ty == FrameType::Write {
             // SAFETY: the staging buffer is owned here and holds at least `len` bytes.
-            unsafe { self.rx.read_spans(self.fd, &[(ptr as u64, h.len)], h.len, &mut mid_frame)? };
+            unsafe { self.rx.read_spans(self.fd, &[(ptr as u64, h.len)], h.len, &mut until(self.deadline))? };
         }
         // SAFETY: the staging buffer lives in the pending entry (or here) until
         // the job is finished or cancelled; `entries` add up to `h.len`.
@@ -327,7 +758,7 @@ impl Served<'_> {
     }
 
     /// Waits for one file operation and sends its answer (ACK, DATA or ERROR).
-    fn answer(&mut self, mut p: PendingFile) -> io::Result<()> {
+    fn answer(&mut self, mut p: PendingFile<'a>) -> io::Result<()> {
         let r = crate::backend::posix::FileServer::finish(&p.job);
         // Finished (or cancelled): no I/O touches the buffer any more.
         let buf = p.buf.take();
@@ -338,8 +769,11 @@ impl Served<'_> {
             }
             Ok(()) => {
                 let head = Header::new(FrameType::Data, p.op, 0, p.len).encode();
-                let data = buf.as_ref().map(|b| &b.as_slice()[..p.len as usize]).unwrap_or(&[]);
-                sys::write_bufs(self.fd, &[&head, data])
+                let data = buf.as_ref().map(|b| &b.buf.as_slice()[..p.len as usize]).unwrap_or(&[]);
+                let spans = [(head.as_ptr() as u64, HEADER_LEN as u64), (data.as_ptr() as u64, data.len() as u64)];
+                let deadline = Instant::now() + frame_budget(self.shared.peer_timeout, p.len);
+                // SAFETY: both spans are local buffers borrowed for the call.
+                unsafe { sys::writev_until(self.fd, &spans, Some(deadline)) }
             }
         };
         if let Some(b) = buf {
@@ -355,59 +789,100 @@ impl Served<'_> {
         sys::write_bufs(self.fd, &[&h.encode(), msg])
     }
 
-    /// Whether a data frame is on exported files (reads its entry table in).
+    /// Whether a data frame's entry 0 names an exported file (reads its
+    /// entry table in). Only a routing hint for pipelining: `data_op` checks
+    /// every entry against the table of its kind.
     fn file_frame(&mut self, h: &Header) -> io::Result<bool> {
         if h.count == 0 {
             return Ok(false);
         }
-        self.rx.fill_to(self.fd, h.entries_len().min(proto::ENTRY_LEN), &mut mid_frame)?;
-        Ok(proto::Entry::decode(self.rx.bytes(), 0).is_some_and(|e| self.shared.files.serves(&e.key)))
+        self.rx.fill_to(self.fd, h.entries_len().min(proto::ENTRY_LEN), &mut until(self.deadline))?;
+        let key = proto::Entry::decode(self.rx.bytes(), 0).map(|e| e.key);
+        Ok(key.is_some_and(|k| !self.shared.regions.read().contains_key(&k) && self.shared.files.serves(&k)))
+    }
+
+    /// Refuses a checked frame: skips its payload and answers ERROR.
+    fn refuse(&mut self, h: &Header, tlen: usize, e: &ProtoError) -> io::Result<()> {
+        self.rx.consume(tlen);
+        if h.ty == FrameType::Write {
+            self.rx.discard(self.fd, h.len, &mut until(self.deadline))?;
+        }
+        tracing::debug!(agent = %self.shared.agent, peer = ?self.peer, reason = %e, "TCP: refused a frame");
+        self.send_error(h.op, e)
     }
 
     fn data_op(&mut self, h: &Header) -> io::Result<()> {
         // Header::decode bounded the count, so the table fits the buffer.
         let tlen = h.entries_len();
-        self.rx.fill_to(self.fd, tlen, &mut mid_frame)?;
-        let regions = self.shared.regions.read();
+        self.rx.fill_to(self.fd, tlen, &mut until(self.deadline))?;
+        let shared = self.shared;
+        let regions = shared.regions.read();
         let table = &self.rx.bytes()[..tlen];
-        if let Err(e) = proto::check_entries(h, table, &*regions) {
-            drop(regions);
-            self.rx.consume(tlen);
-            if h.ty == FrameType::Write {
-                self.rx.discard(self.fd, h.len, &mut mid_frame)?;
-            }
-            tracing::debug!(agent = %self.shared.agent, peer = %self.peer, reason = %e, "TCP: refused a frame");
-            return self.send_error(h.op, &e);
-        }
-        if proto::Entry::decode(table, 0).is_some_and(|e| self.shared.files.serves(&e.key)) {
-            drop(regions);
-            return self.file_op(h, tlen);
-        }
         self.spans.clear();
-        for i in 0..h.count as usize {
-            // check_entries decoded every entry already.
-            if let Some(e) = proto::Entry::decode(table, i) {
-                self.spans.push((e.addr, e.len));
+        // Published under the table lock: a deregister that removes one of
+        // these regions after this check finds this frame and aborts it.
+        let mut ids = self.slot.using.lock();
+        ids.clear();
+        match resolve_memory(h, table, &regions, &shared.files, &mut self.spans, &mut ids) {
+            Ok(Resolved::Memory) => {}
+            Ok(Resolved::NotMemory) => {
+                ids.clear();
+                drop(ids);
+                let checked = check_file_entries(h, table, &regions, &shared.files);
+                drop(regions);
+                return match checked {
+                    Ok(()) => self.file_op(h, tlen),
+                    Err(e) => self.refuse(h, tlen, &e),
+                };
+            }
+            Err(e) => {
+                ids.clear();
+                drop(ids);
+                drop(regions);
+                return self.refuse(h, tlen, &e);
             }
         }
+        drop(ids);
+        drop(regions);
+        let _in_use = InUse(self.slot);
         self.rx.consume(tlen);
         if h.ty == FrameType::Write {
-            // SAFETY: every span was just checked to lie inside a region registered
-            // now, and the table stays read-locked until the copy ends, so the
-            // registrant cannot deregister and free it meanwhile; the registrant
-            // agreed that peers may write registered memory at any time.
-            unsafe { self.rx.read_spans(self.fd, &self.spans, h.len, &mut mid_frame)? };
-            drop(regions);
+            // SAFETY: every span was just checked to lie inside a memory region
+            // registered now, and this connection published the regions it uses
+            // before the table lock was let go: `deregister` aborts this socket
+            // and waits until `_in_use` clears them before the memory is freed.
+            // The registrant agreed that peers may write registered memory at any time.
+            unsafe { self.rx.read_spans(self.fd, &self.spans, h.len, &mut until(self.deadline))? };
+            drop(_in_use);
             let ack = Header::new(FrameType::Ack, h.op, 0, 0);
             sys::write_bufs(self.fd, &[&ack.encode()])
         } else {
             let head = Header::new(FrameType::Data, h.op, 0, h.len).encode();
             self.spans.insert(0, (head.as_ptr() as u64, HEADER_LEN as u64));
-            // SAFETY: as above for the checked spans (read-locked, registered);
+            // SAFETY: as above for the checked spans (published, registered);
             // the first span is `head`, alive on this stack frame.
-            let r = unsafe { sys::writev_all(self.fd, &self.spans) };
-            drop(regions);
-            r
+            unsafe { sys::writev_until(self.fd, &self.spans, Some(self.deadline)) }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staging_budget_is_shared_and_bounded() {
+        let b = Staging::new(10);
+        assert!(b.try_take(6));
+        assert!(!b.try_take(5), "over the cap");
+        assert!(!b.take_until(5, Instant::now() + Duration::from_millis(20)), "waits bounded, then refuses");
+        std::thread::scope(|sc| {
+            sc.spawn(|| {
+                std::thread::sleep(Duration::from_millis(20));
+                b.give(6);
+            });
+            assert!(b.take_until(5, Instant::now() + Duration::from_secs(5)), "room given back by another thread");
+        });
+        assert_eq!(b.used(), 5);
     }
 }

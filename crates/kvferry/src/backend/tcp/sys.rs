@@ -78,6 +78,18 @@ fn empty_iov() -> [libc::iovec; IOV_MAX] {
 ///
 /// Every span must be readable memory of this process for the whole call.
 pub(crate) unsafe fn writev_all(fd: RawFd, spans: &[Span]) -> io::Result<()> {
+    // SAFETY: the caller's promise, passed on.
+    unsafe { writev_until(fd, spans, None) }
+}
+
+/// [`writev_all`] that also fails with `TimedOut` once `deadline` has
+/// passed and bytes are still left (a peer that reads just fast enough to
+/// beat the send timeout cannot stretch the write forever).
+///
+/// # Safety
+///
+/// As for [`writev_all`].
+pub(crate) unsafe fn writev_until(fd: RawFd, spans: &[Span], deadline: Option<std::time::Instant>) -> io::Result<()> {
     let mut c = Cursor { spans, idx: 0, off: 0 };
     c.advance(0);
     let mut iov = empty_iov();
@@ -87,7 +99,15 @@ pub(crate) unsafe fn writev_all(fd: RawFd, spans: &[Span]) -> io::Result<()> {
         let r = unsafe { libc::writev(fd, iov.as_ptr(), n as libc::c_int) };
         match cvt(r) {
             Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "the socket accepted no bytes")),
-            Ok(w) => c.advance(w as u64),
+            Ok(w) => {
+                c.advance(w as u64);
+                if !c.done() && deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the peer did not take the whole frame in time",
+                    ));
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "the peer took no data for the send timeout"))
@@ -99,8 +119,12 @@ pub(crate) unsafe fn writev_all(fd: RawFd, spans: &[Span]) -> io::Result<()> {
 }
 
 /// Reads exactly the bytes of `spans` from the socket `fd` with `readv`.
-/// When the receive timeout (`SO_RCVTIMEO`) fires, `on_timeout` decides:
-/// `Ok` keeps waiting, an error ends the read with it. End of stream is `UnexpectedEof`.
+/// Whenever a read returns without finishing — the receive timeout
+/// (`SO_RCVTIMEO`) fired, or only part of the bytes arrived — `on_timeout`
+/// decides: `Ok` keeps reading, an error ends the read with it. Deadlines
+/// over a whole message are checked there, so a peer that dribbles bytes
+/// just under the receive timeout cannot stretch a read forever. End of
+/// stream is `UnexpectedEof`.
 ///
 /// # Safety
 ///
@@ -136,7 +160,12 @@ pub(crate) unsafe fn readv_all_from(
         let r = unsafe { libc::readv(fd, iov.as_ptr(), n as libc::c_int) };
         match cvt(r) {
             Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the peer closed the connection")),
-            Ok(w) => c.advance(w as u64),
+            Ok(w) => {
+                c.advance(w as u64);
+                if !c.done() {
+                    on_timeout()?;
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => on_timeout()?,
             Err(e) => return Err(e),
@@ -225,7 +254,8 @@ impl RecvBuf {
     }
 
     /// Makes at least `n` bytes buffered (`n` at most the capacity), taking
-    /// whatever else is already there too. See [`readv_all`] for `on_timeout`.
+    /// whatever else is already there too. See [`readv_all`] for `on_timeout`
+    /// (called on a timeout and after a read that left bytes missing).
     pub(crate) fn fill_to(
         &mut self,
         fd: RawFd,
@@ -242,6 +272,7 @@ impl RecvBuf {
         }
         while self.end - self.start < n {
             match self.fill_once(fd, false) {
+                Ok(_) if self.end - self.start < n => on_timeout()?,
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => on_timeout()?,
                 Err(e) => return Err(e),

@@ -393,12 +393,20 @@ impl BackendXfer for TcpXfer {
         self.x.dead.store(gen, Ordering::Release);
         self.x.finish(gen, Err(Error::new(ErrorKind::Canceled, "TCP: the request was canceled")));
         // Wait until no thread copies this request's memory.
-        if self.x.access.try_write_for(Duration::from_millis(50)).is_none() {
+        // Bounded: a thread copying for this request is in socket I/O on a
+        // connection in `users`, and aborting that connection fails the copy at
+        // once; the loop aborts again any connection that entered since.
+        let start = Instant::now();
+        let mut warned = false;
+        while self.x.access.try_write_for(Duration::from_millis(50)).is_none() {
             let stuck: Vec<Arc<Conn>> = self.x.users.lock().clone();
             for c in stuck {
                 c.abort("a request using it was canceled while its peer stalled");
             }
-            drop(self.x.access.write());
+            if !warned && start.elapsed() > Duration::from_secs(1) {
+                warned = true;
+                tracing::warn!("TCP: a cancel still waits for a copy on an aborted connection to stop");
+            }
         }
     }
 }
