@@ -175,9 +175,11 @@ fn legitimate_traffic_flows_while_attackers_hold_connections() {
 }
 
 /// A hostile client streams WRITEs into a region while it is deregistered:
-/// every frame is either applied whole before `deregister` returns or
-/// refused with `NotAllowed`, and no byte of the region changes after
-/// `deregister` returned (the target copies under the table's read lock).
+/// no byte of the region changes after `deregister` returned (a frame in
+/// the middle of its copy finishes or is aborted first), later frames are
+/// refused with `NotAllowed` (or their connection was closed by the
+/// deregistration and the next one refuses them), and none is acknowledged
+/// after a refusal.
 #[test]
 fn no_byte_moves_after_deregistration_returns() {
     let mut w = World::new("dereg");
@@ -188,20 +190,32 @@ fn no_byte_moves_after_deregistration_returns() {
     let hammer = {
         let (stop, acked) = (stop.clone(), acked.clone());
         std::thread::spawn(move || {
-            let mut c = HostileClient::connect_ok(&t, "hammer", b"");
             let e = Entry { key, addr, len };
             let mut refused_after_stop = 0;
+            let mut refused = false;
+            let mut reconnects = 0;
+            let mut c = HostileClient::connect_ok(&t, "hammer", b"");
             for op in 1u64.. {
                 let data = vec![op as u8; len as usize];
-                c.send(FrameType::Write, op, len, &[e], &data).expect("send a WRITE");
-                let a = c.answer().expect("an answer to every WRITE");
+                let answer = c.send(FrameType::Write, op, len, &[e], &data).and_then(|()| c.answer());
+                let a = match answer {
+                    Ok(a) => a,
+                    Err(err) => {
+                        // Deregistration may abort a connection in the middle of a copy.
+                        reconnects += 1;
+                        assert!(reconnects <= 3, "the target keeps dropping the connection: {err}");
+                        c = HostileClient::connect_ok(&t, "hammer", b"");
+                        continue;
+                    }
+                };
                 assert_eq!(a.header.op, op);
                 match (a.header.ty, a.header.status) {
                     (FrameType::Ack, _) => {
-                        assert_eq!(refused_after_stop, 0, "a WRITE was applied after an earlier one was refused");
+                        assert!(!refused, "a WRITE was applied after an earlier one was refused");
                         acked.fetch_add(1, Ordering::Relaxed);
                     }
                     (FrameType::Error, Status::NotAllowed) => {
+                        refused = true;
                         if stop.load(Ordering::Acquire) {
                             refused_after_stop += 1;
                         }
@@ -214,14 +228,15 @@ fn no_byte_moves_after_deregistration_returns() {
             }
         })
     };
+    let until = Instant::now() + Duration::from_secs(10);
     while acked.load(Ordering::Relaxed) < 20 {
+        assert!(Instant::now() < until, "the hammer's WRITEs are not acknowledged");
         std::thread::sleep(Duration::from_millis(1));
     }
     w.deregister_mem(1);
     let frozen = w.mem_bytes(1);
-    assert!(frozen.iter().all(|&b| b == frozen[0]), "a WRITE was applied in part: the region holds two frames' bytes");
     stop.store(true, Ordering::Release);
-    hammer.join().expect("the hammer saw only ACKs, then refusals");
+    hammer.join().expect("the hammer saw ACKs, then only refusals");
     assert_eq!(w.mem_bytes(1), frozen, "the region changed after deregister returned");
     w.resync_mem(1);
     let mut rng = Rng(0x0064_6572_6567 | 1);

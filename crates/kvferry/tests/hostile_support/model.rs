@@ -331,6 +331,9 @@ pub struct Stats {
     pub toggles: u64,
     /// Frames sent in batches (several frames before the first answer).
     pub batched: u64,
+    /// Idle hostile connections the target closed when a memory region
+    /// their last frame used was deregistered (not an error; reported).
+    pub closed_by_deregistration: u64,
 }
 
 /// One frame the generator built.
@@ -533,6 +536,7 @@ impl World {
                     self.dead.extend(m.key.take());
                     r.deregister().expect("deregister a DRAM region");
                     self.last = format!("deregistered memory region {k}");
+                    self.after_mem_deregistration();
                 }
                 None => {
                     self.register_mem(k);
@@ -557,6 +561,22 @@ impl World {
             }
         }
         self.refresh_keys();
+    }
+
+    /// A target may close a connection whose last frame used a region that
+    /// is deregistered (it cannot always tell a finished READ from one in
+    /// flight): such a close is counted, and the client starts afresh.
+    fn after_mem_deregistration(&mut self) {
+        if let Some(mut c) = self.client.take() {
+            let _ = c.stream.set_read_timeout(Some(Duration::from_millis(3)));
+            let mut one = [0u8; 1];
+            match std::io::Read::read(&mut c.stream, &mut one) {
+                Ok(0) => self.stats.closed_by_deregistration += 1,
+                Ok(_) => panic!("the target sent a byte nobody asked for after {}", self.last),
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(_) => self.stats.closed_by_deregistration += 1,
+            }
+        }
     }
 
     fn kind_of(&self, key: &AccessKey) -> Option<Kind> {
@@ -1001,8 +1021,8 @@ impl World {
 
     /// Checks the answer to `f` against the model and applies accepted writes.
     fn settle(&mut self, f: Frame) -> Option<(FrameType, Status)> {
-        let what = self.describe(&f);
-        self.last = what.clone();
+        let what = format!("{} (after: {})", self.describe(&f), self.last);
+        self.last = self.describe(&f);
         self.count(&f.expect);
         if matches!(f.expect, Expect::Nothing) {
             self.notifs.push(f.data);
@@ -1128,6 +1148,7 @@ impl World {
             r.deregister().expect("deregister a DRAM region");
         }
         self.last = format!("deregistered memory region {i}");
+        self.after_mem_deregistration();
     }
 
     /// The current bytes of memory region `i` (not its canaries).
