@@ -245,3 +245,32 @@ fn no_byte_moves_after_deregistration_returns() {
     }
     w.legit_round();
 }
+
+/// Answers come in request order on each connection (docs/TCP.md): a frame
+/// refused at once is answered after the file READs before it, which the
+/// target pipelines. A kvferry initiator matches each answer to the frame it
+/// awaits, so an early ERROR would kill the connection and fail both requests.
+#[test]
+fn a_refusal_is_answered_after_the_file_reads_before_it() {
+    let mut w = World::new("order");
+    let (fk, foff, flen) = w.file_region(0).expect("file region 0 is live");
+    let (xk, _, _) = w.file_region(3).expect("the exported file is live");
+    let read = Entry { key: fk, addr: foff, len: flen };
+    let refused = [
+        ("out of bounds", vec![Entry { key: xk, addr: 0, len: 64 }, Entry { key: fk, addr: 0, len: 64 }]),
+        (
+            "unknown key",
+            vec![
+                Entry { key: xk, addr: 0, len: 64 },
+                Entry { key: kvferry::backend::AccessKey([9; 16]), addr: 0, len: 64 },
+            ],
+        ),
+    ];
+    for (what, bad) in refused {
+        for ty in [FrameType::Read, FrameType::Write] {
+            let got =
+                w.batch_checked(vec![(FrameType::Read, vec![read]), (FrameType::Read, vec![read]), (ty, bad.clone())]);
+            assert_eq!(got[2], (FrameType::Error, Status::NotAllowed), "{what}, {ty:?}");
+        }
+    }
+}

@@ -1181,27 +1181,43 @@ impl World {
     /// checks the answer and every byte against the model, and returns the
     /// answer's type and status.
     pub fn frame_checked(&mut self, ty: FrameType, entries: Vec<Entry>) -> (FrameType, Status) {
-        let op = self.next_op;
-        self.next_op += 1;
-        let header_len = entries.iter().try_fold(0u64, |a, e| a.checked_add(e.len)).unwrap_or(u64::MAX);
-        let expect = self.predict(ty, &entries, header_len);
-        let header_only = matches!(expect, Expect::Closed);
-        let mut data = Vec::new();
-        if ty == FrameType::Write && !header_only {
-            for e in &entries {
-                data.extend((0..e.len).map(|x| payload(op, e.addr.wrapping_add(x))));
-            }
-        }
-        let f = Frame { ty: ty as u8, op, count: entries.len() as u32, header_len, entries, data, header_only, expect };
+        self.batch_checked(vec![(ty, entries)])[0]
+    }
+
+    /// Sends hand-made WRITE or READ frames back to back before reading any
+    /// answer, then checks each answer (in request order) and every byte
+    /// against the model. The model predicts every frame from the state
+    /// before the batch: put an accepted WRITE last.
+    pub fn batch_checked(&mut self, frames: Vec<(FrameType, Vec<Entry>)>) -> Vec<(FrameType, Status)> {
+        let mut built = Vec::new();
         let mut b = Vec::new();
-        Self::encode(&f, &mut b);
-        if let Err(e) = self.client().send_raw(&b) {
-            panic!("{}: send failed: {e}", self.describe(&f));
+        for (ty, entries) in frames {
+            let op = self.next_op;
+            self.next_op += 1;
+            let header_len = entries.iter().try_fold(0u64, |a, e| a.checked_add(e.len)).unwrap_or(u64::MAX);
+            let expect = self.predict(ty, &entries, header_len);
+            let header_only = matches!(expect, Expect::Closed);
+            let mut data = Vec::new();
+            if ty == FrameType::Write && !header_only {
+                for e in &entries {
+                    data.extend((0..e.len).map(|x| payload(op, e.addr.wrapping_add(x))));
+                }
+            }
+            let f =
+                Frame { ty: ty as u8, op, count: entries.len() as u32, header_len, entries, data, header_only, expect };
+            Self::encode(&f, &mut b);
+            built.push(f);
         }
-        let r = self.settle(f).unwrap_or_else(|| unreachable!("WRITE and READ are answered"));
+        if let Err(e) = self.client().send_raw(&b) {
+            panic!("sending {} frames failed: {e}", built.len());
+        }
+        let mut out = Vec::new();
+        for f in built {
+            out.push(self.settle(f).unwrap_or_else(|| unreachable!("WRITE and READ are answered")));
+        }
         let when = self.last.clone();
         self.check_all(&when);
-        r
+        out
     }
 
     /// One step: a frame, a batch of frames, a frame cut off mid-way, or a
