@@ -813,6 +813,9 @@ impl<'a> Served<'a> {
             self.rx.discard(self.fd, h.len, &mut until(self.deadline))?;
         }
         tracing::debug!(agent = %self.shared.agent, peer = ?self.peer, reason = %e, "TCP: refused a frame");
+        // Answers go out in request order: file operations started before
+        // this frame are answered first (found by tests/tcp_model.rs).
+        self.flush_pending(usize::MAX)?;
         self.send_error(h.op, e)
     }
 
