@@ -94,13 +94,28 @@ impl Drop for InUse<'_> {
     }
 }
 
+/// How long `deregister` lets a frame that uses the region finish on its own
+/// before it aborts the frame's connection.
+const RELEASE_GRACE: Duration = Duration::from_millis(20);
+
 /// After the region `id` left the memory table: aborts every connection
 /// whose frame in progress uses it (without waiting on the slow peer), then
 /// returns once none of them touches its memory any more — a shut-down
 /// socket fails the copy at once, so this takes microseconds, not the peer's time.
 pub(super) fn release_region(shared: &Shared, id: u64) {
-    let users: Vec<Arc<Slot>> =
+    let mut users: Vec<Arc<Slot>> =
         shared.conns.lock().values().filter(|s| s.using.lock().contains(&id)).cloned().collect();
+    // A frame that is just finishing (its last bytes already sent, say, and
+    // the peer acting on them) lets go within microseconds: give frames a
+    // short grace before aborting, so that an idle peer is not disconnected
+    // by a race (found by tests/tcp_model.rs). A slow peer costs the grace.
+    let grace = Instant::now() + RELEASE_GRACE;
+    while !users.is_empty() && Instant::now() < grace {
+        users.retain(|s| s.using.lock().contains(&id));
+        if !users.is_empty() {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
     if users.is_empty() {
         return;
     }
