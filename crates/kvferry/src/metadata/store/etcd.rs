@@ -175,7 +175,12 @@ impl MetaStore for EtcdStore {
             keeper.keep_alive().await?;
             Ok(stream.message().await?.map(|r| r.ttl() > 0).unwrap_or(false))
         };
-        self.run("keep lease alive", Duration::ZERO, fut)
+        match self.run("keep lease alive", Duration::ZERO, fut) {
+            // A restarted etcd answers an unknown lease with an error, not a
+            // zero TTL: the lease is gone all the same, so the caller re-publishes.
+            Err(e) if e.message().contains("lease not found") => Ok(false),
+            r => r,
+        }
     }
 
     fn revoke(&self, lease: u64) -> Result<()> {
