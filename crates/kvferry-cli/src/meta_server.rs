@@ -49,6 +49,10 @@ pub struct MetaServerArgs {
     /// Most open connections; more wait in the accept queue.
     #[arg(long, default_value_t = MetaServerConfig::default().max_connections)]
     pub max_connections: usize,
+    /// Most open connections from one source (an IPv4 address or an IPv6
+    /// /64); more get 503 and are closed.
+    #[arg(long, default_value_t = MetaServerConfig::default().max_connections_per_ip)]
+    pub max_connections_per_ip: usize,
     /// Most requests waiting at once (wait_ms > 0); more get 503, ordinary
     /// requests never count. Must be below --max-connections.
     #[arg(long, default_value_t = MetaServerConfig::default().max_waiters)]
@@ -87,6 +91,7 @@ impl MetaServerArgs {
             max_bytes: self.max_bytes,
             max_leases: self.max_leases,
             max_connections: self.max_connections,
+            max_connections_per_ip: self.max_connections_per_ip,
             max_waiters: self.max_waiters,
             max_header_bytes: self.max_header_bytes,
             header_timeout: Duration::from_millis(self.header_timeout_ms),

@@ -11,14 +11,14 @@
 //! [`Limits`]: connections in all and per source address, and one deadline
 //! for the whole handshake.
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kvferry::admission::ConnGate;
 use kvferry::{AuthToken, Error, Result};
 use serde::{Deserialize, Serialize};
 
@@ -112,7 +112,8 @@ pub fn connect_auth(addr: &str, timeout: Duration, token: Option<&AuthToken>) ->
 pub struct Limits {
     /// Connections in their handshake at once, from everyone. Default: 64.
     pub max_connections: usize,
-    /// Connections in their handshake at once from one IP address. Default: 8.
+    /// Connections in their handshake at once from one source (an IPv4
+    /// address or an IPv6 /64, see [`kvferry::admission::source_of`]). Default: 8.
     pub max_connections_per_ip: usize,
     /// The whole handshake (token, `Hello`, the answer) must end within this. Default: 10 s.
     pub deadline: Duration,
@@ -121,28 +122,6 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits { max_connections: 64, max_connections_per_ip: 8, deadline: Duration::from_secs(10) }
-    }
-}
-
-#[derive(Default)]
-struct Gate {
-    total: usize,
-    per_ip: HashMap<IpAddr, usize>,
-}
-
-/// A connection's place in the [`Gate`]; dropping it frees it.
-struct Slot(Arc<Mutex<Gate>>, IpAddr);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        g.total -= 1;
-        if let Some(n) = g.per_ip.get_mut(&self.1) {
-            *n -= 1;
-            if *n == 0 {
-                g.per_ip.remove(&self.1);
-            }
-        }
     }
 }
 
@@ -169,7 +148,7 @@ impl Server {
     /// Accepts until `stop` is set (checked at least every 200 ms), running
     /// `handler` on each admitted client's first message on a thread of its own.
     pub fn run(self, stop: &AtomicBool, handler: Handler) -> Result<()> {
-        let gate = Arc::new(Mutex::new(Gate::default()));
+        let gate = ConnGate::new(self.limits.max_connections, self.limits.max_connections_per_ip);
         let token = self.token.map(Arc::new);
         self.listener.set_nonblocking(true).map_err(|e| Error::io("rendezvous: nonblocking", e))?;
         while !stop.load(Ordering::Relaxed) {
@@ -186,22 +165,7 @@ impl Server {
                         break;
                     }
                 };
-                let admitted = {
-                    let mut g = gate.lock().unwrap_or_else(|p| p.into_inner());
-                    let n = g.per_ip.get(&peer.ip()).copied().unwrap_or(0);
-                    if g.total >= self.limits.max_connections {
-                        Err(format!("rendezvous busy: {} handshakes in flight; retry shortly", g.total))
-                    } else if n >= self.limits.max_connections_per_ip {
-                        Err(format!(
-                            "rendezvous: {n} handshakes from {} in flight already; finish those first",
-                            peer.ip()
-                        ))
-                    } else {
-                        g.total += 1;
-                        *g.per_ip.entry(peer.ip()).or_insert(0) += 1;
-                        Ok(Slot(gate.clone(), peer.ip()))
-                    }
-                };
+                let admitted = gate.admit(peer.ip()).map_err(|why| format!("rendezvous {why}"));
                 let slot = match admitted {
                     Ok(slot) => slot,
                     Err(why) => {
@@ -237,6 +201,47 @@ impl Server {
         }
         Ok(())
     }
+}
+
+/// Serves `listener` (within the default [`Limits`], admitting clients
+/// that present `token`) until a client's first message passes `check`,
+/// and hands that client over: its stream, address and message. Clients
+/// that fail (no token, garbage, too slow, refused by `check`) get a
+/// `Failed` answer and the wait goes on; handshakes run concurrently, so a
+/// silent client cannot hold the port.
+pub fn accept_first(
+    listener: TcpListener,
+    token: Option<AuthToken>,
+    check: impl Fn(SocketAddr, &Msg) -> Result<()> + Send + Sync + 'static,
+) -> Result<(TcpStream, SocketAddr, Msg)> {
+    type Accepted = (TcpStream, SocketAddr, Msg);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Accepted>(1);
+    let tx = std::sync::Mutex::new(Some(tx));
+    let handler: Handler = Arc::new(move |s, peer, m, _deadline| {
+        check(peer, &m)?;
+        let mut slot = tx.lock().unwrap_or_else(|p| p.into_inner());
+        let taken = || Error::not_allowed("this target already serves an initiator; start another target");
+        let sender = slot.as_ref().ok_or_else(taken)?;
+        let stream = s.try_clone().map_err(|e| Error::io("rendezvous: keeping the connection", e))?;
+        sender.try_send((stream, peer, m)).map_err(|_| taken())?;
+        *slot = None;
+        Ok(())
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = Server::new(listener, Limits::default(), token);
+    let st = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name("kvf-rendezvous-accept".into())
+        .spawn(move || server.run(&st, handler))
+        .map_err(|e| Error::io("rendezvous: cannot spawn its thread", e))?;
+    let accepted = rx.recv();
+    stop.store(true, Ordering::Relaxed);
+    let _ = thread.join();
+    let (s, peer, m) =
+        accepted.map_err(|_| Error::internal("rendezvous: the server stopped before an initiator arrived"))?;
+    // The handshake's deadline is over: the session lasts as long as the initiator keeps it.
+    let _ = s.set_write_timeout(Some(Duration::from_secs(60)));
+    Ok((s, peer, m))
 }
 
 /// Reads the client's `Auth` frame (small) and checks its token.

@@ -702,3 +702,44 @@ fn meta_server_refuses_bad_limits_and_tokens_clearly() {
     assert!(!o.status.success());
     assert!(text(&o).contains("auth token"), "{}", text(&o));
 }
+
+#[test]
+fn storage_target_refuses_a_client_without_the_token_and_serves_its_initiator() {
+    let dir = format!("/var/tmp/kvferry-cli-stt-{}", std::process::id());
+    std::fs::create_dir_all(&dir).unwrap();
+    let files = ["--dir", &dir, "--file-size", "4M", "--num-files", "1", "--op", "write"];
+    let mut target = Command::new(env!("CARGO_BIN_EXE_kvferry"))
+        .args(["bench", "storage", "--mode", "target", "--ip", "127.0.0.1", "--port", "0"])
+        .args(files)
+        .env("KVFERRY_AUTH_TOKEN", "st-tok")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let line = first_line(&mut target);
+    let target = Killer(target);
+    let addr = line.trim().strip_prefix("KVFERRY-TARGET listening on ").unwrap().to_string();
+    let port = addr.rsplit(':').next().unwrap().to_string();
+    // A silent client does not hold the port; no token or a wrong one is refused.
+    let _idle = raw::send(&addr, &[]);
+    let mut s = raw::send(&addr, &[raw::auth(b""), raw::hello("tcp", 0, b"")]);
+    assert!(raw::answer(&mut s, Duration::from_secs(5)).unwrap_err().contains("auth token"));
+    let mut s = raw::send(&addr, &[raw::auth(b"guess"), raw::hello("tcp", 0, b"")]);
+    assert!(raw::answer(&mut s, Duration::from_secs(5)).unwrap_err().contains("auth token"));
+    // The initiator with the token is served, and the target leaves after it.
+    let o = Command::new(env!("CARGO_BIN_EXE_kvferry"))
+        .args(["bench", "storage", "--mode", "initiator", "--ip", "127.0.0.1", "--port", &port])
+        .args(files)
+        .args(["--block-sizes", "64K", "--batch-size", "4", "--iters", "10", "--check-consistency"])
+        .env("KVFERRY_AUTH_TOKEN", "st-tok")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let mut target = target;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while target.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the storage target leaves after its initiator");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -49,6 +49,7 @@
 //! # Ok::<(), kvferry::Error>(())
 //! ```
 
+pub mod admission;
 pub mod agent;
 pub mod auth;
 pub mod backend;

@@ -9,11 +9,11 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::os::fd::FromRawFd;
 use std::time::{Duration, Instant};
 
 use kvferry::metadata::listener::{encode_msg, ListenerLimits, MsgHeader, Op, HEADER_LEN};
 use kvferry::{Agent, AgentConfig, AlignedBuf, ErrorKind, Params};
+use support::connect_from;
 
 const T: Duration = Duration::from_secs(5);
 
@@ -39,32 +39,6 @@ fn source(prefix: &str, regions: usize) -> (Agent, Vec<AlignedBuf>, Vec<kvferry:
     let bufs: Vec<AlignedBuf> = (0..regions).map(|_| AlignedBuf::new(4096).unwrap()).collect();
     let regs = bufs.iter().map(|b| a.register_buf(b).unwrap()).collect();
     (a, bufs, regs)
-}
-
-/// A TCP connection to `dst` from source address `src` (another loopback
-/// address stands for another host).
-fn connect_from(src: Ipv4Addr, dst: SocketAddr) -> TcpStream {
-    let to_sockaddr = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr { s_addr: u32::from(ip).to_be() },
-        sin_zero: [0; 8],
-    };
-    let SocketAddr::V4(d) = dst else { panic!("IPv4 only") };
-    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: plain socket(2)/bind(2)/connect(2) on a descriptor this function
-    // owns, with sockaddr_in values that live across each call; the fd is
-    // handed to TcpStream, which closes it.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-        let s = TcpStream::from_raw_fd(fd);
-        let sa = to_sockaddr(src, 0);
-        assert_eq!(libc::bind(fd, &sa as *const _ as *const libc::sockaddr, len), 0, "bind {src}");
-        let da = to_sockaddr(*d.ip(), d.port());
-        assert_eq!(libc::connect(fd, &da as *const _ as *const libc::sockaddr, len), 0, "connect {dst}");
-        s
-    }
 }
 
 /// Reads one answer: its kind and body. Errors (EOF, timeout) are `None`.

@@ -545,3 +545,49 @@ fn slow_large_uploads_cannot_take_the_memory_and_small_puts_still_flow() {
     }
     assert_eq!(status_and_body(&raw(addr, &big)).0, 200);
 }
+
+#[test]
+fn one_source_cannot_hold_every_connection() {
+    let cfg = MetaServerConfig {
+        max_connections: 16,
+        max_connections_per_ip: 4,
+        max_waiters: 2,
+        ..MetaServerConfig::default()
+    };
+    let srv = MetaServer::start_with("127.0.0.1:0", cfg).unwrap();
+    let addr = srv.addr();
+    // Four idle connections from 127.0.0.1 fill its share (a complete request
+    // proves each is being served before the next comes).
+    let mut held: Vec<TcpStream> = Vec::new();
+    for _ in 0..4 {
+        let mut s = support::connect_from(std::net::Ipv4Addr::LOCALHOST, addr);
+        s.write_all(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut b = [0u8; 12];
+        s.read_exact(&mut b).unwrap();
+        assert_eq!(&b[9..12], b"200");
+        held.push(s);
+    }
+    // A fifth from the same address is answered 503 and closed at once.
+    let r = raw(addr, b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
+    let (st, body) = status_and_body(&r);
+    assert_eq!(st, 503, "{r}");
+    assert!(body.contains("max_connections_per_ip"), "{body}");
+    // Another host (127.0.0.2) is still served.
+    let mut other = support::connect_from(std::net::Ipv4Addr::new(127, 0, 0, 2), addr);
+    other.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    other.write_all(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let _ = other.read_to_string(&mut out);
+    let (st, body) = status_and_body(&out);
+    assert_eq!(st, 200, "{out}");
+    assert!(json(&body)["refused_per_ip"].as_u64().unwrap() >= 1, "{body}");
+    assert!(srv.refused_per_ip() >= 1);
+    // Closing one held connection gives its share back.
+    held.pop();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !healthy(addr) {
+        assert!(Instant::now() < deadline, "a freed connection slot is never given back");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -4,8 +4,6 @@
 
 use std::io::{BufRead, BufReader, IsTerminal};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
@@ -270,44 +268,18 @@ pub fn run_target(args: &P2pArgs) -> Result<()> {
     let addr = listener.local_addr().map_err(|e| Error::io("rendezvous: local address", e))?;
     println!("KVFERRY-TARGET listening on {addr}");
     let token = AgentConfig::default().auth_token;
-    // The first initiator whose Hello passes the checks is handed over here.
-    type Accepted = (std::net::TcpStream, std::net::SocketAddr, String, u64, u8, Vec<u8>);
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Accepted>(1);
-    let tx = std::sync::Mutex::new(Some(tx));
-    let handler: rendezvous::Handler = Arc::new(move |s, peer, m, _deadline| {
-        let Msg::Hello { backend, buf_len, pattern_seed, metadata } = m else {
-            return Err(Error::malformed(format!("rendezvous: {peer} did not start with Hello")));
-        };
-        if buf_len > max {
-            return Err(Error::invalid(format!(
-                "the initiator asks for a {buf_len}-byte target buffer, above this target's --max-buffer of {max} bytes: start the target with a larger --max-buffer, or the initiator with smaller --block-sizes, --batch-sizes or --threads"
-            )));
-        }
-        let mut slot = tx.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(sender) = slot.as_ref() else {
-            return Err(Error::not_allowed("this target already serves an initiator; start another target"));
-        };
-        let stream = s.try_clone().map_err(|e| Error::io("rendezvous: keeping the connection", e))?;
-        sender
-            .try_send((stream, peer, backend, buf_len, pattern_seed, metadata))
-            .map_err(|_| Error::not_allowed("this target already serves an initiator; start another target"))?;
-        *slot = None;
-        Ok(())
-    });
-    let stop = Arc::new(AtomicBool::new(false));
-    let server = rendezvous::Server::new(listener, rendezvous::Limits::default(), token);
-    let st = stop.clone();
-    let thread = std::thread::Builder::new()
-        .name("kvf-bench-rendezvous".into())
-        .spawn(move || server.run(&st, handler))
-        .map_err(|e| Error::io("rendezvous: cannot spawn its thread", e))?;
-    let accepted = rx.recv();
-    stop.store(true, Ordering::Relaxed);
-    let _ = thread.join();
-    let (mut s, _peer, backend, buf_len, pattern_seed, metadata) =
-        accepted.map_err(|_| Error::internal("rendezvous: the server stopped before an initiator arrived"))?;
-    // The handshake's deadline is over: the session lasts as long as the initiator keeps it.
-    let _ = s.set_write_timeout(Some(Duration::from_secs(60)));
+    let (mut s, _peer, hello) = rendezvous::accept_first(listener, token, move |peer, m| {
+        match m {
+        Msg::Hello { buf_len, .. } if *buf_len > max => Err(Error::invalid(format!(
+            "the initiator asks for a {buf_len}-byte target buffer, above this target's --max-buffer of {max} bytes: start the target with a larger --max-buffer, or the initiator with smaller --block-sizes, --batch-sizes or --threads"
+        ))),
+        Msg::Hello { .. } => Ok(()),
+        _ => Err(Error::malformed(format!("rendezvous: {peer} did not start with Hello"))),
+    }
+    })?;
+    let Msg::Hello { backend, buf_len, pattern_seed, metadata } = hello else {
+        return Err(Error::internal("rendezvous: accepted a client that did not send Hello"));
+    };
     let params = args.common.backend_params()?;
     let result = (|| {
         let a = agent("target", &backend, &params)?;

@@ -294,9 +294,15 @@ fn run_target(a: &StorageArgs, c: &Common, op: XferOp) -> Result<()> {
     let listener = rendezvous::listen(&a.ip, a.port)?;
     let addr = listener.local_addr().map_err(|e| Error::io("rendezvous: local address", e))?;
     println!("KVFERRY-TARGET listening on {addr}");
-    let (mut s, peer) = listener.accept().map_err(|e| Error::io("rendezvous: accept", e))?;
-    let Msg::Hello { metadata, .. } = rendezvous::recv(&mut s, Duration::from_secs(60))? else {
-        return Err(Error::malformed(format!("rendezvous: {peer} did not start with Hello")));
+    // Only an initiator with the agent's token (KVFERRY_AUTH_TOKEN) is
+    // served; others are refused while the target keeps waiting.
+    let (mut s, _peer, hello) =
+        rendezvous::accept_first(listener, agent.config().auth_token.clone(), |peer, m| match m {
+            Msg::Hello { .. } => Ok(()),
+            _ => Err(Error::malformed(format!("rendezvous: {peer} did not start with Hello"))),
+        })?;
+    let Msg::Hello { metadata, .. } = hello else {
+        return Err(Error::internal("rendezvous: accepted a client that did not send Hello"));
     };
     agent.load_remote_metadata(&metadata)?;
     rendezvous::send(&mut s, &Msg::Ready { metadata: agent.local_metadata()?, descs: Vec::new(), files: Vec::new() })?;
@@ -337,7 +343,7 @@ fn remote_session(a: &StorageArgs, c: &Common, _op: XferOp, max: usize) -> Resul
     )?;
     let buf = c.buffer_or(BufferKind::Huge).alloc(max * 2)?;
     let breg = agent.register_buf(&buf)?;
-    let mut s = rendezvous::connect(&addr, Duration::from_secs(60))?;
+    let mut s = rendezvous::connect_auth(&addr, Duration::from_secs(60), agent.config().auth_token.as_ref())?;
     rendezvous::send(
         &mut s,
         &Msg::Hello { backend: "tcp".into(), buf_len: 0, pattern_seed: 0, metadata: agent.local_metadata()? },

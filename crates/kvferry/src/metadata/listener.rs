@@ -18,9 +18,8 @@
 //! deadline for the whole exchange, a cap on body bytes held at once, and the
 //! token checked before a body is read.
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -29,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use crate::admission::{ConnGate, ConnSlot, Refusal};
 use crate::auth::AuthToken;
 use crate::error::{Error, Result};
 
@@ -202,7 +202,8 @@ pub struct ListenerLimits {
     /// Connections served at once, from everyone; more are answered `ERROR`
     /// and closed at once. Default: 64.
     pub max_connections: usize,
-    /// Connections served at once from one IP address. Default: 8, so that
+    /// Connections served at once from one source (an IPv4 address or an
+    /// IPv6 /64, see [`crate::admission::source_of`]). Default: 8, so that
     /// one host cannot take every slot.
     pub max_connections_per_ip: usize,
     /// The whole exchange (header, token, body, the agent's work, the
@@ -259,53 +260,25 @@ pub(crate) struct Caller {
 pub(crate) type Handler =
     Arc<dyn Fn(Caller, ListenerRequest) -> std::result::Result<Option<Vec<u8>>, String> + Send + Sync>;
 
-/// Connections in flight, in all and per source address, and the body bytes
-/// they hold. Taken once per connection (accept and close), never per byte.
-#[derive(Debug, Default)]
-struct Gate {
-    total: usize,
-    per_ip: HashMap<IpAddr, usize>,
-    bytes: u64,
-}
-
-/// One admitted connection's share of the [`Gate`]; dropping it gives it back.
+/// One admitted connection: its place in the listener's [`ConnGate`] and
+/// the body bytes it holds of `max_inflight_bytes`. Dropping it gives both back.
 struct Slot {
-    gate: Arc<Mutex<Gate>>,
-    ip: IpAddr,
+    _conn: ConnSlot,
+    budget: Arc<Mutex<u64>>,
     bytes: u64,
 }
 
 impl Slot {
-    /// Takes a slot for a connection from `ip`, or says which cap is full.
-    fn admit(gate: &Arc<Mutex<Gate>>, limits: &ListenerLimits, ip: IpAddr) -> std::result::Result<Slot, String> {
-        let mut g = gate.lock();
-        if g.total >= limits.max_connections {
-            return Err(format!(
-                "metadata listener busy: {} connections in flight (max_connections); retry shortly",
-                g.total
-            ));
-        }
-        let n = g.per_ip.entry(ip).or_insert(0);
-        if *n >= limits.max_connections_per_ip {
-            return Err(format!(
-                "metadata listener: {n} connections from {ip} already in flight (max_connections_per_ip); finish those first"
-            ));
-        }
-        *n += 1;
-        g.total += 1;
-        Ok(Slot { gate: gate.clone(), ip, bytes: 0 })
-    }
-
     /// Reserves `n` body bytes against `max_inflight_bytes`.
     fn reserve(&mut self, n: u64, limits: &ListenerLimits) -> Result<()> {
-        let mut g = self.gate.lock();
-        if g.bytes + n > limits.max_inflight_bytes {
+        let mut held = self.budget.lock();
+        if *held + n > limits.max_inflight_bytes {
             return Err(Error::not_allowed(format!(
                 "metadata listener busy: a {n}-byte body would pass the {} bytes all requests may hold at once (max_inflight_bytes); retry shortly",
                 limits.max_inflight_bytes
             )));
         }
-        g.bytes += n;
+        *held += n;
         self.bytes += n;
         Ok(())
     }
@@ -313,15 +286,7 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut g = self.gate.lock();
-        g.total -= 1;
-        g.bytes -= self.bytes;
-        if let Some(n) = g.per_ip.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                g.per_ip.remove(&self.ip);
-            }
-        }
+        *self.budget.lock() -= self.bytes;
     }
 }
 
@@ -355,7 +320,8 @@ impl ListenerHandle {
         let fd = listener.as_raw_fd();
         let stop = Arc::new(AtomicBool::new(false));
         let st = stop.clone();
-        let gate = Arc::new(Mutex::new(Gate::default()));
+        let gate = ConnGate::new(limits.max_connections, limits.max_connections_per_ip);
+        let budget = Arc::new(Mutex::new(0u64));
         let token = token.map(Arc::new);
         let thread = std::thread::Builder::new()
             .name(format!("kvf-md-listen-{}", bound.port()))
@@ -373,10 +339,14 @@ impl ListenerHandle {
                         }
                     };
                     let Ok(peer) = s.peer_addr() else { continue };
-                    let slot = match Slot::admit(&gate, &limits, peer.ip()) {
-                        Ok(slot) => slot,
-                        Err(msg) => {
-                            refuse(s, &msg);
+                    let slot = match gate.admit(peer.ip()) {
+                        Ok(conn) => Slot { _conn: conn, budget: budget.clone(), bytes: 0 },
+                        Err(why) => {
+                            let cap = match why {
+                                Refusal::Busy { .. } => "max_connections",
+                                Refusal::SourceBusy { .. } => "max_connections_per_ip",
+                            };
+                            refuse(s, &format!("metadata listener {why} ({cap})"));
                             continue;
                         }
                     };

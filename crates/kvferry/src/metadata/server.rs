@@ -47,8 +47,9 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use parking_lot::Mutex;
 use serde_json::{json, Value};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
+use crate::admission::ConnGate;
 use crate::auth::AuthToken;
 use crate::error::{Error, Result};
 
@@ -62,6 +63,13 @@ pub const MAX_WAIT: Duration = Duration::from_secs(60);
 pub const MAX_TTL: Duration = Duration::from_secs(3600);
 /// Events kept for watchers that fall behind.
 const EVENT_LOG: usize = 16 * 1024;
+/// Most events in one `GET /v1/events` answer; the rest come on the next call.
+const MAX_EVENTS_PER_ANSWER: usize = 1024;
+/// Listings of up to this many keys are built on a request worker without
+/// a permit; larger ones take one of [`LARGE_LISTINGS`].
+const SMALL_LISTING: usize = 1024;
+/// Large listings built or being sent at once.
+const LARGE_LISTINGS: usize = 2;
 /// Bodies up to this size do not take from `max_body_bytes`.
 const SMALL_BODY: usize = 64 << 10;
 /// Bytes a key costs in the total-bytes budget beyond its key and value
@@ -87,6 +95,11 @@ pub struct MetaServerConfig {
     /// Most open connections; more wait in the kernel's accept queue until
     /// one closes. Default 1024.
     pub max_connections: usize,
+    /// Most open connections from one source (an IPv4 address or an IPv6
+    /// /64, see [`crate::admission::source_of`]); more are answered 503 and
+    /// closed at once, so one host cannot hold every connection. Default 256
+    /// (a value above `max_connections` acts as `max_connections`).
+    pub max_connections_per_ip: usize,
     /// Most requests waiting at once (`wait_ms` > 0 on `GET /v1/kv` and
     /// `GET /v1/events`); more get 503 at once. Ordinary requests never
     /// count against it. Default 256 (must be below `max_connections`).
@@ -121,6 +134,7 @@ impl Default for MetaServerConfig {
             max_bytes: 1 << 30,
             max_leases: 65_536,
             max_connections: 1024,
+            max_connections_per_ip: 256,
             max_waiters: 256,
             max_header_bytes: 64 << 10,
             header_timeout: Duration::from_secs(10),
@@ -145,6 +159,7 @@ impl MetaServerConfig {
             ("max_bytes", self.max_bytes),
             ("max_leases", self.max_leases),
             ("max_connections", self.max_connections),
+            ("max_connections_per_ip", self.max_connections_per_ip),
             ("max_waiters", self.max_waiters),
         ];
         if let Some((name, _)) = zero.iter().find(|(_, v)| *v == 0) {
@@ -269,11 +284,15 @@ struct Shared {
     /// The revision, for waiters: bumped after every change.
     changed: watch::Sender<u64>,
     waiters: Arc<Semaphore>,
+    /// Listings of over [`SMALL_LISTING`] keys in memory at once.
+    large_listings: Arc<Semaphore>,
     /// Bytes of large bodies being received (`max_body_bytes`).
     body_budget: Arc<Semaphore>,
     stop: AtomicBool,
     accept_errors: AtomicU64,
     connections: AtomicU64,
+    /// Connections refused because their source held `max_connections_per_ip`.
+    refused_per_ip: AtomicU64,
 }
 
 impl Shared {
@@ -325,6 +344,7 @@ impl MetaServer {
             .map_err(|e| Error::io("metadata server: starting its runtime", e))?;
         let shared = Arc::new(Shared {
             waiters: Arc::new(Semaphore::new(cfg.max_waiters)),
+            large_listings: Arc::new(Semaphore::new(LARGE_LISTINGS)),
             body_budget: Arc::new(Semaphore::new(cfg.max_body_bytes)),
             cfg,
             state: Mutex::new(State::default()),
@@ -332,6 +352,7 @@ impl MetaServer {
             stop: AtomicBool::new(false),
             accept_errors: AtomicU64::new(0),
             connections: AtomicU64::new(0),
+            refused_per_ip: AtomicU64::new(0),
         });
         let listener = {
             let _guard = runtime.enter();
@@ -384,6 +405,12 @@ impl MetaServer {
         self.shared.accept_errors.load(Ordering::Relaxed)
     }
 
+    /// How many connections were refused because their source already held
+    /// `max_connections_per_ip` connections.
+    pub fn refused_per_ip(&self) -> u64 {
+        self.shared.refused_per_ip.load(Ordering::Relaxed)
+    }
+
     /// Stops serving and waits for its threads.
     pub fn stop(mut self) {
         self.shutdown();
@@ -404,25 +431,46 @@ impl Drop for MetaServer {
     }
 }
 
-/// Accepts connections while fewer than `max_connections` are open. An
+/// Accepts connections while fewer than `max_connections` are open; one
+/// whose source holds `max_connections_per_ip` already gets a 503 and is
+/// closed (the answer fits a fresh socket's buffer, so this never waits). An
 /// accept error (EMFILE, ENFILE, ENOMEM, a connection reset before it was
 /// taken) is logged and followed by a pause that grows to 1 s; the loop
 /// never exits, so the server serves again as soon as descriptors free up.
 async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
     let slots = Arc::new(Semaphore::new(shared.cfg.max_connections));
+    // The semaphore bounds the total; the gate only counts per source.
+    let sources = ConnGate::new(usize::MAX, shared.cfg.max_connections_per_ip.min(shared.cfg.max_connections));
     let mut pause = Duration::from_millis(5);
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else { return };
         match listener.accept().await {
-            Ok((sock, _peer)) => {
+            Ok((sock, peer)) => {
                 pause = Duration::from_millis(5);
+                let source = match sources.admit(peer.ip()) {
+                    Ok(s) => s,
+                    Err(why) => {
+                        let n = shared.refused_per_ip.fetch_add(1, Ordering::Relaxed);
+                        if n.is_power_of_two() || n == 0 {
+                            tracing::warn!(%peer, refused = n + 1, "metadata server: connection refused: {why} (max_connections_per_ip)");
+                        }
+                        let body =
+                            json!({ "error": format!("metadata server: {why} (max_connections_per_ip)") }).to_string();
+                        let answer = format!(
+                            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        let _ = sock.try_write(answer.as_bytes());
+                        continue;
+                    }
+                };
                 let _ = sock.set_nodelay(true);
                 let shared = shared.clone();
                 tokio::spawn(async move {
                     shared.connections.fetch_add(1, Ordering::Relaxed);
                     serve_connection(sock, &shared).await;
                     shared.connections.fetch_sub(1, Ordering::Relaxed);
-                    drop(slot);
+                    drop((source, slot));
                 });
             }
             Err(e) => {
@@ -465,10 +513,45 @@ async fn serve_connection(sock: tokio::net::TcpStream, shared: &Arc<Shared>) {
     }
 }
 
-type Resp = Response<Full<Bytes>>;
+type Resp = Response<Body>;
+
+/// A whole answer in memory, with the permit that allowed building it (a
+/// large listing): the permit is given back only when hyper drops the body,
+/// that is once it was written or the connection died, so slow readers
+/// cannot pile up large answers in memory.
+struct Body {
+    bytes: Full<Bytes>,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Body {
+    fn new(b: Bytes) -> Body {
+        Body { bytes: Full::new(b), _permit: None }
+    }
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<std::result::Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        std::pin::Pin::new(&mut self.get_mut().bytes).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.bytes.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.bytes.size_hint()
+    }
+}
 
 fn reply(code: u16, body: Value) -> Resp {
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    let mut r = Response::new(Body::new(Bytes::from(body.to_string())));
     *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
     r
@@ -479,7 +562,7 @@ fn error(code: u16, msg: impl Into<String>) -> Resp {
 }
 
 fn bytes(value: Bytes) -> Resp {
-    let mut r = Response::new(Full::new(value));
+    let mut r = Response::new(Body::new(value));
     r.headers_mut()
         .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/octet-stream"));
     r
@@ -799,6 +882,34 @@ async fn route(req: Request<Incoming>, path: &str, sh: &Arc<Shared>) -> std::res
             Method::GET => {
                 // Snapshot under the lock (a clone of each key), build the
                 // JSON outside it: a long listing does not stall other requests.
+                // A large one (over SMALL_LISTING keys) first takes one of
+                // LARGE_LISTINGS permits, held until its answer was sent,
+                // so that many clients asking at once cannot each hold a
+                // copy of the whole store.
+                let range_len = |st: &State| {
+                    st.kv
+                        .range::<str, _>((std::ops::Bound::Included(prefix.as_str()), std::ops::Bound::Unbounded))
+                        .take_while(|(k, _)| k.starts_with(&prefix))
+                        .take(SMALL_LISTING + 1)
+                        .count()
+                };
+                let large = range_len(&sh.state.lock()) > SMALL_LISTING;
+                let permit = if large {
+                    let wait = sh.cfg.body_timeout / 4;
+                    match tokio::time::timeout(wait, sh.large_listings.clone().acquire_owned()).await {
+                        Ok(Ok(p)) => Some(p),
+                        _ => {
+                            return Err(error(
+                                503,
+                                format!(
+                                    "metadata server busy: {LARGE_LISTINGS} listings of over {SMALL_LISTING} keys are being sent; retry shortly or list a narrower prefix"
+                                ),
+                            ))
+                        }
+                    }
+                } else {
+                    None
+                };
                 let (rev, keys): (u64, Vec<(String, usize, bool)>) = {
                     let st = sh.state.lock();
                     let keys = st
@@ -809,7 +920,7 @@ async fn route(req: Request<Incoming>, path: &str, sh: &Arc<Shared>) -> std::res
                         .collect();
                     (st.rev, keys)
                 };
-                let small = keys.len() <= 1024;
+                let small = keys.len() <= SMALL_LISTING;
                 let build = move || {
                     let list: Vec<Value> = keys
                         .into_iter()
@@ -817,14 +928,16 @@ async fn route(req: Request<Incoming>, path: &str, sh: &Arc<Shared>) -> std::res
                         .collect();
                     reply(200, json!({"revision": rev, "keys": list}))
                 };
-                if small {
+                let mut r = if small {
                     build()
                 } else {
                     // Off the two request workers (a few blocking threads at most).
                     tokio::task::spawn_blocking(build)
                         .await
                         .unwrap_or_else(|e| error(500, format!("building the listing failed: {e}")))
-                }
+                };
+                r.body_mut()._permit = permit;
+                r
             }
             Method::DELETE => {
                 if prefix.is_empty() {
@@ -917,15 +1030,21 @@ async fn route(req: Request<Incoming>, path: &str, sh: &Arc<Shared>) -> std::res
         return Ok(wait_until(sh, wait, move |st, last| {
             let compacted = st.events.front().is_some_and(|e| e.rev > since + 1) && since > 0;
             let from = st.events.partition_point(|e| e.rev <= scanned);
-            let events: Vec<_> = st
-                .events
-                .range(from..)
-                .filter(|e| e.key.starts_with(&prefix))
-                .map(|e| json!({"rev": e.rev, "kind": if e.put { "put" } else { "delete" }, "key": e.key}))
-                .collect();
-            scanned = scanned.max(st.rev);
+            // At most MAX_EVENTS_PER_ANSWER events an answer (about 1 MiB):
+            // a client far behind pages through the log from the returned
+            // revision, and no answer built under the lock is large.
+            let mut events = Vec::new();
+            let mut revision = st.rev;
+            for e in st.events.range(from..).filter(|e| e.key.starts_with(&prefix)) {
+                if events.len() == MAX_EVENTS_PER_ANSWER {
+                    revision = e.rev - 1;
+                    break;
+                }
+                events.push(json!({"rev": e.rev, "kind": if e.put { "put" } else { "delete" }, "key": e.key}));
+            }
+            scanned = scanned.max(revision);
             (!events.is_empty() || compacted || last)
-                .then(|| reply(200, json!({"revision": st.rev, "compacted": compacted, "events": events})))
+                .then(|| reply(200, json!({"revision": revision, "compacted": compacted, "events": events})))
         })
         .await);
     }
@@ -941,6 +1060,7 @@ async fn route(req: Request<Incoming>, path: &str, sh: &Arc<Shared>) -> std::res
                 "leases": st.leases.len(),
                 "connections": sh.connections.load(Ordering::Relaxed),
                 "accept_errors": sh.accept_errors.load(Ordering::Relaxed),
+                "refused_per_ip": sh.refused_per_ip.load(Ordering::Relaxed),
                 "auth": sh.cfg.token.is_some(),
             }),
         ));

@@ -182,3 +182,13 @@ impl Drop for Etcd {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A TCP connection to `dst` from source address `src` (another loopback
+/// address, such as 127.0.0.2, stands for another host).
+pub fn connect_from(src: std::net::Ipv4Addr, dst: std::net::SocketAddr) -> std::net::TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    s.bind(&std::net::SocketAddr::from((src, 0)).into()).unwrap_or_else(|e| panic!("bind {src}: {e}"));
+    s.connect(&dst.into()).unwrap_or_else(|e| panic!("connect {dst} from {src}: {e}"));
+    s.into()
+}

@@ -60,6 +60,40 @@ pub fn send_with_fd(sock: &UnixStream, bytes: &[u8], fd: BorrowedFd<'_>) -> io::
     Ok(())
 }
 
+/// Sends all of `bytes` by `deadline` without depending on the socket's
+/// blocking mode or write timeout: non-blocking sends, and `poll` for room
+/// in between. `TimedOut` if the peer did not make room in time (the frame
+/// may then be partly sent: the caller must close the connection).
+pub fn send_within(sock: &UnixStream, bytes: &[u8], deadline: std::time::Instant) -> io::Result<()> {
+    let mut off = 0;
+    while off < bytes.len() {
+        let rest = &bytes[off..];
+        // SAFETY: `rest` is a live slice for the call; the kernel only reads it.
+        let n = unsafe {
+            libc::send(sock.as_raw_fd(), rest.as_ptr().cast(), rest.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        };
+        if n >= 0 {
+            off += n as usize;
+            continue;
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock => {}
+            _ => return Err(e),
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "the peer did not take the frame in time"));
+        }
+        let mut pfd = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+        let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd for the call's duration on a socket `sock` keeps open.
+        unsafe { libc::poll(&mut pfd, 1, ms) };
+    }
+    Ok(())
+}
+
 /// Reads a Unix stream socket with `recvmsg`, keeping the descriptors that
 /// arrive with the bytes until [`take_fd`](Self::take_fd) or
 /// [`clear_fds`](Self::clear_fds).

@@ -217,6 +217,9 @@ struct ServerShared {
 struct ServerConn {
     peer: Arc<str>,
     writer: Mutex<UnixStream>,
+    /// Another handle on the same socket, to shut it down without waiting
+    /// for a writer the peer may be stalling.
+    control: UnixStream,
     next_seq: AtomicU64,
     acked: Mutex<u64>,
     acked_cv: Condvar,
@@ -224,7 +227,7 @@ struct ServerConn {
 
 impl ServerConn {
     fn shutdown(&self) {
-        let _ = self.writer.lock().shutdown(std::net::Shutdown::Both);
+        let _ = self.control.shutdown(std::net::Shutdown::Both);
     }
 }
 
@@ -310,6 +313,11 @@ impl Server {
         if conns.is_empty() {
             return;
         }
+        // One deadline for everything: taking each connection's writer,
+        // writing its REVOKE and waiting for its ACK. A connection that
+        // cannot take the frame in time (its writer held by an answer the
+        // peer does not read, or its socket buffer full) is closed, so a
+        // thousand stuck peers cost this call `timeout`, not a thousand.
         let deadline = Instant::now() + timeout;
         let mut buf = Vec::with_capacity(32);
         let mut waiting = Vec::with_capacity(conns.len());
@@ -317,9 +325,17 @@ impl Server {
             let seq = c.next_seq.fetch_add(1, Ordering::Relaxed) + 1;
             buf.clear();
             Frame::Revoke { seq, key }.encode(&mut buf);
-            if c.writer.lock().write_all(&buf).is_ok() {
+            let sent = match c.writer.try_lock_until(deadline) {
+                Some(w) => super::fdpass::send_within(&w, &buf, deadline).is_ok(),
+                None => false,
+            };
+            if sent {
                 waiting.push((c, seq));
             } else {
+                tracing::warn!(
+                    agent = %self.shared.agent, peer = %c.peer,
+                    "SHM: peer did not take a deregistration within {timeout:?}; closing its connection"
+                );
                 c.shutdown();
             }
         }
@@ -557,9 +573,11 @@ fn handshake(s: &mut UnixStream, shared: &ServerShared, buf: &mut Vec<u8>) -> Re
     Frame::Welcome.encode(&mut out);
     // The writer keeps the write timeout: a stuck peer cannot block a revoke forever.
     let writer = s.try_clone().map_err(|e| Error::io("SHM: cloning a socket", e))?;
+    let control = s.try_clone().map_err(|e| Error::io("SHM: cloning a socket", e))?;
     let conn = Arc::new(ServerConn {
         peer: name.into(),
         writer: Mutex::new(writer),
+        control,
         next_seq: AtomicU64::new(0),
         acked: Mutex::new(0),
         acked_cv: Condvar::new(),

@@ -170,7 +170,10 @@ pub(super) fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
 /// the oldest connections still in handshake where a cap is reached, or
 /// refuses it (`None`: the stream is dropped, which closes it).
 fn admit(shared: &Shared, s: &TcpStream) -> Option<(u64, Arc<Slot>)> {
-    let ip = s.peer_addr().map(|a| a.ip()).unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    // The per-address cap counts sources (an IPv6 /64 is one host).
+    let ip = crate::admission::source_of(
+        s.peer_addr().map(|a| a.ip()).unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+    );
     let cfg = &shared.cfg;
     let mut conns = shared.conns.lock();
     // Oldest first: the handshakes to evict when a cap is reached.
