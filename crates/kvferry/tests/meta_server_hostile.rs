@@ -400,22 +400,19 @@ fn idle_and_slow_connections_are_closed_and_cannot_hold_the_server() {
     agents_still_work(&srv.url(), None);
 }
 
-#[test]
-fn a_long_listing_does_not_stall_other_requests() {
-    let srv = MetaServer::start("127.0.0.1:0").unwrap();
-    let addr = srv.addr();
-    // 10^5 keys, pipelined on one kept-alive connection.
-    const N: usize = 100_000;
+/// PUTs `n` one-byte values under the keys `key(i)`, pipelined on one
+/// kept-alive connection, and waits for every answer.
+fn put_pipelined(addr: SocketAddr, n: usize, key: impl Fn(usize) -> String) {
     let mut s = TcpStream::connect(addr).unwrap();
     let mut reader = s.try_clone().unwrap();
     let drain = std::thread::spawn(move || {
         let mut buf = vec![0u8; 1 << 16];
         let mut seen = 0usize;
         let mut tail = Vec::new();
-        while seen < N {
-            let n = reader.read(&mut buf).unwrap();
-            assert!(n > 0, "the server closed the pipelined connection");
-            tail.extend_from_slice(&buf[..n]);
+        while seen < n {
+            let got = reader.read(&mut buf).unwrap();
+            assert!(got > 0, "the server closed the pipelined connection");
+            tail.extend_from_slice(&buf[..got]);
             let text = String::from_utf8_lossy(&tail);
             seen += text.matches("HTTP/1.1 200").count();
             // Keep fewer bytes than the pattern: no match is counted twice.
@@ -424,9 +421,9 @@ fn a_long_listing_does_not_stall_other_requests() {
         }
     });
     let mut batch = Vec::with_capacity(1 << 20);
-    for i in 0..N {
+    for i in 0..n {
         batch.extend_from_slice(
-            format!("PUT /v1/kv/list/key-{i:08} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nv").as_bytes(),
+            format!("PUT /v1/kv/{} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nv", key(i)).as_bytes(),
         );
         if batch.len() > 1 << 19 {
             s.write_all(&batch).unwrap();
@@ -435,6 +432,15 @@ fn a_long_listing_does_not_stall_other_requests() {
     }
     s.write_all(&batch).unwrap();
     drain.join().unwrap();
+}
+
+#[test]
+fn a_long_listing_does_not_stall_other_requests() {
+    let srv = MetaServer::start("127.0.0.1:0").unwrap();
+    let addr = srv.addr();
+    // 10^5 keys, pipelined on one kept-alive connection.
+    const N: usize = 100_000;
+    put_pipelined(addr, N, |i| format!("list/key-{i:08}"));
     assert_eq!(srv.len(), N);
 
     let lister = std::thread::spawn(move || {
@@ -589,5 +595,70 @@ fn one_source_cannot_hold_every_connection() {
     while !healthy(addr) {
         assert!(Instant::now() < deadline, "a freed connection slot is never given back");
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn large_listings_are_few_at_once_and_events_come_in_pages() {
+    let cfg = MetaServerConfig { body_timeout: Duration::from_secs(2), ..MetaServerConfig::default() };
+    let srv = MetaServer::start_with("127.0.0.1:0", cfg).unwrap();
+    let addr = srv.addr();
+    // 8000 keys of about 900 bytes: a listing is about 7.5 MB of JSON.
+    const N: usize = 8000;
+    let pad = "k".repeat(880);
+    put_pipelined(addr, N, |i| format!("big/{i:08}-{pad}"));
+    assert_eq!(srv.len(), N);
+
+    // The event log comes in pages of at most 1024; following the returned
+    // revision reaches every put, once.
+    let (mut since, mut seen, mut pages) = (0u64, 0usize, 0);
+    loop {
+        let (st, b) = call(addr, "GET", &format!("/v1/events?prefix=big/&since={since}"), None, b"");
+        assert_eq!(st, 200, "{b}");
+        let v = json(&b);
+        let events = v["events"].as_array().unwrap();
+        assert!(events.len() <= 1024, "{} events in one answer", events.len());
+        if events.is_empty() {
+            break;
+        }
+        assert!(events.iter().all(|e| e["rev"].as_u64().unwrap() > since));
+        seen += events.len();
+        pages += 1;
+        since = v["revision"].as_u64().unwrap();
+    }
+    assert_eq!(seen, N, "every event once, in {pages} pages");
+    assert!(pages >= 8);
+
+    // Two clients ask for the whole listing and never read it: they hold
+    // both large-listing permits (a tiny receive window keeps the answer
+    // in flight). A third is told to come back instead of piling up another copy.
+    let stalled = |_: usize| {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.set_recv_buffer_size(4096).unwrap();
+        s.connect(&addr.into()).unwrap();
+        let mut s: TcpStream = s.into();
+        s.write_all(b"GET /v1/prefix/big/ HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        s
+    };
+    let mut held: Vec<TcpStream> = (0..2).map(stalled).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    let (st, b) = call(addr, "GET", "/v1/prefix/big/", None, b"");
+    assert_eq!(st, 503, "{}", &b[..b.len().min(200)]);
+    assert!(b.contains("narrower prefix"), "{b}");
+    assert!(t.elapsed() < Duration::from_secs(2), "refused after {:?}", t.elapsed());
+    // Small listings and ordinary requests are served meanwhile.
+    assert_eq!(call(addr, "GET", "/v1/prefix/nothing-here/", None, b"").0, 200);
+    assert!(healthy(addr));
+    // Once a holder goes, a large listing is served again, whole.
+    held.pop();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (st, b) = call(addr, "GET", "/v1/prefix/big/", None, b"");
+        if st == 200 {
+            assert_eq!(json(&b)["keys"].as_array().unwrap().len(), N);
+            break;
+        }
+        assert!(Instant::now() < deadline, "a freed permit is never given back ({st})");
     }
 }

@@ -399,3 +399,70 @@ fn notification_flood_is_bounded_and_a_legit_peer_still_gets_through() {
     assert!(flood_bytes > 0 && flood_bytes <= share, "{flood_bytes} bytes of the flood were queued, share {share}");
     peer.exit();
 }
+
+/// Peers that stop reading hold their connections' writers (the owner is
+/// stuck writing them answers) and never take a REVOKE: a deregistration
+/// still ends within one `peer_timeout`, not one per stuck peer, and closes them.
+#[test]
+fn a_deregistration_is_bounded_by_one_timeout_however_many_peers_are_stuck() {
+    let cfg = kvferry::AgentConfig::default()
+        .with_backend("SHM", kvferry::Params::new())
+        .with_peer_timeout(Duration::from_millis(500));
+    let a = kvferry::Agent::new(&format!("{ME}-revoke"), cfg).unwrap();
+    let buf = AlignedBuf::new(4096).unwrap();
+    let reg = a.register_buf(&buf).unwrap();
+    let t = target_of(&a.local_metadata().unwrap());
+    let addr = SocketAddr::from_abstract_name(&t.info.socket).unwrap();
+    const STUCK: usize = 6;
+    let stuck: Vec<UnixStream> = (0..STUCK)
+        .map(|i| {
+            let mut s = UnixStream::connect_addr(&addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut out = Vec::new();
+            let name = format!("stuck-{i}");
+            Frame::Hello { version: VERSION, instance: 1, nonce: t.info.nonce, token: Vec::new(), name }
+                .encode(&mut out);
+            s.write_all(&out).unwrap();
+            assert_eq!(read_frame(&mut s).unwrap(), Frame::Welcome);
+            // QUERYs whose STATUS answers are never read: once the socket
+            // buffers are full the owner blocks writing one, holding the writer.
+            out.clear();
+            Frame::Query { id: 1, keys: vec![t.key; 1000] }.encode(&mut out);
+            s.set_nonblocking(true).unwrap();
+            // Until the owner stops reading for good (its answer write is
+            // blocked): our writes then stay refused for a while.
+            let (until, mut refused) = (Instant::now() + Duration::from_secs(10), 0);
+            while refused < 4 && Instant::now() < until {
+                match (&s).write(&out) {
+                    Ok(_) => refused = 0,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        refused += 1;
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            assert_eq!(refused, 4, "the owner kept reading");
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let t0 = Instant::now();
+    drop(reg);
+    let took = t0.elapsed();
+    assert!(took < Duration::from_millis(1500), "deregistration took {took:?} with {STUCK} stuck peers");
+    // Every stuck connection was closed: reading drains to EOF (or a reset).
+    for mut s in stuck {
+        s.set_nonblocking(false).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut b = vec![0u8; 1 << 16];
+        loop {
+            match s.read(&mut b) {
+                Ok(0) => break,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => panic!("a stuck peer's connection stayed open: {e}"),
+            }
+        }
+    }
+}

@@ -42,7 +42,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use parking_lot::Mutex;
@@ -515,18 +515,22 @@ async fn serve_connection(sock: tokio::net::TcpStream, shared: &Arc<Shared>) {
 
 type Resp = Response<Body>;
 
-/// A whole answer in memory, with the permit that allowed building it (a
-/// large listing): the permit is given back only when hyper drops the body,
-/// that is once it was written or the connection died, so slow readers
-/// cannot pile up large answers in memory.
+/// A whole answer in memory, handed to hyper in [`BODY_CHUNK`] pieces, with
+/// the permit that allowed building it (a large listing). hyper asks for
+/// the next piece only once the previous one was written, so the permit is
+/// given back when the answer was (nearly all) sent or the connection died:
+/// slow readers cannot pile up large answers in memory.
 struct Body {
-    bytes: Full<Bytes>,
+    rest: Bytes,
     _permit: Option<OwnedSemaphorePermit>,
 }
 
+/// Bytes handed to hyper at a time.
+const BODY_CHUNK: usize = 64 << 10;
+
 impl Body {
     fn new(b: Bytes) -> Body {
-        Body { bytes: Full::new(b), _permit: None }
+        Body { rest: b, _permit: None }
     }
 }
 
@@ -538,15 +542,22 @@ impl hyper::body::Body for Body {
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<std::result::Result<hyper::body::Frame<Bytes>, Infallible>>> {
-        std::pin::Pin::new(&mut self.get_mut().bytes).poll_frame(cx)
+        let _ = cx;
+        let this = self.get_mut();
+        if this.rest.is_empty() {
+            this._permit = None;
+            return std::task::Poll::Ready(None);
+        }
+        let n = this.rest.len().min(BODY_CHUNK);
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(this.rest.split_to(n)))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.bytes.is_end_stream()
+        self.rest.is_empty()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
-        self.bytes.size_hint()
+        hyper::body::SizeHint::with_exact(self.rest.len() as u64)
     }
 }
 
