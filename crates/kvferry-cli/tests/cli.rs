@@ -641,18 +641,36 @@ fn serve_rendezvous_speaks_the_token_and_serves_many_at_once_within_a_deadline()
     assert!(took < Duration::from_secs(14), "the deadline holds: {took:?}");
 }
 
+/// Starts a bench target (`args` after `kvferry`) with `token` (none: the
+/// variable removed); returns it with the address it printed.
+fn spawn_target(args: &[&str], token: Option<&str>) -> (Killer, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvferry"));
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::null());
+    match token {
+        Some(t) => cmd.env("KVFERRY_AUTH_TOKEN", t),
+        None => cmd.env_remove("KVFERRY_AUTH_TOKEN"),
+    };
+    let mut child = cmd.spawn().unwrap();
+    let line = first_line(&mut child);
+    let addr = line.trim().strip_prefix("KVFERRY-TARGET listening on ").unwrap_or_else(|| panic!("{line}")).to_string();
+    (Killer(child), addr)
+}
+
+/// Waits (15 s at most) for a target to leave by itself.
+fn exits_by_itself(target: &mut Killer, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while target.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn p2p_target_refuses_a_huge_buffer_or_no_token_and_keeps_serving() {
-    let mut target = Command::new(env!("CARGO_BIN_EXE_kvferry"))
-        .args(["bench", "p2p", "--mode", "target", "--backend", "tcp", "--ip", "127.0.0.1", "--port", "0"])
-        .env("KVFERRY_AUTH_TOKEN", "tok")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let line = first_line(&mut target);
-    let target = Killer(target);
-    let addr = line.trim().strip_prefix("KVFERRY-TARGET listening on ").unwrap().to_string();
+    let (mut target, addr) = spawn_target(
+        &["bench", "p2p", "--mode", "target", "--backend", "tcp", "--ip", "127.0.0.1", "--port", "0"],
+        Some("tok"),
+    );
     let port = addr.rsplit(':').next().unwrap().to_string();
     // An attacker holds a connection during the whole run.
     let _idle = raw::send(&addr, &[]);
@@ -670,23 +688,12 @@ fn p2p_target_refuses_a_huge_buffer_or_no_token_and_keeps_serving() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
-    let mut target = target;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while target.0.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the target leaves after its initiator");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    exits_by_itself(&mut target, "the target leaves after its initiator");
     // An explicit --max-buffer is honoured.
-    let mut small = Command::new(env!("CARGO_BIN_EXE_kvferry"))
-        .args(["bench", "p2p", "--mode", "target", "--ip", "127.0.0.1", "--port", "0", "--max-buffer", "1M"])
-        .env_remove("KVFERRY_AUTH_TOKEN")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let line = first_line(&mut small);
-    let _small = Killer(small);
-    let addr = line.trim().strip_prefix("KVFERRY-TARGET listening on ").unwrap().to_string();
+    let (_small, addr) = spawn_target(
+        &["bench", "p2p", "--mode", "target", "--ip", "127.0.0.1", "--port", "0", "--max-buffer", "1M"],
+        None,
+    );
     let mut s = raw::send(&addr, &[raw::auth(b""), raw::hello("tcp", 2 << 20, b"")]);
     let e = raw::answer(&mut s, Duration::from_secs(5)).unwrap_err();
     assert!(e.contains("1048576"), "{e}");
@@ -708,17 +715,10 @@ fn storage_target_refuses_a_client_without_the_token_and_serves_its_initiator() 
     let dir = format!("/var/tmp/kvferry-cli-stt-{}", std::process::id());
     std::fs::create_dir_all(&dir).unwrap();
     let files = ["--dir", &dir, "--file-size", "4M", "--num-files", "1", "--op", "write"];
-    let mut target = Command::new(env!("CARGO_BIN_EXE_kvferry"))
-        .args(["bench", "storage", "--mode", "target", "--ip", "127.0.0.1", "--port", "0"])
-        .args(files)
-        .env("KVFERRY_AUTH_TOKEN", "st-tok")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let line = first_line(&mut target);
-    let target = Killer(target);
-    let addr = line.trim().strip_prefix("KVFERRY-TARGET listening on ").unwrap().to_string();
+    let (mut target, addr) = spawn_target(
+        &[&["bench", "storage", "--mode", "target", "--ip", "127.0.0.1", "--port", "0"][..], &files].concat(),
+        Some("st-tok"),
+    );
     let port = addr.rsplit(':').next().unwrap().to_string();
     // A silent client does not hold the port; no token or a wrong one is refused.
     let _idle = raw::send(&addr, &[]);
@@ -735,11 +735,6 @@ fn storage_target_refuses_a_client_without_the_token_and_serves_its_initiator() 
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
-    let mut target = target;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while target.0.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the storage target leaves after its initiator");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    exits_by_itself(&mut target, "the storage target leaves after its initiator");
     let _ = std::fs::remove_dir_all(&dir);
 }
