@@ -60,6 +60,7 @@ pub mod metadata;
 pub mod notif;
 pub mod params;
 pub mod request;
+mod storage;
 
 pub use agent::xfer_types::PreparedList;
 pub use agent::{Agent, AgentConfig, ExportedFile, MetaPeer, Registration, Store};

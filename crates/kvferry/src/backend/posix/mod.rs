@@ -50,19 +50,7 @@ use crate::mem::MemType;
 use crate::notif::NotifSink;
 use crate::params::{ParamSpec, Params};
 
-mod align;
-mod files;
-mod job;
-mod serve;
-
-pub(crate) use job::Job;
-pub(crate) use serve::{FileServer, Served};
-mod sys;
-mod threads;
-mod uring;
-
-use files::FileTable;
-use job::{Engine, IoBatch, IoKind, IoOp};
+use crate::storage::{self, DirectAlign, Engine, EngineSpec, FileTable, IoBatch, IoKind, IoOp, Job};
 
 /// The `POSIX` plugin.
 #[derive(Debug)]
@@ -112,39 +100,6 @@ const PARAMS: &[ParamSpec] = &[
 
 const NAME: &str = "POSIX";
 
-/// How to start an engine.
-#[derive(Clone, Debug)]
-pub(crate) struct EngineSpec {
-    /// `uring`, `threads`, or `auto` (io_uring when it works).
-    pub(crate) kind: String,
-    /// io_uring: I/Os in flight.
-    pub(crate) queue_depth: u32,
-    /// io_uring: bytes in flight (`u64::MAX`: no limit).
-    pub(crate) queue_bytes: u64,
-    /// Thread pool: workers.
-    pub(crate) threads: usize,
-    /// io_uring: kernel submission-queue polling.
-    pub(crate) sqpoll: bool,
-    /// io_uring: how long the idle ring thread polls for new jobs before it sleeps.
-    pub(crate) busy_poll: Duration,
-}
-
-/// Starts the engine `spec` asks for.
-fn start_engine(spec: &EngineSpec) -> Result<Arc<dyn Engine>> {
-    let uring = || uring::UringEngine::start(spec.queue_depth, spec.queue_bytes, spec.sqpoll, spec.busy_poll);
-    Ok(match spec.kind.as_str() {
-        "uring" => Arc::new(uring()?),
-        "threads" => Arc::new(threads::ThreadEngine::start(spec.threads)?),
-        _ => match uring() {
-            Ok(e) => Arc::new(e),
-            Err(e) => {
-                tracing::info!(error = %e, "POSIX: io_uring unavailable, using the thread pool");
-                Arc::new(threads::ThreadEngine::start(spec.threads)?)
-            }
-        },
-    })
-}
-
 impl BackendPlugin for PosixPlugin {
     fn name(&self) -> &str {
         NAME
@@ -161,7 +116,7 @@ impl BackendPlugin for PosixPlugin {
     fn create(&self, ctx: BackendContext, params: &Params) -> Result<Arc<dyn Backend>> {
         let params = params.resolved(PARAMS);
         let cfg = Config::from_params(&params)?;
-        let engine = start_engine(&cfg.engine)?;
+        let engine = storage::start_engine(&cfg.engine)?;
         tracing::info!(agent = %ctx.agent_name, engine = engine.name(), "POSIX backend created");
         Ok(Arc::new(PosixBackend {
             inner: Arc::new(Inner {
@@ -206,7 +161,7 @@ impl Config {
             return Err(Error::invalid(format!("backend POSIX: threads = {threads} is outside 1..=1024")));
         }
         let max_io = p.parse_size(NAME, "max_io_size")?;
-        if !(4096..=job::MAX_OP_LEN).contains(&max_io) || max_io % 4096 != 0 {
+        if !(4096..=storage::MAX_OP_LEN).contains(&max_io) || max_io % 4096 != 0 {
             return Err(Error::invalid(format!(
                 "backend POSIX: max_io_size = {max_io} must be a multiple of 4096 between 4K and 1G"
             )));
@@ -350,7 +305,7 @@ impl Backend for PosixBackend {
             }
             let mut chunk = self.inner.max_io;
             if f.direct {
-                align::DirectAlign { mem: f.mem_align, off: f.off_align }.check(
+                DirectAlign { mem: f.mem_align, off: f.off_align }.check(
                     i,
                     &f.name(),
                     s.local_addr,
@@ -389,7 +344,7 @@ impl Backend for PosixBackend {
 
     fn query_mem(&self, mem_type: MemType, desc: &RegDesc) -> Result<Option<FileInfo>> {
         match mem_type {
-            MemType::File | MemType::Block => files::query(desc),
+            MemType::File | MemType::Block => storage::query(desc),
             other => Err(Error::not_supported(format!("POSIX queries FILE and BLOCK descriptors, not {other}"))),
         }
     }
@@ -480,14 +435,4 @@ impl Drop for PosixXfer {
     fn drop(&mut self) {
         self.cancel();
     }
-}
-
-/// The O_DIRECT alignment (the larger of memory and offset alignment) for the
-/// file at `path`, as the POSIX backend would use it.
-pub(crate) fn direct_alignment(path: &std::path::Path) -> Option<u64> {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::File::open(path).ok()?;
-    let block = f.metadata().ok().is_some_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()));
-    let (mem, off) = files::alignment(f.as_raw_fd(), block);
-    Some(mem.max(off))
 }

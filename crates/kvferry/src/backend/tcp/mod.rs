@@ -31,10 +31,10 @@ use super::{
     AccessKey, Backend, BackendContext, BackendPlugin, BackendXfer, Capabilities, CostEstimate, PeerEvents, PeerInfo,
     Region, XferPlan,
 };
-use crate::backend::posix::FileServer;
 use crate::error::{Error, Result};
 use crate::host::HostId;
 use crate::mem::MemType;
+use crate::storage::FileServer;
 
 /// DRAM moves both ways; FILE and BLOCK regions a target registered are served
 /// to remote initiators (remote file segments).

@@ -32,8 +32,8 @@ use parking_lot::{Condvar, Mutex};
 use super::proto::{self, FrameType, Header, Hello, ProtoError, Status, Welcome, HEADER_LEN, HELLO_FIXED};
 use super::sys::{self, Span};
 use super::{frame_budget, MemRegion, Shared};
-use crate::backend::posix::{FileServer, Served as FileDir};
 use crate::backend::AccessKey;
+use crate::storage::{FileServer, Served as FileDir};
 
 /// A connection still in handshake.
 const PENDING: u8 = 0;
@@ -334,7 +334,7 @@ const SPARE_KEEP: Duration = Duration::from_millis(20);
 struct PendingFile<'a> {
     op: u64,
     len: u64,
-    job: Arc<crate::backend::posix::Job>,
+    job: Arc<crate::storage::Job>,
     /// The staging buffer; `None` once handed back.
     buf: Option<Staged<'a>>,
 }
@@ -779,7 +779,7 @@ impl<'a> Served<'a> {
 
     /// Waits for one file operation and sends its answer (ACK, DATA or ERROR).
     fn answer(&mut self, mut p: PendingFile<'a>) -> io::Result<()> {
-        let r = crate::backend::posix::FileServer::finish(&p.job);
+        let r = FileServer::finish(&p.job);
         // Finished (or cancelled): no I/O touches the buffer any more.
         let buf = p.buf.take();
         let sent = match r {

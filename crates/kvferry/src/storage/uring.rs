@@ -456,8 +456,8 @@ impl Ring {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::posix::files::OpenFile;
-    use crate::backend::posix::job::{IoBatch, IoOp};
+    use crate::storage::files::OpenFile;
+    use crate::storage::job::{IoBatch, IoOp};
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
     /// An I/O that would never complete by itself (a read of an empty pipe
