@@ -220,6 +220,25 @@ impl OpenFile {
         })
     }
 
+    /// `/dev/null` standing in for a file with the given access, O_DIRECT
+    /// alignment (`None`: not O_DIRECT) and device size, for unit tests of
+    /// the checks (no filesystem needs to support O_DIRECT).
+    #[cfg(test)]
+    pub(crate) fn test_file(access: Access, direct: Option<u64>, device_size: Option<u64>) -> Arc<OpenFile> {
+        let f = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null").unwrap();
+        let align = direct.unwrap_or(1);
+        Arc::new(OpenFile {
+            fd: OwnedFd::from(f),
+            origin: Origin::Fd { fd: -1, dev: 0, ino: 0 },
+            access,
+            direct: direct.is_some(),
+            block: device_size.is_some(),
+            mem_align: align,
+            off_align: align,
+            device_size,
+        })
+    }
+
     /// Any descriptor (a pipe, say), read-write, for unit tests of the engines.
     #[cfg(test)]
     pub(crate) fn for_test(fd: OwnedFd) -> Arc<OpenFile> {
@@ -455,6 +474,12 @@ impl FileTable {
             }
         }
         Ok(())
+    }
+
+    /// Adds region `addr+len` of `file` under `key`, for unit tests of the checks.
+    #[cfg(test)]
+    pub(crate) fn insert_for_test(&mut self, key: AccessKey, addr: u64, len: u64, file: Arc<OpenFile>) {
+        self.by_key.insert(key, Arc::new(FileRegion { addr, len, file }));
     }
 
     /// Number of open files.

@@ -11,15 +11,16 @@ use crate::error::Result;
 mod align;
 mod files;
 mod job;
+mod plan;
 mod serve;
 mod sys;
 mod threads;
 mod uring;
 
-pub(crate) use align::DirectAlign;
 pub(crate) use files::{query, FileTable};
-pub(crate) use job::{Engine, IoBatch, IoKind, IoOp, Job, MAX_OP_LEN};
-pub(crate) use serve::{FileServer, Served};
+pub(crate) use job::{Engine, IoBatch, Job, MAX_OP_LEN};
+pub(crate) use plan::{plan, Entry, Naming, Plan, PlanOpts};
+pub(crate) use serve::FileServer;
 
 /// How to start an engine.
 #[derive(Clone, Debug)]

@@ -34,15 +34,14 @@
 //! reported only once no I/O of the request is in flight, so its memory may
 //! be released at once.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::RwLock;
 
 use super::{
-    AccessKey, Backend, BackendContext, BackendPlugin, BackendXfer, Capabilities, FileInfo, PeerInfo, Region, XferOp,
-    XferPlan, XferState,
+    AccessKey, Backend, BackendContext, BackendPlugin, BackendXfer, Capabilities, FileInfo, PeerInfo, Region, XferPlan,
+    XferState,
 };
 use crate::desc::RegDesc;
 use crate::error::{Error, ErrorKind, Result};
@@ -50,7 +49,7 @@ use crate::mem::MemType;
 use crate::notif::NotifSink;
 use crate::params::{ParamSpec, Params};
 
-use crate::storage::{self, DirectAlign, Engine, EngineSpec, FileTable, IoBatch, IoKind, IoOp, Job};
+use crate::storage::{self, Engine, EngineSpec, FileTable, IoBatch, Job};
 
 /// The `POSIX` plugin.
 #[derive(Debug)]
@@ -263,70 +262,18 @@ impl Backend for PosixBackend {
                 plan.local_mem, plan.remote_mem
             )));
         }
-        let kind = match plan.op {
-            XferOp::Write => IoKind::Write,
-            XferOp::Read => IoKind::Read,
-        };
-        let table = self.inner.table.read();
-        let mut file_idx: HashMap<AccessKey, u32> = HashMap::new();
-        let mut keys: Vec<(AccessKey, u32)> = Vec::new();
-        let mut ops = Vec::with_capacity(plan.segments.len());
-        for (i, s) in plan.segments.iter().enumerate() {
-            let seg = u32::try_from(i).unwrap_or(u32::MAX);
-            let r = table.region(&s.remote_key).ok_or_else(|| {
-                Error::not_found(format!(
-                    "POSIX: the {} region of segment {i} (offset {:#x}, dev {}) is not registered with this backend",
-                    plan.remote_mem, s.remote_addr, s.remote_dev
-                ))
-            })?;
-            let f = &r.file;
-            if kind == IoKind::Write && !f.access.writable() {
-                return Err(Error::not_allowed(format!(
-                    "POSIX: segment {i}: {} is open read-only; register it with 'w' or 'rw' to WRITE to it",
-                    f.name()
-                )));
-            }
-            if kind == IoKind::Read && !f.access.readable() {
-                return Err(Error::not_allowed(format!(
-                    "POSIX: segment {i}: {} is open write-only; register it with 'r' or 'rw' to READ from it",
-                    f.name()
-                )));
-            }
-            if !r.contains(s.remote_addr, s.len) {
-                return Err(Error::not_allowed(format!(
-                    "POSIX: segment {i} ({:#x}+{}) lies outside its registered region {:#x}+{} of {}{}",
-                    s.remote_addr,
-                    s.len,
-                    r.addr,
-                    r.len,
-                    f.name(),
-                    f.device_size.map(|d| format!(" (a device of {d} bytes)")).unwrap_or_default()
-                )));
-            }
-            let mut chunk = self.inner.max_io;
-            if f.direct {
-                DirectAlign { mem: f.mem_align, off: f.off_align }.check(
-                    i,
-                    &f.name(),
-                    s.local_addr,
-                    s.remote_addr,
-                    s.len,
-                )?;
-                chunk = (chunk / f.off_align).max(1) * f.off_align;
-            }
-            let fi = *file_idx.entry(s.remote_key).or_insert_with(|| {
-                keys.push((s.remote_key, seg));
-                (keys.len() - 1) as u32
-            });
-            let mut done = 0u64;
-            while done < s.len {
-                let n = chunk.min(s.len - done);
-                ops.push(IoOp { kind, file: fi, seg, buf: s.local_addr + done, len: n, offset: s.remote_addr + done });
-                done += n;
-            }
-        }
-        drop(table);
-        let batch = IoBatch::new(ops, keys.len())?;
+        let entries = plan.segments.iter().map(|s| storage::Entry {
+            key: s.remote_key,
+            offset: s.remote_addr,
+            len: s.len,
+            buf: s.local_addr,
+        });
+        let opts = storage::PlanOpts { naming: storage::Naming::POSIX, max_io: self.inner.max_io };
+        let planned = storage::plan(&self.inner.table.read(), plan.op, entries, opts)?;
+        // Only the keys are kept: each post looks the files up again, so a
+        // request never holds a deregistered file open.
+        let keys = planned.files().iter().map(|f| (f.key, f.first)).collect();
+        let batch = planned.batch().clone();
         Ok(Box::new(PosixXfer {
             inner: self.inner.clone(),
             mem: plan.remote_mem,

@@ -32,8 +32,8 @@ use parking_lot::{Condvar, Mutex};
 use super::proto::{self, FrameType, Header, Hello, ProtoError, Status, Welcome, HEADER_LEN, HELLO_FIXED};
 use super::sys::{self, Span};
 use super::{frame_budget, MemRegion, Shared};
-use crate::backend::AccessKey;
-use crate::storage::{FileServer, Served as FileDir};
+use crate::backend::{AccessKey, XferOp};
+use crate::storage::{self, FileServer, Plan};
 
 /// A connection still in handshake.
 const PENDING: u8 = 0;
@@ -445,30 +445,46 @@ fn resolve_memory(
     Ok(Resolved::Memory)
 }
 
-/// Looks entries up in the exported-file table: `(file offset, len)` ranges.
-struct FileLookup<'a>(&'a FileServer);
+/// A lookup under which every key spans the whole offset space: with it,
+/// [`proto::check_entries`] checks only the framing of a file frame (no
+/// empty entry, lengths that add up to the header's). Which file region a
+/// key names, and whether an entry lies inside it, is the storage plan's
+/// check ([`FileServer::plan`]), made once for every user of files.
+struct FramingOnly;
 
-impl proto::RegionLookup for FileLookup<'_> {
-    fn lookup(&self, key: &AccessKey) -> Option<(u64, u64)> {
-        self.0.file_range(key)
+impl proto::RegionLookup for FramingOnly {
+    fn lookup(&self, _key: &AccessKey) -> Option<(u64, u64)> {
+        Some((0, u64::MAX))
     }
 }
 
-/// Checks a file frame: no entry names a memory region, and every one lies
-/// inside a live exported file region (bounds, emptiness, lengths).
-fn check_file_entries(
+/// Checks a file frame on the wire and plans it: no entry names a memory
+/// region (kinds never mix), the framing holds, and the storage plan
+/// accepts every entry (a live exported file region, access, bounds,
+/// O_DIRECT alignment). The plan's memory addresses are offsets into the
+/// frame's staging buffer, entries back to back.
+fn plan_file_frame(
     h: &Header,
     table: &[u8],
     regions: &HashMap<AccessKey, MemRegion>,
     files: &FileServer,
-) -> Result<(), ProtoError> {
+) -> Result<Plan, ProtoError> {
     for i in 0..h.count as usize {
         let e = proto::Entry::decode(table, i).ok_or_else(|| ProtoError::malformed("entry table truncated"))?;
         if regions.contains_key(&e.key) {
             return Err(mixed(i));
         }
     }
-    proto::check_entries(h, table, &FileLookup(files))
+    proto::check_entries(h, table, &FramingOnly)?;
+    let op = if h.ty == FrameType::Write { XferOp::Write } else { XferOp::Read };
+    let mut at = 0u64;
+    let entries = (0..h.count as usize).filter_map(|i| proto::Entry::decode(table, i)).map(|e| {
+        // The framing check bounded the sum of the lengths.
+        let buf = at;
+        at += e.len;
+        storage::Entry { key: e.key, offset: e.addr, len: e.len, buf }
+    });
+    files.plan(op, entries).map_err(|e| file_error(&e))
 }
 
 fn file_error(e: &crate::Error) -> ProtoError {
@@ -721,12 +737,7 @@ impl<'a> Served<'a> {
     /// data goes out (READ) or the next payload comes in (WRITE). An answer
     /// goes out only once its I/O finished: a WRITE is acknowledged when its
     /// bytes are in the file.
-    fn file_op(&mut self, h: &Header, tlen: usize) -> io::Result<()> {
-        let table = &self.rx.bytes()[..tlen];
-        let entries: Vec<(crate::backend::AccessKey, u64, u64)> = (0..h.count as usize)
-            .filter_map(|i| proto::Entry::decode(table, i))
-            .map(|e| (e.key, e.addr, e.len))
-            .collect();
+    fn file_op(&mut self, h: &Header, tlen: usize, plan: Plan) -> io::Result<()> {
         self.rx.consume(tlen);
         let len = h.len as usize;
         let mut staging = match self.staging(len) {
@@ -741,14 +752,14 @@ impl<'a> Served<'a> {
             }
         };
         let ptr = staging.buf.as_mut_ptr();
-        let dir = if h.ty == FrameType::Write { FileDir::Write } else { FileDir::Read };
         if h.ty == FrameType::Write {
             // SAFETY: the staging buffer is owned here and holds at least `len` bytes.
             unsafe { self.rx.read_spans(self.fd, &[(ptr as u64, h.len)], h.len, &mut until(self.deadline))? };
         }
-        // SAFETY: the staging buffer lives in the pending entry (or here) until
-        // the job is finished or cancelled; `entries` add up to `h.len`.
-        let started = unsafe { self.shared.files.start(dir, &entries, ptr) };
+        // SAFETY: the staging buffer is page-aligned, holds at least `h.len`
+        // bytes (the plan's entries add up to it), and lives in the pending
+        // entry (or here) until the job is finished or cancelled.
+        let started = unsafe { self.shared.files.start(plan, ptr) };
         let job = match started {
             Ok(job) => job,
             Err(e) => {
@@ -851,10 +862,10 @@ impl<'a> Served<'a> {
             Ok(Resolved::NotMemory) => {
                 ids.clear();
                 drop(ids);
-                let checked = check_file_entries(h, table, &regions, &shared.files);
+                let planned = plan_file_frame(h, table, &regions, &shared.files);
                 drop(regions);
-                return match checked {
-                    Ok(()) => self.file_op(h, tlen),
+                return match planned {
+                    Ok(plan) => self.file_op(h, tlen, plan),
                     Err(e) => self.refuse(h, tlen, &e),
                 };
             }
