@@ -58,6 +58,20 @@ pub struct Region {
     pub share: Option<MemShare>,
 }
 
+impl Region {
+    /// The region as the storage layer registers a FILE or BLOCK region.
+    pub(crate) fn as_file(&self) -> crate::storage::FileRegistration<'_> {
+        crate::storage::FileRegistration {
+            key: self.key,
+            mem_type: self.mem_type,
+            addr: self.addr,
+            len: self.len,
+            dev_id: self.dev_id,
+            meta_info: &self.meta_info,
+        }
+    }
+}
+
 /// What a backend can do, as data (NIXL's `supportsLocal/Remote/Notif` and `getSupportedMems`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Capabilities {

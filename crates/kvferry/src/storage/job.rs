@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use super::files::OpenFile;
+use super::table::OpenFile;
 use crate::error::{Error, ErrorKind, Result};
 use crate::types::XferOp;
 

@@ -25,8 +25,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::align::DirectAlign;
-use super::files::{FileTable, OpenFile};
 use super::job::{IoBatch, IoOp, Job};
+use super::table::{FileTable, OpenFile};
 use crate::error::{Error, Result};
 use crate::types::{AccessKey, XferOp};
 
@@ -220,7 +220,7 @@ impl Plan {
 mod tests {
     use super::*;
     use crate::error::ErrorKind;
-    use crate::storage::files::Access;
+    use crate::storage::table::Access;
     use crate::storage::MAX_OP_LEN;
 
     const RW: AccessKey = AccessKey([1; 16]);

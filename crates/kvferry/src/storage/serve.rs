@@ -15,10 +15,9 @@ use std::time::Duration;
 
 use parking_lot::RwLock;
 
-use super::files::FileTable;
 use super::job::{Engine, Job, MAX_OP_LEN};
 use super::plan::{plan, Entry, Naming, Plan, PlanOpts};
-use crate::backend::Region;
+use super::table::{FileRegistration, FileTable};
 use crate::error::{Error, Result};
 use crate::types::{AccessKey, XferOp};
 
@@ -45,7 +44,7 @@ pub(crate) struct FileServer {
 impl FileServer {
     /// Opens (path mode) or duplicates (fd mode) the region's file, and starts
     /// the engine with the first one.
-    pub(crate) fn register(&self, r: &Region) -> Result<()> {
+    pub(crate) fn register(&self, r: &FileRegistration<'_>) -> Result<()> {
         if self.engine.get().is_none() {
             let e = super::start_engine(&super::EngineSpec {
                 kind: "auto".into(),
@@ -63,7 +62,7 @@ impl FileServer {
     }
 
     /// Forgets the region; its file closes when no region and no I/O use it.
-    pub(crate) fn deregister(&self, r: &Region) -> Result<()> {
+    pub(crate) fn deregister(&self, r: &FileRegistration<'_>) -> Result<()> {
         self.table.write().deregister(r)
     }
 

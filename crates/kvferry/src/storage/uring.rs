@@ -457,8 +457,8 @@ impl Ring {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::files::OpenFile;
     use crate::storage::job::{IoBatch, IoOp};
+    use crate::storage::table::OpenFile;
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
     /// An I/O that would never complete by itself (a read of an empty pipe

@@ -22,11 +22,12 @@
 //! # Ok::<(), kvferry::Error>(())
 //! ```
 //!
-//! Layout: `files.rs` registration table (fd mode and path mode), `align.rs`
-//! O_DIRECT checks, `job.rs` the engine API (batches of positioned I/Os and
-//! their completion), `uring.rs` and `threads.rs` the two engines, `sys.rs`
-//! the raw OS calls. The engine API takes `(file, buffer, length, offset, op)`
-//! batches and knows nothing of agents, so a remote-file target can reuse it.
+//! Layout: this module is a thin adapter — the plugin and its parameters,
+//! the backend (registration, `prepare`), and the request state
+//! (`PosixXfer`: post, poll, wait, cancel) — over `crate::storage`, which
+//! owns the open-file table, the one `plan` of lookup, access, bounds,
+//! O_DIRECT and chunking, the engines (io_uring, thread pool) and the raw OS
+//! calls. `prepare` plans a request once; each `post` runs the plan as a job.
 //!
 //! Guarantees: a request is done only when every byte of every descriptor
 //! moved (short transfers are retried for the remainder; end of file,
@@ -228,7 +229,7 @@ impl Backend for PosixBackend {
             // DRAM needs nothing: the agent checks local memory, the kernel reads it.
             MemType::Dram => Ok(Vec::new()),
             MemType::File | MemType::Block => {
-                self.inner.table.write().register(region)?;
+                self.inner.table.write().register(&region.as_file())?;
                 Ok(Vec::new())
             }
             other => Err(Error::not_supported(format!("POSIX moves DRAM, FILE and BLOCK, not {other}"))),
@@ -237,7 +238,7 @@ impl Backend for PosixBackend {
 
     fn deregister(&self, region: &Region) -> Result<()> {
         match region.mem_type {
-            MemType::File | MemType::Block => self.inner.table.write().deregister(region),
+            MemType::File | MemType::Block => self.inner.table.write().deregister(&region.as_file()),
             _ => Ok(()),
         }
     }

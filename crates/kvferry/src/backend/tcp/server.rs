@@ -9,9 +9,12 @@
 //! frame is checked and the connection publishes which regions the frame
 //! uses ([`Slot::using`]); `deregister` aborts the connections whose frame
 //! uses the region and returns once none touches it (see [`release_region`]).
-//! Frames on exported files go through staging buffers from one budget
-//! shared by every connection ([`Staging`]) and the server's storage engine,
-//! started ahead and answered in order (see `Served::file_op`).
+//! Frames on exported files are checked on the wire for kinds and framing,
+//! then planned by the storage layer (`FileServer::plan`: key, access,
+//! bounds, O_DIRECT — the POSIX backend's checks, not a copy of them) before
+//! any staging memory is taken; they go through staging buffers from one
+//! budget shared by every connection ([`Staging`]) and the server's storage
+//! engine, started ahead and answered in order (see `ConnState::file_op`).
 //!
 //! Bounds against hostile peers (docs/TCP.md): connection caps (total, per
 //! source address, in handshake) with eviction of the oldest handshake, a
@@ -307,7 +310,7 @@ impl Drop for Staged<'_> {
 }
 
 /// Per-connection state of the target.
-struct Served<'a> {
+struct ConnState<'a> {
     shared: &'a Shared,
     slot: &'a Slot,
     fd: RawFd,
@@ -458,23 +461,23 @@ impl proto::RegionLookup for FramingOnly {
     }
 }
 
-/// Checks a file frame on the wire and plans it: no entry names a memory
-/// region (kinds never mix), the framing holds, and the storage plan
-/// accepts every entry (a live exported file region, access, bounds,
-/// O_DIRECT alignment). The plan's memory addresses are offsets into the
-/// frame's staging buffer, entries back to back.
-fn plan_file_frame(
-    h: &Header,
-    table: &[u8],
-    regions: &HashMap<AccessKey, MemRegion>,
-    files: &FileServer,
-) -> Result<Plan, ProtoError> {
+/// Checks that no entry of a file frame names a memory region: kinds never
+/// mix (entry 0 named an exported file).
+fn no_memory_entries(h: &Header, table: &[u8], regions: &HashMap<AccessKey, MemRegion>) -> Result<(), ProtoError> {
     for i in 0..h.count as usize {
         let e = proto::Entry::decode(table, i).ok_or_else(|| ProtoError::malformed("entry table truncated"))?;
         if regions.contains_key(&e.key) {
             return Err(mixed(i));
         }
     }
+    Ok(())
+}
+
+/// Checks a file frame's framing on the wire and plans it: the storage plan
+/// must accept every entry (a live exported file region, access, bounds,
+/// O_DIRECT alignment). The plan's memory addresses are offsets into the
+/// frame's staging buffer, entries back to back.
+fn plan_file_frame(h: &Header, table: &[u8], files: &FileServer) -> Result<Plan, ProtoError> {
     proto::check_entries(h, table, &FramingOnly)?;
     let op = if h.ty == FrameType::Write { XferOp::Write } else { XferOp::Read };
     let mut at = 0u64;
@@ -545,7 +548,7 @@ fn serve_conn(shared: &Shared, stream: &TcpStream, slot: &Slot) -> io::Result<()
     // Silence is judged twice per peer timeout (frame deadlines, idle timeout).
     stream.set_read_timeout(Some(shared.peer_timeout / 2))?;
 
-    let mut s = Served {
+    let mut s = ConnState {
         shared,
         slot,
         fd,
@@ -674,7 +677,7 @@ fn welcome(shared: &Shared, status: Status, message: String) -> Vec<u8> {
     out
 }
 
-impl<'a> Served<'a> {
+impl<'a> ConnState<'a> {
     /// A staging buffer of at least `len` bytes, charged to the shared
     /// budget: a spare one, or a new one once there is room — made by
     /// freeing this connection's spares, then answering its pending
@@ -730,8 +733,8 @@ impl<'a> Served<'a> {
     }
 
     /// A frame on exported files: WRITE payloads land in a staging buffer and
-    /// go to the files; READ data comes from the files through one. Entries
-    /// were checked against the live file regions already. Operations are
+    /// go to the files; READ data comes from the files through one. `plan`
+    /// holds the frame's checked I/Os, addressed from the buffer's start. Operations are
     /// pipelined: up to [`FILE_HELD`] bytes of them are started ahead and
     /// answered in order, so the disk works on the next frames while earlier
     /// data goes out (READ) or the next payload comes in (WRITE). An answer
@@ -862,8 +865,9 @@ impl<'a> Served<'a> {
             Ok(Resolved::NotMemory) => {
                 ids.clear();
                 drop(ids);
-                let planned = plan_file_frame(h, table, &regions, &shared.files);
+                let kinds = no_memory_entries(h, table, &regions);
                 drop(regions);
+                let planned = kinds.and_then(|()| plan_file_frame(h, table, &shared.files));
                 return match planned {
                     Ok(plan) => self.file_op(h, tlen, plan),
                     Err(e) => self.refuse(h, tlen, &e),
