@@ -61,6 +61,8 @@ pub mod metadata;
 pub mod notif;
 pub mod params;
 pub mod request;
+mod storage;
+mod types;
 
 pub use agent::xfer_types::PreparedList;
 pub use agent::{Agent, AgentConfig, ExportedFile, MetaPeer, Registration, Store};

@@ -102,7 +102,7 @@ impl Agent {
         let spec = format!("rw{}:{}", if direct { ",direct" } else { "" }, abs.display());
         let regs = RegDescList::from_descs(MemType::File, vec![RegDesc::with_meta(0, size, id, spec)]);
         self.register_storage(&regs, &with)?.keep();
-        let alignment = if direct { crate::backend::posix::direct_alignment(&abs).unwrap_or(4096) } else { 1 };
+        let alignment = if direct { crate::storage::direct_alignment(&abs).unwrap_or(4096) } else { 1 };
         let file = ExportedFile { id, path: abs, size, alignment };
         exports.push(Export { file: file.clone(), regs });
         tracing::info!(agent = %self.name(), id, path = %file.path.display(), size, ?serving, "file exported");

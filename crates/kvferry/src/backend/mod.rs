@@ -28,34 +28,11 @@ mod registry;
 pub mod shm;
 pub mod tcp;
 
+pub use crate::types::{AccessKey, FileInfo, XferOp};
 pub use registry::{plugin, plugins, register_plugin};
 
 /// Identifies a registered region inside one agent; assigned by the agent.
 pub type RegionId = u64;
-
-/// The unguessable key that grants access to one registered region.
-///
-/// Published in metadata; every remote access carries it, and the owner of
-/// the memory checks it (with the bounds) before any byte moves.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
-pub struct AccessKey(pub [u8; 16]);
-
-impl AccessKey {
-    /// 128 fresh bits from the OS's random source.
-    pub fn random() -> Result<Self> {
-        let mut k = [0u8; 16];
-        getrandom::fill(&mut k)
-            .map_err(|e| crate::Error::new(crate::ErrorKind::Backend, format!("the OS random source failed: {e}")))?;
-        Ok(AccessKey(k))
-    }
-}
-
-impl fmt::Debug for AccessKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Never print a whole key: logs are not a place for secrets.
-        write!(f, "AccessKey({:02x}{:02x}…)", self.0[0], self.0[1])
-    }
-}
 
 /// One local region as the agent hands it to a backend at registration.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -81,6 +58,20 @@ pub struct Region {
     pub share: Option<MemShare>,
 }
 
+impl Region {
+    /// The region as the storage layer registers a FILE or BLOCK region.
+    pub(crate) fn as_file(&self) -> crate::storage::FileRegistration<'_> {
+        crate::storage::FileRegistration {
+            key: self.key,
+            mem_type: self.mem_type,
+            addr: self.addr,
+            len: self.len,
+            dev_id: self.dev_id,
+            meta_info: &self.meta_info,
+        }
+    }
+}
+
 /// What a backend can do, as data (NIXL's `supportsLocal/Remote/Notif` and `getSupportedMems`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Capabilities {
@@ -95,35 +86,6 @@ pub struct Capabilities {
     /// Preference when several backends can serve a request: lower wins.
     /// Built-ins: LOCAL 0, SHM 10, POSIX 20, TCP 50; user backends default to 100.
     pub rank: u16,
-}
-
-/// Direction of a transfer, from the initiator's point of view.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-pub enum XferOp {
-    /// Remote → local.
-    Read,
-    /// Local → remote.
-    Write,
-}
-
-impl std::str::FromStr for XferOp {
-    type Err = crate::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_uppercase().as_str() {
-            "READ" | "RD" => Ok(XferOp::Read),
-            "WRITE" | "WR" => Ok(XferOp::Write),
-            _ => Err(crate::Error::invalid(format!("unknown operation '{s}': expected READ or WRITE"))),
-        }
-    }
-}
-
-impl fmt::Display for XferOp {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            XferOp::Read => "READ",
-            XferOp::Write => "WRITE",
-        })
-    }
 }
 
 /// Where a posted transfer stands.
@@ -241,17 +203,6 @@ pub struct CostEstimate {
     pub err_margin: Duration,
     /// How the estimate was made.
     pub method: &'static str,
-}
-
-/// What [`Backend::query_mem`] reports about a file or device (NIXL's `queryMem`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FileInfo {
-    /// Size in bytes (for a block device, the device's size).
-    pub size: u64,
-    /// Type and permission bits (`st_mode`).
-    pub mode: u32,
-    /// Last modification time.
-    pub mtime: std::time::SystemTime,
 }
 
 /// A way to move bytes. Implementations are shared between threads.

@@ -22,11 +22,12 @@
 //! # Ok::<(), kvferry::Error>(())
 //! ```
 //!
-//! Layout: `files.rs` registration table (fd mode and path mode), `align.rs`
-//! O_DIRECT checks, `job.rs` the engine API (batches of positioned I/Os and
-//! their completion), `uring.rs` and `threads.rs` the two engines, `sys.rs`
-//! the raw OS calls. The engine API takes `(file, buffer, length, offset, op)`
-//! batches and knows nothing of agents, so a remote-file target can reuse it.
+//! Layout: this module is a thin adapter — the plugin and its parameters,
+//! the backend (registration, `prepare`), and the request state
+//! (`PosixXfer`: post, poll, wait, cancel) — over `crate::storage`, which
+//! owns the open-file table, the one `plan` of lookup, access, bounds,
+//! O_DIRECT and chunking, the engines (io_uring, thread pool) and the raw OS
+//! calls. `prepare` plans a request once; each `post` runs the plan as a job.
 //!
 //! Guarantees: a request is done only when every byte of every descriptor
 //! moved (short transfers are retried for the remainder; end of file,
@@ -34,15 +35,14 @@
 //! reported only once no I/O of the request is in flight, so its memory may
 //! be released at once.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::RwLock;
 
 use super::{
-    AccessKey, Backend, BackendContext, BackendPlugin, BackendXfer, Capabilities, FileInfo, PeerInfo, Region, XferOp,
-    XferPlan, XferState,
+    AccessKey, Backend, BackendContext, BackendPlugin, BackendXfer, Capabilities, FileInfo, PeerInfo, Region, XferPlan,
+    XferState,
 };
 use crate::desc::RegDesc;
 use crate::error::{Error, ErrorKind, Result};
@@ -50,19 +50,7 @@ use crate::mem::MemType;
 use crate::notif::NotifSink;
 use crate::params::{ParamSpec, Params};
 
-mod align;
-mod files;
-mod job;
-mod serve;
-
-pub(crate) use job::Job;
-pub(crate) use serve::{FileServer, Served};
-mod sys;
-mod threads;
-mod uring;
-
-use files::FileTable;
-use job::{Engine, IoBatch, IoKind, IoOp};
+use crate::storage::{self, Engine, EngineSpec, FileTable, IoBatch, Job};
 
 /// The `POSIX` plugin.
 #[derive(Debug)]
@@ -112,39 +100,6 @@ const PARAMS: &[ParamSpec] = &[
 
 const NAME: &str = "POSIX";
 
-/// How to start an engine.
-#[derive(Clone, Debug)]
-pub(crate) struct EngineSpec {
-    /// `uring`, `threads`, or `auto` (io_uring when it works).
-    pub(crate) kind: String,
-    /// io_uring: I/Os in flight.
-    pub(crate) queue_depth: u32,
-    /// io_uring: bytes in flight (`u64::MAX`: no limit).
-    pub(crate) queue_bytes: u64,
-    /// Thread pool: workers.
-    pub(crate) threads: usize,
-    /// io_uring: kernel submission-queue polling.
-    pub(crate) sqpoll: bool,
-    /// io_uring: how long the idle ring thread polls for new jobs before it sleeps.
-    pub(crate) busy_poll: Duration,
-}
-
-/// Starts the engine `spec` asks for.
-fn start_engine(spec: &EngineSpec) -> Result<Arc<dyn Engine>> {
-    let uring = || uring::UringEngine::start(spec.queue_depth, spec.queue_bytes, spec.sqpoll, spec.busy_poll);
-    Ok(match spec.kind.as_str() {
-        "uring" => Arc::new(uring()?),
-        "threads" => Arc::new(threads::ThreadEngine::start(spec.threads)?),
-        _ => match uring() {
-            Ok(e) => Arc::new(e),
-            Err(e) => {
-                tracing::info!(error = %e, "POSIX: io_uring unavailable, using the thread pool");
-                Arc::new(threads::ThreadEngine::start(spec.threads)?)
-            }
-        },
-    })
-}
-
 impl BackendPlugin for PosixPlugin {
     fn name(&self) -> &str {
         NAME
@@ -161,7 +116,7 @@ impl BackendPlugin for PosixPlugin {
     fn create(&self, ctx: BackendContext, params: &Params) -> Result<Arc<dyn Backend>> {
         let params = params.resolved(PARAMS);
         let cfg = Config::from_params(&params)?;
-        let engine = start_engine(&cfg.engine)?;
+        let engine = storage::start_engine(&cfg.engine)?;
         tracing::info!(agent = %ctx.agent_name, engine = engine.name(), "POSIX backend created");
         Ok(Arc::new(PosixBackend {
             inner: Arc::new(Inner {
@@ -206,7 +161,7 @@ impl Config {
             return Err(Error::invalid(format!("backend POSIX: threads = {threads} is outside 1..=1024")));
         }
         let max_io = p.parse_size(NAME, "max_io_size")?;
-        if !(4096..=job::MAX_OP_LEN).contains(&max_io) || max_io % 4096 != 0 {
+        if !(4096..=storage::MAX_OP_LEN).contains(&max_io) || max_io % 4096 != 0 {
             return Err(Error::invalid(format!(
                 "backend POSIX: max_io_size = {max_io} must be a multiple of 4096 between 4K and 1G"
             )));
@@ -274,7 +229,7 @@ impl Backend for PosixBackend {
             // DRAM needs nothing: the agent checks local memory, the kernel reads it.
             MemType::Dram => Ok(Vec::new()),
             MemType::File | MemType::Block => {
-                self.inner.table.write().register(region)?;
+                self.inner.table.write().register(&region.as_file())?;
                 Ok(Vec::new())
             }
             other => Err(Error::not_supported(format!("POSIX moves DRAM, FILE and BLOCK, not {other}"))),
@@ -283,7 +238,7 @@ impl Backend for PosixBackend {
 
     fn deregister(&self, region: &Region) -> Result<()> {
         match region.mem_type {
-            MemType::File | MemType::Block => self.inner.table.write().deregister(region),
+            MemType::File | MemType::Block => self.inner.table.write().deregister(&region.as_file()),
             _ => Ok(()),
         }
     }
@@ -308,70 +263,18 @@ impl Backend for PosixBackend {
                 plan.local_mem, plan.remote_mem
             )));
         }
-        let kind = match plan.op {
-            XferOp::Write => IoKind::Write,
-            XferOp::Read => IoKind::Read,
-        };
-        let table = self.inner.table.read();
-        let mut file_idx: HashMap<AccessKey, u32> = HashMap::new();
-        let mut keys: Vec<(AccessKey, u32)> = Vec::new();
-        let mut ops = Vec::with_capacity(plan.segments.len());
-        for (i, s) in plan.segments.iter().enumerate() {
-            let seg = u32::try_from(i).unwrap_or(u32::MAX);
-            let r = table.region(&s.remote_key).ok_or_else(|| {
-                Error::not_found(format!(
-                    "POSIX: the {} region of segment {i} (offset {:#x}, dev {}) is not registered with this backend",
-                    plan.remote_mem, s.remote_addr, s.remote_dev
-                ))
-            })?;
-            let f = &r.file;
-            if kind == IoKind::Write && !f.access.writable() {
-                return Err(Error::not_allowed(format!(
-                    "POSIX: segment {i}: {} is open read-only; register it with 'w' or 'rw' to WRITE to it",
-                    f.name()
-                )));
-            }
-            if kind == IoKind::Read && !f.access.readable() {
-                return Err(Error::not_allowed(format!(
-                    "POSIX: segment {i}: {} is open write-only; register it with 'r' or 'rw' to READ from it",
-                    f.name()
-                )));
-            }
-            if !r.contains(s.remote_addr, s.len) {
-                return Err(Error::not_allowed(format!(
-                    "POSIX: segment {i} ({:#x}+{}) lies outside its registered region {:#x}+{} of {}{}",
-                    s.remote_addr,
-                    s.len,
-                    r.addr,
-                    r.len,
-                    f.name(),
-                    f.device_size.map(|d| format!(" (a device of {d} bytes)")).unwrap_or_default()
-                )));
-            }
-            let mut chunk = self.inner.max_io;
-            if f.direct {
-                align::DirectAlign { mem: f.mem_align, off: f.off_align }.check(
-                    i,
-                    &f.name(),
-                    s.local_addr,
-                    s.remote_addr,
-                    s.len,
-                )?;
-                chunk = (chunk / f.off_align).max(1) * f.off_align;
-            }
-            let fi = *file_idx.entry(s.remote_key).or_insert_with(|| {
-                keys.push((s.remote_key, seg));
-                (keys.len() - 1) as u32
-            });
-            let mut done = 0u64;
-            while done < s.len {
-                let n = chunk.min(s.len - done);
-                ops.push(IoOp { kind, file: fi, seg, buf: s.local_addr + done, len: n, offset: s.remote_addr + done });
-                done += n;
-            }
-        }
-        drop(table);
-        let batch = IoBatch::new(ops, keys.len())?;
+        let entries = plan.segments.iter().map(|s| storage::Entry {
+            key: s.remote_key,
+            offset: s.remote_addr,
+            len: s.len,
+            buf: s.local_addr,
+        });
+        let opts = storage::PlanOpts { naming: storage::Naming::POSIX, max_io: self.inner.max_io };
+        let planned = storage::plan(&self.inner.table.read(), plan.op, entries, opts)?;
+        // Only the keys are kept: each post looks the files up again, so a
+        // request never holds a deregistered file open.
+        let keys = planned.files().iter().map(|f| (f.key, f.first)).collect();
+        let batch = planned.batch().clone();
         Ok(Box::new(PosixXfer {
             inner: self.inner.clone(),
             mem: plan.remote_mem,
@@ -389,7 +292,7 @@ impl Backend for PosixBackend {
 
     fn query_mem(&self, mem_type: MemType, desc: &RegDesc) -> Result<Option<FileInfo>> {
         match mem_type {
-            MemType::File | MemType::Block => files::query(desc),
+            MemType::File | MemType::Block => storage::query(desc),
             other => Err(Error::not_supported(format!("POSIX queries FILE and BLOCK descriptors, not {other}"))),
         }
     }
@@ -480,14 +383,4 @@ impl Drop for PosixXfer {
     fn drop(&mut self) {
         self.cancel();
     }
-}
-
-/// The O_DIRECT alignment (the larger of memory and offset alignment) for the
-/// file at `path`, as the POSIX backend would use it.
-pub(crate) fn direct_alignment(path: &std::path::Path) -> Option<u64> {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::File::open(path).ok()?;
-    let block = f.metadata().ok().is_some_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()));
-    let (mem, off) = files::alignment(f.as_raw_fd(), block);
-    Some(mem.max(off))
 }

@@ -31,10 +31,10 @@ use super::{
     AccessKey, Backend, BackendContext, BackendPlugin, BackendXfer, Capabilities, CostEstimate, PeerEvents, PeerInfo,
     Region, XferPlan,
 };
-use crate::backend::posix::FileServer;
 use crate::error::{Error, Result};
 use crate::host::HostId;
 use crate::mem::MemType;
+use crate::storage::FileServer;
 
 /// DRAM moves both ways; FILE and BLOCK regions a target registered are served
 /// to remote initiators (remote file segments).
@@ -427,9 +427,9 @@ impl Backend for TcpBackend {
                 let r = MemRegion { id, addr: region.addr, len: region.len };
                 self.shared.regions.write().insert(region.key, r);
             }
-            // Served to remote initiators with the POSIX storage code, from
+            // Served to remote initiators by the storage layer (crate::storage), from
             // the file table only: (offset, len) there is a file range.
-            MemType::File | MemType::Block => self.shared.files.register(region)?,
+            MemType::File | MemType::Block => self.shared.files.register(&region.as_file())?,
             other => {
                 return Err(Error::not_supported(format!("TCP moves DRAM, and serves FILE and BLOCK, not {other}")))
             }
@@ -449,7 +449,7 @@ impl Backend for TcpBackend {
                 Ok(())
             }
             // A served file operation holds its open file, not the region.
-            MemType::File | MemType::Block => self.shared.files.deregister(region),
+            MemType::File | MemType::Block => self.shared.files.deregister(&region.as_file()),
             _ => Ok(()),
         }
     }

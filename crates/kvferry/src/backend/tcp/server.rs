@@ -9,9 +9,12 @@
 //! frame is checked and the connection publishes which regions the frame
 //! uses ([`Slot::using`]); `deregister` aborts the connections whose frame
 //! uses the region and returns once none touches it (see [`release_region`]).
-//! Frames on exported files go through staging buffers from one budget
-//! shared by every connection ([`Staging`]) and the server's storage engine,
-//! started ahead and answered in order (see `Served::file_op`).
+//! Frames on exported files are checked on the wire for kinds and framing,
+//! then planned by the storage layer (`FileServer::plan`: key, access,
+//! bounds, O_DIRECT — the POSIX backend's checks, not a copy of them) before
+//! any staging memory is taken; they go through staging buffers from one
+//! budget shared by every connection ([`Staging`]) and the server's storage
+//! engine, started ahead and answered in order (see `ConnState::file_op`).
 //!
 //! Bounds against hostile peers (docs/TCP.md): connection caps (total, per
 //! source address, in handshake) with eviction of the oldest handshake, a
@@ -32,8 +35,8 @@ use parking_lot::{Condvar, Mutex};
 use super::proto::{self, FrameType, Header, Hello, ProtoError, Status, Welcome, HEADER_LEN, HELLO_FIXED};
 use super::sys::{self, Span};
 use super::{frame_budget, MemRegion, Shared};
-use crate::backend::posix::{FileServer, Served as FileDir};
-use crate::backend::AccessKey;
+use crate::backend::{AccessKey, XferOp};
+use crate::storage::{self, FileServer, Plan};
 
 /// A connection still in handshake.
 const PENDING: u8 = 0;
@@ -310,7 +313,7 @@ impl Drop for Staged<'_> {
 }
 
 /// Per-connection state of the target.
-struct Served<'a> {
+struct ConnState<'a> {
     shared: &'a Shared,
     slot: &'a Slot,
     fd: RawFd,
@@ -337,7 +340,7 @@ const SPARE_KEEP: Duration = Duration::from_millis(20);
 struct PendingFile<'a> {
     op: u64,
     len: u64,
-    job: Arc<crate::backend::posix::Job>,
+    job: Arc<crate::storage::Job>,
     /// The staging buffer; `None` once handed back.
     buf: Option<Staged<'a>>,
 }
@@ -448,30 +451,46 @@ fn resolve_memory(
     Ok(Resolved::Memory)
 }
 
-/// Looks entries up in the exported-file table: `(file offset, len)` ranges.
-struct FileLookup<'a>(&'a FileServer);
+/// A lookup under which every key spans the whole offset space: with it,
+/// [`proto::check_entries`] checks only the framing of a file frame (no
+/// empty entry, lengths that add up to the header's). Which file region a
+/// key names, and whether an entry lies inside it, is the storage plan's
+/// check ([`FileServer::plan`]), made once for every user of files.
+struct FramingOnly;
 
-impl proto::RegionLookup for FileLookup<'_> {
-    fn lookup(&self, key: &AccessKey) -> Option<(u64, u64)> {
-        self.0.file_range(key)
+impl proto::RegionLookup for FramingOnly {
+    fn lookup(&self, _key: &AccessKey) -> Option<(u64, u64)> {
+        Some((0, u64::MAX))
     }
 }
 
-/// Checks a file frame: no entry names a memory region, and every one lies
-/// inside a live exported file region (bounds, emptiness, lengths).
-fn check_file_entries(
-    h: &Header,
-    table: &[u8],
-    regions: &HashMap<AccessKey, MemRegion>,
-    files: &FileServer,
-) -> Result<(), ProtoError> {
+/// Checks that no entry of a file frame names a memory region: kinds never
+/// mix (entry 0 named an exported file).
+fn no_memory_entries(h: &Header, table: &[u8], regions: &HashMap<AccessKey, MemRegion>) -> Result<(), ProtoError> {
     for i in 0..h.count as usize {
         let e = proto::Entry::decode(table, i).ok_or_else(|| ProtoError::malformed("entry table truncated"))?;
         if regions.contains_key(&e.key) {
             return Err(mixed(i));
         }
     }
-    proto::check_entries(h, table, &FileLookup(files))
+    Ok(())
+}
+
+/// Checks a file frame's framing on the wire and plans it: the storage plan
+/// must accept every entry (a live exported file region, access, bounds,
+/// O_DIRECT alignment). The plan's memory addresses are offsets into the
+/// frame's staging buffer, entries back to back.
+fn plan_file_frame(h: &Header, table: &[u8], files: &FileServer) -> Result<Plan, ProtoError> {
+    proto::check_entries(h, table, &FramingOnly)?;
+    let op = if h.ty == FrameType::Write { XferOp::Write } else { XferOp::Read };
+    let mut at = 0u64;
+    let entries = (0..h.count as usize).filter_map(|i| proto::Entry::decode(table, i)).map(|e| {
+        // The framing check bounded the sum of the lengths.
+        let buf = at;
+        at += e.len;
+        storage::Entry { key: e.key, offset: e.addr, len: e.len, buf }
+    });
+    files.plan(op, entries).map_err(|e| file_error(&e))
 }
 
 fn file_error(e: &crate::Error) -> ProtoError {
@@ -532,7 +551,7 @@ fn serve_conn(shared: &Shared, stream: &TcpStream, slot: &Slot) -> io::Result<()
     // Silence is judged twice per peer timeout (frame deadlines, idle timeout).
     stream.set_read_timeout(Some(shared.peer_timeout / 2))?;
 
-    let mut s = Served {
+    let mut s = ConnState {
         shared,
         slot,
         fd,
@@ -661,7 +680,7 @@ fn welcome(shared: &Shared, status: Status, message: String) -> Vec<u8> {
     out
 }
 
-impl<'a> Served<'a> {
+impl<'a> ConnState<'a> {
     /// A staging buffer of at least `len` bytes, charged to the shared
     /// budget: a spare one, or a new one once there is room — made by
     /// freeing this connection's spares, then answering its pending
@@ -717,19 +736,14 @@ impl<'a> Served<'a> {
     }
 
     /// A frame on exported files: WRITE payloads land in a staging buffer and
-    /// go to the files; READ data comes from the files through one. Entries
-    /// were checked against the live file regions already. Operations are
+    /// go to the files; READ data comes from the files through one. `plan`
+    /// holds the frame's checked I/Os, addressed from the buffer's start. Operations are
     /// pipelined: up to [`FILE_HELD`] bytes of them are started ahead and
     /// answered in order, so the disk works on the next frames while earlier
     /// data goes out (READ) or the next payload comes in (WRITE). An answer
     /// goes out only once its I/O finished: a WRITE is acknowledged when its
     /// bytes are in the file.
-    fn file_op(&mut self, h: &Header, tlen: usize) -> io::Result<()> {
-        let table = &self.rx.bytes()[..tlen];
-        let entries: Vec<(crate::backend::AccessKey, u64, u64)> = (0..h.count as usize)
-            .filter_map(|i| proto::Entry::decode(table, i))
-            .map(|e| (e.key, e.addr, e.len))
-            .collect();
+    fn file_op(&mut self, h: &Header, tlen: usize, plan: Plan) -> io::Result<()> {
         self.rx.consume(tlen);
         let len = h.len as usize;
         let mut staging = match self.staging(len) {
@@ -744,14 +758,14 @@ impl<'a> Served<'a> {
             }
         };
         let ptr = staging.buf.as_mut_ptr();
-        let dir = if h.ty == FrameType::Write { FileDir::Write } else { FileDir::Read };
         if h.ty == FrameType::Write {
             // SAFETY: the staging buffer is owned here and holds at least `len` bytes.
             unsafe { self.rx.read_spans(self.fd, &[(ptr as u64, h.len)], h.len, &mut until(self.deadline))? };
         }
-        // SAFETY: the staging buffer lives in the pending entry (or here) until
-        // the job is finished or cancelled; `entries` add up to `h.len`.
-        let started = unsafe { self.shared.files.start(dir, &entries, ptr) };
+        // SAFETY: the staging buffer is page-aligned, holds at least `h.len`
+        // bytes (the plan's entries add up to it), and lives in the pending
+        // entry (or here) until the job is finished or cancelled.
+        let started = unsafe { self.shared.files.start(plan, ptr) };
         let job = match started {
             Ok(job) => job,
             Err(e) => {
@@ -782,7 +796,7 @@ impl<'a> Served<'a> {
 
     /// Waits for one file operation and sends its answer (ACK, DATA or ERROR).
     fn answer(&mut self, mut p: PendingFile<'a>) -> io::Result<()> {
-        let r = crate::backend::posix::FileServer::finish(&p.job);
+        let r = FileServer::finish(&p.job);
         // Finished (or cancelled): no I/O touches the buffer any more.
         let buf = p.buf.take();
         let sent = match r {
@@ -854,10 +868,11 @@ impl<'a> Served<'a> {
             Ok(Resolved::NotMemory) => {
                 ids.clear();
                 drop(ids);
-                let checked = check_file_entries(h, table, &regions, &shared.files);
+                let kinds = no_memory_entries(h, table, &regions);
                 drop(regions);
-                return match checked {
-                    Ok(()) => self.file_op(h, tlen),
+                let planned = kinds.and_then(|()| plan_file_frame(h, table, &shared.files));
+                return match planned {
+                    Ok(plan) => self.file_op(h, tlen, plan),
                     Err(e) => self.refuse(h, tlen, &e),
                 };
             }

@@ -1,5 +1,7 @@
-//! The registration table: which files and block devices the backend has
-//! open, and which registered regions (by access key) lie in them.
+//! The open-file table: which files and block devices one owner (a POSIX
+//! backend, a file server) has open, and which registered regions (by
+//! access key) lie in them. Not to be confused with `agent/files.rs`, the
+//! agent's list of files it exports to peers.
 //!
 //! Two ways to register (see `docs/POSIX.md`):
 //!
@@ -26,10 +28,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::sys;
-use crate::backend::{AccessKey, FileInfo, Region};
 use crate::desc::RegDesc;
 use crate::error::{Error, Result};
 use crate::mem::MemType;
+use crate::types::{AccessKey, FileInfo};
 
 /// The O_DIRECT alignment assumed when the kernel does not report one: 4096
 /// covers every logical block size in common use (512 and 4096).
@@ -220,6 +222,25 @@ impl OpenFile {
         })
     }
 
+    /// `/dev/null` standing in for a file with the given access, O_DIRECT
+    /// alignment (`None`: not O_DIRECT) and device size, for unit tests of
+    /// the checks (no filesystem needs to support O_DIRECT).
+    #[cfg(test)]
+    pub(crate) fn test_file(access: Access, direct: Option<u64>, device_size: Option<u64>) -> Arc<OpenFile> {
+        let f = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null").unwrap();
+        let align = direct.unwrap_or(1);
+        Arc::new(OpenFile {
+            fd: OwnedFd::from(f),
+            origin: Origin::Fd { fd: -1, dev: 0, ino: 0 },
+            access,
+            direct: direct.is_some(),
+            block: device_size.is_some(),
+            mem_align: align,
+            off_align: align,
+            device_size,
+        })
+    }
+
     /// Any descriptor (a pipe, say), read-write, for unit tests of the engines.
     #[cfg(test)]
     pub(crate) fn for_test(fd: OwnedFd) -> Arc<OpenFile> {
@@ -302,6 +323,24 @@ pub(crate) fn alignment(fd: RawFd, block: bool) -> (u64, u64) {
     (DEFAULT_DIRECT_ALIGN, DEFAULT_DIRECT_ALIGN)
 }
 
+/// A FILE or BLOCK registration as the storage layer takes it (the owner's
+/// region, seen through what a file needs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct FileRegistration<'a> {
+    /// The region's access key: how transfers name it.
+    pub(crate) key: AccessKey,
+    /// `File` or `Block`.
+    pub(crate) mem_type: MemType,
+    /// Start offset in the file.
+    pub(crate) addr: u64,
+    /// Length; 0 = to the end of the file or device.
+    pub(crate) len: u64,
+    /// fd mode: the caller's descriptor; path mode: the caller's id for the file.
+    pub(crate) dev_id: u64,
+    /// Empty (fd mode) or a path-mode spec such as `"rw,direct,create:/path"`.
+    pub(crate) meta_info: &'a [u8],
+}
+
 /// One registered region: a range of an open file.
 #[derive(Debug)]
 pub(crate) struct FileRegion {
@@ -373,8 +412,8 @@ impl FileTable {
 
     /// Registers `r`, opening (path mode) or duplicating (fd mode) its file, or
     /// sharing the one already open under the same `dev_id`.
-    pub(crate) fn register(&mut self, r: &Region) -> Result<()> {
-        let spec = PathSpec::parse(&r.meta_info)?;
+    pub(crate) fn register(&mut self, r: &FileRegistration<'_>) -> Result<()> {
+        let spec = PathSpec::parse(r.meta_info)?;
         let origin = match spec {
             Some(p) => Origin::Path(p),
             None => {
@@ -440,7 +479,7 @@ impl FileTable {
     }
 
     /// Forgets `r`; closes its file once no region (and no I/O) uses it.
-    pub(crate) fn deregister(&mut self, r: &Region) -> Result<()> {
+    pub(crate) fn deregister(&mut self, r: &FileRegistration<'_>) -> Result<()> {
         if self.by_key.remove(&r.key).is_none() {
             return Err(Error::not_found(format!(
                 "POSIX: {} region {:#x}+{} (dev {}) is not registered with this backend",
@@ -455,6 +494,12 @@ impl FileTable {
             }
         }
         Ok(())
+    }
+
+    /// Adds region `addr+len` of `file` under `key`, for unit tests of the checks.
+    #[cfg(test)]
+    pub(crate) fn insert_for_test(&mut self, key: AccessKey, addr: u64, len: u64, file: Arc<OpenFile>) {
+        self.by_key.insert(key, Arc::new(FileRegion { addr, len, file }));
     }
 
     /// Number of open files.
@@ -497,16 +542,16 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("f");
         let meta = format!("rw,create:{}", p.display());
-        let region = |addr, len, dev, meta: &str, k: u8| Region {
-            id: 1,
-            mem_type: MemType::File,
-            addr,
-            len,
-            dev_id: dev,
-            meta_info: meta.as_bytes().to_vec(),
-            key: AccessKey([k; 16]),
-            share: None,
-        };
+        fn region(addr: u64, len: u64, dev: u64, meta: &str, k: u8) -> FileRegistration<'_> {
+            FileRegistration {
+                key: AccessKey([k; 16]),
+                mem_type: MemType::File,
+                addr,
+                len,
+                dev_id: dev,
+                meta_info: meta.as_bytes(),
+            }
+        }
         let mut t = FileTable::default();
         let (a, b) = (region(0, 4096, 7, &meta, 1), region(4096, 0, 7, &meta, 2));
         t.register(&a).unwrap();

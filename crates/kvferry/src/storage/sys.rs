@@ -1,4 +1,4 @@
-//! The raw OS calls of the POSIX backend, each a thin wrapper that turns
+//! The raw OS calls of the storage layer, each a thin wrapper that turns
 //! `-1` into [`io::Error`]. Everything `unsafe` about files lives here (and in
 //! the io_uring submission in `uring.rs`).
 

@@ -22,9 +22,10 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, squeue, types, IoUring, Probe};
 use parking_lot::Mutex;
 
-use super::job::{CancelHook, Engine, Failure, IoKind, Job};
+use super::job::{CancelHook, Engine, Failure, Job};
 use super::sys::EventFd;
 use crate::error::{Error, ErrorKind, Result};
+use crate::types::XferOp;
 
 /// `user_data` of the eventfd poll. An I/O's is its slot number in the low
 /// 32 bits and the slot's generation above, so that a cancel can name
@@ -354,8 +355,8 @@ impl Ring {
         // At most MAX_OP_LEN (1 GiB) by IoBatch's check: fits in 32 bits.
         let len = (op.len - slot.moved) as u32;
         let e = match op.kind {
-            IoKind::Read => opcode::Read::new(fd, buf as *mut u8, len).offset(off).build(),
-            IoKind::Write => opcode::Write::new(fd, buf as *const u8, len).offset(off).build(),
+            XferOp::Read => opcode::Read::new(fd, buf as *mut u8, len).offset(off).build(),
+            XferOp::Write => opcode::Write::new(fd, buf as *const u8, len).offset(off).build(),
         }
         .user_data(Self::user_data(s, slot.generation));
         // SAFETY: the buffer lies in memory registered with the agent, which the
@@ -436,7 +437,7 @@ impl Ring {
                     self.finish(s, Err(Failure::Os(io::Error::from_raw_os_error(errno))));
                 }
             } else if res == 0 {
-                let f = if op.kind == IoKind::Read { Failure::Eof } else { Failure::NoProgress };
+                let f = if op.kind == XferOp::Read { Failure::Eof } else { Failure::NoProgress };
                 self.finish(s, Err(f));
             } else {
                 slot.moved += res as u64;
@@ -456,8 +457,8 @@ impl Ring {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::posix::files::OpenFile;
-    use crate::backend::posix::job::{IoBatch, IoOp};
+    use crate::storage::job::{IoBatch, IoOp};
+    use crate::storage::table::OpenFile;
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
     /// An I/O that would never complete by itself (a read of an empty pipe
@@ -477,7 +478,7 @@ mod tests {
         // SAFETY: as above.
         let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         let mut buf = vec![0u8; 4096];
-        let op = IoOp { kind: IoKind::Read, file: 0, seg: 0, buf: buf.as_mut_ptr() as u64, len: 4096, offset: 0 };
+        let op = IoOp { kind: XferOp::Read, file: 0, seg: 0, buf: buf.as_mut_ptr() as u64, len: 4096, offset: 0 };
         let pipe = OpenFile::for_test(rd);
         let job = Job::new(IoBatch::new(vec![op], 1).unwrap(), vec![pipe]).unwrap();
         engine.submit(job.clone()).unwrap();
@@ -503,7 +504,7 @@ mod tests {
         // SAFETY: as above.
         assert_eq!(unsafe { libc::write(wr.as_raw_fd(), [7u8; 64].as_ptr().cast(), 64) }, 64);
         let mut buf2 = vec![0u8; 64];
-        let op = IoOp { kind: IoKind::Read, file: 0, seg: 0, buf: buf2.as_mut_ptr() as u64, len: 64, offset: 0 };
+        let op = IoOp { kind: XferOp::Read, file: 0, seg: 0, buf: buf2.as_mut_ptr() as u64, len: 64, offset: 0 };
         let rd2 = job_file_dup(&job);
         let job2 = Job::new(IoBatch::new(vec![op], 1).unwrap(), vec![rd2]).unwrap();
         engine.submit(job2.clone()).unwrap();

@@ -9,6 +9,7 @@
 //! `statx(STATX_DIOALIGN)` where the kernel reports them, else `BLKSSZGET`
 //! for block devices, else 4096 (safe for 512- and 4096-byte devices).
 
+use super::plan::Naming;
 use crate::error::{Error, Result};
 
 /// The alignments one O_DIRECT file asks for.
@@ -57,12 +58,14 @@ impl DirectAlign {
         }
     }
 
-    /// Fails with `InvalidParam` naming the misaligned field of segment `seg`.
-    pub(crate) fn check(&self, seg: usize, file: &str, addr: u64, offset: u64, len: u64) -> Result<()> {
+    /// Fails with `InvalidParam` naming the misaligned field of entry `seg`
+    /// (called as `naming` says).
+    pub(crate) fn check(&self, naming: Naming, seg: usize, file: &str, addr: u64, offset: u64, len: u64) -> Result<()> {
+        let Naming { who, item } = naming;
         match self.misaligned(addr, offset, len) {
             None => Ok(()),
             Some((field, value, need)) => Err(Error::invalid(format!(
-                "POSIX: O_DIRECT {} misaligned in segment {seg} (file {file}): {} {value:#x} ({value}) is not a multiple of {need}; O_DIRECT needs memory address, file offset and length aligned (memory to {}, offset and length to {}). Use AlignedBuf and block-sized descriptors, or register the file without 'direct'",
+                "{who}: O_DIRECT {} misaligned in {item} {seg} (file {file}): {} {value:#x} ({value}) is not a multiple of {need}; O_DIRECT needs memory address, file offset and length aligned (memory to {}, offset and length to {}). Use AlignedBuf and block-sized descriptors, or register the file without 'direct'",
                 field.as_str(),
                 field.as_str(),
                 self.mem,
@@ -84,7 +87,7 @@ mod tests {
         assert_eq!(a.misaligned(100, 8192, 4096), Some((Field::Address, 100, 512)));
         assert_eq!(a.misaligned(4096, 100, 4096), Some((Field::Offset, 100, 4096)));
         assert_eq!(a.misaligned(4096, 0, 100), Some((Field::Length, 100, 4096)));
-        let e = a.check(3, "'/f'", 4096, 0, 100).unwrap_err();
+        let e = a.check(Naming::POSIX, 3, "'/f'", 4096, 0, 100).unwrap_err();
         assert_eq!(e.kind(), crate::ErrorKind::InvalidParam);
         assert!(e.message().contains("length misaligned in segment 3"), "{e}");
         assert!(e.message().contains("multiple of 4096"), "{e}");

@@ -21,37 +21,20 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use super::files::OpenFile;
+use super::table::OpenFile;
 use crate::error::{Error, ErrorKind, Result};
+use crate::types::XferOp;
 
 /// The largest single I/O an engine issues (io_uring lengths are 32 bits, and
 /// Linux moves at most about 2 GiB per call).
 pub(crate) const MAX_OP_LEN: u64 = 1 << 30;
 
-/// Direction of one I/O.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum IoKind {
-    /// File → memory.
-    Read,
-    /// Memory → file.
-    Write,
-}
-
-impl IoKind {
-    fn as_str(self) -> &'static str {
-        match self {
-            IoKind::Read => "READ",
-            IoKind::Write => "WRITE",
-        }
-    }
-}
-
 /// One positioned I/O: `len` bytes between memory at `buf` and `offset` of
 /// the job's file number `file`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct IoOp {
-    /// Read or write.
-    pub(crate) kind: IoKind,
+    /// [`XferOp::Read`]: file → memory; [`XferOp::Write`]: memory → file.
+    pub(crate) kind: XferOp,
     /// Index into the job's files.
     pub(crate) file: u32,
     /// The request segment it belongs to (for messages).
@@ -94,6 +77,11 @@ impl IoBatch {
     /// Number of I/Os.
     pub(crate) fn len(&self) -> usize {
         self.ops.len()
+    }
+
+    /// The I/Os.
+    pub(crate) fn ops(&self) -> &[IoOp] {
+        &self.ops
     }
 }
 
@@ -173,7 +161,7 @@ impl Job {
 
     /// Whether the job writes to files (its first I/O does; jobs go one way).
     pub(crate) fn is_write(&self) -> bool {
-        self.batch.ops.first().is_some_and(|o| o.kind == IoKind::Write)
+        self.batch.ops.first().is_some_and(|o| o.kind == XferOp::Write)
     }
 
     /// I/O `i`.
@@ -348,11 +336,11 @@ impl Job {
         let missing = op.len.saturating_sub(moved);
         let what = format!(
             "POSIX: {} of segment {} {} {file}",
-            op.kind.as_str(),
+            op.kind,
             op.seg,
             match op.kind {
-                IoKind::Read => "from",
-                IoKind::Write => "to",
+                XferOp::Read => "from",
+                XferOp::Write => "to",
             }
         );
         match f {
@@ -410,12 +398,12 @@ pub(crate) fn run_blocking(job: &Job, i: usize) -> (u64, std::result::Result<(),
         // wait for in-flight I/Os); `fd` is kept open by the job's files.
         let r = unsafe {
             match op.kind {
-                IoKind::Read => super::sys::pread(fd, buf as *mut u8, len, off),
-                IoKind::Write => super::sys::pwrite(fd, buf as *const u8, len, off),
+                XferOp::Read => super::sys::pread(fd, buf as *mut u8, len, off),
+                XferOp::Write => super::sys::pwrite(fd, buf as *const u8, len, off),
             }
         };
         match r {
-            Ok(0) => return (moved, Err(if op.kind == IoKind::Read { Failure::Eof } else { Failure::NoProgress })),
+            Ok(0) => return (moved, Err(if op.kind == XferOp::Read { Failure::Eof } else { Failure::NoProgress })),
             Ok(n) => moved += n as u64,
             Err(e) if e.kind() == io::ErrorKind::Interrupted && interrupted < 64 => interrupted += 1,
             Err(e) => return (moved, Err(Failure::Os(e))),
@@ -433,7 +421,7 @@ mod tests {
         let ops = lens
             .iter()
             .map(|&len| {
-                let op = IoOp { kind: IoKind::Read, file: 0, seg: 0, buf: 4096, len, offset };
+                let op = IoOp { kind: XferOp::Read, file: 0, seg: 0, buf: 4096, len, offset };
                 offset += len;
                 op
             })
