@@ -59,6 +59,9 @@ pub(crate) struct AgentInner {
     pub(crate) regions: RwLock<ranges::RangeMap<Arc<LocalRegion>>>,
     pub(crate) next_region_id: AtomicU64,
     pub(crate) peers: RwLock<std::collections::HashMap<Arc<str>, Arc<RemotePeer>>>,
+    /// Serializes loading and invalidating peers (which call backends) among
+    /// themselves, so that `peers` is locked only to read or swap an entry.
+    pub(crate) loading: Mutex<()>,
     pub(crate) notifs: NotifSink,
     /// Serializes backend creation so two threads cannot create the same one.
     create_lock: Mutex<()>,
@@ -141,6 +144,7 @@ impl Agent {
                 regions: RwLock::new(Default::default()),
                 next_region_id: AtomicU64::new(1),
                 peers: RwLock::new(Default::default()),
+                loading: Mutex::new(()),
                 notifs: NotifSink::with_limits(notif_limits),
                 create_lock: Mutex::new(()),
                 central: Mutex::new(None),

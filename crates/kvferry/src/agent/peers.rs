@@ -191,7 +191,9 @@ impl Agent {
     }
 
     /// Checks `md` against the caps for peers loaded through the network
-    /// (`peers` is the table, write-locked by the caller).
+    /// (`peers` is the table; the caller holds `loading`, so it cannot
+    /// change before the load ends but through a backend's `peer_lost`,
+    /// which only removes).
     fn check_caps(
         &self,
         md: &AgentMetadata,
@@ -273,15 +275,19 @@ impl Agent {
             })
         };
 
-        let mut peers = self.inner.peers.write();
-        let old_charged =
-            peers.get(md.name.as_str()).filter(|p| p.instance == md.instance && md.partial).map_or(0, |p| p.charged);
+        // Backends are called below with no lock of the peer table held:
+        // request creation read-locks it and must never wait on a backend's
+        // `load_remote` (SHM reads /proc, TCP may dial). Loads and
+        // invalidations are serialized among themselves by `loading`, so the
+        // entry read here is still the one replaced at the end.
+        let _loading = self.inner.loading.lock();
+        let name: Arc<str> = md.name.as_str().into();
+        let old = self.inner.peers.read().get(&name).cloned();
+        let old_charged = old.as_ref().filter(|p| p.instance == md.instance && md.partial).map_or(0, |p| p.charged);
         let charged = old_charged + bytes.len() as u64;
         if origin.capped() {
-            self.check_caps(&md, charged, origin, &peers)?;
+            self.check_caps(&md, charged, origin, &self.inner.peers.read())?;
         }
-        let name: Arc<str> = md.name.as_str().into();
-        let old = peers.get(&name).cloned();
         let same_instance = old.as_ref().is_some_and(|p| p.instance == md.instance);
         if let Some(old) = old.as_ref().filter(|_| !same_instance) {
             tracing::info!(agent = %self.name(), peer = %name, "peer restarted: dropping its old metadata");
@@ -294,7 +300,7 @@ impl Agent {
             };
         if same_instance && !md.partial {
             // Keep what backends already loaded; a full blob refreshes the rest.
-            loaded_mask = peers.get(&name).map(|p| p.loaded_mask).unwrap_or(0);
+            loaded_mask = self.inner.peers.read().get(&name).map(|p| p.loaded_mask).unwrap_or(0);
         }
         for b in &md.backends {
             match backends.iter_mut().find(|x: &&mut BackendMeta| x.name == b.name) {
@@ -347,7 +353,7 @@ impl Agent {
             origin,
             charged,
         };
-        peers.insert(name, Arc::new(peer));
+        self.inner.peers.write().insert(name, Arc::new(peer));
         Ok(md.name)
     }
 
@@ -362,6 +368,7 @@ impl Agent {
     /// Forgets a peer's metadata and closes its connections. Requests to it
     /// created before fail from then on.
     pub fn invalidate_remote(&self, name: &str) -> Result<()> {
+        let _loading = self.inner.loading.lock();
         let removed = self.inner.peers.write().remove(name);
         match removed {
             Some(p) => {
@@ -376,6 +383,7 @@ impl Agent {
     /// under the table's lock, so the entry cannot change in between).
     /// `Ok(false)`: not loaded, or `allow` declined.
     pub(crate) fn invalidate_if(&self, name: &str, allow: impl FnOnce(&RemotePeer) -> Result<bool>) -> Result<bool> {
+        let _loading = self.inner.loading.lock();
         let mut peers = self.inner.peers.write();
         let Some(p) = peers.get(name) else { return Ok(false) };
         if !allow(p)? {
