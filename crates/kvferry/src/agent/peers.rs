@@ -265,16 +265,6 @@ impl Agent {
                 md.name
             )));
         }
-        let slots = self.slots();
-        let to_local: Vec<Option<usize>> =
-            md.backends.iter().map(|b| slots.iter().position(|s| s.name.as_ref() == b.name)).collect();
-        let translate = |mask: u32| -> u32 {
-            to_local.iter().enumerate().fold(0, |m, (j, l)| match l {
-                Some(i) if mask & (1 << j) != 0 => m | (1 << i),
-                _ => m,
-            })
-        };
-
         // Backends are called below with no lock of the peer table held:
         // request creation read-locks it and must never wait on a backend's
         // `load_remote` (SHM reads /proc, TCP may dial). Loads and
@@ -283,32 +273,40 @@ impl Agent {
         let _loading = self.inner.loading.lock();
         let name: Arc<str> = md.name.as_str().into();
         let old = self.inner.peers.read().get(&name).cloned();
-        let old_charged = old.as_ref().filter(|p| p.instance == md.instance && md.partial).map_or(0, |p| p.charged);
+        let same_instance = old.as_ref().is_some_and(|p| p.instance == md.instance);
+        let old_charged = old.as_ref().filter(|_| same_instance && md.partial).map_or(0, |p| p.charged);
         let charged = old_charged + bytes.len() as u64;
         if origin.capped() {
             self.check_caps(&md, charged, origin, &self.inner.peers.read())?;
         }
-        let same_instance = old.as_ref().is_some_and(|p| p.instance == md.instance);
         if let Some(old) = old.as_ref().filter(|_| !same_instance) {
             tracing::info!(agent = %self.name(), peer = %name, "peer restarted: dropping its old metadata");
             self.unload_from_backends(old);
         }
-        let (mut regions, mut backends, mut loaded_mask, mut extensions) =
-            match old.filter(|_| same_instance && md.partial) {
-                Some(p) => (p.regions_clone(), p.backends.clone(), p.loaded_mask, p.extensions.clone()),
-                None => (RangeMap::default(), Vec::new(), 0, Vec::new()),
-            };
-        if same_instance && !md.partial {
-            // Keep what backends already loaded; a full blob refreshes the rest.
-            loaded_mask = self.inner.peers.read().get(&name).map(|p| p.loaded_mask).unwrap_or(0);
-        }
-        for b in &md.backends {
-            match backends.iter_mut().find(|x: &&mut BackendMeta| x.name == b.name) {
-                Some(x) if b.conn_info.is_some() => x.conn_info = b.conn_info.clone(),
-                Some(_) => {}
-                None => backends.push(b.clone()),
-            }
-        }
+        // A partial blob adds to what the same instance published; a full
+        // one replaces it but keeps what backends already loaded.
+        let base = old.as_deref().filter(|_| same_instance);
+        let loaded = base.map_or(0, |p| p.loaded_mask);
+        let merge_from = base.filter(|_| md.partial);
+        let slots = self.slots();
+        let loaded = self.load_into_backends(&name, &md, &slots, loaded)?;
+        let peer = RemotePeer::merged(name.clone(), md, merge_from, &slots, loaded, origin, charged);
+        let loaded_name = peer.name.to_string();
+        self.inner.peers.write().insert(name, Arc::new(peer));
+        Ok(loaded_name)
+    }
+
+    /// Hands `md`'s connection info to each local backend it names; returns
+    /// `loaded` (the slots that hold the peer already) with those that
+    /// loaded it now. Fails only if no slot holds it then (each failure is
+    /// logged otherwise).
+    fn load_into_backends(
+        &self,
+        name: &Arc<str>,
+        md: &AgentMetadata,
+        slots: &[Arc<super::BackendSlot>],
+        mut loaded: u32,
+    ) -> Result<u32> {
         let mut failures = Vec::new();
         for b in md.backends.iter().filter(|b| b.conn_info.is_some()) {
             let Some(i) = slots.iter().position(|s| s.name.as_ref() == b.name) else { continue };
@@ -319,11 +317,11 @@ impl Agent {
                 conn_info: b.conn_info.clone().unwrap_or_default(),
             };
             match slots[i].backend.load_remote(&info) {
-                Ok(()) => loaded_mask |= 1 << i,
+                Ok(()) => loaded |= 1 << i,
                 Err(e) => failures.push(format!("{}: {e}", b.name)),
             }
         }
-        if loaded_mask == 0 && !failures.is_empty() {
+        if loaded == 0 && !failures.is_empty() {
             return Err(Error::new(
                 crate::ErrorKind::Backend,
                 format!("could not load agent '{name}' into any backend: {}", failures.join("; ")),
@@ -332,29 +330,7 @@ impl Agent {
         for f in &failures {
             tracing::warn!(agent = %self.name(), peer = %name, failure = %f, "a backend could not load the peer");
         }
-        for r in &md.regions {
-            regions.insert(
-                (r.mem_type, r.dev_id, r.addr),
-                RemoteRegion { len: r.len, key: r.key, local_mask: translate(r.backend_mask) },
-            );
-        }
-        for (k, v) in md.extensions {
-            extensions.retain(|(n, _)| *n != k);
-            extensions.push((k, v));
-        }
-        let peer = RemotePeer {
-            name: name.clone(),
-            instance: md.instance,
-            host: md.host,
-            backends,
-            regions,
-            loaded_mask,
-            extensions,
-            origin,
-            charged,
-        };
-        self.inner.peers.write().insert(name, Arc::new(peer));
-        Ok(md.name)
+        Ok(loaded)
     }
 
     fn unload_from_backends(&self, peer: &RemotePeer) {
@@ -433,6 +409,60 @@ impl Agent {
 }
 
 impl RemotePeer {
+    /// The entry for `md`, on top of `base` (the same instance's entry, for
+    /// a partial blob), with regions' backend masks translated from the
+    /// peer's backend order to the local `slots`.
+    fn merged(
+        name: Arc<str>,
+        md: AgentMetadata,
+        base: Option<&RemotePeer>,
+        slots: &[Arc<super::BackendSlot>],
+        loaded_mask: u32,
+        origin: Origin,
+        charged: u64,
+    ) -> RemotePeer {
+        let to_local: Vec<Option<usize>> =
+            md.backends.iter().map(|b| slots.iter().position(|s| s.name.as_ref() == b.name)).collect();
+        let translate = |mask: u32| -> u32 {
+            to_local.iter().enumerate().fold(0, |m, (j, l)| match l {
+                Some(i) if mask & (1 << j) != 0 => m | (1 << i),
+                _ => m,
+            })
+        };
+        let (mut regions, mut backends, mut extensions) = match base {
+            Some(p) => (p.regions_clone(), p.backends.clone(), p.extensions.clone()),
+            None => (RangeMap::default(), Vec::new(), Vec::new()),
+        };
+        for b in &md.backends {
+            match backends.iter_mut().find(|x: &&mut BackendMeta| x.name == b.name) {
+                Some(x) if b.conn_info.is_some() => x.conn_info = b.conn_info.clone(),
+                Some(_) => {}
+                None => backends.push(b.clone()),
+            }
+        }
+        for r in &md.regions {
+            regions.insert(
+                (r.mem_type, r.dev_id, r.addr),
+                RemoteRegion { len: r.len, key: r.key, local_mask: translate(r.backend_mask) },
+            );
+        }
+        for (k, v) in md.extensions {
+            extensions.retain(|(n, _)| *n != k);
+            extensions.push((k, v));
+        }
+        RemotePeer {
+            name,
+            instance: md.instance,
+            host: md.host,
+            backends,
+            regions,
+            loaded_mask,
+            extensions,
+            origin,
+            charged,
+        }
+    }
+
     fn regions_clone(&self) -> RangeMap<RemoteRegion> {
         let mut m = RangeMap::default();
         for (p, r) in self.regions.iter() {
