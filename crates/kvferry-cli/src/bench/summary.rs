@@ -46,6 +46,21 @@ pub fn run(json: bool) -> Result<()> {
     let mut rows: Vec<Point> = Vec::new();
     let mut skipped: Vec<String> = Vec::new();
     let plugins = Agent::available_plugins();
+    p2p_rows(&plugins, &mut rows, &mut skipped)?;
+    storage_rows(&plugins, &mut rows, &mut skipped);
+    if json {
+        for p in &rows {
+            println!("{}", serde_json::to_string(p).unwrap_or_default());
+        }
+        return Ok(());
+    }
+    print_table(started, memcpy, &rows, &skipped);
+    Ok(())
+}
+
+/// The point-to-point rows of every memory backend this build has and this
+/// machine can run (the others are named in `skipped`).
+fn p2p_rows(plugins: &[String], rows: &mut Vec<Point>, skipped: &mut Vec<String>) -> Result<()> {
     for backend in ["LOCAL", "SHM", "TCP"] {
         if !plugins.iter().any(|p| p == backend) {
             skipped.push(format!("{backend}: not in this build"));
@@ -94,6 +109,11 @@ pub fn run(json: bool) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// The storage rows (POSIX, O_DIRECT on a 256 MiB file).
+fn storage_rows(plugins: &[String], rows: &mut Vec<Point>, skipped: &mut Vec<String>) {
     if plugins.iter().any(|p| p == "POSIX") {
         for (op, block, batch, pat) in
             [("write", "1M", 64, "seq"), ("read", "1M", 64, "seq"), ("read", "4K", 64, "rand")]
@@ -124,12 +144,9 @@ pub fn run(json: bool) -> Result<()> {
     } else {
         skipped.push("POSIX: not in this build".into());
     }
-    if json {
-        for p in &rows {
-            println!("{}", serde_json::to_string(p).unwrap_or_default());
-        }
-        return Ok(());
-    }
+}
+
+fn print_table(started: Instant, memcpy: f64, rows: &[Point], skipped: &[String]) {
     println!(
         "kvferry {} summary ({:.1} s); single-thread memcpy of 64 MiB here: {memcpy:.2} GB/s",
         env!("CARGO_PKG_VERSION"),
@@ -139,7 +156,7 @@ pub fn run(json: bool) -> Result<()> {
         "{:<8} {:<6} {:>6} {:>6} {:>10} {:>10} {:>12} {:>10}",
         "backend", "op", "block", "batch", "GB/s", "avg us", "p99 us", "IOPS"
     );
-    for p in &rows {
+    for p in rows {
         println!(
             "{:<8} {:<6} {:>6} {:>6} {:>10.3} {:>10.1} {:>12.1} {:>10}",
             p.backend,
@@ -152,9 +169,8 @@ pub fn run(json: bool) -> Result<()> {
             p.iops.map(|i| format!("{i:.0}")).unwrap_or_else(|| "-".into())
         );
     }
-    for s in &skipped {
+    for s in skipped {
         println!("skipped: {s}");
     }
     println!("every point verified byte for byte; details: kvferry bench p2p --help, kvferry bench storage --help");
-    Ok(())
 }

@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use super::align::DirectAlign;
 use super::job::{IoBatch, IoOp, Job};
-use super::table::{FileTable, OpenFile};
+use super::table::{FileRegion, FileTable, OpenFile};
 use crate::error::{Error, Result};
 use crate::types::{AccessKey, XferOp};
 
@@ -98,71 +98,14 @@ pub(crate) fn plan(
     entries: impl IntoIterator<Item = Entry>,
     opts: PlanOpts,
 ) -> Result<Plan> {
-    let Naming { who, item } = opts.naming;
     let mut files: Vec<PlannedFile> = Vec::new();
     let mut index: HashMap<AccessKey, u32> = HashMap::new();
     let mut ops = Vec::new();
     for (i, e) in entries.into_iter().enumerate() {
         let seg = u32::try_from(i).unwrap_or(u32::MAX);
-        let r = table.region(&e.key).ok_or_else(|| {
-            Error::not_found(format!(
-                "{who}: {item} {i} ({:#x}+{}) names a file region that is not registered here now (it was \
-                 deregistered, or registered with another backend only); register it and create the request again",
-                e.offset, e.len
-            ))
-        })?;
+        let r = check(table, op, i, &e, opts.naming)?;
         let f = &r.file;
-        if e.len == 0 {
-            return Err(Error::invalid(format!(
-                "{who}: {item} {i} (offset {:#x} of {}) is empty; every {item} moves at least one byte",
-                e.offset,
-                f.name()
-            )));
-        }
-        match op {
-            XferOp::Write if !f.access.writable() => {
-                return Err(Error::not_allowed(format!(
-                    "{who}: {item} {i}: {} is open read-only; register it with 'w' or 'rw' to WRITE to it",
-                    f.name()
-                )))
-            }
-            XferOp::Read if !f.access.readable() => {
-                return Err(Error::not_allowed(format!(
-                    "{who}: {item} {i}: {} is open write-only; register it with 'r' or 'rw' to READ from it",
-                    f.name()
-                )))
-            }
-            _ => {}
-        }
-        if !r.contains(e.offset, e.len) {
-            return Err(Error::not_allowed(format!(
-                "{who}: {item} {i} ({:#x}+{}) lies outside its registered region {:#x}+{} of {}{}",
-                e.offset,
-                e.len,
-                r.addr,
-                r.len,
-                f.name(),
-                f.device_size.map(|d| format!(" (a device of {d} bytes)")).unwrap_or_default()
-            )));
-        }
-        if e.buf.checked_add(e.len).is_none() {
-            return Err(Error::invalid(format!(
-                "{who}: {item} {i}: memory at {:#x} + {} bytes overflows the address space",
-                e.buf, e.len
-            )));
-        }
-        let mut chunk = opts.max_io;
-        if f.direct {
-            DirectAlign { mem: f.mem_align, off: f.off_align }.check(
-                opts.naming,
-                i,
-                &f.name(),
-                e.buf,
-                e.offset,
-                e.len,
-            )?;
-            chunk = (chunk / f.off_align).max(1) * f.off_align;
-        }
+        let chunk = if f.direct { (opts.max_io / f.off_align).max(1) * f.off_align } else { opts.max_io };
         let fi = *index.entry(e.key).or_insert_with(|| {
             files.push(PlannedFile { key: e.key, first: seg, file: f.clone() });
             (files.len() - 1) as u32
@@ -176,6 +119,63 @@ pub(crate) fn plan(
     }
     let batch = IoBatch::new(ops, files.len())?;
     Ok(Plan { batch, files })
+}
+
+/// Entry `i`'s checks, in the module's order: lookup, empty, access, bounds,
+/// memory overflow, O_DIRECT alignment. Returns the region it names.
+fn check<'t>(table: &'t FileTable, op: XferOp, i: usize, e: &Entry, naming: Naming) -> Result<&'t Arc<FileRegion>> {
+    let Naming { who, item } = naming;
+    let r = table.region(&e.key).ok_or_else(|| {
+        Error::not_found(format!(
+            "{who}: {item} {i} ({:#x}+{}) names a file region that is not registered here now (it was \
+             deregistered, or registered with another backend only); register it and create the request again",
+            e.offset, e.len
+        ))
+    })?;
+    let f = &r.file;
+    if e.len == 0 {
+        return Err(Error::invalid(format!(
+            "{who}: {item} {i} (offset {:#x} of {}) is empty; every {item} moves at least one byte",
+            e.offset,
+            f.name()
+        )));
+    }
+    match op {
+        XferOp::Write if !f.access.writable() => {
+            return Err(Error::not_allowed(format!(
+                "{who}: {item} {i}: {} is open read-only; register it with 'w' or 'rw' to WRITE to it",
+                f.name()
+            )))
+        }
+        XferOp::Read if !f.access.readable() => {
+            return Err(Error::not_allowed(format!(
+                "{who}: {item} {i}: {} is open write-only; register it with 'r' or 'rw' to READ from it",
+                f.name()
+            )))
+        }
+        _ => {}
+    }
+    if !r.contains(e.offset, e.len) {
+        return Err(Error::not_allowed(format!(
+            "{who}: {item} {i} ({:#x}+{}) lies outside its registered region {:#x}+{} of {}{}",
+            e.offset,
+            e.len,
+            r.addr,
+            r.len,
+            f.name(),
+            f.device_size.map(|d| format!(" (a device of {d} bytes)")).unwrap_or_default()
+        )));
+    }
+    if e.buf.checked_add(e.len).is_none() {
+        return Err(Error::invalid(format!(
+            "{who}: {item} {i}: memory at {:#x} + {} bytes overflows the address space",
+            e.buf, e.len
+        )));
+    }
+    if f.direct {
+        DirectAlign { mem: f.mem_align, off: f.off_align }.check(naming, i, &f.name(), e.buf, e.offset, e.len)?;
+    }
+    Ok(r)
 }
 
 impl Plan {
