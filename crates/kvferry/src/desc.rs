@@ -10,7 +10,7 @@ use std::ops::Index;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::mem::MemType;
+use crate::types::MemType;
 
 /// One contiguous range to move: `(addr, len, dev_id)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

@@ -61,17 +61,18 @@ pub mod metadata;
 pub mod notif;
 pub mod params;
 pub mod request;
+pub mod types;
 
 pub use agent::xfer_types::PreparedList;
 pub use agent::{Agent, AgentConfig, ExportedFile, MetaPeer, Registration, Store};
 pub use auth::AuthToken;
-pub use backend::{XferOp, XferState};
 pub use desc::{RegDesc, RegDescList, XferDesc, XferDescList};
 pub use error::{Error, ErrorKind, Result};
-pub use mem::{AlignedBuf, MemType};
+pub use mem::AlignedBuf;
 pub use notif::Notifications;
 pub use params::{ParamSpec, Params};
 pub use request::Request;
+pub use types::{MemType, XferOp, XferState};
 
 /// The README's examples, compiled and run as doc tests.
 #[cfg(doctest)]

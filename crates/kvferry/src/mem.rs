@@ -1,77 +1,14 @@
-//! Memory types and the owned, aligned buffer that the safe registration API takes.
+//! The owned, aligned buffer that the safe registration API takes.
 
 use std::alloc::{self, Layout};
 use std::fmt;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
-use std::str::FromStr;
 use std::sync::Arc;
-
-use serde::{Deserialize, Serialize};
 
 use crate::desc::{RegDesc, RegDescList, XferDesc, XferDescList};
 use crate::error::{Error, Result};
-
-/// Where the bytes a descriptor names live.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum MemType {
-    /// Host memory: `addr` is a virtual address of the owning process, `dev_id` is 0.
-    Dram,
-    /// GPU memory: `addr` is a device address, `dev_id` the CUDA ordinal.
-    Vram,
-    /// A block device: `addr` is a byte offset, `dev_id` names the device.
-    Block,
-    /// An object in an object store: `addr` is an offset, `dev_id` the key id.
-    Obj,
-    /// A file: `addr` is a byte offset, `dev_id` a file descriptor or registered file id.
-    File,
-}
-
-impl MemType {
-    /// Every memory type, in a fixed order.
-    pub const ALL: [MemType; 5] = [MemType::Dram, MemType::Vram, MemType::Block, MemType::Obj, MemType::File];
-
-    /// NIXL's spelling: `DRAM`, `VRAM`, `BLOCK`, `OBJ`, `FILE`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MemType::Dram => "DRAM",
-            MemType::Vram => "VRAM",
-            MemType::Block => "BLOCK",
-            MemType::Obj => "OBJ",
-            MemType::File => "FILE",
-        }
-    }
-
-    /// Whether a registration of length 0 means "the whole file, device or object".
-    pub fn is_storage(self) -> bool {
-        matches!(self, MemType::Block | MemType::Obj | MemType::File)
-    }
-}
-
-impl fmt::Display for MemType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for MemType {
-    type Err = Error;
-
-    /// Parses NIXL's names case-insensitively, plus the aliases NIXL's Python
-    /// API accepts (`cpu`, `cuda`, `gpu`, `BLK`, `OBJECT`).
-    fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_uppercase().as_str() {
-            "DRAM" | "CPU" => Ok(MemType::Dram),
-            "VRAM" | "CUDA" | "GPU" => Ok(MemType::Vram),
-            "BLOCK" | "BLK" => Ok(MemType::Block),
-            "OBJ" | "OBJECT" => Ok(MemType::Obj),
-            "FILE" => Ok(MemType::File),
-            _ => {
-                Err(Error::invalid(format!("unknown memory type '{s}': expected one of DRAM, VRAM, BLOCK, OBJ, FILE")))
-            }
-        }
-    }
-}
+use crate::types::MemType;
 
 /// The system page size, used as the default alignment of [`AlignedBuf`].
 pub fn page_size() -> usize {
@@ -433,16 +370,6 @@ impl fmt::Debug for AlignedBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mem_type_names_round_trip() {
-        for m in MemType::ALL {
-            assert_eq!(m.as_str().parse::<MemType>().unwrap(), m);
-        }
-        assert_eq!("cuda".parse::<MemType>().unwrap(), MemType::Vram);
-        let e = "HBM".parse::<MemType>().unwrap_err();
-        assert!(e.message().contains("DRAM, VRAM"), "{e}");
-    }
 
     #[test]
     fn aligned_buf_is_aligned_and_zeroed() {

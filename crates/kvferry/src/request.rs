@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use crate::agent::Agent;
-use crate::backend::{BackendXfer, CostEstimate, XferOp, XferState};
+use crate::backend::{BackendXfer, CostEstimate};
 use crate::error::{Error, ErrorKind, Result};
+use crate::types::{XferOp, XferState};
 
 struct ReqInner {
     xfer: Box<dyn BackendXfer>,
@@ -99,11 +100,11 @@ impl Request {
             }
         }
         if let Some(n) = notif {
-            if n.len() > crate::notif::MAX_NOTIF_LEN {
+            if n.len() > crate::types::MAX_NOTIF_LEN {
                 return Err(Error::invalid(format!(
                     "notification is {} bytes, more than {}",
                     n.len(),
-                    crate::notif::MAX_NOTIF_LEN
+                    crate::types::MAX_NOTIF_LEN
                 )));
             }
             g.notif = Some(n.to_vec());

@@ -16,10 +16,9 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::backend::{self, Backend, BackendContext, Capabilities, PeerEvents};
 use crate::error::{Error, ErrorKind, Result};
-use crate::mem::MemType;
-use crate::metadata::codec::check_agent_name;
 use crate::notif::{NotifSink, Notifications};
 use crate::params::{ParamSpec, Params};
+use crate::types::{check_agent_name, MemType};
 
 mod central;
 mod config;
@@ -226,7 +225,7 @@ impl Agent {
                 self.name()
             )));
         }
-        if self.inner.backends.read().len() >= crate::metadata::codec::MAX_BACKENDS {
+        if self.inner.backends.read().len() >= crate::types::MAX_BACKENDS {
             return Err(Error::invalid("an agent can run at most 32 backends"));
         }
         plugin.probe().map_err(|e| e.context(format!("backend {} cannot run here", plugin.name())))?;
@@ -305,11 +304,11 @@ impl Agent {
     /// The backend is the first, in preference order (or in `hints` order),
     /// that supports notifications and can reach the peer.
     pub fn send_notification(&self, peer: &str, msg: &[u8], hints: &[&str]) -> Result<()> {
-        if msg.len() > crate::notif::MAX_NOTIF_LEN {
+        if msg.len() > crate::types::MAX_NOTIF_LEN {
             return Err(Error::invalid(format!(
                 "notification is {} bytes, more than the {} allowed; send bulk data as a transfer",
                 msg.len(),
-                crate::notif::MAX_NOTIF_LEN
+                crate::types::MAX_NOTIF_LEN
             )));
         }
         let slot = self.notif_backend(peer, hints)?;

@@ -11,12 +11,12 @@ use std::fmt;
 use std::sync::Arc;
 
 use super::{Agent, BackendSlot, RemotePeer};
-use crate::backend::{AccessKey, RegionId, Segment, XferOp, XferPlan};
+use crate::backend::{Segment, XferPlan};
 use crate::desc::{XferDesc, XferDescList};
 use crate::error::{Error, Result};
 use crate::host::HostId;
-use crate::mem::MemType;
 use crate::request::Request;
+use crate::types::{AccessKey, MemType, RegionId, XferOp};
 
 /// One descriptor resolved to the region that holds it.
 #[derive(Clone, Copy, Debug)]
@@ -285,11 +285,11 @@ impl Agent {
         hints: &[&str],
     ) -> Result<Request> {
         if let Some(n) = notif {
-            if n.len() > crate::notif::MAX_NOTIF_LEN {
+            if n.len() > crate::types::MAX_NOTIF_LEN {
                 return Err(Error::invalid(format!(
                     "notification is {} bytes, more than {}",
                     n.len(),
-                    crate::notif::MAX_NOTIF_LEN
+                    crate::types::MAX_NOTIF_LEN
                 )));
             }
         }

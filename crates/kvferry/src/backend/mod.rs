@@ -18,9 +18,11 @@ use std::time::{Duration, Instant};
 use crate::desc::RegDesc;
 use crate::error::Result;
 use crate::host::HostId;
-use crate::mem::{MemShare, MemType};
+use crate::mem::MemShare;
 use crate::notif::NotifSink;
 use crate::params::{ParamSpec, Params};
+use crate::types::MemType;
+pub use crate::types::{AccessKey, RegionId, XferOp, XferState};
 
 pub mod local;
 pub mod posix;
@@ -29,33 +31,6 @@ pub mod shm;
 pub mod tcp;
 
 pub use registry::{plugin, plugins, register_plugin};
-
-/// Identifies a registered region inside one agent; assigned by the agent.
-pub type RegionId = u64;
-
-/// The unguessable key that grants access to one registered region.
-///
-/// Published in metadata; every remote access carries it, and the owner of
-/// the memory checks it (with the bounds) before any byte moves.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
-pub struct AccessKey(pub [u8; 16]);
-
-impl AccessKey {
-    /// 128 fresh bits from the OS's random source.
-    pub fn random() -> Result<Self> {
-        let mut k = [0u8; 16];
-        getrandom::fill(&mut k)
-            .map_err(|e| crate::Error::new(crate::ErrorKind::Backend, format!("the OS random source failed: {e}")))?;
-        Ok(AccessKey(k))
-    }
-}
-
-impl fmt::Debug for AccessKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Never print a whole key: logs are not a place for secrets.
-        write!(f, "AccessKey({:02x}{:02x}…)", self.0[0], self.0[1])
-    }
-}
 
 /// One local region as the agent hands it to a backend at registration.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,44 +70,6 @@ pub struct Capabilities {
     /// Preference when several backends can serve a request: lower wins.
     /// Built-ins: LOCAL 0, SHM 10, POSIX 20, TCP 50; user backends default to 100.
     pub rank: u16,
-}
-
-/// Direction of a transfer, from the initiator's point of view.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-pub enum XferOp {
-    /// Remote → local.
-    Read,
-    /// Local → remote.
-    Write,
-}
-
-impl std::str::FromStr for XferOp {
-    type Err = crate::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_uppercase().as_str() {
-            "READ" | "RD" => Ok(XferOp::Read),
-            "WRITE" | "WR" => Ok(XferOp::Write),
-            _ => Err(crate::Error::invalid(format!("unknown operation '{s}': expected READ or WRITE"))),
-        }
-    }
-}
-
-impl fmt::Display for XferOp {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            XferOp::Read => "READ",
-            XferOp::Write => "WRITE",
-        })
-    }
-}
-
-/// Where a posted transfer stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum XferState {
-    /// Every byte moved and, for WRITE, was applied by the target.
-    Done,
-    /// Still moving.
-    InProgress,
 }
 
 /// One checked, merged piece of a transfer: `len` bytes between a local range

@@ -26,10 +26,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::sys;
-use crate::backend::{AccessKey, FileInfo, Region};
+use crate::backend::{FileInfo, Region};
 use crate::desc::RegDesc;
 use crate::error::{Error, Result};
-use crate::mem::MemType;
+use crate::types::{AccessKey, MemType};
 
 /// The O_DIRECT alignment assumed when the kernel does not report one: 4096
 /// covers every logical block size in common use (512 and 4096).

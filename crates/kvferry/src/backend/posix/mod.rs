@@ -40,15 +40,12 @@ use std::time::Duration;
 
 use parking_lot::RwLock;
 
-use super::{
-    AccessKey, Backend, BackendContext, BackendPlugin, BackendXfer, Capabilities, FileInfo, PeerInfo, Region, XferOp,
-    XferPlan, XferState,
-};
+use super::{Backend, BackendContext, BackendPlugin, BackendXfer, Capabilities, FileInfo, PeerInfo, Region, XferPlan};
 use crate::desc::RegDesc;
 use crate::error::{Error, ErrorKind, Result};
-use crate::mem::MemType;
 use crate::notif::NotifSink;
 use crate::params::{ParamSpec, Params};
+use crate::types::{AccessKey, MemType, XferOp, XferState};
 
 mod align;
 mod files;

@@ -18,8 +18,9 @@ use parking_lot::RwLock;
 use super::align::DirectAlign;
 use super::files::{FileTable, OpenFile};
 use super::job::{Engine, IoBatch, IoKind, IoOp, Job, MAX_OP_LEN};
-use crate::backend::{AccessKey, Region};
+use crate::backend::Region;
 use crate::error::{Error, Result};
+use crate::types::AccessKey;
 
 /// Direction of a served operation, from the initiator's point of view.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -28,19 +28,19 @@ use std::time::Duration;
 use parking_lot::{Mutex, RwLock};
 
 use super::{
-    AccessKey, Backend, BackendContext, BackendPlugin, BackendXfer, Capabilities, CostEstimate, PeerEvents, PeerInfo,
-    Region, XferPlan,
+    Backend, BackendContext, BackendPlugin, BackendXfer, Capabilities, CostEstimate, PeerEvents, PeerInfo, Region,
+    XferPlan,
 };
 use crate::backend::posix::FileServer;
 use crate::error::{Error, Result};
 use crate::host::HostId;
-use crate::mem::MemType;
 
 /// DRAM moves both ways; FILE and BLOCK regions a target registered are served
 /// to remote initiators (remote file segments).
 const MEM_TYPES: [MemType; 3] = [MemType::Dram, MemType::File, MemType::Block];
 use crate::notif::NotifSink;
 use crate::params::{ParamSpec, Params};
+use crate::types::{AccessKey, MemType};
 
 mod conn;
 pub mod proto;

@@ -33,7 +33,7 @@ use super::proto::{self, FrameType, Header, Hello, ProtoError, Status, Welcome, 
 use super::sys::{self, Span};
 use super::{frame_budget, MemRegion, Shared};
 use crate::backend::posix::{FileServer, Served as FileDir};
-use crate::backend::AccessKey;
+use crate::types::AccessKey;
 
 /// A connection still in handshake.
 const PENDING: u8 = 0;
@@ -726,7 +726,7 @@ impl<'a> Served<'a> {
     /// bytes are in the file.
     fn file_op(&mut self, h: &Header, tlen: usize) -> io::Result<()> {
         let table = &self.rx.bytes()[..tlen];
-        let entries: Vec<(crate::backend::AccessKey, u64, u64)> = (0..h.count as usize)
+        let entries: Vec<(crate::types::AccessKey, u64, u64)> = (0..h.count as usize)
             .filter_map(|i| proto::Entry::decode(table, i))
             .map(|e| (e.key, e.addr, e.len))
             .collect();
