@@ -1,4 +1,8 @@
 //! The owned, aligned buffer that the safe registration API takes.
+//!
+//! This is the allocator only: the descriptors of a buffer
+//! ([`AlignedBuf::xfer_blocks`] and friends) are built in [`crate::desc`],
+//! which sits above it.
 
 use std::alloc::{self, Layout};
 use std::fmt;
@@ -6,9 +10,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use crate::desc::{RegDesc, RegDescList, XferDesc, XferDescList};
 use crate::error::{Error, Result};
-use crate::types::MemType;
 
 /// The system page size, used as the default alignment of [`AlignedBuf`].
 pub fn page_size() -> usize {
@@ -315,39 +317,6 @@ impl AlignedBuf {
         unsafe { std::slice::from_raw_parts_mut(self.alloc.ptr.as_ptr(), self.len) }
     }
 
-    /// A registration descriptor covering the whole buffer (DRAM, device 0).
-    pub fn reg_desc(&self) -> RegDesc {
-        RegDesc::new(self.addr(), self.len as u64, 0)
-    }
-
-    /// A one-element registration list covering the whole buffer.
-    pub fn reg_list(&self) -> RegDescList {
-        let mut l = RegDescList::new(MemType::Dram);
-        l.push(self.reg_desc());
-        l
-    }
-
-    /// A transfer descriptor for `len` bytes at `offset` into the buffer.
-    ///
-    /// Fails if the range does not lie inside the buffer.
-    pub fn xfer_desc(&self, offset: usize, len: usize) -> Result<XferDesc> {
-        match offset.checked_add(len) {
-            Some(end) if end <= self.len && len > 0 => Ok(XferDesc::new(self.addr() + offset as u64, len as u64, 0)),
-            _ => {
-                Err(Error::invalid(format!("range {offset}+{len} is outside the {}-byte buffer (or empty)", self.len)))
-            }
-        }
-    }
-
-    /// A list of `count` consecutive descriptors of `block` bytes from `offset`.
-    pub fn xfer_blocks(&self, offset: usize, block: usize, count: usize) -> Result<XferDescList> {
-        let mut l = XferDescList::with_capacity(MemType::Dram, count);
-        for i in 0..count {
-            l.push(self.xfer_desc(offset + i * block, block)?);
-        }
-        Ok(l)
-    }
-
     /// The memfd behind the buffer, when it has one (see [`MemShare`]).
     pub(crate) fn share(&self) -> Option<MemShare> {
         match &self.alloc.backing {
@@ -378,8 +347,6 @@ mod tests {
         assert!(b.as_slice().iter().all(|&x| x == 0));
         assert!(AlignedBuf::new(0).is_err());
         assert!(AlignedBuf::with_align(8, 3).is_err());
-        assert!(b.xfer_desc(9_999, 2).is_err());
-        assert_eq!(b.xfer_blocks(0, 1000, 10).unwrap().len(), 10);
     }
 
     #[test]
