@@ -5,6 +5,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use crate::auth::AuthToken;
+use crate::backend::BackendConfig;
 use crate::error::{Error, Result};
 use crate::metadata::listener::ListenerLimits;
 use crate::notif::NotifLimits;
@@ -153,6 +154,17 @@ impl AgentConfig {
         self.etcd_endpoints = endpoints.iter().map(|e| e.to_string()).collect();
         self.metadata_url = None;
         self
+    }
+
+    /// What backends read of this configuration (timeouts, token, worker
+    /// threads): the agent hands it to every backend it creates.
+    pub fn backend_config(&self) -> BackendConfig {
+        BackendConfig {
+            connect_timeout: self.connect_timeout,
+            peer_timeout: self.peer_timeout,
+            auth_token: self.auth_token.clone(),
+            worker_threads: self.worker_threads,
+        }
     }
 
     /// Adds a backend to create with the agent.

@@ -243,7 +243,7 @@ impl Agent {
             agent_name: self.inner.name.clone(),
             instance: self.inner.instance,
             notifs: self.inner.notifs.clone(),
-            config: self.inner.config.clone(),
+            config: self.inner.config.backend_config(),
             peer_events: PeerEvents {
                 on_lost: Arc::new(move |peer, instance| {
                     if let Some(inner) = weak.upgrade() {

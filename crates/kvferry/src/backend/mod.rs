@@ -15,6 +15,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::auth::AuthToken;
 use crate::desc::RegDesc;
 use crate::error::Result;
 use crate::host::HostId;
@@ -136,10 +137,26 @@ pub struct BackendContext {
     pub instance: u64,
     /// Where incoming notifications go.
     pub notifs: NotifSink,
-    /// The agent's configuration (timeouts, auth token, worker threads).
-    pub config: crate::AgentConfig,
+    /// What backends read of the agent's configuration.
+    pub config: BackendConfig,
     /// Tells the agent that a peer is gone so it drops the peer's metadata.
     pub peer_events: PeerEvents,
+}
+
+/// The part of an agent's configuration a backend reads. The agent builds it
+/// from its [`AgentConfig`](crate::AgentConfig) (see
+/// [`AgentConfig::backend_config`](crate::AgentConfig::backend_config)), where
+/// each field's default is documented; backends never see the rest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// How long to try to open a connection to a peer.
+    pub connect_timeout: Duration,
+    /// A peer that does not answer for this long is declared gone.
+    pub peer_timeout: Duration,
+    /// The shared secret every port the backend opens demands (`Debug` redacts it).
+    pub auth_token: Option<AuthToken>,
+    /// Threads the backend may use for its own work; 0: its own choice.
+    pub worker_threads: usize,
 }
 
 type LostFn = dyn Fn(&str, u64) + Send + Sync;
