@@ -329,3 +329,9 @@ impl Agent {
         self.inner.next_region_id.fetch_add(1, Ordering::Relaxed)
     }
 }
+
+// An agent must stay shareable between threads.
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Agent>();
+};

@@ -10,12 +10,12 @@
 use std::fmt;
 use std::sync::Arc;
 
-use super::{Agent, BackendSlot, RemotePeer};
+use super::{Agent, AgentInner, BackendSlot, RemotePeer};
 use crate::backend::{Segment, XferPlan};
 use crate::desc::{XferDesc, XferDescList};
 use crate::error::{Error, Result};
 use crate::host::HostId;
-use crate::request::Request;
+use crate::request::{Request, RequestOwner, RequestParts};
 use crate::types::{AccessKey, MemType, RegionId, XferOp};
 
 /// One descriptor resolved to the region that holds it.
@@ -339,7 +339,17 @@ impl Agent {
         let n = plan.segments.len();
         let cost = slot.backend.estimate_cost(&plan);
         let xfer = slot.backend.prepare(plan)?;
-        Ok(Request::new(self.clone(), slot.name.clone(), op, peer, total, n, cost, xfer, notif.map(<[u8]>::to_vec)))
+        Ok(Request::new(RequestParts {
+            owner: self.inner.clone(),
+            backend: slot.name.clone(),
+            op,
+            peer,
+            total_bytes: total,
+            segments: n,
+            cost,
+            xfer,
+            notif: notif.map(<[u8]>::to_vec),
+        }))
     }
 
     fn choose_backend(
@@ -439,5 +449,11 @@ impl Agent {
     /// The backend a request will use (NIXL's `query_xfer_backend`).
     pub fn chosen_backend(&self, req: &Request) -> String {
         req.backend().to_string()
+    }
+}
+
+impl RequestOwner for AgentInner {
+    fn name(&self) -> &str {
+        &self.name
     }
 }
