@@ -154,8 +154,10 @@ impl Agent {
         Ok(agent)
     }
 
-    /// Creates an agent with every backend in `backends`, default parameters.
-    /// All or nothing: the error names each backend that failed and why.
+    /// Creates an agent with every backend in `backends`, default parameters
+    /// and [`AgentConfig::default`] (the environment is not read: see
+    /// [`from_env`](Self::from_env)). All or nothing: the error names each
+    /// backend that failed and why.
     pub fn with_backends(name: &str, backends: &[&str]) -> Result<Agent> {
         let list: Vec<(String, Params)> = backends.iter().map(|b| (b.to_string(), Params::new())).collect();
         Agent::new(name, AgentConfig { backends: list, ..AgentConfig::default() })
