@@ -35,13 +35,12 @@
 //! let _r2 = decode.register_buf(&dst)?;
 //!
 //! prefill.load_remote_metadata(&decode.local_metadata()?)?;
-//! let req = prefill.create_request(
-//!     XferOp::Write,
-//!     &kv.xfer_blocks(0, 16 << 10, 4)?,
-//!     &dst.xfer_blocks(0, 16 << 10, 4)?,
-//!     "decode",
-//!     Some(b"layer-0"),
-//! )?;
+//! let req = prefill
+//!     .request(XferOp::Write)
+//!     .local(&kv.xfer_blocks(0, 16 << 10, 4)?)
+//!     .remote("decode", &dst.xfer_blocks(0, 16 << 10, 4)?)
+//!     .notify(b"layer-0")
+//!     .build()?;
 //! req.post(None)?;
 //! req.wait(Duration::from_secs(5))?;
 //! assert!(dst.as_slice().iter().all(|&b| b == 7));
@@ -63,7 +62,7 @@ pub mod params;
 pub mod request;
 pub mod types;
 
-pub use agent::xfer_types::PreparedList;
+pub use agent::xfer_types::{PreparedList, RequestBuilder};
 pub use agent::{Agent, AgentConfig, ExportedFile, MetaPeer, Registration, Store};
 pub use auth::AuthToken;
 pub use desc::{RegDesc, RegDescList, XferDesc, XferDescList};

@@ -193,7 +193,7 @@ impl Request {
                     )));
                 }
                 // Wait in short slices so that other threads can poll too.
-                match g.xfer.wait(left.min(Duration::from_millis(2))) {
+                match g.xfer.poll_for(left.min(Duration::from_millis(2))) {
                     Ok(XferState::Done) => {
                         g.in_flight = false;
                         return Ok(());

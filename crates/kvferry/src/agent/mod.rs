@@ -20,6 +20,7 @@ use crate::notif::{NotifSink, Notifications};
 use crate::params::{ParamSpec, Params};
 use crate::types::{check_agent_name, MemType};
 
+mod builder;
 mod central;
 mod config;
 mod files;
@@ -32,6 +33,7 @@ mod xfer;
 
 /// Types of request building re-exported at the crate root.
 pub mod xfer_types {
+    pub use super::builder::RequestBuilder;
     pub use super::xfer::PreparedList;
 }
 

@@ -6,9 +6,11 @@
 //! checked and merged. A backend still checks what its *own* side owns: a
 //! target checks access key and bounds before a byte of its memory moves.
 //!
-//! Life cycle, after NIXL's backend engine: `prepare` → `post` → `poll`/`wait`
-//! → drop (release). `post` and `poll` never block; `wait` blocks at most for
-//! its timeout; dropping a [`BackendXfer`] cancels it and returns only once the
+//! Life cycle, after NIXL's backend engine: `prepare` → `post` →
+//! `poll`/`poll_for` → drop (release). `post` and `poll` never block;
+//! `poll_for` blocks at most for its timeout and reports the state then (it is
+//! not [`Request::wait`](crate::Request::wait), which turns a timeout into an
+//! error); dropping a [`BackendXfer`] cancels it and returns only once the
 //! backend no longer touches the request's memory.
 
 use std::fmt;
@@ -285,8 +287,11 @@ pub trait BackendXfer: Send + fmt::Debug + 'static {
     /// Reports progress without blocking. An error is final for this posting.
     fn poll(&mut self) -> Result<XferState>;
 
-    /// Blocks until done or until `timeout` passes (then `InProgress`).
-    fn wait(&mut self, timeout: Duration) -> Result<XferState> {
+    /// Polls until done or until `timeout` passes, then reports the state:
+    /// `InProgress` after the timeout is not an error. The default spins,
+    /// yields, then sleeps 50 µs between polls; backends that can block on
+    /// an event do better.
+    fn poll_for(&mut self, timeout: Duration) -> Result<XferState> {
         let deadline = Instant::now() + timeout;
         let mut spins = 0u32;
         loop {

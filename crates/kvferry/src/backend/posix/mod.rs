@@ -459,7 +459,7 @@ impl BackendXfer for PosixXfer {
         self.outcome()
     }
 
-    fn wait(&mut self, timeout: Duration) -> Result<XferState> {
+    fn poll_for(&mut self, timeout: Duration) -> Result<XferState> {
         if let Some(job) = &self.job {
             job.wait(timeout, std::mem::take(&mut self.poll_left));
         }

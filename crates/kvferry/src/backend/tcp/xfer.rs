@@ -359,7 +359,7 @@ impl BackendXfer for TcpXfer {
         }
     }
 
-    fn wait(&mut self, timeout: Duration) -> Result<XferState> {
+    fn poll_for(&mut self, timeout: Duration) -> Result<XferState> {
         let deadline = Instant::now() + timeout;
         if let Some((peer, c)) = self.direct.clone() {
             return self.wait_direct(&peer, &c, deadline);
