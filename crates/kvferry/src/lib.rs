@@ -3,7 +3,7 @@
 //! SSD tiers, weights between processes and hosts.
 //!
 //! It does what NVIDIA NIXL and Mooncake's Transfer Engine do, in Rust:
-//! [`Agent`]s register memory, exchange [metadata](crate::metadata), and post
+//! [`Agent`]s register memory, exchange [metadata], and post
 //! READ/WRITE [`Request`]s over pluggable [backends](crate::backend), with
 //! [notifications](crate::notif) that arrive after the data.
 //!

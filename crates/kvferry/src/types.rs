@@ -75,8 +75,8 @@ impl FromStr for MemType {
 }
 
 /// Direction of a transfer, from the initiator's point of view. The one
-/// direction type of kvferry: requests, wire frames, storage I/O and
-/// cross-memory copies all use it.
+/// direction type of kvferry: requests, transfer plans and cross-memory
+/// copies use it (storage I/O's own `IoKind` is still to be folded in).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum XferOp {
     /// Remote → local (for storage: file → memory).
