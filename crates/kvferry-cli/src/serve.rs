@@ -61,7 +61,7 @@ pub struct ServeArgs {
 }
 
 fn config(a: &ServeArgs) -> Result<AgentConfig> {
-    let mut cfg = AgentConfig::default();
+    let mut cfg = AgentConfig::env_defaults();
     if let Some(p) = a.listen_port {
         cfg = cfg.with_listener(p);
     }

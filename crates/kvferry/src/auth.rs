@@ -48,7 +48,7 @@ impl AuthToken {
     }
 
     /// A token from configuration that cannot return an error (the
-    /// environment read by `AgentConfig`'s defaults): a token that
+    /// environment read by `AgentConfig::from_env`): a token that
     /// [`new`](Self::new) refuses fails closed — it is kept, a warning is
     /// logged, and since no wire format carries it, no peer is admitted.
     pub(crate) fn from_config(secret: String) -> Self {

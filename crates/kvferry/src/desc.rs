@@ -10,7 +10,8 @@ use std::ops::Index;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::mem::MemType;
+use crate::mem::AlignedBuf;
+use crate::types::MemType;
 
 /// One contiguous range to move: `(addr, len, dev_id)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -32,6 +33,16 @@ impl XferDesc {
     /// One past the last byte, or `None` if `addr + len` overflows.
     pub fn end(&self) -> Option<u64> {
         self.addr.checked_add(self.len)
+    }
+
+    /// A DRAM descriptor of `len` bytes at `offset` into the `size` bytes
+    /// that start at address `base` (a buffer of this process). Fails if the
+    /// range is empty or does not lie inside.
+    pub fn in_range(base: u64, size: usize, offset: usize, len: usize) -> Result<XferDesc> {
+        match offset.checked_add(len) {
+            Some(end) if end <= size && len > 0 => Ok(XferDesc::new(base + offset as u64, len as u64, 0)),
+            _ => Err(Error::invalid(format!("range {offset}+{len} is outside the {size}-byte buffer (or empty)"))),
+        }
     }
 }
 
@@ -245,6 +256,50 @@ impl<D: Desc> DescList<D> {
     }
 }
 
+impl XferDescList {
+    /// A DRAM list of `count` consecutive descriptors of `block` bytes from
+    /// `offset` into the `size` bytes at address `base` (see
+    /// [`XferDesc::in_range`]). Fails if a block does not lie inside.
+    pub fn blocks_in(base: u64, size: usize, offset: usize, block: usize, count: usize) -> Result<XferDescList> {
+        let mut l = XferDescList::with_capacity(MemType::Dram, count.min(size));
+        for i in 0..count {
+            let at = i.checked_mul(block).and_then(|o| o.checked_add(offset)).ok_or_else(|| {
+                Error::invalid(format!("block {i} of {block} bytes from {offset} overflows the address space"))
+            })?;
+            l.push(XferDesc::in_range(base, size, at, block)?);
+        }
+        Ok(l)
+    }
+}
+
+/// The descriptors of an owned buffer. They live here rather than beside the
+/// allocator so that `mem` does not depend on descriptors (`desc` sits above it).
+impl AlignedBuf {
+    /// A registration descriptor covering the whole buffer (DRAM, device 0).
+    pub fn reg_desc(&self) -> RegDesc {
+        RegDesc::new(self.addr(), self.len() as u64, 0)
+    }
+
+    /// A one-element registration list covering the whole buffer.
+    pub fn reg_list(&self) -> RegDescList {
+        let mut l = RegDescList::new(MemType::Dram);
+        l.push(self.reg_desc());
+        l
+    }
+
+    /// A transfer descriptor for `len` bytes at `offset` into the buffer.
+    ///
+    /// Fails if the range does not lie inside the buffer.
+    pub fn xfer_desc(&self, offset: usize, len: usize) -> Result<XferDesc> {
+        XferDesc::in_range(self.addr(), self.len(), offset, len)
+    }
+
+    /// A list of `count` consecutive descriptors of `block` bytes from `offset`.
+    pub fn xfer_blocks(&self, offset: usize, block: usize, count: usize) -> Result<XferDescList> {
+        XferDescList::blocks_in(self.addr(), self.len(), offset, block, count)
+    }
+}
+
 impl RegDescList {
     /// The transfer descriptors of the same ranges (NIXL's `trim`).
     pub fn trim(&self) -> XferDescList {
@@ -326,6 +381,20 @@ mod tests {
         let mut trailing = b;
         trailing.push(0);
         assert!(RegDescList::from_bytes(&trailing).is_err());
+    }
+
+    #[test]
+    fn buffer_descriptors_stay_inside_the_buffer() {
+        let b = AlignedBuf::with_align(10_000, 4096).unwrap();
+        assert!(b.xfer_desc(9_999, 2).is_err());
+        assert!(b.xfer_desc(0, 0).is_err());
+        assert_eq!(b.xfer_desc(9_999, 1).unwrap(), XferDesc::new(b.addr() + 9_999, 1, 0));
+        let l = b.xfer_blocks(0, 1000, 10).unwrap();
+        assert_eq!((l.len(), l.mem_type(), l[9].addr), (10, MemType::Dram, b.addr() + 9_000));
+        assert!(b.xfer_blocks(0, 1000, 11).is_err());
+        assert!(b.xfer_blocks(0, 1000, usize::MAX).is_err(), "a huge count is an error, not a huge allocation");
+        assert!(b.xfer_blocks(usize::MAX, 1, 1).is_err());
+        assert_eq!(b.reg_list()[0], RegDesc::new(b.addr(), 10_000, 0));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! SSD tiers, weights between processes and hosts.
 //!
 //! It does what NVIDIA NIXL and Mooncake's Transfer Engine do, in Rust:
-//! [`Agent`]s register memory, exchange [metadata](crate::metadata), and post
+//! [`Agent`]s register memory, exchange [metadata], and post
 //! READ/WRITE [`Request`]s over pluggable [backends](crate::backend), with
 //! [notifications](crate::notif) that arrive after the data.
 //!
@@ -35,13 +35,12 @@
 //! let _r2 = decode.register_buf(&dst)?;
 //!
 //! prefill.load_remote_metadata(&decode.local_metadata()?)?;
-//! let req = prefill.create_request(
-//!     XferOp::Write,
-//!     &kv.xfer_blocks(0, 16 << 10, 4)?,
-//!     &dst.xfer_blocks(0, 16 << 10, 4)?,
-//!     "decode",
-//!     Some(b"layer-0"),
-//! )?;
+//! let req = prefill
+//!     .request(XferOp::Write)
+//!     .local(&kv.xfer_blocks(0, 16 << 10, 4)?)
+//!     .remote("decode", &dst.xfer_blocks(0, 16 << 10, 4)?)
+//!     .notify(b"layer-0")
+//!     .build()?;
 //! req.post(None)?;
 //! req.wait(Duration::from_secs(5))?;
 //! assert!(dst.as_slice().iter().all(|&b| b == 7));
@@ -62,18 +61,18 @@ pub mod notif;
 pub mod params;
 pub mod request;
 mod storage;
-mod types;
+pub mod types;
 
-pub use agent::xfer_types::PreparedList;
+pub use agent::xfer_types::{PreparedList, RequestBuilder};
 pub use agent::{Agent, AgentConfig, ExportedFile, MetaPeer, Registration, Store};
 pub use auth::AuthToken;
-pub use backend::{XferOp, XferState};
 pub use desc::{RegDesc, RegDescList, XferDesc, XferDescList};
 pub use error::{Error, ErrorKind, Result};
-pub use mem::{AlignedBuf, MemType};
+pub use mem::AlignedBuf;
 pub use notif::Notifications;
 pub use params::{ParamSpec, Params};
 pub use request::Request;
+pub use types::{MemType, XferOp, XferState};
 
 /// The README's examples, compiled and run as doc tests.
 #[cfg(doctest)]

@@ -8,9 +8,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-/// Largest notification accepted, in bytes. Notifications are control
-/// messages; bulk data belongs in a transfer.
-pub const MAX_NOTIF_LEN: usize = 64 * 1024;
+pub use crate::types::MAX_NOTIF_LEN;
 
 /// Notifications received, drained by [`take_notifications`](crate::Agent::take_notifications).
 pub type Notifications = HashMap<String, Vec<Vec<u8>>>;

@@ -7,9 +7,40 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::agent::Agent;
-use crate::backend::{BackendXfer, CostEstimate, XferOp, XferState};
+use crate::backend::{BackendXfer, CostEstimate};
 use crate::error::{Error, ErrorKind, Result};
+use crate::types::{XferOp, XferState};
+
+/// What a request keeps of the agent that created it: the agent's name, for
+/// diagnostics, and, by holding it, the agent itself (its backends and
+/// registrations stay alive until the request is released). Defined here so
+/// that requests do not depend on the agent; the agent implements it.
+pub(crate) trait RequestOwner: Send + Sync + 'static {
+    /// The creating agent's name.
+    fn name(&self) -> &str;
+}
+
+/// Everything a request is made of, as the agent builds it.
+pub(crate) struct RequestParts {
+    /// The creating agent.
+    pub(crate) owner: Arc<dyn RequestOwner>,
+    /// The backend chosen.
+    pub(crate) backend: Arc<str>,
+    /// READ or WRITE.
+    pub(crate) op: XferOp,
+    /// The remote agent.
+    pub(crate) peer: Arc<str>,
+    /// Bytes per posting.
+    pub(crate) total_bytes: u64,
+    /// Segments after merging.
+    pub(crate) segments: usize,
+    /// The backend's estimate.
+    pub(crate) cost: CostEstimate,
+    /// The prepared transfer.
+    pub(crate) xfer: Box<dyn BackendXfer>,
+    /// The notification stored with the request.
+    pub(crate) notif: Option<Vec<u8>>,
+}
 
 struct ReqInner {
     xfer: Box<dyn BackendXfer>,
@@ -24,7 +55,7 @@ struct ReqInner {
 /// Dropping it (or [`release`](Self::release)) cancels what is still in
 /// flight and returns once no backend touches its memory any more.
 pub struct Request {
-    agent: Agent,
+    owner: Arc<dyn RequestOwner>,
     backend: Arc<str>,
     op: XferOp,
     peer: Arc<str>,
@@ -37,7 +68,7 @@ pub struct Request {
 impl fmt::Debug for Request {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Request")
-            .field("agent", &self.agent.name())
+            .field("agent", &self.owner.name())
             .field("op", &self.op)
             .field("peer", &self.peer)
             .field("backend", &self.backend)
@@ -48,20 +79,10 @@ impl fmt::Debug for Request {
 }
 
 impl Request {
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
-        agent: Agent,
-        backend: Arc<str>,
-        op: XferOp,
-        peer: Arc<str>,
-        total_bytes: u64,
-        segments: usize,
-        cost: CostEstimate,
-        xfer: Box<dyn BackendXfer>,
-        notif: Option<Vec<u8>>,
-    ) -> Self {
+    pub(crate) fn new(parts: RequestParts) -> Self {
+        let RequestParts { owner, backend, op, peer, total_bytes, segments, cost, xfer, notif } = parts;
         Request {
-            agent,
+            owner,
             backend,
             op,
             peer,
@@ -99,11 +120,11 @@ impl Request {
             }
         }
         if let Some(n) = notif {
-            if n.len() > crate::notif::MAX_NOTIF_LEN {
+            if n.len() > crate::types::MAX_NOTIF_LEN {
                 return Err(Error::invalid(format!(
                     "notification is {} bytes, more than {}",
                     n.len(),
-                    crate::notif::MAX_NOTIF_LEN
+                    crate::types::MAX_NOTIF_LEN
                 )));
             }
             g.notif = Some(n.to_vec());
@@ -172,7 +193,7 @@ impl Request {
                     )));
                 }
                 // Wait in short slices so that other threads can poll too.
-                match g.xfer.wait(left.min(Duration::from_millis(2))) {
+                match g.xfer.poll_for(left.min(Duration::from_millis(2))) {
                     Ok(XferState::Done) => {
                         g.in_flight = false;
                         return Ok(());
@@ -235,5 +256,4 @@ impl Drop for Request {
 const _: () = {
     const fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Request>();
-    assert_send_sync::<Agent>();
 };

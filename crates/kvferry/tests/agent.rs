@@ -361,8 +361,8 @@ fn invalidation_breaks_old_requests() {
 #[test]
 fn prepared_lists_merge_contiguous_runs() {
     let Linked { a, b, src, dst, regs: _regs } = linked(64 * 1024, 5);
-    let lp = a.prepare(None, &src.xfer_blocks(0, 4096, 16).unwrap()).unwrap();
-    let rp = a.prepare(Some(b.name()), &dst.xfer_blocks(0, 4096, 16).unwrap()).unwrap();
+    let lp = a.prepare_local(&src.xfer_blocks(0, 4096, 16).unwrap()).unwrap();
+    let rp = a.prepare_remote(b.name(), &dst.xfer_blocks(0, 4096, 16).unwrap()).unwrap();
     assert_eq!((lp.len(), rp.peer()), (16, Some(b.name())));
     let idx: Vec<usize> = (0..16).collect();
     let req = a.make_request(XferOp::Write, &lp, &idx, &rp, &idx, None, &[]).unwrap();
@@ -387,7 +387,7 @@ fn prepared_lists_merge_contiguous_runs() {
         ErrorKind::InvalidParam
     );
     let unreg = AlignedBuf::new(4096).unwrap();
-    assert_eq!(a.prepare(None, &unreg.xfer_blocks(0, 4096, 1).unwrap()).unwrap_err().kind(), ErrorKind::NotAllowed);
+    assert_eq!(a.prepare_local(&unreg.xfer_blocks(0, 4096, 1).unwrap()).unwrap_err().kind(), ErrorKind::NotAllowed);
 }
 
 #[test]

@@ -97,13 +97,13 @@ pub fn run(a: &MetaArgs) -> Result<()> {
     };
 
     // In memory: local_metadata() → load_remote_metadata().
-    let (p, f, _b, _r) = agents("mem", AgentConfig::default(), a.regions)?;
+    let (p, f, _b, _r) = agents("mem", AgentConfig::env_defaults(), a.regions)?;
     let blob = p.local_metadata()?.len();
     push("in-memory", blob, time_rounds(a.iters, || f.load_remote_metadata(&p.local_metadata()?).map(drop))?);
     drop((p, f, _r));
 
     // Peer to peer: the fetcher pulls from the publisher's listener.
-    let (p, f, _b, _r) = agents("p2p", AgentConfig::default().with_listener(0), a.regions)?;
+    let (p, f, _b, _r) = agents("p2p", AgentConfig::env_defaults().with_listener(0), a.regions)?;
     let port = p.listen_port().ok_or_else(|| Error::internal("listener did not start"))?;
     let to = MetaPeer::addr("127.0.0.1", port)?;
     push(
@@ -129,11 +129,11 @@ pub fn run(a: &MetaArgs) -> Result<()> {
         Ok(v)
     };
     let srv = MetaServer::start("127.0.0.1:0")?;
-    push("meta-server", blob, through_store("srv", AgentConfig::default().with_metadata_url(srv.url()))?);
+    push("meta-server", blob, through_store("srv", AgentConfig::env_defaults().with_metadata_url(srv.url()))?);
     drop(srv);
     if let Some(eps) = &a.etcd {
         let eps: Vec<&str> = eps.split(',').collect();
-        let mut cfg = AgentConfig::default().with_etcd(&eps);
+        let mut cfg = AgentConfig::env_defaults().with_etcd(&eps);
         cfg.metadata_namespace = format!("/kvferry-bench-{}/agents/", std::process::id());
         push("etcd", blob, through_store("etcd", cfg)?);
     }

@@ -90,7 +90,7 @@ impl StoreArgs {
     }
 
     fn config(&self) -> AgentConfig {
-        let mut cfg = AgentConfig::default();
+        let mut cfg = AgentConfig::env_defaults();
         if let Some(u) = &self.metadata_url {
             cfg = cfg.with_metadata_url(u.clone());
         }
@@ -145,7 +145,7 @@ impl Drop for ChildGuard {
 
 fn agent(role: &str, backend: &str, params: &Params) -> Result<Agent> {
     let name = format!("bench-{role}-{}", std::process::id());
-    Agent::new(&name, AgentConfig::default().with_backend(backend, params.clone()))
+    Agent::new(&name, AgentConfig::env_defaults().with_backend(backend, params.clone()))
 }
 
 /// Bytes of the target buffer one initiator uses.
@@ -267,7 +267,7 @@ pub fn run_target(args: &P2pArgs) -> Result<()> {
     let listener = rendezvous::listen(&args.ip, args.port)?;
     let addr = listener.local_addr().map_err(|e| Error::io("rendezvous: local address", e))?;
     println!("KVFERRY-TARGET listening on {addr}");
-    let token = AgentConfig::default().auth_token;
+    let token = AgentConfig::env_defaults().auth_token;
     let (mut s, _peer, hello) = rendezvous::accept_first(listener, token, move |peer, m| {
         match m {
         Msg::Hello { buf_len, .. } if *buf_len > max => Err(Error::invalid(format!(

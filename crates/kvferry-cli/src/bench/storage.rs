@@ -256,7 +256,7 @@ fn local_session(a: &StorageArgs, c: &Common, op: XferOp, max: usize) -> Result<
     let files = prepare_files(a, op)?;
     let agent = Agent::new(
         &format!("bench-storage-{}", std::process::id()),
-        AgentConfig::default().with_backend("posix", posix_params(a, c)?),
+        AgentConfig::env_defaults().with_backend("posix", posix_params(a, c)?),
     )?;
     let mut regs = RegDescList::new(MemType::File);
     for (i, f) in files.iter().enumerate() {
@@ -286,7 +286,9 @@ fn run_target(a: &StorageArgs, c: &Common, op: XferOp) -> Result<()> {
     let files = prepare_files(a, op)?;
     let agent = Agent::new(
         &format!("bench-storage-target-{}", std::process::id()),
-        AgentConfig::default().with_backend("posix", posix_params(a, c)?).with_backend("tcp", kvferry::Params::new()),
+        AgentConfig::env_defaults()
+            .with_backend("posix", posix_params(a, c)?)
+            .with_backend("tcp", kvferry::Params::new()),
     )?;
     for f in &files {
         agent.register_local_file(&f.path, f.size, a.direct)?;
@@ -339,7 +341,7 @@ fn remote_session(a: &StorageArgs, c: &Common, _op: XferOp, max: usize) -> Resul
     };
     let agent = Agent::new(
         &format!("bench-storage-initiator-{}", std::process::id()),
-        AgentConfig::default().with_backend("tcp", c.backend_params()?),
+        AgentConfig::env_defaults().with_backend("tcp", c.backend_params()?),
     )?;
     let buf = c.buffer_or(BufferKind::Huge).alloc(max * 2)?;
     let breg = agent.register_buf(&buf)?;

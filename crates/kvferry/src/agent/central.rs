@@ -18,7 +18,7 @@ use parking_lot::Mutex;
 use super::{Agent, AgentInner};
 use crate::desc::RegDescList;
 use crate::error::{Error, Result};
-use crate::metadata::store::{self, MetaStore, OWNED};
+use crate::metadata::store::{self, MetaStore, StoreSpec, OWNED};
 
 /// Where metadata is sent to, or fetched from.
 ///
@@ -245,7 +245,14 @@ impl Agent {
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());
         }
-        let store = store::open(&self.inner.config)?.ok_or_else(|| {
+        let cfg = &self.inner.config;
+        let spec = StoreSpec {
+            url: cfg.metadata_url.clone(),
+            etcd_endpoints: cfg.etcd_endpoints.clone(),
+            timeout: cfg.connect_timeout,
+            token: cfg.auth_token.clone(),
+        };
+        let store = store::open(&spec)?.ok_or_else(|| {
             Error::not_supported(
                 "no central metadata store is configured: set KVFERRY_METADATA_URL (kvferry meta-server) or KVFERRY_ETCD_ENDPOINTS, or exchange metadata peer to peer",
             )

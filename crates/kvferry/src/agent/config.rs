@@ -5,13 +5,16 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use crate::auth::AuthToken;
+use crate::backend::BackendConfig;
 use crate::error::{Error, Result};
 use crate::metadata::listener::ListenerLimits;
 use crate::notif::NotifLimits;
 use crate::params::Params;
 
 /// How an [`Agent`](crate::Agent) behaves. Build with `AgentConfig::default()`
-/// and the setters, or read the environment with [`AgentConfig::from_env`].
+/// (pure: it never reads the environment) and the setters, or read the
+/// environment with [`AgentConfig::from_env`] (everything, backends included)
+/// or [`AgentConfig::env_defaults`] (token and central store only).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AgentConfig {
     /// Serve metadata requests from peers on `listen_addr:listen_port`.
@@ -40,17 +43,21 @@ pub struct AgentConfig {
     /// How long metadata calls (fetch, wait for a peer) may take. Default: 5 s.
     pub metadata_timeout: Duration,
     /// A shared secret: peers without the same token are refused at the
-    /// handshake of every port the agent opens. Default: `KVFERRY_AUTH_TOKEN`
-    /// if set, else none. Never printed (`Debug` redacts it).
+    /// handshake of every port the agent opens. Default: none
+    /// ([`from_env`](Self::from_env) reads `KVFERRY_AUTH_TOKEN`). Never
+    /// printed (`Debug` redacts it).
     pub auth_token: Option<AuthToken>,
     /// URL of a kvferry metadata server (`http://host:port`) for central
-    /// metadata. Default: `KVFERRY_METADATA_URL` if set, else none.
+    /// metadata. Default: none ([`from_env`](Self::from_env) reads
+    /// `KVFERRY_METADATA_URL`).
     pub metadata_url: Option<String>,
     /// etcd endpoints for central metadata (needs the `etcd` feature).
-    /// Default: `KVFERRY_ETCD_ENDPOINTS` (or NIXL's `NIXL_ETCD_ENDPOINTS`), comma-separated.
+    /// Default: none ([`from_env`](Self::from_env) reads
+    /// `KVFERRY_ETCD_ENDPOINTS`, or NIXL's `NIXL_ETCD_ENDPOINTS`, comma-separated).
     pub etcd_endpoints: Vec<String>,
     /// Key prefix of agents' metadata in the central store. Default:
-    /// `KVFERRY_ETCD_NAMESPACE` (or `NIXL_ETCD_NAMESPACE`), else `/kvferry/agents/`.
+    /// `/kvferry/agents/` ([`from_env`](Self::from_env) reads
+    /// `KVFERRY_ETCD_NAMESPACE`, or `NIXL_ETCD_NAMESPACE`).
     pub metadata_namespace: String,
     /// Lease on everything the agent publishes centrally: a crashed agent's
     /// metadata disappears this long after its last renewal. Default: 5 s.
@@ -67,17 +74,9 @@ pub struct AgentConfig {
 }
 
 impl Default for AgentConfig {
+    /// The defaults, and nothing else: the environment is read only by
+    /// [`from_env`](Self::from_env) and [`env_defaults`](Self::env_defaults).
     fn default() -> Self {
-        AgentConfig::defaults_from(&|name| std::env::var(name).ok())
-    }
-}
-
-impl AgentConfig {
-    /// The defaults, reading environment variables through `lookup`.
-    fn defaults_from(lookup: &dyn Fn(&str) -> Option<String>) -> Self {
-        let env = |name: &str, alias: Option<&str>| -> Option<String> {
-            lookup(name).or_else(|| alias.and_then(lookup)).filter(|v| !v.trim().is_empty())
-        };
         AgentConfig {
             listener: false,
             listen_addr: None,
@@ -87,17 +86,48 @@ impl AgentConfig {
             connect_timeout: Duration::from_secs(2),
             peer_timeout: Duration::from_secs(2),
             metadata_timeout: Duration::from_secs(5),
-            auth_token: env(crate::auth::AUTH_TOKEN_ENV, None).map(AuthToken::from_config),
-            metadata_url: env("KVFERRY_METADATA_URL", None),
-            etcd_endpoints: env("KVFERRY_ETCD_ENDPOINTS", Some("NIXL_ETCD_ENDPOINTS"))
-                .map(|s| s.split(',').map(|e| e.trim().to_string()).filter(|e| !e.is_empty()).collect())
-                .unwrap_or_default(),
-            metadata_namespace: env("KVFERRY_ETCD_NAMESPACE", Some("NIXL_ETCD_NAMESPACE"))
-                .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string()),
+            auth_token: None,
+            metadata_url: None,
+            etcd_endpoints: Vec::new(),
+            metadata_namespace: DEFAULT_NAMESPACE.to_string(),
             metadata_lease: Duration::from_secs(5),
             notif_limits: NotifLimits::default(),
             backends: Vec::new(),
         }
+    }
+}
+
+impl AgentConfig {
+    /// Overlays the settings the environment may set (token, central store,
+    /// namespace), read through `lookup`; blank values count as unset.
+    fn with_settings_from(mut self, lookup: &dyn Fn(&str) -> Option<String>) -> Self {
+        let env = |name: &str, alias: Option<&str>| -> Option<String> {
+            lookup(name).or_else(|| alias.and_then(lookup)).filter(|v| !v.trim().is_empty())
+        };
+        if let Some(t) = env(crate::auth::AUTH_TOKEN_ENV, None) {
+            self.auth_token = Some(AuthToken::from_config(t));
+        }
+        if let Some(url) = env("KVFERRY_METADATA_URL", None) {
+            self.metadata_url = Some(url);
+        }
+        if let Some(eps) = env("KVFERRY_ETCD_ENDPOINTS", Some("NIXL_ETCD_ENDPOINTS")) {
+            self.etcd_endpoints = eps.split(',').map(|e| e.trim().to_string()).filter(|e| !e.is_empty()).collect();
+        }
+        if let Some(ns) = env("KVFERRY_ETCD_NAMESPACE", Some("NIXL_ETCD_NAMESPACE")) {
+            self.metadata_namespace = ns;
+        }
+        self
+    }
+
+    /// The defaults with the settings the environment overrides:
+    /// `KVFERRY_AUTH_TOKEN`, `KVFERRY_METADATA_URL`, `KVFERRY_ETCD_ENDPOINTS`
+    /// (or NIXL's `NIXL_ETCD_ENDPOINTS`) and `KVFERRY_ETCD_NAMESPACE` (or
+    /// `NIXL_ETCD_NAMESPACE`), but no backends (`KVFERRY_BACKENDS` is read
+    /// only by [`from_env`](Self::from_env)). For programs that choose their
+    /// backends themselves yet honour the deployment's token and store, as
+    /// the `kvferry` CLI does.
+    pub fn env_defaults() -> Self {
+        AgentConfig::default().with_settings_from(&|name| std::env::var(name).ok())
     }
 }
 
@@ -155,13 +185,25 @@ impl AgentConfig {
         self
     }
 
+    /// What backends read of this configuration (timeouts, token, worker
+    /// threads): the agent hands it to every backend it creates.
+    pub fn backend_config(&self) -> BackendConfig {
+        BackendConfig {
+            connect_timeout: self.connect_timeout,
+            peer_timeout: self.peer_timeout,
+            auth_token: self.auth_token.clone(),
+            worker_threads: self.worker_threads,
+        }
+    }
+
     /// Adds a backend to create with the agent.
     pub fn with_backend(mut self, name: &str, params: Params) -> Self {
         self.backends.push((name.to_string(), params));
         self
     }
 
-    /// Defaults, plus the backends named by the environment:
+    /// Everything the environment configures: the settings of
+    /// [`env_defaults`](Self::env_defaults), plus the backends it names,
     /// `KVFERRY_BACKENDS=tcp,posix` and `KVFERRY_<BACKEND>_<PARAM>=value`
     /// (for example `KVFERRY_TCP_LANES=8`).
     pub fn from_env() -> Result<Self> {
@@ -171,7 +213,8 @@ impl AgentConfig {
     /// [`from_env`](Self::from_env) over explicit variables, for tests and embedding.
     pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Self> {
         let vars: Vec<(String, String)> = vars.into_iter().collect();
-        let mut cfg = AgentConfig::defaults_from(&|name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()));
+        let mut cfg = AgentConfig::default()
+            .with_settings_from(&|name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()));
         let Some((_, list)) = vars.iter().find(|(k, _)| k == "KVFERRY_BACKENDS") else {
             return Ok(cfg);
         };
@@ -226,6 +269,21 @@ mod tests {
         assert_eq!(cfg.metadata_url.as_deref(), Some("http://m:1"));
         let bad = AgentConfig::from_vars([("KVFERRY_BACKENDS".to_string(), "tc p".to_string())]);
         assert!(bad.is_err());
+    }
+
+    #[test]
+    fn default_is_pure_and_env_defaults_name_no_backends() {
+        let d = AgentConfig::default();
+        assert_eq!((d.auth_token.as_ref(), d.metadata_url.as_deref()), (None, None));
+        assert!(d.etcd_endpoints.is_empty() && d.backends.is_empty());
+        assert_eq!(d.metadata_namespace, DEFAULT_NAMESPACE);
+        let vars = [("KVFERRY_AUTH_TOKEN", "t"), ("KVFERRY_BACKENDS", "tcp")];
+        let lookup = |n: &str| vars.iter().find(|(k, _)| *k == n).map(|(_, v)| v.to_string());
+        let s = AgentConfig::default().with_settings_from(&lookup);
+        assert!(s.auth_token.is_some_and(|t| t.verify(b"t")));
+        assert!(s.backends.is_empty(), "only from_env reads KVFERRY_BACKENDS");
+        let blank = AgentConfig::default().with_auth_token("x").with_settings_from(&|_| Some(" ".into()));
+        assert!(blank.auth_token.is_some(), "a blank variable leaves the setting alone");
     }
 
     #[test]

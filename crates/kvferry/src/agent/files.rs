@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::Agent;
 use crate::desc::{RegDesc, RegDescList};
 use crate::error::{Error, Result};
-use crate::mem::MemType;
+use crate::types::MemType;
 
 /// File ids start here so they never collide with file descriptors used as
 /// `dev_id` in fd-mode FILE registrations.

@@ -7,10 +7,11 @@ use std::sync::Arc;
 
 use super::ranges::{Pos, Span};
 use super::{Agent, BackendSlot};
-use crate::backend::{AccessKey, Region, RegionId};
+use crate::backend::Region;
 use crate::desc::{RegDesc, RegDescList};
 use crate::error::{Error, Result};
-use crate::mem::{AlignedBuf, MemShare, MemType};
+use crate::mem::{AlignedBuf, MemShare};
+use crate::types::{AccessKey, MemType, RegionId};
 
 /// One registered local region and the backends that serve it.
 #[derive(Debug)]

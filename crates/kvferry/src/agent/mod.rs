@@ -16,11 +16,11 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::backend::{self, Backend, BackendContext, Capabilities, PeerEvents};
 use crate::error::{Error, ErrorKind, Result};
-use crate::mem::MemType;
-use crate::metadata::codec::check_agent_name;
 use crate::notif::{NotifSink, Notifications};
 use crate::params::{ParamSpec, Params};
+use crate::types::{check_agent_name, MemType};
 
+mod builder;
 mod central;
 mod config;
 mod files;
@@ -33,6 +33,7 @@ mod xfer;
 
 /// Types of request building re-exported at the crate root.
 pub mod xfer_types {
+    pub use super::builder::RequestBuilder;
     pub use super::xfer::PreparedList;
 }
 
@@ -159,8 +160,10 @@ impl Agent {
         Ok(agent)
     }
 
-    /// Creates an agent with every backend in `backends`, default parameters.
-    /// All or nothing: the error names each backend that failed and why.
+    /// Creates an agent with every backend in `backends`, default parameters
+    /// and [`AgentConfig::default`] (the environment is not read: see
+    /// [`from_env`](Self::from_env)). All or nothing: the error names each
+    /// backend that failed and why.
     pub fn with_backends(name: &str, backends: &[&str]) -> Result<Agent> {
         let list: Vec<(String, Params)> = backends.iter().map(|b| (b.to_string(), Params::new())).collect();
         Agent::new(name, AgentConfig { backends: list, ..AgentConfig::default() })
@@ -230,7 +233,7 @@ impl Agent {
                 self.name()
             )));
         }
-        if self.inner.backends.read().len() >= crate::metadata::codec::MAX_BACKENDS {
+        if self.inner.backends.read().len() >= crate::types::MAX_BACKENDS {
             return Err(Error::invalid("an agent can run at most 32 backends"));
         }
         plugin.probe().map_err(|e| e.context(format!("backend {} cannot run here", plugin.name())))?;
@@ -248,7 +251,7 @@ impl Agent {
             agent_name: self.inner.name.clone(),
             instance: self.inner.instance,
             notifs: self.inner.notifs.clone(),
-            config: self.inner.config.clone(),
+            config: self.inner.config.backend_config(),
             peer_events: PeerEvents {
                 on_lost: Arc::new(move |peer, instance| {
                     if let Some(inner) = weak.upgrade() {
@@ -309,11 +312,11 @@ impl Agent {
     /// The backend is the first, in preference order (or in `hints` order),
     /// that supports notifications and can reach the peer.
     pub fn send_notification(&self, peer: &str, msg: &[u8], hints: &[&str]) -> Result<()> {
-        if msg.len() > crate::notif::MAX_NOTIF_LEN {
+        if msg.len() > crate::types::MAX_NOTIF_LEN {
             return Err(Error::invalid(format!(
                 "notification is {} bytes, more than the {} allowed; send bulk data as a transfer",
                 msg.len(),
-                crate::notif::MAX_NOTIF_LEN
+                crate::types::MAX_NOTIF_LEN
             )));
         }
         let slot = self.notif_backend(peer, hints)?;
@@ -334,3 +337,9 @@ impl Agent {
         self.inner.next_region_id.fetch_add(1, Ordering::Relaxed)
     }
 }
+
+// An agent must stay shareable between threads.
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Agent>();
+};

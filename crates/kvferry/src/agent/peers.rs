@@ -5,11 +5,12 @@ use std::sync::Arc;
 
 use super::ranges::{RangeMap, Span};
 use super::Agent;
-use crate::backend::{AccessKey, PeerInfo};
+use crate::backend::PeerInfo;
 use crate::desc::{RegDescList, XferDescList};
 use crate::error::{Error, Result};
 use crate::host::HostId;
 use crate::metadata::{AgentMetadata, BackendMeta, RegionMeta};
+use crate::types::AccessKey;
 
 /// A region a peer published, with its backends translated to local slots.
 #[derive(Clone, Debug)]

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 
 use crate::desc::XferDesc;
-use crate::mem::MemType;
+use crate::types::MemType;
 
 /// A region's position: memory type, device, start.
 pub(crate) type Pos = (MemType, u64, u64);

@@ -10,13 +10,13 @@
 use std::fmt;
 use std::sync::Arc;
 
-use super::{Agent, BackendSlot, RemotePeer};
-use crate::backend::{AccessKey, RegionId, Segment, XferOp, XferPlan};
+use super::{Agent, AgentInner, BackendSlot, RemotePeer};
+use crate::backend::{Segment, XferPlan};
 use crate::desc::{XferDesc, XferDescList};
 use crate::error::{Error, Result};
 use crate::host::HostId;
-use crate::mem::MemType;
-use crate::request::Request;
+use crate::request::{Request, RequestOwner, RequestParts};
+use crate::types::{AccessKey, MemType, RegionId, XferOp};
 
 /// One descriptor resolved to the region that holds it.
 #[derive(Clone, Copy, Debug)]
@@ -87,6 +87,10 @@ impl Agent {
     /// `remote_agent` (this agent's own name for local transfers such as
     /// DRAM ↔ FILE). Counts and pairwise lengths must match, local memory must
     /// be registered, and remote ranges must lie in regions the peer published.
+    ///
+    /// The positional shorthand of
+    /// `self.request(op).local(local).remote(remote_agent, remote)` with an
+    /// optional [`notify`](crate::RequestBuilder::notify) (see [`request`](Self::request)).
     pub fn create_request(
         &self,
         op: XferOp,
@@ -99,7 +103,8 @@ impl Agent {
     }
 
     /// [`create_request`](Self::create_request) with backend hints: only the
-    /// hinted backends are considered, the first that can serve wins.
+    /// hinted backends are considered, the first that can serve wins (the
+    /// builder's [`hints`](crate::RequestBuilder::hints)).
     pub fn create_request_with(
         &self,
         op: XferOp,
@@ -134,27 +139,45 @@ impl Agent {
         self.build(op, local.mem_type(), &l, remote.mem_type(), &r, remote_agent, &target, notif, hints)
     }
 
-    /// Resolves `descs` once for [`make_request`](Self::make_request):
-    /// `agent = None` for the local side, `Some(name)` for a peer's side
-    /// (this agent's own name for local transfers).
-    pub fn prepare(&self, agent: Option<&str>, descs: &XferDescList) -> Result<PreparedList> {
+    /// Resolves local `descs` once against this agent's registrations, for
+    /// requests built from indices ([`RequestBuilder::local_prepared`](crate::RequestBuilder::local_prepared),
+    /// [`make_request`](Self::make_request)). Every descriptor must lie in
+    /// registered memory (else `NotAllowed`).
+    pub fn prepare_local(&self, descs: &XferDescList) -> Result<PreparedList> {
         descs.validate(false)?;
-        let (entries, peer, peer_instance) = match agent {
-            None => (self.resolve_local(descs)?, None, 0),
-            Some(name) => {
-                let target = self.target(name)?;
-                let instance = match &target {
-                    Target::Loopback => self.inner.instance,
-                    Target::Peer(p) => p.instance,
-                };
-                (self.resolve_remote(&target, name, descs)?, Some(Arc::from(name)), instance)
-            }
+        let entries = self.resolve_local(descs)?;
+        Ok(PreparedList { agent: self.clone(), peer: None, peer_instance: 0, mem_type: descs.mem_type(), entries })
+    }
+
+    /// Resolves `descs` of the agent `peer` (this agent's own name for local
+    /// transfers such as DRAM ↔ FILE) once against the regions it published,
+    /// for requests built from indices ([`RequestBuilder::remote_prepared`](crate::RequestBuilder::remote_prepared),
+    /// [`make_request`](Self::make_request)). A list prepared before the peer
+    /// restarted is refused when a request is built from it.
+    pub fn prepare_remote(&self, peer: &str, descs: &XferDescList) -> Result<PreparedList> {
+        descs.validate(false)?;
+        let target = self.target(peer)?;
+        let peer_instance = match &target {
+            Target::Loopback => self.inner.instance,
+            Target::Peer(p) => p.instance,
         };
-        Ok(PreparedList { agent: self.clone(), peer, peer_instance, mem_type: descs.mem_type(), entries })
+        let entries = self.resolve_remote(&target, peer, descs)?;
+        Ok(PreparedList {
+            agent: self.clone(),
+            peer: Some(Arc::from(peer)),
+            peer_instance,
+            mem_type: descs.mem_type(),
+            entries,
+        })
     }
 
     /// Builds a request from entries of two prepared lists: `local[li[k]]`
     /// pairs with `remote[ri[k]]`. Runs contiguous on both sides are merged.
+    ///
+    /// The positional shorthand of
+    /// `self.request(op).local_prepared(local, local_idx).remote_prepared(remote, remote_idx)`
+    /// with [`notify`](crate::RequestBuilder::notify) and [`hints`](crate::RequestBuilder::hints)
+    /// (see [`request`](Self::request)), which reads better.
     #[allow(clippy::too_many_arguments)]
     pub fn make_request(
         &self,
@@ -168,12 +191,12 @@ impl Agent {
     ) -> Result<Request> {
         if local.peer.is_some() || !Arc::ptr_eq(&local.agent.inner, &self.inner) {
             return Err(Error::invalid(
-                "make_request: the local list must be prepared by this agent with agent = None",
+                "make_request: the local list must be prepared by this agent with prepare_local",
             ));
         }
         let Some(peer_name) = remote.peer.as_deref() else {
             return Err(Error::invalid(
-                "make_request: the remote list was prepared for the local side; prepare it with the peer's name",
+                "make_request: the remote list was prepared for the local side; prepare it with prepare_remote and the peer's name",
             ));
         };
         if local_idx.len() != remote_idx.len() {
@@ -285,11 +308,11 @@ impl Agent {
         hints: &[&str],
     ) -> Result<Request> {
         if let Some(n) = notif {
-            if n.len() > crate::notif::MAX_NOTIF_LEN {
+            if n.len() > crate::types::MAX_NOTIF_LEN {
                 return Err(Error::invalid(format!(
                     "notification is {} bytes, more than {}",
                     n.len(),
-                    crate::notif::MAX_NOTIF_LEN
+                    crate::types::MAX_NOTIF_LEN
                 )));
             }
         }
@@ -339,7 +362,17 @@ impl Agent {
         let n = plan.segments.len();
         let cost = slot.backend.estimate_cost(&plan);
         let xfer = slot.backend.prepare(plan)?;
-        Ok(Request::new(self.clone(), slot.name.clone(), op, peer, total, n, cost, xfer, notif.map(<[u8]>::to_vec)))
+        Ok(Request::new(RequestParts {
+            owner: self.inner.clone(),
+            backend: slot.name.clone(),
+            op,
+            peer,
+            total_bytes: total,
+            segments: n,
+            cost,
+            xfer,
+            notif: notif.map(<[u8]>::to_vec),
+        }))
     }
 
     fn choose_backend(
@@ -439,5 +472,11 @@ impl Agent {
     /// The backend a request will use (NIXL's `query_xfer_backend`).
     pub fn chosen_backend(&self, req: &Request) -> String {
         req.backend().to_string()
+    }
+}
+
+impl RequestOwner for AgentInner {
+    fn name(&self) -> &str {
+        &self.name
     }
 }

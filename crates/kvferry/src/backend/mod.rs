@@ -6,21 +6,26 @@
 //! checked and merged. A backend still checks what its *own* side owns: a
 //! target checks access key and bounds before a byte of its memory moves.
 //!
-//! Life cycle, after NIXL's backend engine: `prepare` → `post` → `poll`/`wait`
-//! → drop (release). `post` and `poll` never block; `wait` blocks at most for
-//! its timeout; dropping a [`BackendXfer`] cancels it and returns only once the
+//! Life cycle, after NIXL's backend engine: `prepare` → `post` →
+//! `poll`/`poll_for` → drop (release). `post` and `poll` never block;
+//! `poll_for` blocks at most for its timeout and reports the state then (it is
+//! not [`Request::wait`](crate::Request::wait), which turns a timeout into an
+//! error); dropping a [`BackendXfer`] cancels it and returns only once the
 //! backend no longer touches the request's memory.
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::auth::AuthToken;
 use crate::desc::RegDesc;
 use crate::error::Result;
 use crate::host::HostId;
-use crate::mem::{MemShare, MemType};
+use crate::mem::MemShare;
 use crate::notif::NotifSink;
 use crate::params::{ParamSpec, Params};
+use crate::types::MemType;
+pub use crate::types::{AccessKey, RegionId, XferOp, XferState};
 
 pub mod local;
 pub mod posix;
@@ -28,11 +33,8 @@ mod registry;
 pub mod shm;
 pub mod tcp;
 
-pub use crate::types::{AccessKey, FileInfo, XferOp};
+pub use crate::types::FileInfo;
 pub use registry::{plugin, plugins, register_plugin};
-
-/// Identifies a registered region inside one agent; assigned by the agent.
-pub type RegionId = u64;
 
 /// One local region as the agent hands it to a backend at registration.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -86,15 +88,6 @@ pub struct Capabilities {
     /// Preference when several backends can serve a request: lower wins.
     /// Built-ins: LOCAL 0, SHM 10, POSIX 20, TCP 50; user backends default to 100.
     pub rank: u16,
-}
-
-/// Where a posted transfer stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum XferState {
-    /// Every byte moved and, for WRITE, was applied by the target.
-    Done,
-    /// Still moving.
-    InProgress,
 }
 
 /// One checked, merged piece of a transfer: `len` bytes between a local range
@@ -161,10 +154,26 @@ pub struct BackendContext {
     pub instance: u64,
     /// Where incoming notifications go.
     pub notifs: NotifSink,
-    /// The agent's configuration (timeouts, auth token, worker threads).
-    pub config: crate::AgentConfig,
+    /// What backends read of the agent's configuration.
+    pub config: BackendConfig,
     /// Tells the agent that a peer is gone so it drops the peer's metadata.
     pub peer_events: PeerEvents,
+}
+
+/// The part of an agent's configuration a backend reads. The agent builds it
+/// from its [`AgentConfig`](crate::AgentConfig) (see
+/// [`AgentConfig::backend_config`](crate::AgentConfig::backend_config)), where
+/// each field's default is documented; backends never see the rest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// How long to try to open a connection to a peer.
+    pub connect_timeout: Duration,
+    /// A peer that does not answer for this long is declared gone.
+    pub peer_timeout: Duration,
+    /// The shared secret every port the backend opens demands (`Debug` redacts it).
+    pub auth_token: Option<AuthToken>,
+    /// Threads the backend may use for its own work; 0: its own choice.
+    pub worker_threads: usize,
 }
 
 type LostFn = dyn Fn(&str, u64) + Send + Sync;
@@ -282,8 +291,11 @@ pub trait BackendXfer: Send + fmt::Debug + 'static {
     /// Reports progress without blocking. An error is final for this posting.
     fn poll(&mut self) -> Result<XferState>;
 
-    /// Blocks until done or until `timeout` passes (then `InProgress`).
-    fn wait(&mut self, timeout: Duration) -> Result<XferState> {
+    /// Polls until done or until `timeout` passes, then reports the state:
+    /// `InProgress` after the timeout is not an error. The default spins,
+    /// yields, then sleeps 50 µs between polls; backends that can block on
+    /// an event do better.
+    fn poll_for(&mut self, timeout: Duration) -> Result<XferState> {
         let deadline = Instant::now() + timeout;
         let mut spins = 0u32;
         loop {

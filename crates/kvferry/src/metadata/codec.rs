@@ -4,19 +4,14 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::AccessKey;
 use crate::error::{Error, Result};
 use crate::host::HostId;
-use crate::mem::MemType;
+use crate::types::{check_agent_name, AccessKey, MemType, MAX_BACKENDS};
 
 /// The first four bytes of every metadata blob.
 pub const MAGIC: &[u8; 4] = b"KVFM";
 /// The format version this build writes and reads.
 pub const FORMAT_VERSION: u16 = 1;
-/// Longest agent name accepted.
-pub const MAX_NAME_LEN: usize = 256;
-/// Most backends one agent may publish (a region's backends are a bit mask).
-pub const MAX_BACKENDS: usize = 32;
 
 /// One backend an agent runs, with the connection info peers need.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,20 +141,6 @@ impl AgentMetadata {
     pub fn extension(&self, name: &str) -> Option<&[u8]> {
         self.extensions.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice())
     }
-}
-
-/// Checks an agent name: non-empty, at most [`MAX_NAME_LEN`] bytes, no control characters.
-pub fn check_agent_name(name: &str) -> Result<()> {
-    if name.is_empty() {
-        return Err(Error::invalid("agent name is empty; give every agent a unique, non-empty name"));
-    }
-    if name.len() > MAX_NAME_LEN {
-        return Err(Error::invalid(format!("agent name is {} bytes, longer than {MAX_NAME_LEN}", name.len())));
-    }
-    if name.chars().any(char::is_control) {
-        return Err(Error::invalid(format!("agent name {name:?} contains control characters")));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

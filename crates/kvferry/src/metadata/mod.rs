@@ -5,6 +5,7 @@
 //! peer, a metadata server, etcd) live beside it.
 
 pub mod codec;
+mod http_common;
 pub mod listener;
 pub mod server;
 pub mod store;

@@ -49,12 +49,12 @@ use parking_lot::Mutex;
 use serde_json::{json, Value};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
+use super::http_common::{percent_decode, OWNED};
 use crate::admission::ConnGate;
 use crate::auth::AuthToken;
 use crate::error::{Error, Result};
 
-/// Default largest value accepted, in bytes (16 MiB).
-pub const MAX_VALUE: usize = 16 << 20;
+pub use super::http_common::MAX_VALUE;
 /// Longest key accepted, in bytes.
 pub const MAX_KEY: usize = 1024;
 /// Longest long-poll accepted.
@@ -583,37 +583,6 @@ fn bad(msg: impl Into<String>) -> Resp {
     error(400, msg)
 }
 
-/// Percent-decodes a URL path segment; `None` on bad escapes or non-UTF-8.
-pub(crate) fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
-/// Percent-encodes a key for a URL path (keeps unreserved characters and `/`).
-pub(crate) fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for &c in s.as_bytes() {
-        if c.is_ascii_alphanumeric() || b"-._~/".contains(&c) {
-            out.push(c as char);
-        } else {
-            out.push_str(&format!("%{c:02X}"));
-        }
-    }
-    out
-}
-
 fn query(q: &str, name: &str) -> Option<String> {
     q.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
@@ -803,7 +772,7 @@ fn put(sh: &Shared, key: String, value: Bytes, lease: Option<LeaseId>) -> Resp {
                 403,
                 format!(
                     "key '{key}' {}; only a request with that lease may change it (wait for it to expire, or use another name)",
-                    crate::metadata::store::OWNED
+                    OWNED
                 ),
             );
         }
@@ -868,10 +837,7 @@ async fn route(req: Request<Incoming>, path: &str, sh: &Arc<Shared>) -> std::res
                     if e.lease.is_some() && !owned_by(e, lease) {
                         return Err(error(
                             403,
-                            format!(
-                                "key '{key}' {}; delete it with ?lease=<that lease>, or revoke the lease",
-                                crate::metadata::store::OWNED
-                            ),
+                            format!("key '{key}' {}; delete it with ?lease=<that lease>, or revoke the lease", OWNED),
                         ));
                     }
                 }
@@ -1084,11 +1050,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn percent_coding_round_trips() {
-        let k = "/kvferry/agents/a b%c/metadata";
-        assert_eq!(percent_decode(&percent_encode(k)).as_deref(), Some(k));
-        assert_eq!(percent_decode("%zz"), None);
-        assert_eq!(percent_decode("%4"), None);
+    fn query_parameters_are_found_and_decoded() {
         assert_eq!(query("a=1&wait_ms=20", "wait_ms").as_deref(), Some("20"));
     }
 

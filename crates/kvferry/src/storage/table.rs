@@ -30,8 +30,7 @@ use std::sync::Arc;
 use super::sys;
 use crate::desc::RegDesc;
 use crate::error::{Error, Result};
-use crate::mem::MemType;
-use crate::types::{AccessKey, FileInfo};
+use crate::types::{AccessKey, FileInfo, MemType};
 
 /// The O_DIRECT alignment assumed when the kernel does not report one: 4096
 /// covers every logical block size in common use (512 and 4096).

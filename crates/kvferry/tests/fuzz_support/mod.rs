@@ -403,7 +403,7 @@ pub fn agent_ops(data: &[u8]) {
                 let block = 1 + b.pick(8) * 512;
                 if let (Ok(l), Ok(r)) = (bufs[li].xfer_blocks(0, block, 8), bufs[ri].xfer_blocks(0, block, 8)) {
                     let peer = &names[b.pick(2)];
-                    if let (Ok(pl), Ok(pr)) = (a.prepare(None, &l), a.prepare(Some(peer), &r)) {
+                    if let (Ok(pl), Ok(pr)) = (a.prepare_local(&l), a.prepare_remote(peer, &r)) {
                         let n = 1 + b.pick(4);
                         let lidx: Vec<usize> = (0..n).map(|_| b.pick(10)).collect();
                         let ridx: Vec<usize> = (0..n + usize::from(b.u8() == 0)).map(|_| b.pick(10)).collect();

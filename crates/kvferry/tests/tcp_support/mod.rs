@@ -52,7 +52,7 @@ pub fn peer_main() {
             params.set(k, v);
         }
     }
-    let mut cfg = AgentConfig::default().with_listener(0).with_backend("TCP", params);
+    let mut cfg = AgentConfig::env_defaults().with_listener(0).with_backend("TCP", params);
     if let Ok(a) = std::env::var("KVF_TCP_LISTEN") {
         cfg.listen_addr = Some(a.parse().unwrap());
     }

@@ -11,15 +11,12 @@ use std::sync::{Arc, OnceLock, Weak};
 
 use parking_lot::RwLock;
 
-use super::{
-    AccessKey, Backend, BackendContext, BackendPlugin, BackendXfer, Capabilities, PeerInfo, Region, XferOp, XferPlan,
-    XferState,
-};
+use super::{Backend, BackendContext, BackendPlugin, BackendXfer, Capabilities, PeerInfo, Region, XferPlan};
 use crate::error::{Error, Result};
 use crate::host::HostId;
-use crate::mem::MemType;
 use crate::notif::NotifSink;
 use crate::params::{ParamSpec, Params};
+use crate::types::{AccessKey, MemType, XferOp, XferState};
 
 /// The `LOCAL` plugin.
 #[derive(Debug)]

@@ -40,15 +40,12 @@ use std::time::Duration;
 
 use parking_lot::RwLock;
 
-use super::{
-    AccessKey, Backend, BackendContext, BackendPlugin, BackendXfer, Capabilities, FileInfo, PeerInfo, Region, XferPlan,
-    XferState,
-};
+use super::{Backend, BackendContext, BackendPlugin, BackendXfer, Capabilities, FileInfo, PeerInfo, Region, XferPlan};
 use crate::desc::RegDesc;
 use crate::error::{Error, ErrorKind, Result};
-use crate::mem::MemType;
 use crate::notif::NotifSink;
 use crate::params::{ParamSpec, Params};
+use crate::types::{AccessKey, MemType, XferState};
 
 use crate::storage::{self, Engine, EngineSpec, FileTable, IoBatch, Job};
 
@@ -365,7 +362,7 @@ impl BackendXfer for PosixXfer {
         self.outcome()
     }
 
-    fn wait(&mut self, timeout: Duration) -> Result<XferState> {
+    fn poll_for(&mut self, timeout: Duration) -> Result<XferState> {
         if let Some(job) = &self.job {
             job.wait(timeout, std::mem::take(&mut self.poll_left));
         }

@@ -14,6 +14,8 @@
 
 use std::io;
 
+use crate::types::XferOp;
+
 /// Largest number of iovecs one call accepts (`UIO_MAXIOV` on Linux).
 pub const IOV_MAX: usize = 1024;
 
@@ -33,23 +35,15 @@ const _: () = {
     assert!(std::mem::align_of::<Iov>() == std::mem::align_of::<libc::iovec>());
 };
 
-/// Direction of a cross-memory copy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Dir {
-    /// Peer → this process (`process_vm_readv`).
-    Read,
-    /// This process → peer (`process_vm_writev`).
-    Write,
-}
-
-/// Calls `process_vm_readv`/`process_vm_writev` once.
+/// Calls `process_vm_readv` ([`XferOp::Read`]: peer → this process) or
+/// `process_vm_writev` ([`XferOp::Write`]: this process → peer) once.
 ///
 /// # Safety
 ///
 /// Every local range must be memory of this process that may be read
 /// (`Write`) or written (`Read`) for the duration of the call, with no Rust
 /// reference to it that the write would invalidate.
-unsafe fn raw(dir: Dir, pid: i32, local: &[Iov], remote: &[Iov]) -> io::Result<usize> {
+unsafe fn raw(dir: XferOp, pid: i32, local: &[Iov], remote: &[Iov]) -> io::Result<usize> {
     debug_assert!(local.len() <= IOV_MAX && remote.len() <= IOV_MAX);
     let l = local.as_ptr().cast::<libc::iovec>();
     let r = remote.as_ptr().cast::<libc::iovec>();
@@ -58,8 +52,8 @@ unsafe fn raw(dir: Dir, pid: i32, local: &[Iov], remote: &[Iov]) -> io::Result<u
     // the kernel validates the remote ranges against the target's mappings.
     let n = unsafe {
         match dir {
-            Dir::Read => libc::process_vm_readv(pid, l, local.len() as _, r, remote.len() as _, 0),
-            Dir::Write => libc::process_vm_writev(pid, l, local.len() as _, r, remote.len() as _, 0),
+            XferOp::Read => libc::process_vm_readv(pid, l, local.len() as _, r, remote.len() as _, 0),
+            XferOp::Write => libc::process_vm_writev(pid, l, local.len() as _, r, remote.len() as _, 0),
         }
     };
     if n < 0 {
@@ -94,7 +88,7 @@ impl Cma {
     /// As for one call: every local range must be valid for reading (`Write`)
     /// or writing (`Read`) for the whole call, and not aliased by a Rust
     /// reference that a write would invalidate.
-    pub unsafe fn transfer(&mut self, dir: Dir, pid: i32, local: &[Iov], remote: &[Iov]) -> io::Result<u64> {
+    pub unsafe fn transfer(&mut self, dir: XferOp, pid: i32, local: &[Iov], remote: &[Iov]) -> io::Result<u64> {
         debug_assert_eq!(local.len(), remote.len());
         let mut moved = 0u64;
         for (lc, rc) in local.chunks(IOV_MAX).zip(remote.chunks(IOV_MAX)) {
@@ -115,7 +109,14 @@ impl Cma {
     /// # Safety
     ///
     /// As for [`transfer`](Self::transfer).
-    unsafe fn resume(&mut self, dir: Dir, pid: i32, local: &[Iov], remote: &[Iov], mut done: usize) -> io::Result<u64> {
+    unsafe fn resume(
+        &mut self,
+        dir: XferOp,
+        pid: i32,
+        local: &[Iov],
+        remote: &[Iov],
+        mut done: usize,
+    ) -> io::Result<u64> {
         let mut moved = 0u64;
         loop {
             // Rebuild the rest of the chunk, skipping `done` bytes, into scratch.
@@ -158,7 +159,7 @@ pub fn probe_self() -> io::Result<()> {
     let l = [Iov { base: std::ptr::addr_of_mut!(dst) as usize, len: 8 }];
     let r = [Iov { base: std::ptr::addr_of!(src) as usize, len: 8 }];
     // SAFETY: `dst` is a live local of this frame, written only by the kernel during the call.
-    let n = unsafe { raw(Dir::Read, std::process::id() as i32, &l, &r)? };
+    let n = unsafe { raw(XferOp::Read, std::process::id() as i32, &l, &r)? };
     // The kernel wrote `dst` behind the compiler's back; read it through a volatile load.
     // SAFETY: `dst` is a valid, initialized u64.
     let got = unsafe { std::ptr::read_volatile(std::ptr::addr_of!(dst)) };
@@ -174,7 +175,7 @@ pub fn read_u64(pid: i32, addr: u64) -> io::Result<u64> {
     let l = [Iov { base: std::ptr::addr_of_mut!(dst) as usize, len: 8 }];
     let r = [Iov { base: addr as usize, len: 8 }];
     // SAFETY: `dst` is a live local of this frame, written only by the kernel during the call.
-    let n = unsafe { raw(Dir::Read, pid, &l, &r)? };
+    let n = unsafe { raw(XferOp::Read, pid, &l, &r)? };
     if n != 8 {
         return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("read {n} of 8 bytes from pid {pid}")));
     }
@@ -198,7 +199,7 @@ mod tests {
         let remote: Vec<Iov> = (0..3000).map(|i| Iov { base: src.as_ptr() as usize + i * 8, len: 8 }).collect();
         let mut cma = Cma::new();
         // SAFETY: dst is live and not borrowed during the call.
-        let n = unsafe { cma.transfer(Dir::Read, pid, &local, &remote) }.unwrap();
+        let n = unsafe { cma.transfer(XferOp::Read, pid, &local, &remote) }.unwrap();
         assert_eq!(n, src.len() as u64);
         for i in 0..3000 {
             assert_eq!(dst[(2999 - i) * 8..][..8], src[i * 8..][..8]);
@@ -213,7 +214,7 @@ mod tests {
         let l = [Iov { base: dst.as_mut_ptr() as usize, len: 16 }];
         let r = [Iov { base: 8, len: 16 }];
         // SAFETY: dst is live and not borrowed during the call.
-        let e = unsafe { Cma::new().transfer(Dir::Read, pid, &l, &r) }.unwrap_err();
+        let e = unsafe { Cma::new().transfer(XferOp::Read, pid, &l, &r) }.unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EFAULT), "{e}");
     }
 }

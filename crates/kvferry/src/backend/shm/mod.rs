@@ -55,13 +55,13 @@ use std::time::Duration;
 use parking_lot::{Mutex, RwLock};
 
 use super::{
-    AccessKey, Backend, BackendContext, BackendPlugin, BackendXfer, Capabilities, CostEstimate, PeerEvents, PeerInfo,
-    Region, XferOp, XferPlan, XferState,
+    Backend, BackendContext, BackendPlugin, BackendXfer, Capabilities, CostEstimate, PeerEvents, PeerInfo, Region,
+    XferPlan,
 };
 use crate::error::{Error, ErrorKind, Result};
 use crate::host::HostId;
-use crate::mem::MemType;
 use crate::params::{ParamSpec, Params};
+use crate::types::{AccessKey, MemType, XferOp, XferState};
 
 pub mod cma;
 pub mod fdpass;
@@ -70,7 +70,7 @@ pub mod mapping;
 pub mod notify;
 pub mod wire;
 
-use cma::{Cma, Dir, Iov};
+use cma::{Cma, Iov};
 use info::ConnInfo;
 use notify::{Exported, Hello, Link, Server};
 
@@ -435,10 +435,7 @@ impl Backend for ShmBackend {
         }
         Ok(Box::new(ShmXfer {
             link,
-            dir: match plan.op {
-                XferOp::Write => Dir::Write,
-                XferOp::Read => Dir::Read,
-            },
+            op: plan.op,
             mapped,
             local,
             remote,
@@ -502,7 +499,7 @@ struct MappedCopy {
 #[derive(Debug)]
 struct ShmXfer {
     link: Arc<Link>,
-    dir: Dir,
+    op: XferOp,
     /// Segments copied with memcpy through the owner's mapped regions.
     mapped: Vec<MappedCopy>,
     /// Local ranges of the segments moved by cross-memory attach.
@@ -547,9 +544,9 @@ impl ShmXfer {
             )));
         }
         for c in &self.mapped {
-            let (src, dst) = match self.dir {
-                Dir::Write => (c.local, c.remote),
-                Dir::Read => (c.remote, c.local),
+            let (src, dst) = match self.op {
+                XferOp::Write => (c.local, c.remote),
+                XferOp::Read => (c.remote, c.local),
             };
             // SAFETY: the local range lies in memory this agent registered (the
             // agent resolved it at request creation), which the registrant keeps
@@ -572,7 +569,7 @@ impl ShmXfer {
         // valid while registered; the kernel checks the remote ranges against
         // the peer's mappings. The read lock on the link state is held for the
         // whole copy, so a revocation (the owner deregistering) waits for it.
-        let r = unsafe { self.cma.transfer(self.dir, self.link.pid, &self.local, &self.remote) };
+        let r = unsafe { self.cma.transfer(self.op, self.link.pid, &self.local, &self.remote) };
         drop(st);
         match r {
             Ok(n) if n == self.cma_total => {
@@ -590,8 +587,7 @@ impl ShmXfer {
                     format!(
                         "SHM: {} with agent '{}' hit unmapped memory: a range is no longer mapped in this process or \
                          in the peer (memory freed while still registered?): {e}",
-                        if self.dir == Dir::Write { "WRITE" } else { "READ" },
-                        self.link.peer
+                        self.op, self.link.peer
                     ),
                 )
                 .with_source(e))

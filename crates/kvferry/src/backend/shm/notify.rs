@@ -41,10 +41,11 @@ use super::fdpass::{self, FdReader};
 use super::mapping::Mapping;
 use super::wire::{frame_len, Frame, MapStatus, MAX_QUERY_KEYS, VERSION};
 use crate::auth::AuthToken;
-use crate::backend::{AccessKey, PeerEvents};
+use crate::backend::PeerEvents;
 use crate::error::{Error, Result};
 use crate::mem::MemShare;
 use crate::notif::NotifSink;
+use crate::types::AccessKey;
 
 /// Reads one frame; `buf` is reused between calls.
 fn read_frame(s: &mut impl Read, buf: &mut Vec<u8>) -> Result<Frame> {
@@ -566,7 +567,7 @@ fn handshake(s: &mut UnixStream, shared: &ServerShared, buf: &mut Vec<u8>) -> Re
     if !AuthToken::admits(shared.token.as_ref(), &token) {
         return Err(refuse(s, "auth token does not match (set the same KVFERRY_AUTH_TOKEN on both agents)".into()));
     }
-    if crate::metadata::codec::check_agent_name(&name).is_err() {
+    if crate::types::check_agent_name(&name).is_err() {
         return Err(refuse(s, "the HELLO's agent name is not a valid agent name".into()));
     }
     let mut out = Vec::new();

@@ -18,9 +18,8 @@
 //! memfd as `SCM_RIGHTS` ancillary data on its first byte; the frame codec
 //! only describes it.
 
-use crate::backend::AccessKey;
 use crate::error::{Error, Result};
-use crate::notif::MAX_NOTIF_LEN;
+use crate::types::{AccessKey, MAX_NOTIF_LEN};
 
 /// Version of the control protocol, checked in HELLO.
 pub const VERSION: u16 = 2;

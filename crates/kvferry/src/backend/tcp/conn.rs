@@ -29,8 +29,8 @@ use super::proto::{self, FrameType, Header, Hello, Status, Welcome, HEADER_LEN, 
 use super::sys;
 use super::xfer::XferShared;
 use super::Shared;
-use crate::backend::XferOp;
 use crate::error::{Error, ErrorKind, Result};
+use crate::types::XferOp;
 
 /// A loaded peer: where to dial it and its lanes.
 pub(super) struct Peer {

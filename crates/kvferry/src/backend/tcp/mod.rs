@@ -28,12 +28,11 @@ use std::time::Duration;
 use parking_lot::{Mutex, RwLock};
 
 use super::{
-    AccessKey, Backend, BackendContext, BackendPlugin, BackendXfer, Capabilities, CostEstimate, PeerEvents, PeerInfo,
-    Region, XferPlan,
+    Backend, BackendContext, BackendPlugin, BackendXfer, Capabilities, CostEstimate, PeerEvents, PeerInfo, Region,
+    XferPlan,
 };
 use crate::error::{Error, Result};
 use crate::host::HostId;
-use crate::mem::MemType;
 use crate::storage::FileServer;
 
 /// DRAM moves both ways; FILE and BLOCK regions a target registered are served
@@ -41,6 +40,7 @@ use crate::storage::FileServer;
 const MEM_TYPES: [MemType; 3] = [MemType::Dram, MemType::File, MemType::Block];
 use crate::notif::NotifSink;
 use crate::params::{ParamSpec, Params};
+use crate::types::{AccessKey, MemType};
 
 mod conn;
 pub mod proto;

@@ -31,8 +31,8 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::backend::AccessKey;
 use crate::error::{Error, ErrorKind, Result};
+use crate::types::AccessKey;
 
 /// First four bytes of every handshake message.
 pub const MAGIC: &[u8; 4] = b"KVFT";
@@ -47,11 +47,11 @@ pub const MAX_ENTRIES: u32 = 1000;
 /// Most data bytes one WRITE, READ or DATA frame may carry.
 pub const MAX_FRAME_DATA: u64 = 1 << 30;
 /// Most bytes of a notification message.
-pub const MAX_NOTIF: u64 = crate::notif::MAX_NOTIF_LEN as u64;
+pub const MAX_NOTIF: u64 = crate::types::MAX_NOTIF_LEN as u64;
 /// Most bytes of an ERROR message.
 pub const MAX_ERROR_MSG: u64 = 4096;
 /// Longest agent name in a handshake.
-pub const MAX_NAME: usize = crate::metadata::codec::MAX_NAME_LEN;
+pub const MAX_NAME: usize = crate::types::MAX_NAME_LEN;
 /// Longest auth token in a handshake.
 pub const MAX_TOKEN: usize = 1024;
 /// Fixed part of a [`Hello`].
@@ -297,7 +297,7 @@ impl Hello {
     /// The target's verdict on this hello: `Ok` or the status and message to refuse with.
     pub fn check(&self, my_instance: u64, token: Option<&crate::auth::AuthToken>) -> Result<(), ProtoError> {
         // The same rules as agent names everywhere (no control characters reach logs).
-        if let Err(e) = crate::metadata::codec::check_agent_name(&self.name) {
+        if let Err(e) = crate::types::check_agent_name(&self.name) {
             return Err(ProtoError::malformed(format!("hello: {}", e.message())));
         }
         if self.version != VERSION {

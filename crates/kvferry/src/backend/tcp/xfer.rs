@@ -24,8 +24,9 @@ use super::conn::{Conn, Job, Peer};
 use super::proto::{self, Entry, FrameType, Header, HEADER_LEN};
 use super::sys::Span;
 use super::Shared;
-use crate::backend::{BackendXfer, XferOp, XferPlan, XferState};
+use crate::backend::{BackendXfer, XferPlan};
 use crate::error::{Error, ErrorKind, Result};
+use crate::types::{XferOp, XferState};
 
 /// One frame of a request, built at prepare time.
 pub(super) struct FramePlan {
@@ -358,7 +359,7 @@ impl BackendXfer for TcpXfer {
         }
     }
 
-    fn wait(&mut self, timeout: Duration) -> Result<XferState> {
+    fn poll_for(&mut self, timeout: Duration) -> Result<XferState> {
         let deadline = Instant::now() + timeout;
         if let Some((peer, c)) = self.direct.clone() {
             return self.wait_direct(&peer, &c, deadline);

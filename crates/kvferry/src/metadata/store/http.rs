@@ -10,7 +10,7 @@ use serde_json::Value;
 use super::{MetaStore, WatchBatch};
 use crate::auth::AuthToken;
 use crate::error::{Error, ErrorKind, Result};
-use crate::metadata::server::percent_encode;
+use crate::metadata::http_common::{percent_encode, MAX_VALUE};
 
 /// A client of a kvferry metadata server at `http://host:port`.
 ///
@@ -115,7 +115,7 @@ impl HttpStore {
         let bytes = resp
             .body_mut()
             .with_config()
-            .limit(crate::metadata::server::MAX_VALUE as u64 + 1024)
+            .limit(MAX_VALUE as u64 + 1024)
             .read_to_vec()
             .map_err(|e| self.fail(&format!("reading the answer to {method} {path}"), e))?;
         Ok((status, bytes))

@@ -10,7 +10,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::agent::AgentConfig;
+use crate::auth::AuthToken;
 use crate::error::{Error, Result};
 
 mod http;
@@ -21,9 +21,21 @@ mod etcd;
 #[cfg(feature = "etcd")]
 pub use etcd::EtcdStore;
 
-/// Part of the `NotAllowed` message of a store that refused to change a key
-/// because another live lease owns it.
-pub(crate) const OWNED: &str = "belongs to another live lease";
+pub(crate) use super::http_common::OWNED;
+
+/// Which central store to open and how: the part of an agent's
+/// configuration a store reads (the agent builds it from its `AgentConfig`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreSpec {
+    /// URL of a kvferry metadata server (`http://host:port`).
+    pub url: Option<String>,
+    /// etcd endpoints (`http://host:2379`, ...; needs the `etcd` feature).
+    pub etcd_endpoints: Vec<String>,
+    /// Bound of connecting, and of each call (plus the wait of long-polls).
+    pub timeout: Duration,
+    /// The bearer token sent to the metadata server (`Debug` redacts it).
+    pub token: Option<AuthToken>,
+}
 
 /// What changed under a watched prefix.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -73,30 +85,28 @@ pub trait MetaStore: Send + Sync + fmt::Debug + 'static {
     fn watch(&self, prefix: &str, since: u64, timeout: Duration) -> Result<WatchBatch>;
 }
 
-/// Opens the store the configuration names: `metadata_url` (the embedded
-/// server) or `etcd_endpoints`. `None` when neither is set.
-pub fn open(cfg: &AgentConfig) -> Result<Option<Arc<dyn MetaStore>>> {
-    match (&cfg.metadata_url, cfg.etcd_endpoints.is_empty()) {
+/// Opens the store `spec` names: `url` (the embedded server) or
+/// `etcd_endpoints`. `None` when neither is set.
+pub fn open(spec: &StoreSpec) -> Result<Option<Arc<dyn MetaStore>>> {
+    match (&spec.url, spec.etcd_endpoints.is_empty()) {
         (Some(_), false) => Err(Error::invalid(
             "both KVFERRY_METADATA_URL and KVFERRY_ETCD_ENDPOINTS are set; choose one metadata store",
         )),
-        (Some(url), true) => {
-            Ok(Some(Arc::new(HttpStore::new(url, cfg.connect_timeout)?.with_token(cfg.auth_token.clone()))))
-        }
-        (None, false) => open_etcd(cfg),
+        (Some(url), true) => Ok(Some(Arc::new(HttpStore::new(url, spec.timeout)?.with_token(spec.token.clone())))),
+        (None, false) => open_etcd(spec),
         (None, true) => Ok(None),
     }
 }
 
 #[cfg(feature = "etcd")]
-fn open_etcd(cfg: &AgentConfig) -> Result<Option<Arc<dyn MetaStore>>> {
-    Ok(Some(Arc::new(EtcdStore::connect(&cfg.etcd_endpoints, cfg.connect_timeout)?)))
+fn open_etcd(spec: &StoreSpec) -> Result<Option<Arc<dyn MetaStore>>> {
+    Ok(Some(Arc::new(EtcdStore::connect(&spec.etcd_endpoints, spec.timeout)?)))
 }
 
 #[cfg(not(feature = "etcd"))]
-fn open_etcd(cfg: &AgentConfig) -> Result<Option<Arc<dyn MetaStore>>> {
+fn open_etcd(spec: &StoreSpec) -> Result<Option<Arc<dyn MetaStore>>> {
     Err(Error::not_supported(format!(
         "etcd endpoints {:?} are configured but this kvferry was built without the `etcd` feature; rebuild with --features etcd or use KVFERRY_METADATA_URL",
-        cfg.etcd_endpoints
+        spec.etcd_endpoints
     )))
 }
