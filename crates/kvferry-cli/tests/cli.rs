@@ -281,15 +281,7 @@ fn first_line(child: &mut std::process::Child) -> String {
 fn p2p_target_and_initiator_find_each_other_through_the_meta_server() {
     // Every process shares the token through KVFERRY_AUTH_TOKEN.
     let token = format!("cli-token-{}", std::process::id());
-    let mut srv = Command::new(env!("CARGO_BIN_EXE_kvferry"))
-        .args(["meta-server", "--port", "0"])
-        .env("KVFERRY_AUTH_TOKEN", &token)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let line = first_line(&mut srv);
-    let _srv = Killer(srv);
+    let (_srv, line) = spawn_server(&["meta-server", "--port", "0"], Some(&token));
     assert!(line.contains("token required"), "{line}");
     let addr = line.split_whitespace().nth(3).expect("meta-server prints its address").to_string();
     let (st, body) = http(&addr, "PUT /v1/kv/intruder", None);
@@ -587,15 +579,10 @@ mod raw {
 
 #[test]
 fn serve_rendezvous_speaks_the_token_and_serves_many_at_once_within_a_deadline() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kvferry"))
-        .args(["serve", "--backends", "tcp", "--mem-size", "1M", "--ip", "127.0.0.1", "--port", "0"])
-        .env("KVFERRY_AUTH_TOKEN", "s3cret")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let line = first_line(&mut child);
-    let _serve = Killer(child);
+    let (_serve, line) = spawn_server(
+        &["serve", "--backends", "tcp", "--mem-size", "1M", "--ip", "127.0.0.1", "--port", "0"],
+        Some("s3cret"),
+    );
     assert!(line.contains("auth token required"), "{line}");
     let addr = line.split_whitespace().nth(3).unwrap().to_string();
     // An attacker on 127.0.0.1 holds eight connections without sending a
@@ -641,9 +628,9 @@ fn serve_rendezvous_speaks_the_token_and_serves_many_at_once_within_a_deadline()
     assert!(took < Duration::from_secs(14), "the deadline holds: {took:?}");
 }
 
-/// Starts a bench target (`args` after `kvferry`) with `token` (none: the
-/// variable removed); returns it with the address it printed.
-fn spawn_target(args: &[&str], token: Option<&str>) -> (Killer, String) {
+/// Starts `kvferry args` with `KVFERRY_AUTH_TOKEN=token` (none: the
+/// variable removed); returns it with the first line it printed.
+fn spawn_server(args: &[&str], token: Option<&str>) -> (Killer, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvferry"));
     cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::null());
     match token {
@@ -652,8 +639,15 @@ fn spawn_target(args: &[&str], token: Option<&str>) -> (Killer, String) {
     };
     let mut child = cmd.spawn().unwrap();
     let line = first_line(&mut child);
+    (Killer(child), line)
+}
+
+/// Starts a bench target (`args` after `kvferry`) with `token`; returns it
+/// with the address it printed.
+fn spawn_target(args: &[&str], token: Option<&str>) -> (Killer, String) {
+    let (child, line) = spawn_server(args, token);
     let addr = line.trim().strip_prefix("KVFERRY-TARGET listening on ").unwrap_or_else(|| panic!("{line}")).to_string();
-    (Killer(child), addr)
+    (child, addr)
 }
 
 /// Waits (15 s at most) for a target to leave by itself.

@@ -208,17 +208,7 @@ impl OpenFile {
     /// `/dev/null`, read-write, for unit tests of code that only carries files.
     #[cfg(test)]
     pub(crate) fn dev_null() -> Arc<OpenFile> {
-        let f = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null").unwrap();
-        Arc::new(OpenFile {
-            fd: OwnedFd::from(f),
-            origin: Origin::Fd { fd: -1, dev: 0, ino: 0 },
-            access: Access::ReadWrite,
-            direct: false,
-            block: false,
-            mem_align: 1,
-            off_align: 1,
-            device_size: None,
-        })
+        Self::test_file(Access::ReadWrite, None, None)
     }
 
     /// `/dev/null` standing in for a file with the given access, O_DIRECT
@@ -227,9 +217,20 @@ impl OpenFile {
     #[cfg(test)]
     pub(crate) fn test_file(access: Access, direct: Option<u64>, device_size: Option<u64>) -> Arc<OpenFile> {
         let f = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null").unwrap();
+        Self::fake(OwnedFd::from(f), access, direct, device_size)
+    }
+
+    /// Any descriptor (a pipe, say), read-write, for unit tests of the engines.
+    #[cfg(test)]
+    pub(crate) fn for_test(fd: OwnedFd) -> Arc<OpenFile> {
+        Self::fake(fd, Access::ReadWrite, None, None)
+    }
+
+    #[cfg(test)]
+    fn fake(fd: OwnedFd, access: Access, direct: Option<u64>, device_size: Option<u64>) -> Arc<OpenFile> {
         let align = direct.unwrap_or(1);
         Arc::new(OpenFile {
-            fd: OwnedFd::from(f),
+            fd,
             origin: Origin::Fd { fd: -1, dev: 0, ino: 0 },
             access,
             direct: direct.is_some(),
@@ -237,21 +238,6 @@ impl OpenFile {
             mem_align: align,
             off_align: align,
             device_size,
-        })
-    }
-
-    /// Any descriptor (a pipe, say), read-write, for unit tests of the engines.
-    #[cfg(test)]
-    pub(crate) fn for_test(fd: OwnedFd) -> Arc<OpenFile> {
-        Arc::new(OpenFile {
-            fd,
-            origin: Origin::Fd { fd: -1, dev: 0, ino: 0 },
-            access: Access::ReadWrite,
-            direct: false,
-            block: false,
-            mem_align: 1,
-            off_align: 1,
-            device_size: None,
         })
     }
 
