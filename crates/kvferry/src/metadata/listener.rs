@@ -30,6 +30,7 @@ use parking_lot::Mutex;
 
 use crate::admission::{ConnGate, ConnSlot, Refusal};
 use crate::auth::AuthToken;
+use crate::codec::{Reader, Writer};
 use crate::error::{Error, Result};
 
 /// First four bytes of every listener message.
@@ -89,22 +90,23 @@ pub struct MsgHeader {
 impl MsgHeader {
     /// Decodes and checks a header from an untrusted peer.
     pub fn decode(b: &[u8; HEADER_LEN]) -> Result<MsgHeader> {
-        if &b[..4] != MAGIC {
+        let mut r = Reader::new("listener message header", b);
+        let magic = r.take(MAGIC.len())?;
+        if magic != MAGIC {
             return Err(Error::malformed(format!(
-                "not a kvferry metadata listener message (magic {:02x?}, expected \"KVFL\")",
-                &b[..4]
+                "not a kvferry metadata listener message (magic {magic:02x?}, expected \"KVFL\")"
             )));
         }
-        if b[4] != VERSION {
+        let version = r.u8()?;
+        if version != VERSION {
             return Err(Error::malformed(format!(
-                "metadata listener framing version {} (this build speaks {VERSION}); run the same kvferry version",
-                b[4]
+                "metadata listener framing version {version} (this build speaks {VERSION}); run the same kvferry version"
             )));
         }
-        let op =
-            Op::from_u8(b[5]).ok_or_else(|| Error::malformed(format!("unknown listener message {:#04x}", b[5])))?;
-        let token_len = u16::from_le_bytes([b[6], b[7]]);
-        let body_len = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
+        let op = r.u8()?;
+        let op = Op::from_u8(op).ok_or_else(|| Error::malformed(format!("unknown listener message {op:#04x}")))?;
+        let token_len = r.u16()?;
+        let body_len = r.u32()?;
         if token_len > MAX_TOKEN || body_len > MAX_BODY {
             return Err(Error::malformed(format!(
                 "listener message with a {token_len}-byte token and a {body_len}-byte body (limits {MAX_TOKEN}, {MAX_BODY})"
@@ -124,13 +126,13 @@ pub fn encode_msg(op: Op, token: &[u8], body: &[u8]) -> Result<Vec<u8>> {
         )));
     }
     let mut out = Vec::with_capacity(HEADER_LEN + token.len() + body.len());
-    out.extend_from_slice(MAGIC);
-    out.push(VERSION);
-    out.push(op as u8);
-    out.extend_from_slice(&(token.len() as u16).to_le_bytes());
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(token);
-    out.extend_from_slice(body);
+    out.put(MAGIC);
+    out.put_u8(VERSION);
+    out.put_u8(op as u8);
+    out.put_u16(token.len() as u16);
+    out.put_u32(body.len() as u32);
+    out.put(token);
+    out.put(body);
     Ok(out)
 }
 
@@ -138,19 +140,19 @@ pub fn encode_msg(op: Op, token: &[u8], body: &[u8]) -> Result<Vec<u8>> {
 /// body: what the listener reads from a socket, without the socket.
 /// Trailing bytes after the announced body are an error.
 pub fn decode_msg(bytes: &[u8]) -> Result<(MsgHeader, &[u8], &[u8])> {
-    let hb: &[u8; HEADER_LEN] = bytes.get(..HEADER_LEN).and_then(|b| b.try_into().ok()).ok_or_else(|| {
+    let mut r = Reader::new("listener message", bytes);
+    let hb: [u8; HEADER_LEN] = r.array().map_err(|_| {
         Error::malformed(format!("listener message of {} bytes is shorter than its header", bytes.len()))
     })?;
-    let h = MsgHeader::decode(hb)?;
-    let rest = &bytes[HEADER_LEN..];
+    let h = MsgHeader::decode(&hb)?;
     let (t, b) = (h.token_len as usize, h.body_len as usize);
-    if rest.len() != t + b {
+    if r.left() != t + b {
         return Err(Error::malformed(format!(
             "listener message announces {t} bytes of token and {b} of body but carries {}",
-            rest.len()
+            r.left()
         )));
     }
-    Ok((h, &rest[..t], &rest[t..]))
+    Ok((h, r.take(t)?, r.rest()))
 }
 
 /// A request a listener hands to its agent.
@@ -176,12 +178,9 @@ impl ListenerRequest {
             Op::Send => ListenerRequest::Send(body),
             Op::Fetch => ListenerRequest::Fetch(String::from_utf8_lossy(&body).into_owned()),
             Op::Invalidate if body.len() >= 8 => {
-                let mut inst = [0u8; 8];
-                inst.copy_from_slice(&body[..8]);
-                ListenerRequest::Invalidate {
-                    name: String::from_utf8_lossy(&body[8..]).into_owned(),
-                    instance: u64::from_le_bytes(inst),
-                }
+                let mut r = Reader::new("INVALIDATE body", &body);
+                let instance = r.u64()?;
+                ListenerRequest::Invalidate { name: String::from_utf8_lossy(r.rest()).into_owned(), instance }
             }
             Op::Invalidate => {
                 return Err(Error::malformed(format!(

@@ -616,7 +616,7 @@ fn serve_conn(shared: &Shared, stream: &TcpStream, slot: &Slot) -> io::Result<()
         let h = match Header::decode(&hb) {
             Ok(h) => h,
             Err(e) => {
-                let op = u64::from_le_bytes(hb[8..16].try_into().unwrap_or([0; 8]));
+                let op = Header::raw_op(&hb);
                 s.send_error(op, &e)?;
                 return Err(io::Error::new(io::ErrorKind::InvalidData, e.message));
             }
