@@ -45,6 +45,7 @@ use crate::params::{ParamSpec, Params};
 mod conn;
 pub mod proto;
 mod server;
+mod state;
 mod sys;
 mod xfer;
 
