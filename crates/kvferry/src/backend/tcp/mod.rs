@@ -43,6 +43,8 @@ use crate::notif::NotifSink;
 use crate::params::{ParamSpec, Params};
 
 mod conn;
+#[cfg(test)]
+mod pair;
 pub mod proto;
 mod server;
 mod state;
