@@ -315,80 +315,88 @@ fn serve(mut s: UnixStream, shared: &ServerShared) {
                 break;
             }
         };
-        match f {
-            Frame::Notif(msg) => {
-                // A full queue refuses (counted by the sink): the sender is
-                // told why and its connection closed, so that a flood costs
-                // the owner nothing more than the queue's bound.
-                if let Err(e) = shared.sink.push(conn.peer.clone(), msg) {
-                    shared.flooded.fetch_add(1, Ordering::Relaxed);
-                    let why = format!(
-                        "agent '{}' closed this SHM connection: a notification from '{}' was refused ({}); \
-                         the target must take its notifications faster, or raise AgentConfig.notif_limits",
-                        shared.agent,
-                        conn.peer,
-                        e.message()
-                    );
-                    tracing::warn!(agent = %shared.agent, peer = %conn.peer, "SHM: {why}");
-                    // Non-blocking: a flooder that does not read cannot hold the writer (and a revoke).
-                    refuse_now(&conn.writer.lock(), &why);
-                    break;
-                }
-            }
-            Frame::Query { id, keys } => {
-                // Hold the writer while reading the table: a REVOKE for a key
-                // read as live here is then written after this STATUS.
-                let mut w = conn.writer.lock();
-                let live = {
-                    let t = shared.live.read();
-                    keys.iter().map(|k| t.contains_key(k)).collect()
-                };
-                out.clear();
-                Frame::Status { id, live }.encode(&mut out);
-                if w.write_all(&out).is_err() {
-                    break;
-                }
-            }
-            Frame::Map { id, key } => {
-                // As for QUERY: the answer is written before any REVOKE of this key.
-                let w = conn.writer.lock();
-                let export = match shared.live.read().get(&key) {
-                    None => Err(MapStatus::Gone),
-                    Some(None) => Err(MapStatus::NoFd),
-                    Some(Some(e)) => Ok(e.clone()),
-                };
-                out.clear();
-                let sent = match export {
-                    Err(status) => {
-                        Frame::Mapped { id, status, region_addr: 0, region_len: 0, offset: 0 }.encode(&mut out);
-                        (&*w).write_all(&out)
-                    }
-                    Ok(e) => {
-                        let status = MapStatus::Fd;
-                        Frame::Mapped { id, status, region_addr: e.addr, region_len: e.len, offset: e.share.offset() }
-                            .encode(&mut out);
-                        fdpass::send_with_fd(&w, &out, e.share.fd())
-                    }
-                };
-                if sent.is_err() {
-                    break;
-                }
-            }
-            Frame::Ack(seq) => {
-                let mut a = conn.acked.lock();
-                *a = (*a).max(seq);
-                conn.acked_cv.notify_all();
-            }
-            other => {
-                tracing::debug!(agent = %shared.agent, peer = %conn.peer, frame = ?other, "SHM: unexpected frame; closing");
-                break;
-            }
+        if !handle(shared, &conn, f, &mut out) {
+            break;
         }
     }
     conn.shutdown();
     shared.conns.lock().retain(|c| !Arc::ptr_eq(c, &conn));
     // Wake any revoke waiting on this connection: it will never ack now.
     conn.acked_cv.notify_all();
+}
+
+/// Handles one frame from an initiator (`out` is reused for answers);
+/// `false`: the connection ends.
+fn handle(shared: &ServerShared, conn: &ServerConn, f: Frame, out: &mut Vec<u8>) -> bool {
+    match f {
+        Frame::Notif(msg) => take_notif(shared, conn, msg),
+        Frame::Query { id, keys } => {
+            // Hold the writer while reading the table: a REVOKE for a key
+            // read as live here is then written after this STATUS.
+            let mut w = conn.writer.lock();
+            let live = {
+                let t = shared.live.read();
+                keys.iter().map(|k| t.contains_key(k)).collect()
+            };
+            out.clear();
+            Frame::Status { id, live }.encode(out);
+            w.write_all(out).is_ok()
+        }
+        Frame::Map { id, key } => answer_map(shared, conn, id, key, out),
+        Frame::Ack(seq) => {
+            let mut a = conn.acked.lock();
+            *a = (*a).max(seq);
+            conn.acked_cv.notify_all();
+            true
+        }
+        other => {
+            tracing::debug!(agent = %shared.agent, peer = %conn.peer, frame = ?other, "SHM: unexpected frame; closing");
+            false
+        }
+    }
+}
+
+/// Queues a notification. A full queue refuses it (counted by the sink):
+/// the sender is told why and its connection closed (`false`), so that a
+/// flood costs the owner nothing more than the queue's bound.
+fn take_notif(shared: &ServerShared, conn: &ServerConn, msg: Vec<u8>) -> bool {
+    let Err(e) = shared.sink.push(conn.peer.clone(), msg) else { return true };
+    shared.flooded.fetch_add(1, Ordering::Relaxed);
+    let why = format!(
+        "agent '{}' closed this SHM connection: a notification from '{}' was refused ({}); \
+         the target must take its notifications faster, or raise AgentConfig.notif_limits",
+        shared.agent,
+        conn.peer,
+        e.message()
+    );
+    tracing::warn!(agent = %shared.agent, peer = %conn.peer, "SHM: {why}");
+    // Non-blocking: a flooder that does not read cannot hold the writer (and a revoke).
+    refuse_now(&conn.writer.lock(), &why);
+    false
+}
+
+/// Answers a MAP: MAPPED with the region's memfd, or why there is none.
+/// As for QUERY, the answer is written before any REVOKE of this key.
+fn answer_map(shared: &ServerShared, conn: &ServerConn, id: u64, key: AccessKey, out: &mut Vec<u8>) -> bool {
+    let w = conn.writer.lock();
+    let export = match shared.live.read().get(&key) {
+        None => Err(MapStatus::Gone),
+        Some(None) => Err(MapStatus::NoFd),
+        Some(Some(e)) => Ok(e.clone()),
+    };
+    out.clear();
+    let sent = match export {
+        Err(status) => {
+            Frame::Mapped { id, status, region_addr: 0, region_len: 0, offset: 0 }.encode(out);
+            (&*w).write_all(out)
+        }
+        Ok(e) => {
+            let status = MapStatus::Fd;
+            Frame::Mapped { id, status, region_addr: e.addr, region_len: e.len, offset: e.share.offset() }.encode(out);
+            fdpass::send_with_fd(&w, out, e.share.fd())
+        }
+    };
+    sent.is_ok()
 }
 
 fn handshake(s: &mut UnixStream, shared: &ServerShared, buf: &mut Vec<u8>) -> Result<Arc<ServerConn>> {

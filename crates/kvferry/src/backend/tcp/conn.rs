@@ -297,32 +297,58 @@ pub(super) fn send_notif(shared: &Arc<Shared>, peer: &Arc<Peer>, msg: &[u8]) -> 
 
 /// Dials the peer (each published address in turn), shakes hands and starts the reader.
 fn connect(shared: &Arc<Shared>, peer: &Arc<Peer>, lane: usize) -> Result<Arc<Conn>> {
-    let mut tried = Vec::new();
-    let mut stream = None;
-    for a in &peer.addrs {
-        match TcpStream::connect_timeout(a, shared.connect_timeout) {
-            Ok(s) => {
-                stream = Some((s, *a));
-                break;
-            }
-            Err(e) => tried.push(format!("{a}: {e}")),
-        }
-    }
-    let Some((stream, addr)) = stream else {
-        return Err(Error::disconnected(format!(
-            "TCP: cannot connect to agent '{}' ({}); is it running, and is the port open? (connect timeout {:?})",
-            peer.name,
-            tried.join("; "),
-            shared.connect_timeout
-        )));
-    };
+    let (stream, addr) = dial(shared, peer)?;
     let fd = stream.as_raw_fd();
     let setup = |what: &str, e: io::Error| Error::io(format!("TCP: {what} on the connection to {addr}"), e);
     stream.set_nodelay(shared.cfg.nodelay).map_err(|e| setup("TCP_NODELAY", e))?;
     sys::set_buffers(fd, shared.cfg.sockbuf).map_err(|e| setup("socket buffers", e))?;
     stream.set_read_timeout(Some(shared.connect_timeout)).map_err(|e| setup("read timeout", e))?;
     stream.set_write_timeout(Some(shared.peer_timeout)).map_err(|e| setup("write timeout", e))?;
+    handshake(shared, peer, fd, addr, lane)?;
+    // Silence while answers are owed is judged against peer_timeout; wake
+    // twice per timeout to judge it.
+    stream.set_read_timeout(Some(shared.peer_timeout / 2)).map_err(|e| setup("read timeout", e))?;
+    let c = Arc::new(Conn {
+        stream,
+        addr,
+        writer: Mutex::new(()),
+        pending: Mutex::new(PendingQueue { q: Awaiting::default(), dead: None, hold_until: None, reader_idle: false }),
+        rx: Mutex::new(sys::RecvBuf::new(RX_BUF)),
+        kick: sys::Kick::new().map_err(|e| setup("eventfd", e))?,
+        by_us: AtomicBool::new(false),
+    });
+    let (sh, p, cc) = (shared.clone(), peer.clone(), c.clone());
+    let h = std::thread::Builder::new()
+        .name(format!("kvf-tcp-rd{lane}-{}", peer.name))
+        .spawn(move || reader(sh, p, cc))
+        .map_err(|e| Error::io("TCP: cannot spawn a reader thread", e))?;
+    shared.track(h);
+    tracing::debug!(agent = %shared.agent, peer = %peer.name, %addr, lane, "TCP: connected");
+    Ok(c)
+}
 
+/// A connection to the first of the peer's published addresses that answers.
+fn dial(shared: &Shared, peer: &Peer) -> Result<(TcpStream, SocketAddr)> {
+    let mut tried = Vec::new();
+    for a in &peer.addrs {
+        match TcpStream::connect_timeout(a, shared.connect_timeout) {
+            Ok(s) => return Ok((s, *a)),
+            Err(e) => tried.push(format!("{a}: {e}")),
+        }
+    }
+    Err(Error::disconnected(format!(
+        "TCP: cannot connect to agent '{}' ({}); is it running, and is the port open? (connect timeout {:?})",
+        peer.name,
+        tried.join("; "),
+        shared.connect_timeout
+    )))
+}
+
+/// Says HELLO and checks the WELCOME: it must arrive whole within the
+/// connect timeout (a deadline, not a per-read timeout: a target that
+/// dribbles it is cut off), accept the connection, and come from the agent
+/// and instance whose metadata was loaded.
+fn handshake(shared: &Shared, peer: &Peer, fd: RawFd, addr: SocketAddr, lane: usize) -> Result<()> {
     let mut hello = Vec::new();
     Hello {
         version: proto::VERSION,
@@ -338,8 +364,6 @@ fn connect(shared: &Arc<Shared>, peer: &Arc<Peer>, lane: usize) -> Result<Arc<Co
             .context("the peer accepted the connection but did not complete the handshake")
     };
     sys::write_bufs(fd, &[&hello]).map_err(hs)?;
-    // The whole welcome must arrive within the connect timeout (a deadline,
-    // not a per-read timeout: a target that dribbles it is cut off).
     let hs_deadline = Instant::now() + shared.connect_timeout;
     let mut timeout = || {
         if Instant::now() >= hs_deadline {
@@ -367,26 +391,7 @@ fn connect(shared: &Arc<Shared>, peer: &Arc<Peer>, lane: usize) -> Result<Arc<Co
             w.name, w.instance, peer.name, peer.instance
         )));
     }
-    // Silence while answers are owed is judged against peer_timeout; wake
-    // twice per timeout to judge it.
-    stream.set_read_timeout(Some(shared.peer_timeout / 2)).map_err(|e| setup("read timeout", e))?;
-    let c = Arc::new(Conn {
-        stream,
-        addr,
-        writer: Mutex::new(()),
-        pending: Mutex::new(PendingQueue { q: Awaiting::default(), dead: None, hold_until: None, reader_idle: false }),
-        rx: Mutex::new(sys::RecvBuf::new(RX_BUF)),
-        kick: sys::Kick::new().map_err(|e| setup("eventfd", e))?,
-        by_us: AtomicBool::new(false),
-    });
-    let (sh, p, cc) = (shared.clone(), peer.clone(), c.clone());
-    let h = std::thread::Builder::new()
-        .name(format!("kvf-tcp-rd{lane}-{}", peer.name))
-        .spawn(move || reader(sh, p, cc))
-        .map_err(|e| Error::io("TCP: cannot spawn a reader thread", e))?;
-    shared.track(h);
-    tracing::debug!(agent = %shared.agent, peer = %peer.name, %addr, lane, "TCP: connected");
-    Ok(c)
+    Ok(())
 }
 
 impl Conn {
