@@ -14,6 +14,9 @@
 //! the peer for `peer_timeout` while a frame awaits its answer; every frame
 //! it still owes then fails with `RemoteDisconnect`, and unless the local
 //! side closed it on purpose the agent is told the peer is lost.
+//!
+//! Which answer the oldest frame owed accepts is decided by
+//! `state::Awaiting`; this file moves the bytes.
 
 use std::collections::VecDeque;
 use std::io;

@@ -1,4 +1,6 @@
 //! The target side: an accept loop and one thread per accepted connection.
+//! What to do with each frame (its turn, kind, table and answer order) is
+//! decided in `state.rs`; this file moves the bytes.
 //!
 //! A connection thread reads frames, checks every entry's key and bounds
 //! against the live registration table of its kind *before* a byte moves —
