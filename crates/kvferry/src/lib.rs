@@ -52,6 +52,7 @@ pub mod admission;
 pub mod agent;
 pub mod auth;
 pub mod backend;
+pub mod codec;
 pub mod desc;
 pub mod error;
 pub mod host;

@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::codec::{Reader, Writer};
 use crate::error::{Error, Result};
 use crate::host::HostId;
 use crate::types::{check_agent_name, AccessKey, MemType, MAX_BACKENDS};
@@ -64,35 +65,33 @@ impl AgentMetadata {
     /// Encodes the blob.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(64 + self.regions.len() * 32);
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.put(MAGIC);
+        out.put_u16(FORMAT_VERSION);
         // Serializing plain data into a Vec cannot fail.
         postcard::to_extend(self, out).expect("postcard serialization into a Vec cannot fail")
     }
 
     /// Decodes and checks a blob from an untrusted source.
     pub fn decode(bytes: &[u8]) -> Result<Self> {
-        if bytes.len() < 6 {
+        let mut r = Reader::new("metadata header", bytes);
+        let (Ok(magic), Ok(version)) = (r.array::<4>(), r.u16()) else {
             return Err(Error::malformed(format!(
                 "metadata is {} bytes long, shorter than its 6-byte header; was it truncated in transit?",
                 bytes.len()
             )));
-        }
-        if &bytes[..4] != MAGIC {
+        };
+        if &magic != MAGIC {
             return Err(Error::malformed(format!(
-                "these bytes are not kvferry agent metadata (magic {:02x?}, expected {:02x?} \"KVFM\")",
-                &bytes[..4],
-                MAGIC
+                "these bytes are not kvferry agent metadata (magic {magic:02x?}, expected {MAGIC:02x?} \"KVFM\")"
             )));
         }
-        let version = u16::from_le_bytes([bytes[4], bytes[5]]);
         if version != FORMAT_VERSION {
             let hint = if version > FORMAT_VERSION { "upgrade kvferry on this side" } else { "upgrade the peer" };
             return Err(Error::malformed(format!(
                 "metadata format version {version} is not supported (this build reads version {FORMAT_VERSION}); {hint}"
             )));
         }
-        let (md, rest): (AgentMetadata, &[u8]) = postcard::take_from_bytes(&bytes[6..])
+        let (md, rest): (AgentMetadata, &[u8]) = postcard::take_from_bytes(r.rest())
             .map_err(|e| Error::malformed(format!("metadata body is truncated or corrupt: {e}")))?;
         if !rest.is_empty() {
             return Err(Error::malformed(format!("metadata has {} unexpected trailing bytes", rest.len())));

@@ -28,12 +28,15 @@
 //! request that presents that lease. Everything is bounded by
 //! [`MetaServerConfig`]: connections, waiting long-polls, header bytes,
 //! header and body read times, value size, key count, total bytes, leases.
+//!
+//! The store's semantics (lease ownership, prefix deletes, leases, listings,
+//! the event log) are in `server/state.rs`, which knows nothing of HTTP or
+//! tokio; this file parses requests, waits, and maps results to status codes.
 
 // The Err of the request helpers is the HTTP answer itself (built once per
 // refused request, never on the data path), so its size does not matter.
 #![allow(clippy::result_large_err)]
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
 use std::fmt;
 use std::net::SocketAddr;
@@ -49,10 +52,14 @@ use parking_lot::Mutex;
 use serde_json::{json, Value};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
-use super::http_common::{percent_decode, OWNED};
+use super::http_common::percent_decode;
 use crate::admission::ConnGate;
 use crate::auth::AuthToken;
 use crate::error::{Error, Result};
+
+mod state;
+
+use state::{lease_text, LeaseId, Limits, State, StoreError};
 
 pub use super::http_common::MAX_VALUE;
 /// Longest key accepted, in bytes.
@@ -61,8 +68,6 @@ pub const MAX_KEY: usize = 1024;
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
 /// Longest lease TTL accepted.
 pub const MAX_TTL: Duration = Duration::from_secs(3600);
-/// Events kept for watchers that fall behind.
-const EVENT_LOG: usize = 16 * 1024;
 /// Most events in one `GET /v1/events` answer; the rest come on the next call.
 const MAX_EVENTS_PER_ANSWER: usize = 1024;
 /// Listings of up to this many keys are built on a request worker without
@@ -72,9 +77,6 @@ const SMALL_LISTING: usize = 1024;
 const LARGE_LISTINGS: usize = 2;
 /// Bodies up to this size do not take from `max_body_bytes`.
 const SMALL_BODY: usize = 64 << 10;
-/// Bytes a key costs in the total-bytes budget beyond its key and value
-/// (the map entry, the lease's key set).
-const ENTRY_OVERHEAD: usize = 64;
 
 /// The limits and the token of a [`MetaServer`]. `Default` gives the
 /// documented defaults and no token.
@@ -198,85 +200,6 @@ impl MetaServerConfig {
     }
 }
 
-type LeaseId = u128;
-
-#[derive(Debug)]
-struct Entry {
-    value: Bytes,
-    lease: Option<LeaseId>,
-}
-
-#[derive(Debug)]
-struct Lease {
-    ttl: Duration,
-    deadline: Instant,
-    keys: HashSet<String>,
-}
-
-#[derive(Debug, Clone)]
-struct Event {
-    rev: u64,
-    put: bool,
-    key: String,
-}
-
-#[derive(Debug, Default)]
-struct State {
-    kv: BTreeMap<String, Entry>,
-    leases: HashMap<LeaseId, Lease>,
-    rev: u64,
-    events: VecDeque<Event>,
-    /// Bytes charged to `max_bytes`.
-    bytes: usize,
-}
-
-fn cost(key: &str, value: &[u8]) -> usize {
-    key.len() + value.len() + ENTRY_OVERHEAD
-}
-
-impl State {
-    fn record(&mut self, put: bool, key: &str) {
-        self.rev += 1;
-        if self.events.len() == EVENT_LOG {
-            self.events.pop_front();
-        }
-        self.events.push_back(Event { rev: self.rev, put, key: key.to_string() });
-    }
-
-    fn remove(&mut self, key: &str) -> bool {
-        match self.kv.remove(key) {
-            Some(e) => {
-                self.bytes -= cost(key, &e.value);
-                if let Some(l) = e.lease.and_then(|id| self.leases.get_mut(&id)) {
-                    l.keys.remove(key);
-                }
-                self.record(false, key);
-                true
-            }
-            None => false,
-        }
-    }
-
-    fn drop_lease(&mut self, id: LeaseId) -> usize {
-        let Some(l) = self.leases.remove(&id) else { return 0 };
-        let mut n = 0;
-        for k in l.keys {
-            if self.kv.get(&k).is_some_and(|e| e.lease == Some(id)) {
-                let e = self.kv.remove(&k).expect("checked just above");
-                self.bytes -= cost(&k, &e.value);
-                self.record(false, &k);
-                n += 1;
-            }
-        }
-        n
-    }
-
-    fn expire(&mut self, now: Instant) -> usize {
-        let dead: Vec<LeaseId> = self.leases.iter().filter(|(_, l)| l.deadline <= now).map(|(id, _)| *id).collect();
-        dead.into_iter().map(|id| self.drop_lease(id)).sum()
-    }
-}
-
 #[derive(Debug)]
 struct Shared {
     cfg: MetaServerConfig,
@@ -346,8 +269,12 @@ impl MetaServer {
             waiters: Arc::new(Semaphore::new(cfg.max_waiters)),
             large_listings: Arc::new(Semaphore::new(LARGE_LISTINGS)),
             body_budget: Arc::new(Semaphore::new(cfg.max_body_bytes)),
+            state: Mutex::new(State::new(Limits {
+                max_keys: cfg.max_keys,
+                max_bytes: cfg.max_bytes,
+                max_leases: cfg.max_leases,
+            })),
             cfg,
-            state: Mutex::new(State::default()),
             changed: watch::Sender::new(0),
             stop: AtomicBool::new(false),
             accept_errors: AtomicU64::new(0),
@@ -368,7 +295,7 @@ impl MetaServer {
                     tick.tick().await;
                     let mut st = shared.state.lock();
                     if st.expire(Instant::now()) > 0 {
-                        let rev = st.rev;
+                        let rev = st.rev();
                         drop(st);
                         shared.notify(rev);
                     }
@@ -391,7 +318,7 @@ impl MetaServer {
 
     /// Number of keys stored now.
     pub fn len(&self) -> usize {
-        self.shared.state.lock().kv.len()
+        self.shared.state.lock().len()
     }
 
     /// Whether no key is stored.
@@ -597,11 +524,6 @@ fn query_u64(q: &str, name: &str) -> std::result::Result<Option<u64>, Resp> {
     }
 }
 
-/// Formats a lease id as the 32 hex digits clients see.
-fn lease_text(id: LeaseId) -> String {
-    format!("{id:032x}")
-}
-
 fn parse_lease(s: &str) -> std::result::Result<LeaseId, Resp> {
     if s.len() != 32 || !s.bytes().all(|c| c.is_ascii_hexdigit()) {
         return Err(bad(format!(
@@ -616,8 +538,26 @@ fn lease_of(q: &str) -> std::result::Result<Option<LeaseId>, Resp> {
     query(q, "lease").map(|s| parse_lease(&s)).transpose()
 }
 
-fn gone(id: LeaseId) -> Resp {
-    error(404, format!("lease {} does not exist (expired, revoked, or the server restarted)", lease_text(id)))
+/// The one place store refusals become HTTP answers.
+fn refused(e: StoreError) -> Resp {
+    let code = match e {
+        StoreError::LeaseGone(_) => 404,
+        StoreError::OwnedPut(_) | StoreError::OwnedDelete(_) => 403,
+        StoreError::TooManyKeys(_) | StoreError::TooManyBytes(..) | StoreError::TooManyLeases(_) => 507,
+        StoreError::EmptyPrefix => 400,
+    };
+    error(code, e.to_string())
+}
+
+/// 200 with `body` after a change to revision `rev` (waiters are woken), or the refusal.
+fn changed<T>(sh: &Shared, r: std::result::Result<(T, u64), StoreError>, body: impl FnOnce(T) -> Value) -> Resp {
+    match r {
+        Ok((t, rev)) => {
+            sh.notify(rev);
+            reply(200, body(t))
+        }
+        Err(e) => refused(e),
+    }
 }
 
 fn key_of(rest: &str) -> std::result::Result<String, Resp> {
@@ -757,292 +697,197 @@ async fn read_body(req: Request<Incoming>, sh: &Shared) -> std::result::Result<B
     body
 }
 
-fn put(sh: &Shared, key: String, value: Bytes, lease: Option<LeaseId>) -> Resp {
-    let cfg = &sh.cfg;
-    let mut st = sh.state.lock();
-    if let Some(id) = lease {
-        if !st.leases.contains_key(&id) {
-            return gone(id);
-        }
-    }
-    let old = st.kv.get(&key).map(|e| (e.lease, cost(&key, &e.value)));
-    if let Some((Some(owner), _)) = old {
-        if Some(owner) != lease {
-            return error(
-                403,
-                format!(
-                    "key '{key}' {}; only a request with that lease may change it (wait for it to expire, or use another name)",
-                    OWNED
-                ),
-            );
-        }
-    }
-    if old.is_none() && st.kv.len() >= cfg.max_keys {
-        return error(
-            507,
-            format!("the store holds its maximum of {} keys (max_keys); delete some or raise --max-keys", cfg.max_keys),
-        );
-    }
-    let bytes = st.bytes - old.map_or(0, |(_, c)| c) + cost(&key, &value);
-    if bytes > cfg.max_bytes {
-        return error(
-            507,
-            format!(
-                "storing this value would take the store to {bytes} bytes, over its max_bytes of {}; delete some keys or raise --max-bytes",
-                cfg.max_bytes
-            ),
-        );
-    }
-    st.bytes = bytes;
-    if let Some(l) = lease.and_then(|id| st.leases.get_mut(&id)) {
-        l.keys.insert(key.clone());
-    }
-    st.record(true, &key);
-    st.kv.insert(key, Entry { value, lease });
-    let rev = st.rev;
-    drop(st);
-    sh.notify(rev);
-    reply(200, json!({"revision": rev}))
-}
-
-fn owned_by(e: &Entry, lease: Option<LeaseId>) -> bool {
-    e.lease == lease
-}
-
+/// Routes a request to the handler of its path; parsing only, the store
+/// semantics are in [`state`].
 async fn route(req: Request<Incoming>, path: &str, sh: &Arc<Shared>) -> std::result::Result<Resp, Resp> {
     let q = req.uri().query().unwrap_or("").to_string();
-    let q = q.as_str();
     let method = req.method().clone();
     if let Some(rest) = path.strip_prefix("/v1/kv/") {
-        let key = key_of(rest)?;
-        return Ok(match method {
-            Method::GET => {
-                let wait = wait_of(q)?;
-                wait_until(sh, wait, |st, last| match st.kv.get(&key) {
-                    Some(e) => Some(bytes(e.value.clone())),
-                    None if last => Some(error(404, format!("no key '{key}'"))),
-                    None => None,
-                })
-                .await
-            }
-            Method::PUT => {
-                let lease = lease_of(q)?;
-                let body = read_body(req, sh).await?;
-                put(sh, key, body, lease)
-            }
-            Method::DELETE => {
-                let lease = lease_of(q)?;
-                let mut st = sh.state.lock();
-                if let Some(e) = st.kv.get(&key) {
-                    if e.lease.is_some() && !owned_by(e, lease) {
-                        return Err(error(
-                            403,
-                            format!("key '{key}' {}; delete it with ?lease=<that lease>, or revoke the lease", OWNED),
-                        ));
-                    }
-                }
-                let n = usize::from(st.remove(&key));
-                let rev = st.rev;
-                drop(st);
-                sh.notify(rev);
-                reply(200, json!({"deleted": n}))
-            }
-            _ => error(405, "use GET, PUT or DELETE on /v1/kv/{key}"),
-        });
+        return kv(req, method, key_of(rest)?, &q, sh).await;
     }
     if let Some(rest) = path.strip_prefix("/v1/prefix/") {
         let prefix = percent_decode(rest).ok_or_else(|| bad("the prefix is not valid percent-encoded UTF-8"))?;
         if prefix.len() > MAX_KEY {
             return Err(bad(format!("prefixes are at most {MAX_KEY} bytes long")));
         }
-        return Ok(match method {
-            Method::GET => {
-                // Snapshot under the lock (a clone of each key), build the
-                // JSON outside it: a long listing does not stall other requests.
-                // A large one (over SMALL_LISTING keys) first takes one of
-                // LARGE_LISTINGS permits, held until its answer was sent,
-                // so that many clients asking at once cannot each hold a
-                // copy of the whole store.
-                let range_len = |st: &State| {
-                    st.kv
-                        .range::<str, _>((std::ops::Bound::Included(prefix.as_str()), std::ops::Bound::Unbounded))
-                        .take_while(|(k, _)| k.starts_with(&prefix))
-                        .take(SMALL_LISTING + 1)
-                        .count()
-                };
-                let large = range_len(&sh.state.lock()) > SMALL_LISTING;
-                let permit = if large {
-                    let wait = sh.cfg.body_timeout / 4;
-                    match tokio::time::timeout(wait, sh.large_listings.clone().acquire_owned()).await {
-                        Ok(Ok(p)) => Some(p),
-                        _ => {
-                            return Err(error(
-                                503,
-                                format!(
-                                    "metadata server busy: {LARGE_LISTINGS} listings of over {SMALL_LISTING} keys are being sent; retry shortly or list a narrower prefix"
-                                ),
-                            ))
-                        }
-                    }
-                } else {
-                    None
-                };
-                let (rev, keys): (u64, Vec<(String, usize, bool)>) = {
-                    let st = sh.state.lock();
-                    let keys = st
-                        .kv
-                        .range::<str, _>((std::ops::Bound::Included(prefix.as_str()), std::ops::Bound::Unbounded))
-                        .take_while(|(k, _)| k.starts_with(&prefix))
-                        .map(|(k, e)| (k.clone(), e.value.len(), e.lease.is_some()))
-                        .collect();
-                    (st.rev, keys)
-                };
-                let small = keys.len() <= SMALL_LISTING;
-                let build = move || {
-                    let list: Vec<Value> = keys
-                        .into_iter()
-                        .map(|(k, len, leased)| json!({"key": k, "len": len, "leased": leased}))
-                        .collect();
-                    reply(200, json!({"revision": rev, "keys": list}))
-                };
-                let mut r = if small {
-                    build()
-                } else {
-                    // Off the two request workers (a few blocking threads at most).
-                    tokio::task::spawn_blocking(build)
-                        .await
-                        .unwrap_or_else(|e| error(500, format!("building the listing failed: {e}")))
-                };
-                r.body_mut()._permit = permit;
-                r
-            }
+        return match method {
+            Method::GET => list(prefix, sh).await,
             Method::DELETE => {
-                if prefix.is_empty() {
-                    return Err(bad("deleting the empty prefix (every key) is refused; name a prefix"));
-                }
-                let lease = lease_of(q)?;
+                // The empty prefix is refused before its lease is even read.
+                let lease = if prefix.is_empty() { None } else { lease_of(&q)? };
                 let mut st = sh.state.lock();
-                if let Some(id) = lease {
-                    if !st.leases.contains_key(&id) {
-                        return Err(gone(id));
-                    }
-                }
-                let (mine, kept): (Vec<String>, usize) = {
-                    let mut kept = 0;
-                    let mine = st
-                        .kv
-                        .range::<str, _>((std::ops::Bound::Included(prefix.as_str()), std::ops::Bound::Unbounded))
-                        .take_while(|(k, _)| k.starts_with(&prefix))
-                        .filter_map(|(k, e)| {
-                            if owned_by(e, lease) {
-                                Some(k.clone())
-                            } else {
-                                kept += 1;
-                                None
-                            }
-                        })
-                        .collect();
-                    (mine, kept)
-                };
-                let n = mine.iter().filter(|k| st.remove(k)).count();
-                let rev = st.rev;
+                let r = st.delete_prefix(&prefix, lease).map(|n| (n, st.rev()));
                 drop(st);
-                sh.notify(rev);
-                reply(200, json!({"deleted": n, "kept": kept}))
+                Ok(changed(sh, r, |(n, kept)| json!({"deleted": n, "kept": kept})))
             }
-            _ => error(405, "use GET or DELETE on /v1/prefix/{prefix}"),
-        });
+            _ => Ok(error(405, "use GET or DELETE on /v1/prefix/{prefix}")),
+        };
     }
     if path == "/v1/lease" && method == Method::POST {
-        let ttl = Duration::from_millis(query_u64(q, "ttl_ms")?.ok_or_else(|| bad("POST /v1/lease needs ttl_ms"))?);
-        if ttl.is_zero() || ttl > MAX_TTL {
-            return Err(bad(format!("ttl_ms must be between 1 and {}", MAX_TTL.as_millis())));
-        }
-        let mut raw = [0u8; 16];
-        getrandom::fill(&mut raw).map_err(|e| error(500, format!("no randomness for a lease id: {e}")))?;
-        let id = LeaseId::from_le_bytes(raw);
-        let mut st = sh.state.lock();
-        if st.leases.len() >= sh.cfg.max_leases {
-            return Err(error(
-                507,
-                format!("the server holds its maximum of {} leases (max_leases); revoke some", sh.cfg.max_leases),
-            ));
-        }
-        st.leases.insert(id, Lease { ttl, deadline: Instant::now() + ttl, keys: HashSet::new() });
-        return Ok(reply(200, json!({"id": lease_text(id), "ttl_ms": ttl.as_millis() as u64})));
+        return grant(&q, sh);
     }
     if let Some(rest) = path.strip_prefix("/v1/lease/") {
         let (id, action) = rest.split_once('/').unwrap_or((rest, ""));
-        let id = parse_lease(id)?;
-        let mut st = sh.state.lock();
-        return Ok(match (method, action) {
-            (Method::POST, "keepalive") => match st.leases.get_mut(&id) {
-                Some(l) => {
-                    l.deadline = Instant::now() + l.ttl;
-                    reply(200, json!({"id": lease_text(id), "ttl_ms": l.ttl.as_millis() as u64}))
-                }
-                None => gone(id),
-            },
-            (Method::DELETE, "") => {
-                if !st.leases.contains_key(&id) {
-                    return Err(gone(id));
-                }
-                let n = st.drop_lease(id);
-                let rev = st.rev;
-                drop(st);
-                sh.notify(rev);
-                reply(200, json!({"revoked": lease_text(id), "deleted": n}))
-            }
-            _ => error(405, "POST /v1/lease/{id}/keepalive or DELETE /v1/lease/{id}"),
-        });
+        return lease(method, parse_lease(id)?, action, sh);
     }
     if path == "/v1/events" && method == Method::GET {
-        let prefix = query(q, "prefix").unwrap_or_default();
-        let since = query_u64(q, "since")?.unwrap_or(0);
-        let wait = wait_of(q)?;
-        // Events up to `scanned` held nothing for this prefix: each wake-up
-        // looks only at what is new (found by binary search, the log is in
-        // revision order), so waiters cost little under the lock.
-        let mut scanned = since;
-        return Ok(wait_until(sh, wait, move |st, last| {
-            let compacted = st.events.front().is_some_and(|e| e.rev > since + 1) && since > 0;
-            let from = st.events.partition_point(|e| e.rev <= scanned);
-            // At most MAX_EVENTS_PER_ANSWER events an answer (about 1 MiB):
-            // a client far behind pages through the log from the returned
-            // revision, and no answer built under the lock is large.
-            let mut events = Vec::new();
-            let mut revision = st.rev;
-            for e in st.events.range(from..).filter(|e| e.key.starts_with(&prefix)) {
-                if events.len() == MAX_EVENTS_PER_ANSWER {
-                    revision = e.rev - 1;
-                    break;
-                }
-                events.push(json!({"rev": e.rev, "kind": if e.put { "put" } else { "delete" }, "key": e.key}));
-            }
-            scanned = scanned.max(revision);
-            (!events.is_empty() || compacted || last)
-                .then(|| reply(200, json!({"revision": revision, "compacted": compacted, "events": events})))
-        })
-        .await);
+        return events(&q, sh).await;
     }
     if path == "/v1/health" {
-        let st = sh.state.lock();
-        return Ok(reply(
-            200,
-            json!({
-                "ok": true,
-                "revision": st.rev,
-                "keys": st.kv.len(),
-                "bytes": st.bytes,
-                "leases": st.leases.len(),
-                "connections": sh.connections.load(Ordering::Relaxed),
-                "accept_errors": sh.accept_errors.load(Ordering::Relaxed),
-                "refused_per_ip": sh.refused_per_ip.load(Ordering::Relaxed),
-                "auth": sh.cfg.token.is_some(),
-            }),
-        ));
+        return Ok(health(sh));
     }
     Err(error(404, format!("no route {method} {path}; see the kvferry metadata server docs (docs/METADATA.md)")))
+}
+
+/// `GET` (with an optional long-poll), `PUT` and `DELETE` on `/v1/kv/{key}`.
+async fn kv(
+    req: Request<Incoming>,
+    method: Method,
+    key: String,
+    q: &str,
+    sh: &Arc<Shared>,
+) -> std::result::Result<Resp, Resp> {
+    Ok(match method {
+        Method::GET => {
+            let wait = wait_of(q)?;
+            wait_until(sh, wait, |st, last| match st.get(&key) {
+                Some(v) => Some(bytes(v.clone())),
+                None if last => Some(error(404, format!("no key '{key}'"))),
+                None => None,
+            })
+            .await
+        }
+        Method::PUT => {
+            let lease = lease_of(q)?;
+            let body = read_body(req, sh).await?;
+            let r = sh.state.lock().put(key, body, lease).map(|rev| (rev, rev));
+            changed(sh, r, |rev| json!({"revision": rev}))
+        }
+        Method::DELETE => {
+            let lease = lease_of(q)?;
+            let mut st = sh.state.lock();
+            let r = st.delete(&key, lease).map(|n| (n, st.rev()));
+            drop(st);
+            changed(sh, r, |n| json!({"deleted": n}))
+        }
+        _ => error(405, "use GET, PUT or DELETE on /v1/kv/{key}"),
+    })
+}
+
+/// `GET /v1/prefix/{prefix}`. The keys are snapshot under the lock (a clone
+/// of each), the JSON built outside it: a long listing does not stall other
+/// requests. A large one (over [`SMALL_LISTING`] keys) first takes one of
+/// [`LARGE_LISTINGS`] permits, held until its answer was sent, so that many
+/// clients asking at once cannot each hold a copy of the whole store.
+async fn list(prefix: String, sh: &Arc<Shared>) -> std::result::Result<Resp, Resp> {
+    let large = sh.state.lock().count_prefix(&prefix, SMALL_LISTING) > SMALL_LISTING;
+    let permit = if large {
+        let wait = sh.cfg.body_timeout / 4;
+        match tokio::time::timeout(wait, sh.large_listings.clone().acquire_owned()).await {
+            Ok(Ok(p)) => Some(p),
+            _ => {
+                return Err(error(
+                    503,
+                    format!(
+                        "metadata server busy: {LARGE_LISTINGS} listings of over {SMALL_LISTING} keys are being sent; retry shortly or list a narrower prefix"
+                    ),
+                ))
+            }
+        }
+    } else {
+        None
+    };
+    let (rev, keys) = sh.state.lock().list(&prefix);
+    let small = keys.len() <= SMALL_LISTING;
+    let build = move || {
+        let list: Vec<Value> =
+            keys.into_iter().map(|k| json!({"key": k.key, "len": k.len, "leased": k.leased})).collect();
+        reply(200, json!({"revision": rev, "keys": list}))
+    };
+    let mut r = if small {
+        build()
+    } else {
+        // Off the two request workers (a few blocking threads at most).
+        tokio::task::spawn_blocking(build)
+            .await
+            .unwrap_or_else(|e| error(500, format!("building the listing failed: {e}")))
+    };
+    r.body_mut()._permit = permit;
+    Ok(r)
+}
+
+/// `POST /v1/lease?ttl_ms=N`: a lease with a fresh random id.
+fn grant(q: &str, sh: &Shared) -> std::result::Result<Resp, Resp> {
+    let ttl = Duration::from_millis(query_u64(q, "ttl_ms")?.ok_or_else(|| bad("POST /v1/lease needs ttl_ms"))?);
+    if ttl.is_zero() || ttl > MAX_TTL {
+        return Err(bad(format!("ttl_ms must be between 1 and {}", MAX_TTL.as_millis())));
+    }
+    let mut raw = [0u8; 16];
+    getrandom::fill(&mut raw).map_err(|e| error(500, format!("no randomness for a lease id: {e}")))?;
+    let id = LeaseId::from_le_bytes(raw);
+    let r = sh.state.lock().grant(id, ttl, Instant::now());
+    Ok(match r {
+        Ok(()) => reply(200, json!({"id": lease_text(id), "ttl_ms": ttl.as_millis() as u64})),
+        Err(e) => refused(e),
+    })
+}
+
+/// `POST /v1/lease/{id}/keepalive` and `DELETE /v1/lease/{id}`.
+fn lease(method: Method, id: LeaseId, action: &str, sh: &Shared) -> std::result::Result<Resp, Resp> {
+    Ok(match (method, action) {
+        (Method::POST, "keepalive") => match sh.state.lock().keepalive(id, Instant::now()) {
+            Ok(ttl) => reply(200, json!({"id": lease_text(id), "ttl_ms": ttl.as_millis() as u64})),
+            Err(e) => refused(e),
+        },
+        (Method::DELETE, "") => {
+            let mut st = sh.state.lock();
+            let r = st.revoke(id).map(|n| (n, st.rev()));
+            drop(st);
+            changed(sh, r, |n| json!({"revoked": lease_text(id), "deleted": n}))
+        }
+        _ => error(405, "POST /v1/lease/{id}/keepalive or DELETE /v1/lease/{id}"),
+    })
+}
+
+/// `GET /v1/events?prefix=P&since=R&wait_ms=N`: a page of at most
+/// [`MAX_EVENTS_PER_ANSWER`] events (about 1 MiB, so that no answer built
+/// under the lock is large), waiting for one if none is new.
+async fn events(q: &str, sh: &Arc<Shared>) -> std::result::Result<Resp, Resp> {
+    let prefix = query(q, "prefix").unwrap_or_default();
+    let since = query_u64(q, "since")?.unwrap_or(0);
+    let wait = wait_of(q)?;
+    let mut scanned = since;
+    Ok(wait_until(sh, wait, move |st, last| {
+        let page = st.events(&prefix, since, scanned, MAX_EVENTS_PER_ANSWER);
+        scanned = scanned.max(page.revision);
+        let events: Vec<Value> = page
+            .events
+            .iter()
+            .map(|e| json!({"rev": e.rev, "kind": if e.put { "put" } else { "delete" }, "key": e.key}))
+            .collect();
+        (!events.is_empty() || page.compacted || last)
+            .then(|| reply(200, json!({"revision": page.revision, "compacted": page.compacted, "events": events})))
+    })
+    .await)
+}
+
+/// `GET /v1/health` (no token needed).
+fn health(sh: &Shared) -> Resp {
+    let st = sh.state.lock();
+    reply(
+        200,
+        json!({
+            "ok": true,
+            "revision": st.rev(),
+            "keys": st.len(),
+            "bytes": st.bytes(),
+            "leases": st.leases(),
+            "connections": sh.connections.load(Ordering::Relaxed),
+            "accept_errors": sh.accept_errors.load(Ordering::Relaxed),
+            "refused_per_ip": sh.refused_per_ip.load(Ordering::Relaxed),
+            "auth": sh.cfg.token.is_some(),
+        }),
+    )
 }
 
 #[cfg(test)]

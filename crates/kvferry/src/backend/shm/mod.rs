@@ -1,19 +1,35 @@
-//! `SHM`: DRAM ↔ DRAM between processes of one host by cross-memory attach.
+//! `SHM`: DRAM ↔ DRAM between processes of one host, by one of two paths
+//! chosen per region at `prepare`, both done on the posting thread (`post`
+//! returns `Done` once every byte has moved):
 //!
-//! A transfer is one copy straight between the two address spaces
-//! (`process_vm_writev` for WRITE, `process_vm_readv` for READ), up to
-//! [`IOV_MAX`](cma::IOV_MAX) descriptors per system call, done on the posting
-//! thread: `post` returns `Done` once every byte has moved. The iovec arrays
-//! are built once, at `prepare`, and reused by every post.
+//! * **Mapped memfd** (the fast path, SHM parameter `map`, default on): a
+//!   region the owner registered from memfd-backed memory (an
+//!   [`AlignedBuf`](crate::AlignedBuf)) is shared on request: the initiator
+//!   asks for it over the control channel (MAP), the owner answers with the
+//!   memfd (`SCM_RIGHTS`), and the initiator maps it into its own address
+//!   space ([`mapping`]); copies are then plain `memcpy` between local
+//!   memory and the mapping. Only sealed, long-enough, non-hugetlbfs memfds
+//!   are mapped, so no copy can fault whatever the owner does.
+//! * **Cross-memory attach** (every other region, or `map=false`): one copy
+//!   straight between the two address spaces (`process_vm_writev` for WRITE,
+//!   `process_vm_readv` for READ), up to [`IOV_MAX`](cma::IOV_MAX)
+//!   descriptors per system call. The iovec arrays are built once, at
+//!   `prepare`, and reused by every post.
 //!
 //! ```text
 //!  initiator process                          owner process
 //!  ┌───────────────┐  process_vm_writev/readv  ┌───────────────┐
 //!  │ local regions │ ═════════════════════════▶│ its regions   │  (one copy, kernel)
-//!  │  ShmXfer      │                           │               │
+//!  │  ShmXfer      │  memcpy ⇄ mapped memfd ⇄  │ memfd regions │  (mapped path)
 //!  │  Link ────────┼── Unix socket (control) ──┼── Server       │
-//!  └───────────────┘  NOTIF, QUERY ▶  ◀ STATUS, REVOKE          └
+//!  └───────────────┘  NOTIF, QUERY, MAP ▶      └───────────────┘
+//!                     ◀ STATUS, MAPPED (+fd), REVOKE
 //! ```
+//!
+//! The control channel ([`control`]: owner side in [`owner`], initiator
+//! side in [`link`], what the initiator knows of the owner's regions in
+//! [`link_state`], sockets in [`socket`], frames in [`wire`]) carries
+//! notifications, liveness queries, map requests and revocations.
 //!
 //! **Reach.** Only peers on the same host ([`HostId::same_host`]: same boot
 //! id and PID namespace) and whose process the kernel lets this one attach
@@ -27,19 +43,24 @@
 //! lists more, and on the initiator side the listener must be the pid the
 //! owner's metadata names. Then HELLO checks the nonce and the auth token.
 //! Memfds received for mapping must be sealed against shrinking, long
-//! enough and not on hugetlbfs (see [`mapping`]).
+//! enough and not on hugetlbfs (see [`mapping`]); an owner that sends
+//! another gets cross-memory attach for that region instead.
 //!
 //! **Choice.** Rank 10: preferred over TCP (50) for same-host peers; LOCAL
 //! (0) stays first for agents of one process. Hints from the caller win.
 //!
-//! **Guarantees.** The owner cannot check each copy (the kernel does it
-//! without asking it), so the initiator does: the agent checks every remote
-//! range against the regions the peer published, and the backend checks that
-//! each region's key is still live. Keys are confirmed live by the owner over
-//! the control channel at `prepare`, and revoked by it at deregistration:
-//! the owner's `deregister` returns once every connected initiator has
-//! acknowledged (so no copy into the region is in flight), or after the
-//! agent's `peer_timeout`, closing the connections that did not answer.
+//! **Guarantees.** The owner cannot check each copy (the kernel or a plain
+//! `memcpy` does it without asking it), so the initiator does: the agent
+//! checks every remote range against the regions the peer published, the
+//! backend checks at `prepare` that a mapped segment lies inside its
+//! region's mapping, and at each post that each region's key is still live.
+//! Keys are confirmed live by the owner over the control channel at
+//! `prepare`, and revoked by it at deregistration: the initiator unmaps the
+//! region and acknowledges once no copy into it is in flight, and the
+//! owner's `deregister` returns once every connected initiator has
+//! acknowledged, or after the agent's `peer_timeout`, closing the
+//! connections that did not answer. A mapped copy also checks that the
+//! owner's end of the control socket is still open, before and after.
 //!
 //! **Failures.** A peer that exited gives `RemoteDisconnect` (the kernel's
 //! `ESRCH`, or the control connection's end) and is reported lost to the
@@ -64,15 +85,21 @@ use crate::params::{ParamSpec, Params};
 use crate::types::{AccessKey, MemType, XferOp, XferState};
 
 pub mod cma;
+pub mod control;
 pub mod fdpass;
 pub mod info;
+pub mod link;
+pub mod link_state;
 pub mod mapping;
-pub mod notify;
+pub mod owner;
+pub mod socket;
 pub mod wire;
 
 use cma::{Cma, Iov};
+use control::Access;
 use info::ConnInfo;
-use notify::{Exported, Hello, Link, Server};
+use link::{Hello, Link};
+use owner::{Exported, Server};
 
 /// The `SHM` plugin.
 #[derive(Debug)]
@@ -165,7 +192,7 @@ impl BackendPlugin for ShmPlugin {
     fn create(&self, ctx: BackendContext, params: &Params) -> Result<Arc<dyn Backend>> {
         let params = params.resolved(PARAMS);
         let map = params.parse_bool(NAME, "map")?;
-        let access = notify::Access::with_extra(parse_uids(params.raw("allowed_uids").unwrap_or(""))?);
+        let access = Access::with_extra(parse_uids(params.raw("allowed_uids").unwrap_or(""))?);
         if params.parse_bool(NAME, "ptracer_any")? && ptrace_scope() == Some(1) {
             // SAFETY: prctl(PR_SET_PTRACER) takes integer arguments only and changes process attributes.
             let r = unsafe { libc::prctl(libc::PR_SET_PTRACER, libc::PR_SET_PTRACER_ANY, 0, 0, 0) };
@@ -235,7 +262,7 @@ pub struct ShmBackend {
     _nonce_cell: Box<u64>,
     server: Server,
     /// Which uids this backend talks to, both roles.
-    access: notify::Access,
+    access: Access,
     peers: RwLock<HashMap<Arc<str>, Arc<PeerSlot>>>,
 }
 

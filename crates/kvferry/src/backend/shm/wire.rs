@@ -18,6 +18,7 @@
 //! memfd as `SCM_RIGHTS` ancillary data on its first byte; the frame codec
 //! only describes it.
 
+use crate::codec::{LenPrefix, Reader, Writer};
 use crate::error::{Error, Result};
 use crate::types::{AccessKey, MAX_NOTIF_LEN};
 
@@ -144,76 +145,74 @@ pub enum Frame {
 impl Frame {
     /// Appends the encoded frame (length prefix included) to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        let start = out.len();
-        out.extend_from_slice(&[0; 4]);
+        let len = LenPrefix::start(out);
         match self {
             Frame::Hello { version, instance, nonce, token, name } => {
-                out.push(HELLO);
-                out.extend_from_slice(&version.to_le_bytes());
-                out.extend_from_slice(&instance.to_le_bytes());
-                out.extend_from_slice(&nonce.to_le_bytes());
-                put_bytes(out, token);
-                put_bytes(out, name.as_bytes());
+                out.put_u8(HELLO);
+                out.put_u16(*version);
+                out.put_u64(*instance);
+                out.put_u64(*nonce);
+                out.put_bytes_u32(token);
+                out.put_bytes_u32(name.as_bytes());
             }
-            Frame::Welcome => out.push(WELCOME),
+            Frame::Welcome => out.put_u8(WELCOME),
             Frame::Refuse(why) => {
-                out.push(REFUSE);
-                out.extend_from_slice(why.as_bytes());
+                out.put_u8(REFUSE);
+                out.put(why.as_bytes());
             }
             Frame::Notif(msg) => {
-                out.push(NOTIF);
-                out.extend_from_slice(msg);
+                out.put_u8(NOTIF);
+                out.put(msg);
             }
             Frame::Query { id, keys } => {
-                out.push(QUERY);
-                out.extend_from_slice(&id.to_le_bytes());
+                out.put_u8(QUERY);
+                out.put_u64(*id);
                 for k in keys {
-                    out.extend_from_slice(&k.0);
+                    out.put(&k.0);
                 }
             }
             Frame::Status { id, live } => {
-                out.push(STATUS);
-                out.extend_from_slice(&id.to_le_bytes());
+                out.put_u8(STATUS);
+                out.put_u64(*id);
                 out.extend(live.iter().map(|&b| u8::from(b)));
             }
             Frame::Revoke { seq, key } => {
-                out.push(REVOKE);
-                out.extend_from_slice(&seq.to_le_bytes());
-                out.extend_from_slice(&key.0);
+                out.put_u8(REVOKE);
+                out.put_u64(*seq);
+                out.put(&key.0);
             }
             Frame::Ack(seq) => {
-                out.push(ACK);
-                out.extend_from_slice(&seq.to_le_bytes());
+                out.put_u8(ACK);
+                out.put_u64(*seq);
             }
             Frame::Map { id, key } => {
-                out.push(MAP);
-                out.extend_from_slice(&id.to_le_bytes());
-                out.extend_from_slice(&key.0);
+                out.put_u8(MAP);
+                out.put_u64(*id);
+                out.put(&key.0);
             }
             Frame::Mapped { id, status, region_addr, region_len, offset } => {
-                out.push(MAPPED);
-                out.extend_from_slice(&id.to_le_bytes());
-                out.push(status.to_u8());
-                out.extend_from_slice(&region_addr.to_le_bytes());
-                out.extend_from_slice(&region_len.to_le_bytes());
-                out.extend_from_slice(&offset.to_le_bytes());
+                out.put_u8(MAPPED);
+                out.put_u64(*id);
+                out.put_u8(status.to_u8());
+                out.put_u64(*region_addr);
+                out.put_u64(*region_len);
+                out.put_u64(*offset);
             }
         }
-        let len = (out.len() - start - 4) as u32;
-        out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+        len.finish(out);
     }
 
     /// Decodes one frame body (the bytes after the length prefix).
     pub fn decode(body: &[u8]) -> Result<Frame> {
-        let (&kind, rest) = body.split_first().ok_or_else(|| Error::malformed("SHM control frame is empty"))?;
-        let mut r = Reader(rest);
+        let mut r = Reader::new("SHM control frame", body);
+        let kind = r.u8().map_err(|_| Error::malformed("SHM control frame is empty"))?;
         let f = match kind {
             HELLO => {
-                let version = u16::from_le_bytes(r.array()?);
+                let version = r.u16()?;
                 let instance = r.u64()?;
                 let nonce = r.u64()?;
-                let token = r.bytes()?.to_vec();
-                let name = String::from_utf8(r.bytes()?.to_vec())
+                let token = r.bytes_u32()?.to_vec();
+                let name = String::from_utf8(r.bytes_u32()?.to_vec())
                     .map_err(|_| Error::malformed("SHM HELLO: the agent name is not UTF-8"))?;
                 Frame::Hello { version, instance, nonce, token, name }
             }
@@ -255,19 +254,13 @@ impl Frame {
             }
             MAPPED => {
                 let id = r.u64()?;
-                let [status] = r.array()?;
-                Frame::Mapped {
-                    id,
-                    status: MapStatus::from_u8(status)?,
-                    region_addr: r.u64()?,
-                    region_len: r.u64()?,
-                    offset: r.u64()?,
-                }
+                let status = MapStatus::from_u8(r.u8()?)?;
+                Frame::Mapped { id, status, region_addr: r.u64()?, region_len: r.u64()?, offset: r.u64()? }
             }
             k => return Err(Error::malformed(format!("SHM control frame of unknown kind {k}"))),
         };
-        if !r.0.is_empty() {
-            return Err(Error::malformed(format!("SHM control frame of kind {kind} has {} trailing bytes", r.0.len())));
+        if r.left() != 0 {
+            return Err(Error::malformed(format!("SHM control frame of kind {kind} has {} trailing bytes", r.left())));
         }
         Ok(f)
     }
@@ -276,9 +269,9 @@ impl Frame {
 /// Appends a NOTIF frame carrying `msg` to `out` without building a [`Frame`] (no copy of `msg` but this one).
 pub fn encode_notif(msg: &[u8], out: &mut Vec<u8>) {
     out.reserve(msg.len() + 5);
-    out.extend_from_slice(&((msg.len() + 1) as u32).to_le_bytes());
-    out.push(NOTIF);
-    out.extend_from_slice(msg);
+    out.put_u32((msg.len() + 1) as u32);
+    out.put_u8(NOTIF);
+    out.put(msg);
 }
 
 /// Parses the 4-byte length prefix, refusing lengths over [`MAX_FRAME`].
@@ -288,46 +281,6 @@ pub fn frame_len(prefix: [u8; 4]) -> Result<usize> {
         return Err(Error::malformed(format!("SHM control frame of {n} bytes (allowed: 1 to {MAX_FRAME})")));
     }
     Ok(n)
-}
-
-fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
-    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
-    out.extend_from_slice(b);
-}
-
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        if self.0.len() < n {
-            return Err(Error::malformed(format!(
-                "SHM control frame truncated: needed {n} more bytes, {} left",
-                self.0.len()
-            )));
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Ok(a)
-    }
-
-    fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
-        let mut a = [0u8; N];
-        a.copy_from_slice(self.take(N)?);
-        Ok(a)
-    }
-
-    fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_le_bytes(self.array()?))
-    }
-
-    fn bytes(&mut self) -> Result<&'a [u8]> {
-        let n = u32::from_le_bytes(self.array()?) as usize;
-        self.take(n)
-    }
-
-    fn rest(&mut self) -> &'a [u8] {
-        std::mem::take(&mut self.0)
-    }
 }
 
 #[cfg(test)]

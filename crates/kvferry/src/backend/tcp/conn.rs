@@ -14,6 +14,9 @@
 //! the peer for `peer_timeout` while a frame awaits its answer; every frame
 //! it still owes then fails with `RemoteDisconnect`, and unless the local
 //! side closed it on purpose the agent is told the peer is lost.
+//!
+//! Which answer the oldest frame owed accepts is decided by
+//! `state::Awaiting`; this file moves the bytes.
 
 use std::collections::VecDeque;
 use std::io;
@@ -26,6 +29,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use super::proto::{self, FrameType, Header, Hello, Status, Welcome, HEADER_LEN, WELCOME_FIXED};
+use super::state::{self, Answer, Awaiting, Expect};
 use super::sys;
 use super::xfer::XferShared;
 use super::Shared;
@@ -64,7 +68,7 @@ pub(super) struct Lane {
 
 /// Frames a connection still owes answers for, and whether it is dead.
 struct PendingQueue {
-    q: VecDeque<PendingFrame>,
+    q: Awaiting<PendingFrame>,
     dead: Option<Error>,
     /// Until then the reader thread leaves answers to a thread waiting for a
     /// small request of its own (set by a direct post, renewed while that
@@ -96,7 +100,6 @@ pub(super) struct PendingFrame {
     pub(super) x: Arc<XferShared>,
     pub(super) gen: u64,
     pub(super) frame: u32,
-    op: u64,
     /// When the frame was last fully handed to the socket.
     sent_at: Instant,
 }
@@ -297,32 +300,58 @@ pub(super) fn send_notif(shared: &Arc<Shared>, peer: &Arc<Peer>, msg: &[u8]) -> 
 
 /// Dials the peer (each published address in turn), shakes hands and starts the reader.
 fn connect(shared: &Arc<Shared>, peer: &Arc<Peer>, lane: usize) -> Result<Arc<Conn>> {
-    let mut tried = Vec::new();
-    let mut stream = None;
-    for a in &peer.addrs {
-        match TcpStream::connect_timeout(a, shared.connect_timeout) {
-            Ok(s) => {
-                stream = Some((s, *a));
-                break;
-            }
-            Err(e) => tried.push(format!("{a}: {e}")),
-        }
-    }
-    let Some((stream, addr)) = stream else {
-        return Err(Error::disconnected(format!(
-            "TCP: cannot connect to agent '{}' ({}); is it running, and is the port open? (connect timeout {:?})",
-            peer.name,
-            tried.join("; "),
-            shared.connect_timeout
-        )));
-    };
+    let (stream, addr) = dial(shared, peer)?;
     let fd = stream.as_raw_fd();
     let setup = |what: &str, e: io::Error| Error::io(format!("TCP: {what} on the connection to {addr}"), e);
     stream.set_nodelay(shared.cfg.nodelay).map_err(|e| setup("TCP_NODELAY", e))?;
     sys::set_buffers(fd, shared.cfg.sockbuf).map_err(|e| setup("socket buffers", e))?;
     stream.set_read_timeout(Some(shared.connect_timeout)).map_err(|e| setup("read timeout", e))?;
     stream.set_write_timeout(Some(shared.peer_timeout)).map_err(|e| setup("write timeout", e))?;
+    handshake(shared, peer, fd, addr, lane)?;
+    // Silence while answers are owed is judged against peer_timeout; wake
+    // twice per timeout to judge it.
+    stream.set_read_timeout(Some(shared.peer_timeout / 2)).map_err(|e| setup("read timeout", e))?;
+    let c = Arc::new(Conn {
+        stream,
+        addr,
+        writer: Mutex::new(()),
+        pending: Mutex::new(PendingQueue { q: Awaiting::default(), dead: None, hold_until: None, reader_idle: false }),
+        rx: Mutex::new(sys::RecvBuf::new(RX_BUF)),
+        kick: sys::Kick::new().map_err(|e| setup("eventfd", e))?,
+        by_us: AtomicBool::new(false),
+    });
+    let (sh, p, cc) = (shared.clone(), peer.clone(), c.clone());
+    let h = std::thread::Builder::new()
+        .name(format!("kvf-tcp-rd{lane}-{}", peer.name))
+        .spawn(move || reader(sh, p, cc))
+        .map_err(|e| Error::io("TCP: cannot spawn a reader thread", e))?;
+    shared.track(h);
+    tracing::debug!(agent = %shared.agent, peer = %peer.name, %addr, lane, "TCP: connected");
+    Ok(c)
+}
 
+/// A connection to the first of the peer's published addresses that answers.
+fn dial(shared: &Shared, peer: &Peer) -> Result<(TcpStream, SocketAddr)> {
+    let mut tried = Vec::new();
+    for a in &peer.addrs {
+        match TcpStream::connect_timeout(a, shared.connect_timeout) {
+            Ok(s) => return Ok((s, *a)),
+            Err(e) => tried.push(format!("{a}: {e}")),
+        }
+    }
+    Err(Error::disconnected(format!(
+        "TCP: cannot connect to agent '{}' ({}); is it running, and is the port open? (connect timeout {:?})",
+        peer.name,
+        tried.join("; "),
+        shared.connect_timeout
+    )))
+}
+
+/// Says HELLO and checks the WELCOME: it must arrive whole within the
+/// connect timeout (a deadline, not a per-read timeout: a target that
+/// dribbles it is cut off), accept the connection, and come from the agent
+/// and instance whose metadata was loaded.
+fn handshake(shared: &Shared, peer: &Peer, fd: RawFd, addr: SocketAddr, lane: usize) -> Result<()> {
     let mut hello = Vec::new();
     Hello {
         version: proto::VERSION,
@@ -338,8 +367,6 @@ fn connect(shared: &Arc<Shared>, peer: &Arc<Peer>, lane: usize) -> Result<Arc<Co
             .context("the peer accepted the connection but did not complete the handshake")
     };
     sys::write_bufs(fd, &[&hello]).map_err(hs)?;
-    // The whole welcome must arrive within the connect timeout (a deadline,
-    // not a per-read timeout: a target that dribbles it is cut off).
     let hs_deadline = Instant::now() + shared.connect_timeout;
     let mut timeout = || {
         if Instant::now() >= hs_deadline {
@@ -367,26 +394,7 @@ fn connect(shared: &Arc<Shared>, peer: &Arc<Peer>, lane: usize) -> Result<Arc<Co
             w.name, w.instance, peer.name, peer.instance
         )));
     }
-    // Silence while answers are owed is judged against peer_timeout; wake
-    // twice per timeout to judge it.
-    stream.set_read_timeout(Some(shared.peer_timeout / 2)).map_err(|e| setup("read timeout", e))?;
-    let c = Arc::new(Conn {
-        stream,
-        addr,
-        writer: Mutex::new(()),
-        pending: Mutex::new(PendingQueue { q: VecDeque::new(), dead: None, hold_until: None, reader_idle: false }),
-        rx: Mutex::new(sys::RecvBuf::new(RX_BUF)),
-        kick: sys::Kick::new().map_err(|e| setup("eventfd", e))?,
-        by_us: AtomicBool::new(false),
-    });
-    let (sh, p, cc) = (shared.clone(), peer.clone(), c.clone());
-    let h = std::thread::Builder::new()
-        .name(format!("kvf-tcp-rd{lane}-{}", peer.name))
-        .spawn(move || reader(sh, p, cc))
-        .map_err(|e| Error::io("TCP: cannot spawn a reader thread", e))?;
-    shared.track(h);
-    tracing::debug!(agent = %shared.agent, peer = %peer.name, %addr, lane, "TCP: connected");
-    Ok(c)
+    Ok(())
 }
 
 impl Conn {
@@ -410,7 +418,7 @@ impl Conn {
             if p.dead.is_none() {
                 p.dead = Some(err.clone());
             }
-            p.q.drain(..).collect()
+            p.q.drain().collect()
         };
         sys::shutdown(self.fd());
         for f in drained {
@@ -457,7 +465,8 @@ impl Conn {
                 return x.frame_done(gen, Err(e));
             }
             let now = Instant::now();
-            p.q.push_back(PendingFrame { x: x.clone(), gen, frame, op: plan.op, sent_at: now });
+            let expect = Expect { op: plan.op, xfer: x.op, bytes: plan.bytes };
+            p.q.push(expect, PendingFrame { x: x.clone(), gen, frame, sent_at: now });
             if direct {
                 p.hold_until = Some(now + DIRECT_HOLD);
             } else {
@@ -476,7 +485,8 @@ impl Conn {
         drop(guard);
         match r {
             Ok(()) => {
-                if let Some(f) = self.pending.lock().q.back_mut().filter(|f| f.op == plan.op && f.gen == gen) {
+                let mut p = self.pending.lock();
+                if let Some((_, f)) = p.q.newest_mut().filter(|(e, f)| e.op == plan.op && f.gen == gen) {
                     f.sent_at = Instant::now();
                 }
             }
@@ -593,22 +603,50 @@ impl Conn {
         let h = Header::decode(&hb).map_err(|e| {
             Error::malformed(format!("TCP: agent '{}' at {} sent a bad frame: {}", peer.name, self.addr, e.message))
         })?;
-        if direct && h.ty == FrameType::Data && h.len > shared.cfg.inline_max {
+        if direct && state::is_large(&h, shared.cfg.inline_max) {
             return Ok(Step::Big);
         }
         rx.consume(HEADER_LEN);
-        let f = self.pending.lock().q.pop_front();
-        let Some(f) = f else {
-            return Err(Error::malformed(format!("TCP: agent '{}' sent an unsolicited {:?} frame", peer.name, h.ty)));
+        let answered = self.pending.lock().q.answer(&h);
+        let (answer, f) = match answered {
+            Ok(a) => a,
+            Err((unexpected, f)) => {
+                let err = Error::malformed(format!("TCP: agent '{}' {unexpected}", peer.name));
+                if let Some(f) = f {
+                    f.x.frame_done(f.gen, Err(err.clone()));
+                }
+                return Err(err);
+            }
         };
-        let (x, gen) = (f.x, f.gen);
-        // The answer's body must arrive whole by then, however it trickles in.
-        let body_deadline = Instant::now() + super::frame_budget(shared.peer_timeout, h.len);
-        let plan = &x.frames[f.frame as usize];
-        let want = match x.op {
-            XferOp::Write => FrameType::Ack,
-            XferOp::Read => FrameType::Data,
-        };
+        // Outer error: the connection broke; inner: the frame's outcome.
+        let r = self.read_answer(shared, peer, rx, &f, answer, h.len);
+        match r {
+            Ok(outcome) => {
+                f.x.frame_done(f.gen, outcome);
+                Ok(Step::Handled)
+            }
+            Err(e) => {
+                f.x.frame_done(f.gen, Err(e.clone()));
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads what follows an accepted answer's header: READ data straight
+    /// into the frame's local memory, or an ERROR's message. The answer's
+    /// body must arrive whole within its budget, however it trickles in.
+    fn read_answer(
+        self: &Arc<Self>,
+        shared: &Shared,
+        peer: &Peer,
+        rx: &mut sys::RecvBuf,
+        f: &PendingFrame,
+        answer: Answer,
+        len: u64,
+    ) -> Result<Result<()>> {
+        let fd = self.fd();
+        let x = &f.x;
+        let body_deadline = Instant::now() + super::frame_budget(shared.peer_timeout, len);
         let mut silence = || -> io::Result<()> {
             if self.by_us.load(Ordering::Acquire) || shared.closing.load(Ordering::Acquire) {
                 return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "closed locally"));
@@ -624,48 +662,26 @@ impl Conn {
             }
             Ok(())
         };
-        let r = if h.op != f.op || (h.ty != want && h.ty != FrameType::Error) {
-            Err(Error::malformed(format!(
-                "TCP: agent '{}' answered op {:#x} with {:?} op {:#x}: protocol out of step",
-                peer.name, plan.op, h.ty, h.op
-            )))
-        } else {
-            match h.ty {
-                FrameType::Data if h.len != plan.bytes => Err(Error::malformed(format!(
-                    "TCP: agent '{}' sent {} bytes for a READ of {}",
-                    peer.name, h.len, plan.bytes
-                ))),
-                FrameType::Data => match x.enter(gen, self) {
+        match answer {
+            Answer::Applied => Ok(Ok(())),
+            Answer::Data { len } => {
+                let plan = &x.frames[f.frame as usize];
+                match x.enter(f.gen, self) {
                     // SAFETY: the pieces are local ranges the agent checked to lie in
                     // registered memory; the access guard keeps a cancel (and so the
                     // release of the request) from returning while they are written.
-                    Some(_g) => unsafe { rx.read_spans(fd, x.recv_spans(plan), h.len, &mut silence) },
-                    None => rx.discard(fd, h.len, &mut silence),
+                    Some(_g) => unsafe { rx.read_spans(fd, x.recv_spans(plan), len, &mut silence) },
+                    None => rx.discard(fd, len, &mut silence),
                 }
-                .map_err(|e| self.io_error(peer, "reading data", e)),
-                FrameType::Error => {
-                    // Header::decode bounded len to MAX_ERROR_MSG.
-                    let mut msg = Vec::new();
-                    rx.read_vec(fd, &mut msg, h.len as usize, &mut silence)
-                        .map_err(|e| self.io_error(peer, "reading", e))?;
-                    let text = String::from_utf8_lossy(&msg);
-                    x.frame_done(
-                        gen,
-                        Err(Error::new(h.status.error_kind(), format!("TCP: {} refused by the target: {text}", x.op))),
-                    );
-                    return Ok(Step::Handled);
-                }
-                _ => Ok(()),
+                .map(Ok)
+                .map_err(|e| self.io_error(peer, "reading data", e))
             }
-        };
-        match r {
-            Ok(()) => {
-                x.frame_done(gen, Ok(()));
-                Ok(Step::Handled)
-            }
-            Err(e) => {
-                x.frame_done(gen, Err(e.clone()));
-                Err(e)
+            Answer::Refused { status, len } => {
+                // Header::decode bounded len to MAX_ERROR_MSG.
+                let mut msg = Vec::new();
+                rx.read_vec(fd, &mut msg, len as usize, &mut silence).map_err(|e| self.io_error(peer, "reading", e))?;
+                let text = String::from_utf8_lossy(&msg);
+                Ok(Err(Error::new(status.error_kind(), format!("TCP: {} refused by the target: {text}", x.op))))
             }
         }
     }
@@ -673,7 +689,7 @@ impl Conn {
     /// An error if the oldest frame owed has waited `peer_timeout` for its answer.
     fn check_silence(&self, shared: &Shared, peer: &Peer) -> Result<()> {
         let p = self.pending.lock();
-        match p.q.front() {
+        match p.q.oldest() {
             Some(f) if f.sent_at.elapsed() >= shared.peer_timeout => Err(Error::disconnected(format!(
                 "TCP: no answer from agent '{}' at {} for {:?} (peer_timeout) while a request was in flight",
                 peer.name, self.addr, shared.peer_timeout

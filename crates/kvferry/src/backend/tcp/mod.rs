@@ -15,7 +15,9 @@
 //! 1000 descriptors each); a request of at least `stripe_threshold` bytes
 //! spreads its frames over every lane. Data moves with `writev`/`readv`
 //! straight from and into registered memory. The wire format is in
-//! [`proto`]; design, parameters and failure semantics in `docs/TCP.md`.
+//! [`proto`], the protocol's decisions (which answer fits which frame, how a
+//! target dispatches a frame) in `state.rs`; design, parameters and failure
+//! semantics in `docs/TCP.md`.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
@@ -43,8 +45,11 @@ use crate::params::{ParamSpec, Params};
 use crate::types::{AccessKey, MemType};
 
 mod conn;
+#[cfg(test)]
+mod pair;
 pub mod proto;
 mod server;
+mod state;
 mod sys;
 mod xfer;
 

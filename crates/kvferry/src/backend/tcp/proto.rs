@@ -31,6 +31,7 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use crate::codec::{DecodeError, Reader, Writer};
 use crate::error::{Error, ErrorKind, Result};
 use crate::types::AccessKey;
 
@@ -189,28 +190,9 @@ impl From<ProtoError> for Error {
     }
 }
 
-/// A little-endian cursor over untrusted bytes: every read is checked.
-struct Reader<'a> {
-    buf: &'a [u8],
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.buf.len() < n {
-            return None;
-        }
-        let (a, b) = self.buf.split_at(n);
-        self.buf = b;
-        Some(a)
-    }
-    fn u16(&mut self) -> Option<u16> {
-        self.take(2).map(|b| u16::from_le_bytes([b[0], b[1]]))
-    }
-    fn u32(&mut self) -> Option<u32> {
-        self.take(4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes)
-    }
-    fn u64(&mut self) -> Option<u64> {
-        self.take(8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes)
+impl From<DecodeError> for ProtoError {
+    fn from(e: DecodeError) -> Self {
+        ProtoError::malformed(e.to_string())
     }
 }
 
@@ -234,28 +216,31 @@ pub struct Hello {
 impl Hello {
     /// Appends the encoding to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&self.version.to_le_bytes());
-        out.extend_from_slice(&0u16.to_le_bytes());
-        out.extend_from_slice(&self.caps.to_le_bytes());
-        out.extend_from_slice(&self.instance.to_le_bytes());
-        out.extend_from_slice(&self.expect_instance.to_le_bytes());
-        out.extend_from_slice(&(self.name.len().min(u16::MAX as usize) as u16).to_le_bytes());
-        out.extend_from_slice(&(self.token.len().min(u16::MAX as usize) as u16).to_le_bytes());
-        out.extend_from_slice(self.name.as_bytes());
-        out.extend_from_slice(&self.token);
+        out.put(MAGIC);
+        out.put_u16(self.version);
+        out.put_u16(0);
+        out.put_u32(self.caps);
+        out.put_u64(self.instance);
+        out.put_u64(self.expect_instance);
+        out.put_u16(self.name.len().min(u16::MAX as usize) as u16);
+        out.put_u16(self.token.len().min(u16::MAX as usize) as u16);
+        out.put(self.name.as_bytes());
+        out.put(&self.token);
     }
 
     /// Checks the fixed part and says how many more bytes the message has.
     pub fn rest_len(fixed: &[u8; HELLO_FIXED]) -> Result<usize, ProtoError> {
-        if &fixed[..4] != MAGIC {
+        let mut r = Reader::new("hello", fixed);
+        let magic = r.take(4)?;
+        if magic != MAGIC {
             return Err(ProtoError::malformed(format!(
-                "connection does not speak the kvferry TCP protocol (magic {:02x?}, expected \"KVFT\")",
-                &fixed[..4]
+                "connection does not speak the kvferry TCP protocol (magic {magic:02x?}, expected \"KVFT\")"
             )));
         }
-        let name = u16::from_le_bytes([fixed[28], fixed[29]]) as usize;
-        let token = u16::from_le_bytes([fixed[30], fixed[31]]) as usize;
+        // version, flags, caps, instance, expect_instance
+        r.skip(2 + 2 + 4 + 8 + 8)?;
+        let name = usize::from(r.u16()?);
+        let token = usize::from(r.u16()?);
         if name == 0 || name > MAX_NAME {
             return Err(ProtoError::malformed(format!("hello: agent name of {name} bytes (1..={MAX_NAME} allowed)")));
         }
@@ -278,17 +263,18 @@ impl Hello {
                 HELLO_FIXED + rest
             )));
         }
-        let mut r = Reader { buf: &bytes[4..] };
-        let bad = || ProtoError::malformed("hello truncated");
-        let version = r.u16().ok_or_else(bad)?;
-        let _flags = r.u16().ok_or_else(bad)?;
-        let caps = r.u32().ok_or_else(bad)?;
-        let instance = r.u64().ok_or_else(bad)?;
-        let expect_instance = r.u64().ok_or_else(bad)?;
-        let name_len = r.u16().ok_or_else(bad)? as usize;
-        let token_len = r.u16().ok_or_else(bad)? as usize;
-        let name = r.take(name_len).ok_or_else(bad)?;
-        let token = r.take(token_len).ok_or_else(bad)?.to_vec();
+        let mut r = Reader::new("hello", bytes);
+        r.skip(MAGIC.len())?;
+        let version = r.u16()?;
+        let _flags = r.u16()?;
+        let caps = r.u32()?;
+        let instance = r.u64()?;
+        let expect_instance = r.u64()?;
+        let name_len = usize::from(r.u16()?);
+        let token_len = usize::from(r.u16()?);
+        let name = r.take(name_len)?;
+        let token = r.take(token_len)?.to_vec();
+        r.expect_end()?;
         let name =
             std::str::from_utf8(name).map_err(|_| ProtoError::malformed("hello: agent name is not UTF-8"))?.to_string();
         Ok(Hello { version, caps, instance, expect_instance, name, token })
@@ -353,27 +339,31 @@ impl Welcome {
     /// Appends the encoding to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
         let msg = truncate_utf8(&self.message, MAX_ERROR_MSG as usize);
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&self.version.to_le_bytes());
-        out.extend_from_slice(&(self.status as u16).to_le_bytes());
-        out.extend_from_slice(&self.caps.to_le_bytes());
-        out.extend_from_slice(&self.instance.to_le_bytes());
-        out.extend_from_slice(&(self.name.len().min(MAX_NAME) as u16).to_le_bytes());
-        out.extend_from_slice(&(msg.len() as u16).to_le_bytes());
-        out.extend_from_slice(&self.name.as_bytes()[..self.name.len().min(MAX_NAME)]);
-        out.extend_from_slice(msg.as_bytes());
+        let name = &self.name.as_bytes()[..self.name.len().min(MAX_NAME)];
+        out.put(MAGIC);
+        out.put_u16(self.version);
+        out.put_u16(self.status as u16);
+        out.put_u32(self.caps);
+        out.put_u64(self.instance);
+        out.put_u16(name.len() as u16);
+        out.put_u16(msg.len() as u16);
+        out.put(name);
+        out.put(msg.as_bytes());
     }
 
     /// Checks the fixed part and says how many more bytes the message has.
     pub fn rest_len(fixed: &[u8; WELCOME_FIXED]) -> Result<usize, ProtoError> {
-        if &fixed[..4] != MAGIC {
+        let mut r = Reader::new("welcome", fixed);
+        let magic = r.take(4)?;
+        if magic != MAGIC {
             return Err(ProtoError::malformed(format!(
-                "the peer's port does not speak the kvferry TCP protocol (magic {:02x?}, expected \"KVFT\")",
-                &fixed[..4]
+                "the peer's port does not speak the kvferry TCP protocol (magic {magic:02x?}, expected \"KVFT\")"
             )));
         }
-        let name = u16::from_le_bytes([fixed[20], fixed[21]]) as usize;
-        let msg = u16::from_le_bytes([fixed[22], fixed[23]]) as usize;
+        // version, status, caps, instance
+        r.skip(2 + 2 + 4 + 8)?;
+        let name = usize::from(r.u16()?);
+        let msg = usize::from(r.u16()?);
         if name > MAX_NAME || msg as u64 > MAX_ERROR_MSG {
             return Err(ProtoError::malformed(format!("welcome: name of {name} bytes or message of {msg} bytes")));
         }
@@ -390,16 +380,17 @@ impl Welcome {
         if bytes.len() != WELCOME_FIXED + rest {
             return Err(ProtoError::malformed("welcome has the wrong length"));
         }
-        let mut r = Reader { buf: &bytes[4..] };
-        let bad = || ProtoError::malformed("welcome truncated");
-        let version = r.u16().ok_or_else(bad)?;
-        let status = Status::from_u16(r.u16().ok_or_else(bad)?);
-        let caps = r.u32().ok_or_else(bad)?;
-        let instance = r.u64().ok_or_else(bad)?;
-        let name_len = r.u16().ok_or_else(bad)? as usize;
-        let msg_len = r.u16().ok_or_else(bad)? as usize;
-        let name = String::from_utf8_lossy(r.take(name_len).ok_or_else(bad)?).into_owned();
-        let message = String::from_utf8_lossy(r.take(msg_len).ok_or_else(bad)?).into_owned();
+        let mut r = Reader::new("welcome", bytes);
+        r.skip(MAGIC.len())?;
+        let version = r.u16()?;
+        let status = Status::from_u16(r.u16()?);
+        let caps = r.u32()?;
+        let instance = r.u64()?;
+        let name_len = usize::from(r.u16()?);
+        let msg_len = usize::from(r.u16()?);
+        let name = String::from_utf8_lossy(r.take(name_len)?).into_owned();
+        let message = String::from_utf8_lossy(r.take(msg_len)?).into_owned();
+        r.expect_end()?;
         Ok(Welcome { version, status, caps, instance, name, message })
     }
 }
@@ -439,26 +430,34 @@ impl Header {
     /// The encoding.
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
-        b[0] = self.ty as u8;
-        b[2..4].copy_from_slice(&(self.status as u16).to_le_bytes());
-        b[4..8].copy_from_slice(&self.count.to_le_bytes());
-        b[8..16].copy_from_slice(&self.op.to_le_bytes());
-        b[16..24].copy_from_slice(&self.len.to_le_bytes());
+        let mut w = &mut b[..];
+        w.put_u8(self.ty as u8);
+        w.put_u8(0);
+        w.put_u16(self.status as u16);
+        w.put_u32(self.count);
+        w.put_u64(self.op);
+        w.put_u64(self.len);
         b
+    }
+
+    /// The `op` field of a header that may not decode, to address the
+    /// ERROR answer to it.
+    pub fn raw_op(b: &[u8; HEADER_LEN]) -> u64 {
+        let mut r = Reader::new("frame header", b);
+        r.skip(8).and_then(|()| r.u64()).unwrap_or(0)
     }
 
     /// Decodes and checks a header from an untrusted peer: unknown types,
     /// counts or lengths beyond the limits of the type are rejected.
     pub fn decode(b: &[u8; HEADER_LEN]) -> Result<Header, ProtoError> {
-        let ty = FrameType::from_u8(b[0])
-            .ok_or_else(|| ProtoError::malformed(format!("unknown frame type {:#04x}", b[0])))?;
-        let status = Status::from_u16(u16::from_le_bytes([b[2], b[3]]));
-        let count = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
-        let mut op = [0u8; 8];
-        op.copy_from_slice(&b[8..16]);
-        let mut len = [0u8; 8];
-        len.copy_from_slice(&b[16..24]);
-        let h = Header { ty, status, count, op: u64::from_le_bytes(op), len: u64::from_le_bytes(len) };
+        let mut r = Reader::new("frame header", b);
+        let ty = r.u8()?;
+        let ty =
+            FrameType::from_u8(ty).ok_or_else(|| ProtoError::malformed(format!("unknown frame type {ty:#04x}")))?;
+        let _flags = r.u8()?;
+        let status = Status::from_u16(r.u16()?);
+        let (count, op, len) = (r.u32()?, r.u64()?, r.u64()?);
+        let h = Header { ty, status, count, op, len };
         let (max_count, max_len) = match ty {
             FrameType::Write | FrameType::Read => (MAX_ENTRIES, MAX_FRAME_DATA),
             FrameType::Data => (0, MAX_FRAME_DATA),
@@ -498,21 +497,16 @@ pub struct Entry {
 impl Entry {
     /// Appends the encoding to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.key.0);
-        out.extend_from_slice(&self.addr.to_le_bytes());
-        out.extend_from_slice(&self.len.to_le_bytes());
+        out.put(&self.key.0);
+        out.put_u64(self.addr);
+        out.put_u64(self.len);
     }
 
     /// Decodes entry `i` of `table` (which holds whole entries).
     pub fn decode(table: &[u8], i: usize) -> Option<Entry> {
         let b = table.get(i.checked_mul(ENTRY_LEN)?..i.checked_add(1)?.checked_mul(ENTRY_LEN)?)?;
-        let mut key = [0u8; 16];
-        key.copy_from_slice(&b[..16]);
-        let mut a = [0u8; 8];
-        a.copy_from_slice(&b[16..24]);
-        let mut l = [0u8; 8];
-        l.copy_from_slice(&b[24..32]);
-        Some(Entry { key: AccessKey(key), addr: u64::from_le_bytes(a), len: u64::from_le_bytes(l) })
+        let mut r = Reader::new("entry", b);
+        Some(Entry { key: AccessKey(r.array().ok()?), addr: r.u64().ok()?, len: r.u64().ok()? })
     }
 }
 
@@ -576,18 +570,18 @@ impl ConnInfo {
     /// byte (4 or 6) and 4 or 16 bytes.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = vec![1u8];
-        out.extend_from_slice(&self.port.to_le_bytes());
+        out.put_u16(self.port);
         let addrs = &self.addrs[..self.addrs.len().min(32)];
-        out.push(addrs.len() as u8);
+        out.put_u8(addrs.len() as u8);
         for a in addrs {
             match a {
                 IpAddr::V4(v) => {
-                    out.push(4);
-                    out.extend_from_slice(&v.octets());
+                    out.put_u8(4);
+                    out.put(&v.octets());
                 }
                 IpAddr::V6(v) => {
-                    out.push(6);
-                    out.extend_from_slice(&v.octets());
+                    out.put_u8(6);
+                    out.put(&v.octets());
                 }
             }
         }
@@ -599,28 +593,23 @@ impl ConnInfo {
         let bad = |what: &str| {
             Error::malformed(format!("TCP connection info: {what}; is the peer's kvferry version the same?"))
         };
-        let mut r = Reader { buf: b };
-        let v = r.take(1).ok_or_else(|| bad("empty"))?[0];
+        let truncated = |e: DecodeError| bad(&format!("truncated at byte {}", e.at));
+        let mut r = Reader::new("TCP connection info", b);
+        let v = r.u8().map_err(|_| bad("empty"))?;
         if v != 1 {
             return Err(bad(&format!("version {v}, expected 1")));
         }
-        let port = r.u16().ok_or_else(|| bad("truncated"))?;
-        let n = r.take(1).ok_or_else(|| bad("truncated"))?[0];
+        let port = r.u16().map_err(truncated)?;
+        let n = r.u8().map_err(truncated)?;
         let mut addrs = Vec::with_capacity(n as usize);
         for _ in 0..n {
-            match r.take(1).ok_or_else(|| bad("truncated"))?[0] {
-                4 => {
-                    let o: [u8; 4] = r.take(4).ok_or_else(|| bad("truncated"))?.try_into().map_err(|_| bad("?"))?;
-                    addrs.push(IpAddr::V4(Ipv4Addr::from(o)));
-                }
-                6 => {
-                    let o: [u8; 16] = r.take(16).ok_or_else(|| bad("truncated"))?.try_into().map_err(|_| bad("?"))?;
-                    addrs.push(IpAddr::V6(Ipv6Addr::from(o)));
-                }
+            match r.u8().map_err(truncated)? {
+                4 => addrs.push(IpAddr::V4(Ipv4Addr::from(r.array::<4>().map_err(truncated)?))),
+                6 => addrs.push(IpAddr::V6(Ipv6Addr::from(r.array::<16>().map_err(truncated)?))),
                 f => return Err(bad(&format!("address family {f}"))),
             }
         }
-        if !r.buf.is_empty() || port == 0 || addrs.is_empty() {
+        if r.left() != 0 || port == 0 || addrs.is_empty() {
             return Err(bad("trailing bytes, port 0 or no address"));
         }
         Ok(ConnInfo { port, addrs })

@@ -1,4 +1,6 @@
 //! The target side: an accept loop and one thread per accepted connection.
+//! What to do with each frame (its turn, kind, table and answer order) is
+//! decided in `state.rs`; this file moves the bytes.
 //!
 //! A connection thread reads frames, checks every entry's key and bounds
 //! against the live registration table of its kind *before* a byte moves —
@@ -33,6 +35,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use super::proto::{self, FrameType, Header, Hello, ProtoError, Status, Welcome, HEADER_LEN, HELLO_FIXED};
+use super::state::{self, AnswerOrder, Resolved, Route, Tables, Turn};
 use super::sys::{self, Span};
 use super::{frame_budget, MemRegion, Shared};
 use crate::storage::{self, FileServer, Plan};
@@ -323,8 +326,8 @@ struct ConnState<'a> {
     spans: Vec<Span>,
     /// When the frame being handled must be complete.
     deadline: Instant,
-    /// File operations started and not answered yet, oldest first.
-    pending: std::collections::VecDeque<PendingFile<'a>>,
+    /// File operations started and not answered yet, and the order answers leave in.
+    order: AnswerOrder<PendingFile<'a>>,
     /// Staging buffers to reuse (page-aligned for O_DIRECT), freed when the connection idles.
     spare: Vec<Staged<'a>>,
 }
@@ -378,139 +381,73 @@ fn until(deadline: Instant) -> impl FnMut() -> io::Result<()> {
     }
 }
 
-/// Frame entries resolved against the memory table.
-enum Resolved {
-    /// Every entry lies in a live memory region (spans and region ids filled in).
-    Memory,
-    /// Entry 0 is not a memory region: the frame is checked as a file frame.
-    NotMemory,
-}
+/// The live tables, each looked up under its own lock: for the routing
+/// hint ([`state::turn`]), which decides nothing about access.
+struct Live<'a>(&'a Shared);
 
-/// The refusal of a frame that mixes memory and file regions.
-fn mixed(i: usize) -> ProtoError {
-    ProtoError {
-        status: Status::NotAllowed,
-        message: format!(
-            "entry {i} names a region of another kind than entry 0 (memory and exported files): \
-             a frame's entries must all be memory or all be files; post them as separate requests"
-        ),
+impl Tables for Live<'_> {
+    fn memory(&self, key: &AccessKey) -> Option<MemRegion> {
+        self.0.regions.read().get(key).copied()
+    }
+    fn is_file(&self, key: &AccessKey) -> bool {
+        self.0.files.serves(key)
     }
 }
 
-/// Checks a frame's entries against the memory table: every entry names a
-/// live memory region by key and lies inside it, no entry is empty, the
-/// lengths add up to the header's. Fills `spans` with the memory to move
-/// and `ids` with the regions used. A file key among them refuses the frame
-/// (kinds never mix); a file key at entry 0 makes it a file frame.
-fn resolve_memory(
-    h: &Header,
-    table: &[u8],
-    regions: &HashMap<AccessKey, MemRegion>,
-    files: &FileServer,
-    spans: &mut Vec<Span>,
-    ids: &mut Vec<u64>,
-) -> Result<Resolved, ProtoError> {
-    let mut sum = 0u64;
-    for i in 0..h.count as usize {
-        let e = proto::Entry::decode(table, i).ok_or_else(|| ProtoError::malformed("entry table truncated"))?;
-        let Some(r) = regions.get(&e.key) else {
-            if files.serves(&e.key) {
-                return if i == 0 { Ok(Resolved::NotMemory) } else { Err(mixed(i)) };
-            }
-            return Err(ProtoError {
-                status: Status::NotAllowed,
-                message: format!(
-                    "entry {i} ({:#x}+{}) names the key {:?}, which is not registered now",
-                    e.addr, e.len, e.key
-                ),
-            });
-        };
-        if e.len == 0 {
-            return Err(ProtoError::malformed(format!("entry {i} is empty")));
-        }
-        sum = sum.checked_add(e.len).ok_or_else(|| ProtoError::malformed(format!("entry {i}: lengths overflow")))?;
-        let inside = e.addr >= r.addr
-            && e.addr.checked_add(e.len).is_some_and(|end| r.addr.checked_add(r.len).is_some_and(|rend| end <= rend));
-        if !inside {
-            return Err(ProtoError {
-                status: Status::NotAllowed,
-                message: format!(
-                    "entry {i} ({:#x}+{}) is not inside the memory region registered now with the key {:?}",
-                    e.addr, e.len, e.key
-                ),
-            });
-        }
-        spans.push((e.addr, e.len));
-        if ids.last() != Some(&r.id) {
-            ids.push(r.id);
-        }
-    }
-    if sum != h.len {
-        return Err(ProtoError::malformed(format!("entries add up to {sum} bytes but the frame announces {}", h.len)));
-    }
-    Ok(Resolved::Memory)
+/// The tables as one frame is resolved: the memory table stays locked for
+/// the whole check (and while the frame publishes the regions it uses).
+struct Locked<'a> {
+    regions: &'a HashMap<AccessKey, MemRegion>,
+    files: &'a FileServer,
 }
 
-/// A lookup under which every key spans the whole offset space: with it,
-/// [`proto::check_entries`] checks only the framing of a file frame (no
-/// empty entry, lengths that add up to the header's). Which file region a
-/// key names, and whether an entry lies inside it, is the storage plan's
-/// check ([`FileServer::plan`]), made once for every user of files.
-struct FramingOnly;
-
-impl proto::RegionLookup for FramingOnly {
-    fn lookup(&self, _key: &AccessKey) -> Option<(u64, u64)> {
-        Some((0, u64::MAX))
+impl Tables for Locked<'_> {
+    fn memory(&self, key: &AccessKey) -> Option<MemRegion> {
+        self.regions.get(key).copied()
+    }
+    fn is_file(&self, key: &AccessKey) -> bool {
+        self.files.serves(key)
     }
 }
 
-/// Checks that no entry of a file frame names a memory region: kinds never
-/// mix (entry 0 named an exported file).
-fn no_memory_entries(h: &Header, table: &[u8], regions: &HashMap<AccessKey, MemRegion>) -> Result<(), ProtoError> {
-    for i in 0..h.count as usize {
-        let e = proto::Entry::decode(table, i).ok_or_else(|| ProtoError::malformed("entry table truncated"))?;
-        if regions.contains_key(&e.key) {
-            return Err(mixed(i));
-        }
-    }
-    Ok(())
-}
-
-/// Checks a file frame's framing on the wire and plans it: the storage plan
-/// must accept every entry (a live exported file region, access, bounds,
-/// O_DIRECT alignment). The plan's memory addresses are offsets into the
-/// frame's staging buffer, entries back to back.
-fn plan_file_frame(h: &Header, table: &[u8], files: &FileServer) -> Result<Plan, ProtoError> {
-    proto::check_entries(h, table, &FramingOnly)?;
-    let op = if h.ty == FrameType::Write { XferOp::Write } else { XferOp::Read };
-    let mut at = 0u64;
-    let entries = (0..h.count as usize).filter_map(|i| proto::Entry::decode(table, i)).map(|e| {
-        // The framing check bounded the sum of the lengths.
-        let buf = at;
-        at += e.len;
-        storage::Entry { key: e.key, offset: e.addr, len: e.len, buf }
-    });
-    files.plan(op, entries).map_err(|e| file_error(&e))
-}
-
-fn file_error(e: &crate::Error) -> ProtoError {
-    let status = match e.kind() {
-        crate::ErrorKind::InvalidParam => Status::Invalid,
-        crate::ErrorKind::NotAllowed | crate::ErrorKind::NotFound => Status::NotAllowed,
-        _ => Status::Storage,
-    };
-    ProtoError { status, message: e.message().to_string() }
+/// Plans a file frame whose framing [`state::file_entries`] checks: the
+/// storage plan must accept every entry (a live exported file region,
+/// access, bounds, O_DIRECT alignment). The plan's memory addresses are
+/// offsets into the frame's staging buffer, entries back to back.
+fn plan_file_frame(op: XferOp, h: &Header, table: &[u8], files: &FileServer) -> Result<Plan, ProtoError> {
+    let entries =
+        state::file_entries(h, table)?.map(|e| storage::Entry { key: e.key, offset: e.offset, len: e.len, buf: e.buf });
+    files.plan(op, entries).map_err(|e| state::storage_refusal(&e))
 }
 
 fn serve_conn(shared: &Shared, stream: &TcpStream, slot: &Slot) -> io::Result<()> {
     let fd = stream.as_raw_fd();
-    let cfg = &shared.cfg;
-    stream.set_nodelay(cfg.nodelay)?;
-    sys::set_buffers(fd, cfg.sockbuf)?;
+    stream.set_nodelay(shared.cfg.nodelay)?;
+    sys::set_buffers(fd, shared.cfg.sockbuf)?;
     stream.set_write_timeout(Some(shared.peer_timeout))?;
+    let hello = handshake(shared, stream, slot)?;
+    // Silence is judged twice per peer timeout (frame deadlines, idle timeout).
+    stream.set_read_timeout(Some(shared.peer_timeout / 2))?;
+    let mut s = ConnState {
+        shared,
+        slot,
+        fd,
+        peer: hello.name.as_str().into(),
+        rx: sys::RecvBuf::new(RECV_BUF),
+        spans: Vec::new(),
+        deadline: Instant::now(),
+        order: AnswerOrder::new(FILE_HELD),
+        spare: Vec::new(),
+    };
+    s.serve_frames()
+}
 
-    // Handshake: the whole hello must arrive within connect_timeout (a
-    // deadline, not a per-read timeout: a hello dribbled byte by byte is cut).
+/// Reads the hello (whole, within `connect_timeout`), checks it, and
+/// answers WELCOME, or the refusal with its status before the connection
+/// closes. The connection is no longer evictable once the hello passed.
+fn handshake(shared: &Shared, stream: &TcpStream, slot: &Slot) -> io::Result<Hello> {
+    let fd = stream.as_raw_fd();
+    // A deadline, not a per-read timeout: a hello dribbled byte by byte is cut.
     let hs_deadline = Instant::now() + shared.connect_timeout;
     stream.set_read_timeout(Some((shared.connect_timeout / 4).max(Duration::from_millis(5))))?;
     let mut fail = move || {
@@ -522,7 +459,7 @@ fn serve_conn(shared: &Shared, stream: &TcpStream, slot: &Slot) -> io::Result<()
     };
     let mut fixed = [0u8; HELLO_FIXED];
     sys::read_buf(fd, &mut fixed, &mut fail)?;
-    let refuse = |status: Status, message: String| -> io::Result<()> {
+    let refuse = |status: Status, message: String| -> io::Result<Hello> {
         let w = welcome(shared, status, message.clone());
         let _ = sys::write_bufs(fd, &[&w]);
         Err(io::Error::new(io::ErrorKind::PermissionDenied, message))
@@ -548,118 +485,7 @@ fn serve_conn(shared: &Shared, stream: &TcpStream, slot: &Slot) -> io::Result<()
         return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "evicted during the handshake"));
     }
     sys::write_bufs(fd, &[&welcome(shared, Status::Ok, String::new())])?;
-    // Silence is judged twice per peer timeout (frame deadlines, idle timeout).
-    stream.set_read_timeout(Some(shared.peer_timeout / 2))?;
-
-    let mut s = ConnState {
-        shared,
-        slot,
-        fd,
-        peer: hello.name.as_str().into(),
-        rx: sys::RecvBuf::new(RECV_BUF),
-        spans: Vec::new(),
-        deadline: Instant::now(),
-        pending: std::collections::VecDeque::new(),
-        spare: Vec::new(),
-    };
-    let mut last_frame = Instant::now();
-    loop {
-        // File operations in flight: start the next frame's I/O whenever one
-        // is waiting and there is room, else answer the oldest (waiting for it
-        // if need be). Starting comes first so that the disk gets new work the
-        // moment earlier I/O finishes, not after the answers went out.
-        while !s.pending.is_empty() {
-            if s.rx.bytes().len() < HEADER_LEN {
-                match s.rx.fill_once(fd, true) {
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            if s.rx.bytes().len() >= HEADER_LEN && s.file_room() {
-                break;
-            }
-            s.flush_pending(1)?;
-        }
-        // Poll briefly for the next frame before sleeping: a thread woken from
-        // sleep costs more than a small frame.
-        let spin_until = Instant::now() + cfg.busy_poll;
-        while s.rx.bytes().len() < HEADER_LEN && Instant::now() < spin_until {
-            match s.rx.fill_once(fd, true) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
-                Err(e) => return Err(e),
-            }
-        }
-        // Going quiet: spare staging buffers go back to the shared budget.
-        if !s.spare.is_empty() && s.rx.bytes().len() < HEADER_LEN && !sys::wait_ready(fd, true, None, SPARE_KEEP).data {
-            s.spare.clear();
-        }
-        // Idle between frames: up to idle_timeout, or as long as the backend lives.
-        let mut idle = || {
-            if shared.closing.load(Ordering::Acquire) {
-                return Err(io::Error::other("backend closing"));
-            }
-            match cfg.idle_timeout {
-                Some(t) if last_frame.elapsed() >= t => {
-                    tracing::debug!(agent = %shared.agent, "TCP: closing a connection idle for idle_timeout_s");
-                    Err(io::Error::new(io::ErrorKind::TimedOut, format!("no frame for {t:?} (idle_timeout_s)")))
-                }
-                _ => Ok(()),
-            }
-        };
-        // One read takes the header and whatever follows it (a small frame whole).
-        s.rx.fill_to(fd, HEADER_LEN, &mut idle)?;
-        let mut hb = [0u8; HEADER_LEN];
-        hb.copy_from_slice(&s.rx.bytes()[..HEADER_LEN]);
-        s.rx.consume(HEADER_LEN);
-        let h = match Header::decode(&hb) {
-            Ok(h) => h,
-            Err(e) => {
-                let op = u64::from_le_bytes(hb[8..16].try_into().unwrap_or([0; 8]));
-                s.send_error(op, &e)?;
-                return Err(io::Error::new(io::ErrorKind::InvalidData, e.message));
-            }
-        };
-        last_frame = Instant::now();
-        // The whole frame (entries and payload) must arrive by then.
-        s.deadline = last_frame + frame_budget(shared.peer_timeout, h.len);
-        let is_file = matches!(h.ty, FrameType::Write | FrameType::Read) && s.file_frame(&h)?;
-        if !is_file {
-            // Memory operations and notifications answer after earlier file operations.
-            s.flush_pending(usize::MAX)?;
-            // Staging is for runs of file frames: a connection doing other work
-            // gives its spare buffers back to the shared budget.
-            if !s.spare.is_empty() {
-                s.spare.clear();
-            }
-        }
-        match h.ty {
-            FrameType::Write | FrameType::Read => s.data_op(&h)?,
-            FrameType::Notif => {
-                // Header::decode bounded len to MAX_NOTIF.
-                let mut msg = Vec::new();
-                s.rx.read_vec(fd, &mut msg, h.len as usize, &mut until(s.deadline))?;
-                // A full queue refuses the notification (counted by the sink).
-                // NOTIF frames have no answer, so the sender learns it the only
-                // way the protocol allows: the connection closes (it sees the
-                // peer lost and reconnects on its next request).
-                if let Err(e) = shared.notifs.push(s.peer.clone(), msg) {
-                    tracing::warn!(agent = %shared.agent, peer = ?s.peer, reason = %e,
-                        "TCP: notification queue full for this sender; closing its connection");
-                    return Err(io::Error::other(format!("notification refused: {e}")));
-                }
-            }
-            other => {
-                let e = ProtoError {
-                    status: Status::Malformed,
-                    message: format!("a target takes WRITE, READ and NOTIF frames, not {other:?}"),
-                };
-                s.send_error(h.op, &e)?;
-                return Err(io::Error::new(io::ErrorKind::InvalidData, e.message));
-            }
-        }
-    }
+    Ok(hello)
 }
 
 /// The target's receive buffer: a whole entry table plus 64 KiB of payload,
@@ -710,7 +536,7 @@ impl<'a> ConnState<'a> {
         }
         self.spare.clear();
         let mut got = budget.try_take(len as u64);
-        if !got && !self.pending.is_empty() {
+        if !got && !self.order.is_empty() {
             self.flush_pending(usize::MAX)
                 .map_err(|e| ProtoError { status: Status::Storage, message: e.to_string() })?;
             self.spare.clear();
@@ -771,27 +597,20 @@ impl<'a> ConnState<'a> {
             Err(e) => {
                 self.spare.push(staging);
                 self.flush_pending(usize::MAX)?;
-                return self.send_error(h.op, &file_error(&e));
+                return self.send_error(h.op, &state::storage_refusal(&e));
             }
         };
-        self.pending.push_back(PendingFile { op: h.op, len: h.len, job, buf: Some(staging) });
+        self.order.hold(h.len, PendingFile { op: h.op, len: h.len, job, buf: Some(staging) });
         Ok(())
     }
 
-    /// Answers up to `n` pending file operations, oldest first.
+    /// Answers up to `n` held file operations, oldest first.
     fn flush_pending(&mut self, n: usize) -> io::Result<()> {
         for _ in 0..n {
-            let Some(p) = self.pending.pop_front() else { break };
+            let Some(p) = self.order.next() else { break };
             self.answer(p)?;
         }
         Ok(())
-    }
-
-    /// Whether another file operation may start: those held (running, or
-    /// finished and not answered yet) stay under [`FILE_HELD`] bytes. The
-    /// server's engine decides how many of them run on the disk at once.
-    fn file_room(&self) -> bool {
-        self.pending.iter().map(|p| p.len).sum::<u64>() < FILE_HELD
     }
 
     /// Waits for one file operation and sends its answer (ACK, DATA or ERROR).
@@ -800,7 +619,7 @@ impl<'a> ConnState<'a> {
         // Finished (or cancelled): no I/O touches the buffer any more.
         let buf = p.buf.take();
         let sent = match r {
-            Err(e) => self.send_error(p.op, &file_error(&e)),
+            Err(e) => self.send_error(p.op, &state::storage_refusal(&e)),
             Ok(()) if p.job.is_write() => {
                 sys::write_bufs(self.fd, &[&Header::new(FrameType::Ack, p.op, 0, 0).encode()])
             }
@@ -826,16 +645,14 @@ impl<'a> ConnState<'a> {
         sys::write_bufs(self.fd, &[&h.encode(), msg])
     }
 
-    /// Whether a data frame's entry 0 names an exported file (reads its
-    /// entry table in). Only a routing hint for pipelining: `data_op` checks
-    /// every entry against the table of its kind.
-    fn file_frame(&mut self, h: &Header) -> io::Result<bool> {
-        if h.count == 0 {
-            return Ok(false);
+    /// The key of a data frame's entry 0 (read in for it), for the routing
+    /// hint; `None` for other frames.
+    fn entry0(&mut self, h: &Header) -> io::Result<Option<AccessKey>> {
+        if !matches!(h.ty, FrameType::Write | FrameType::Read) || h.count == 0 {
+            return Ok(None);
         }
         self.rx.fill_to(self.fd, h.entries_len().min(proto::ENTRY_LEN), &mut until(self.deadline))?;
-        let key = proto::Entry::decode(self.rx.bytes(), 0).map(|e| e.key);
-        Ok(key.is_some_and(|k| self.shared.files.serves(&k) && !self.shared.regions.read().contains_key(&k)))
+        Ok(proto::Entry::decode(self.rx.bytes(), 0).map(|e| e.key))
     }
 
     /// Refuses a checked frame: skips its payload and answers ERROR.
@@ -851,40 +668,153 @@ impl<'a> ConnState<'a> {
         self.send_error(h.op, e)
     }
 
-    fn data_op(&mut self, h: &Header) -> io::Result<()> {
+    /// Serves frames until the connection ends (an error says how).
+    fn serve_frames(&mut self) -> io::Result<()> {
+        let mut last_frame = Instant::now();
+        loop {
+            self.between_frames()?;
+            let hb = self.read_header(last_frame)?;
+            let h = match Header::decode(&hb) {
+                Ok(h) => h,
+                Err(e) => {
+                    self.send_error(Header::raw_op(&hb), &e)?;
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, e.message));
+                }
+            };
+            last_frame = Instant::now();
+            // The whole frame (entries and payload) must arrive by then.
+            self.deadline = last_frame + frame_budget(self.shared.peer_timeout, h.len);
+            self.dispatch(&h)?;
+        }
+    }
+
+    /// With file operations held: starts the next frame as soon as its
+    /// header is in and there is room, else answers the oldest (waiting for
+    /// it if need be); starting comes first, so that the disk gets new work
+    /// the moment earlier I/O finishes, not after the answers went out.
+    /// Then polls briefly for the next frame before sleeping (a thread woken
+    /// from sleep costs more than a small frame) and, going quiet, gives the
+    /// spare staging buffers back to the shared budget.
+    fn between_frames(&mut self) -> io::Result<()> {
+        let fd = self.fd;
+        while !self.order.is_empty() {
+            if self.rx.bytes().len() < HEADER_LEN {
+                match self.rx.fill_once(fd, true) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if self.rx.bytes().len() >= HEADER_LEN && self.order.room() {
+                break;
+            }
+            self.flush_pending(1)?;
+        }
+        let spin_until = Instant::now() + self.shared.cfg.busy_poll;
+        while self.rx.bytes().len() < HEADER_LEN && Instant::now() < spin_until {
+            match self.rx.fill_once(fd, true) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                Err(e) => return Err(e),
+            }
+        }
+        if !self.spare.is_empty()
+            && self.rx.bytes().len() < HEADER_LEN
+            && !sys::wait_ready(fd, true, None, SPARE_KEEP).data
+        {
+            self.spare.clear();
+        }
+        Ok(())
+    }
+
+    /// Reads the next frame's header, waiting between frames up to
+    /// `idle_timeout` after the last one, or as long as the backend lives.
+    /// One read takes the header and whatever follows it (a small frame whole).
+    fn read_header(&mut self, last_frame: Instant) -> io::Result<[u8; HEADER_LEN]> {
+        let shared = self.shared;
+        let mut idle = || {
+            if shared.closing.load(Ordering::Acquire) {
+                return Err(io::Error::other("backend closing"));
+            }
+            match shared.cfg.idle_timeout {
+                Some(t) if last_frame.elapsed() >= t => {
+                    tracing::debug!(agent = %shared.agent, "TCP: closing a connection idle for idle_timeout_s");
+                    Err(io::Error::new(io::ErrorKind::TimedOut, format!("no frame for {t:?} (idle_timeout_s)")))
+                }
+                _ => Ok(()),
+            }
+        };
+        self.rx.fill_to(self.fd, HEADER_LEN, &mut idle)?;
+        let mut hb = [0u8; HEADER_LEN];
+        hb.copy_from_slice(&self.rx.bytes()[..HEADER_LEN]);
+        self.rx.consume(HEADER_LEN);
+        Ok(hb)
+    }
+
+    /// Handles one decoded frame as [`state`] decides: in turn after the
+    /// held file answers or pipelined, then by its route.
+    fn dispatch(&mut self, h: &Header) -> io::Result<()> {
+        let entry0 = self.entry0(h)?;
+        if state::turn(h, entry0.as_ref(), &Live(self.shared)) == Turn::AfterHeld {
+            self.flush_pending(usize::MAX)?;
+            // Staging is for runs of file frames: a connection doing other work
+            // gives its spare buffers back to the shared budget.
+            self.spare.clear();
+        }
+        match state::route(h) {
+            Ok(Route::Data(op)) => self.data_op(op, h),
+            Ok(Route::Notif) => self.notif(h),
+            Err(e) => {
+                self.send_error(h.op, &e)?;
+                Err(io::Error::new(io::ErrorKind::InvalidData, e.message))
+            }
+        }
+    }
+
+    /// Takes a notification. A full queue refuses it (counted by the sink).
+    /// NOTIF frames have no answer, so the sender learns it the only way the
+    /// protocol allows: the connection closes (it sees the peer lost and
+    /// reconnects on its next request).
+    fn notif(&mut self, h: &Header) -> io::Result<()> {
+        // Header::decode bounded len to MAX_NOTIF.
+        let mut msg = Vec::new();
+        self.rx.read_vec(self.fd, &mut msg, h.len as usize, &mut until(self.deadline))?;
+        if let Err(e) = self.shared.notifs.push(self.peer.clone(), msg) {
+            tracing::warn!(agent = %self.shared.agent, peer = ?self.peer, reason = %e,
+                "TCP: notification queue full for this sender; closing its connection");
+            return Err(io::Error::other(format!("notification refused: {e}")));
+        }
+        Ok(())
+    }
+
+    /// A WRITE or READ: resolves its entry table (memory, files, or a
+    /// refusal) and serves it.
+    fn data_op(&mut self, op: XferOp, h: &Header) -> io::Result<()> {
         // Header::decode bounded the count, so the table fits the buffer.
         let tlen = h.entries_len();
         self.rx.fill_to(self.fd, tlen, &mut until(self.deadline))?;
         let shared = self.shared;
         let regions = shared.regions.read();
         let table = &self.rx.bytes()[..tlen];
-        self.spans.clear();
         // Published under the table lock: a deregister that removes one of
         // these regions after this check finds this frame and aborts it.
         let mut ids = self.slot.using.lock();
-        ids.clear();
-        match resolve_memory(h, table, &regions, &shared.files, &mut self.spans, &mut ids) {
-            Ok(Resolved::Memory) => {}
-            Ok(Resolved::NotMemory) => {
-                ids.clear();
-                drop(ids);
-                let kinds = no_memory_entries(h, table, &regions);
-                drop(regions);
-                let planned = kinds.and_then(|()| plan_file_frame(h, table, &shared.files));
-                return match planned {
-                    Ok(plan) => self.file_op(h, tlen, plan),
-                    Err(e) => self.refuse(h, tlen, &e),
-                };
-            }
-            Err(e) => {
-                ids.clear();
-                drop(ids);
-                drop(regions);
-                return self.refuse(h, tlen, &e);
-            }
-        }
+        let tables = Locked { regions: &regions, files: &shared.files };
+        let resolved = state::resolve(h, table, &tables, &mut self.spans, &mut ids);
         drop(ids);
         drop(regions);
+        match resolved {
+            Ok(Resolved::Memory) => self.memory_op(h, tlen),
+            Ok(Resolved::Files) => match plan_file_frame(op, h, &self.rx.bytes()[..tlen], &shared.files) {
+                Ok(plan) => self.file_op(h, tlen, plan),
+                Err(e) => self.refuse(h, tlen, &e),
+            },
+            Err(e) => self.refuse(h, tlen, &e),
+        }
+    }
+
+    /// Moves a memory frame's bytes (its spans resolved and published) and answers.
+    fn memory_op(&mut self, h: &Header, tlen: usize) -> io::Result<()> {
         let _in_use = InUse(self.slot);
         self.rx.consume(tlen);
         if h.ty == FrameType::Write {
