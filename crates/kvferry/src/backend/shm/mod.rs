@@ -62,9 +62,9 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::host::HostId;
 use crate::mem::MemType;
 use crate::params::{ParamSpec, Params};
+use crate::sys;
+pub use crate::sys::{cma, fdpass};
 
-pub mod cma;
-pub mod fdpass;
 pub mod info;
 pub mod mapping;
 pub mod notify;
@@ -150,8 +150,7 @@ impl BackendPlugin for ShmPlugin {
             )
         })?;
         match ptrace_scope() {
-            // SAFETY: geteuid has no preconditions and cannot fail.
-            Some(2) if unsafe { libc::geteuid() } != 0 => Err(Error::not_supported(
+            Some(2) if sys::effective_uid() != 0 => Err(Error::not_supported(
                 "SHM: Yama ptrace_scope is 2 (admin-only attach), so processes cannot attach to each other; \
                  use TCP, or lower /proc/sys/kernel/yama/ptrace_scope to 0 or 1",
             )),
@@ -167,11 +166,7 @@ impl BackendPlugin for ShmPlugin {
         let map = params.parse_bool(NAME, "map")?;
         let access = notify::Access::with_extra(parse_uids(params.raw("allowed_uids").unwrap_or(""))?);
         if params.parse_bool(NAME, "ptracer_any")? && ptrace_scope() == Some(1) {
-            // SAFETY: prctl(PR_SET_PTRACER) takes integer arguments only and changes process attributes.
-            let r = unsafe { libc::prctl(libc::PR_SET_PTRACER, libc::PR_SET_PTRACER_ANY, 0, 0, 0) };
-            if r != 0 {
-                return Err(Error::io("SHM: prctl(PR_SET_PTRACER_ANY)", std::io::Error::last_os_error()));
-            }
+            sys::allow_any_ptracer().map_err(|e| Error::io("SHM: prctl(PR_SET_PTRACER_ANY)", e))?;
         }
         let nonce = loop {
             let k = AccessKey::random()?;

@@ -45,6 +45,7 @@ use crate::backend::{AccessKey, PeerEvents};
 use crate::error::{Error, Result};
 use crate::mem::MemShare;
 use crate::notif::NotifSink;
+use crate::sys::{self, connect_abstract, peer_cred};
 
 /// Reads one frame; `buf` is reused between calls.
 fn read_frame(s: &mut impl Read, buf: &mut Vec<u8>) -> Result<Frame> {
@@ -61,86 +62,6 @@ fn abstract_addr(name: &[u8]) -> Result<SocketAddr> {
     SocketAddr::from_abstract_name(name).map_err(|e| Error::io("SHM: abstract socket name", e))
 }
 
-/// Connects to the abstract socket `name`, waiting at most `timeout` for the
-/// listener's backlog to have room (a listener that stopped accepting, or is
-/// flooded, cannot hold the caller: plain `connect` would wait forever).
-pub fn connect_abstract(name: &[u8], timeout: Duration) -> io::Result<UnixStream> {
-    use std::os::fd::{FromRawFd, OwnedFd};
-    // SAFETY: sockaddr_un is plain data; all-zero is a valid empty address.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    if name.is_empty() || name.len() >= addr.sun_path.len() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "abstract socket name empty or too long"));
-    }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (d, &b) in addr.sun_path[1..].iter_mut().zip(name) {
-        *d = b as libc::c_char;
-    }
-    let len = (std::mem::size_of::<libc::sa_family_t>() + 1 + name.len()) as libc::socklen_t;
-    // SAFETY: socket takes integer arguments; a non-negative result is a new descriptor we own.
-    let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: as above: the descriptor is new and owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    let t = timeout.max(Duration::from_millis(1));
-    let tv = libc::timeval { tv_sec: t.as_secs() as libc::time_t, tv_usec: t.subsec_micros() as libc::suseconds_t };
-    // SAFETY: setsockopt reads a timeval of exactly the size given; the descriptor is ours.
-    let r = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    loop {
-        // SAFETY: addr is a valid sockaddr_un of which `len` bytes are used; the descriptor is ours.
-        let r = unsafe { libc::connect(fd.as_raw_fd(), (&addr as *const libc::sockaddr_un).cast(), len) };
-        if r == 0 {
-            return Ok(UnixStream::from(fd));
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EAGAIN) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("the listener did not take the connection within {timeout:?} (its backlog is full)"),
-                ))
-            }
-            _ => return Err(e),
-        }
-    }
-}
-
-/// The credentials the kernel recorded for the other end of a connected Unix
-/// socket (`SO_PEERCRED`): for an accepted socket, the connecting process at
-/// `connect`; for a connecting one, the listener's process at `listen`.
-pub fn peer_cred(s: &UnixStream) -> io::Result<libc::ucred> {
-    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a plain-data
-    // struct of exactly that size; the descriptor is a live socket we own.
-    let r = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cred)
-}
-
 /// Which local users may use an SHM control socket, either side: this
 /// process's effective uid always, plus the uids listed in the SHM parameter
 /// `allowed_uids`.
@@ -155,8 +76,7 @@ pub struct Access {
 impl Access {
     /// This process's own uid only.
     pub fn own_uid() -> Access {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        Access { me: unsafe { libc::geteuid() }, extra: Vec::new() }
+        Access { me: sys::effective_uid(), extra: Vec::new() }
     }
 
     /// This process's uid plus `extra`.
@@ -326,7 +246,7 @@ impl Server {
             buf.clear();
             Frame::Revoke { seq, key }.encode(&mut buf);
             let sent = match c.writer.try_lock_until(deadline) {
-                Some(w) => super::fdpass::send_within(&w, &buf, deadline).is_ok(),
+                Some(w) => sys::send_within(&*w, &buf, deadline).is_ok(),
                 None => false,
             };
             if sent {
@@ -910,11 +830,9 @@ impl Link {
     /// exited, was killed or dropped its backend): one `poll`, no waiting.
     /// A process's sockets close as it exits, before it can be reaped.
     pub fn hung_up(&self) -> bool {
-        let mut p = libc::pollfd { fd: self.sock, events: libc::POLLRDHUP, revents: 0 };
-        // SAFETY: one valid pollfd; `sock` stays open as long as this Link (it
-        // is `writer`'s descriptor, which is shut down but never closed before).
-        let n = unsafe { libc::poll(&mut p, 1, 0) };
-        n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+        // `sock` stays open as long as this Link (it is `writer`'s
+        // descriptor, which is shut down but never closed before).
+        sys::hung_up(self.sock)
     }
 
     /// Marks the link dead (first reason wins), unmaps the owner's regions
@@ -1177,7 +1095,7 @@ mod tests {
     /// regions, so no copy can ever SIGBUS it.
     #[test]
     fn initiator_does_not_map_a_hostile_owners_memfd() {
-        use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+        use std::os::fd::AsFd;
         let name = format!("kvferry-shm-test-{}-hostile-owner", std::process::id()).into_bytes();
         let listener = UnixListener::bind_addr(&abstract_addr(&name).unwrap()).unwrap();
         let keys = [AccessKey([1; 16]), AccessKey([2; 16])];
@@ -1190,21 +1108,12 @@ mod tests {
             s.write_all(&out).unwrap();
             for n in 0..2 {
                 let Frame::Map { id, .. } = read_frame(&mut s, &mut buf).unwrap() else { panic!("expected MAP") };
-                // SAFETY: memfd_create with a valid C string; the new descriptor is ours.
-                let fd = unsafe {
-                    OwnedFd::from_raw_fd(libc::memfd_create(
-                        c"evil".as_ptr(),
-                        libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-                    ))
-                };
+                let fd = sys::memfd_create(c"evil", libc::MFD_ALLOW_SEALING).unwrap();
                 // n = 0: unsealed, 1 MiB (truncatable later); n = 1: sealed but 4 KiB for a 1 MiB region.
                 let size = if n == 0 { 1 << 20 } else { 4096 };
-                // SAFETY: ftruncate / F_ADD_SEALS on our own descriptor.
-                unsafe {
-                    assert_eq!(libc::ftruncate(fd.as_raw_fd(), size), 0);
-                    if n == 1 {
-                        assert_eq!(libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK), 0);
-                    }
+                sys::set_len(fd.as_raw_fd(), size).unwrap();
+                if n == 1 {
+                    sys::add_seals(fd.as_raw_fd(), libc::F_SEAL_SHRINK).unwrap();
                 }
                 out.clear();
                 let status = MapStatus::Fd;

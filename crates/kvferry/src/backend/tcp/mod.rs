@@ -41,11 +41,11 @@ use crate::storage::FileServer;
 const MEM_TYPES: [MemType; 3] = [MemType::Dram, MemType::File, MemType::Block];
 use crate::notif::NotifSink;
 use crate::params::{ParamSpec, Params};
+use crate::sys;
 
 mod conn;
 pub mod proto;
 mod server;
-mod sys;
 mod xfer;
 
 use conn::Peer;

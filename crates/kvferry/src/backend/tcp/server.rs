@@ -33,10 +33,10 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use super::proto::{self, FrameType, Header, Hello, ProtoError, Status, Welcome, HEADER_LEN, HELLO_FIXED};
-use super::sys::{self, Span};
 use super::{frame_budget, MemRegion, Shared};
 use crate::backend::{AccessKey, XferOp};
 use crate::storage::{self, FileServer, Plan};
+use crate::sys::{self, Span};
 
 /// A connection still in handshake.
 const PENDING: u8 = 0;
