@@ -61,6 +61,7 @@ pub(crate) use job::{Engine, IoBatch, Job, MAX_OP_LEN};
 pub(crate) use plan::{plan, Entry, Naming, Plan, PlanOpts};
 pub(crate) use serve::FileServer;
 pub(crate) use table::{query, FileRegistration, FileTable};
+pub(crate) use uring::probe as probe_io_uring;
 
 /// How to start an engine.
 #[derive(Clone, Debug)]

@@ -53,7 +53,20 @@ pub(crate) fn probe() -> Result<()> {
 }
 
 fn probe_now() -> std::result::Result<(), String> {
-    let mut ring = IoUring::new(4).map_err(|e| format!("io_uring_setup failed ({e})"))?;
+    let mut ring = IoUring::new(4).map_err(|e| {
+        let sysctl = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled").unwrap_or_default();
+        match sysctl.trim() {
+            "2" => format!(
+                "io_uring_setup failed ({e}): disabled by kernel.io_uring_disabled=2 \
+                 (sysctl -w kernel.io_uring_disabled=0 enables it)"
+            ),
+            "1" => format!(
+                "io_uring_setup failed ({e}): kernel.io_uring_disabled=1 allows it only to root and \
+                 the group in kernel.io_uring_group"
+            ),
+            _ => format!("io_uring_setup failed ({e}): a kernel >= 5.6 without seccomp limits on io_uring is needed"),
+        }
+    })?;
     let mut p = Probe::new();
     ring.submitter().register_probe(&mut p).map_err(|e| format!("the opcode probe failed ({e})"))?;
     for (code, name) in

@@ -123,8 +123,10 @@ fn parse_uids(s: &str) -> Result<Vec<u32>> {
         .collect()
 }
 
-/// Yama's `ptrace_scope`, if the Yama LSM is present.
-fn ptrace_scope() -> Option<u32> {
+/// Yama's `ptrace_scope` (`/proc/sys/kernel/yama/ptrace_scope`), if the
+/// Yama LSM is present: 0 and 1 let SHM work (1 with `ptracer_any`), 2 only
+/// for root, 3 never (the SHM plugin's probe says so).
+pub fn ptrace_scope() -> Option<u32> {
     std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope").ok()?.trim().parse().ok()
 }
 
