@@ -1,8 +1,7 @@
-//! cargo-fuzz target `desc_lists`: see `fuzz_support::desc_lists` (shared with the stable
+//! cargo-fuzz target `desc_lists`: see `kvferry_test_support::fuzz::desc_lists` (shared with the stable
 //! randomized test `crates/kvferry/tests/fuzz_decoders.rs`).
 #![no_main]
 
-#[path = "../../crates/kvferry/tests/fuzz_support/mod.rs"]
-mod fuzz_support;
+use kvferry_test_support::fuzz as fuzz_support;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| fuzz_support::desc_lists(data));

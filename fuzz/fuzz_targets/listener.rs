@@ -1,8 +1,7 @@
-//! cargo-fuzz target `listener`: see `fuzz_support::listener` (shared with the stable
+//! cargo-fuzz target `listener`: see `kvferry_test_support::fuzz::listener` (shared with the stable
 //! randomized test `crates/kvferry/tests/fuzz_decoders.rs`).
 #![no_main]
 
-#[path = "../../crates/kvferry/tests/fuzz_support/mod.rs"]
-mod fuzz_support;
+use kvferry_test_support::fuzz as fuzz_support;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| fuzz_support::listener(data));

@@ -1,5 +1,5 @@
 //! cargo-fuzz target `tcp_target`: the model-based property test of the TCP
-//! target (`crates/kvferry/tests/hostile_support/model.rs`, shared with the
+//! target (`crates/kvferry-test-support/src/tcp_model.rs`, shared with the
 //! stable test `crates/kvferry/tests/tcp_model.rs`) driven by fuzzer bytes.
 //!
 //! One target agent lives for the whole fuzzing run (DRAM regions between
@@ -9,12 +9,9 @@
 //! A touched canary, a wrong answer or a fault aborts the run.
 #![no_main]
 
-#[path = "../../crates/kvferry/tests/hostile_support/mod.rs"]
-mod hostile_support;
-
 use std::sync::{Mutex, OnceLock};
 
-use hostile_support::model::{Bytes, World};
+use kvferry_test_support::tcp_model::{Bytes, World};
 
 static WORLD: OnceLock<Mutex<World>> = OnceLock::new();
 

@@ -25,45 +25,25 @@ fn check(what: &str, r: Result<String, (String, String)>) -> Check {
     }
 }
 
+/// The POSIX backend's own io_uring probe (the one `engine=auto` trusts).
 fn io_uring() -> Result<String, (String, String)> {
-    if let Ok(v) = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled") {
-        if v.trim() == "2" {
-            return Err((
-                "disabled by kernel.io_uring_disabled=2".into(),
-                "sysctl -w kernel.io_uring_disabled=0, or use engine=threads".into(),
-            ));
+    match kvferry::backend::posix::probe_io_uring() {
+        Ok(()) => Ok("a ring runs a NOP and has READ, WRITE and POLL_ADD (POSIX engine=auto uses it)".into()),
+        Err(e) => {
+            Err((e.message().to_string(), "POSIX falls back to its thread pool (engine=threads) by itself".into()))
         }
     }
-    let mut params = [0u8; 120]; // struct io_uring_params
-                                 // SAFETY: io_uring_setup reads and writes only the 120-byte params struct we pass.
-    let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 4, params.as_mut_ptr()) };
-    if fd < 0 {
-        let e = std::io::Error::last_os_error();
-        return Err((
-            format!("io_uring_setup failed: {e}"),
-            "a kernel ≥ 5.6 without seccomp limits on io_uring; until then use the POSIX engine=threads".into(),
-        ));
-    }
-    // SAFETY: fd is a descriptor we own, returned just above.
-    unsafe { libc::close(fd as i32) };
-    Ok("io_uring_setup works".into())
 }
 
+/// The SHM plugin's probe: cross-memory attach works and Yama allows it.
 fn cma() -> Result<String, (String, String)> {
-    let src = [7u8; 64];
-    let mut dst = [0u8; 64];
-    let local = libc::iovec { iov_base: dst.as_mut_ptr().cast(), iov_len: dst.len() };
-    let remote = libc::iovec { iov_base: src.as_ptr() as *mut _, iov_len: src.len() };
-    // SAFETY: both iovecs describe live buffers of this process of the given lengths.
-    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
-    let scope = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "n/a".into());
-    if n == 64 && dst == src {
-        Ok(format!("process_vm_readv works (yama ptrace_scope {scope})"))
-    } else {
-        let e = std::io::Error::last_os_error();
-        Err((format!("process_vm_readv failed: {e} (yama ptrace_scope {scope})"), "allow ptrace between the processes (ptrace_scope 0 or CAP_SYS_PTRACE); SHM is skipped and TCP carries same-host traffic".into()))
+    let scope = kvferry::backend::shm::ptrace_scope().map_or_else(|| "n/a".to_string(), |s| s.to_string());
+    match kvferry::backend::plugin("SHM").and_then(|p| p.probe()) {
+        Ok(()) => Ok(format!("process_vm_readv works (yama ptrace_scope {scope})")),
+        Err(e) => Err((
+            format!("{} (yama ptrace_scope {scope})", e.message()),
+            "allow ptrace between the processes (ptrace_scope 0 or 1, or CAP_SYS_PTRACE); SHM is skipped and TCP carries same-host traffic".into(),
+        )),
     }
 }
 

@@ -105,32 +105,20 @@ impl MetaServerArgs {
 /// Raises the soft descriptor limit towards `want` (up to the hard limit),
 /// and warns when even that is below it: the server survives running out
 /// (it backs off and keeps accepting) but serves fewer connections.
-fn raise_nofile(want: libc::rlim_t) {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit writes one rlimit into the valid, owned `lim`.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return;
-    }
-    if lim.rlim_cur < want {
-        let raised = libc::rlimit { rlim_cur: want.min(lim.rlim_max), rlim_max: lim.rlim_max };
-        // SAFETY: setrlimit reads one valid rlimit; lowering nothing, raising the soft limit at most to the hard one.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-            lim = raised;
-        }
-    }
-    if lim.rlim_cur < want {
-        eprintln!(
-            "meta-server: only {} file descriptors (ulimit -n) for --max-connections {}; raise the hard limit to serve that many",
-            lim.rlim_cur,
+fn raise_nofile(want: u64) {
+    match kvferry::os::raise_fd_limit(want) {
+        Ok(now) if now < want => eprintln!(
+            "meta-server: only {now} file descriptors (ulimit -n) for --max-connections {}; raise the hard limit to serve that many",
             want.saturating_sub(64)
-        );
+        ),
+        _ => {}
     }
 }
 
 /// Serves until SIGINT or SIGTERM.
 pub fn run(a: &MetaServerArgs) -> Result<()> {
     let cfg = a.config()?;
-    raise_nofile((cfg.max_connections + 64) as libc::rlim_t);
+    raise_nofile(cfg.max_connections as u64 + 64);
     let auth = if cfg.token.is_some() { "token required" } else { "NO token: anyone who reaches the port may write" };
     let srv = MetaServer::start_with(&format!("{}:{}", a.ip, a.port), cfg)?;
     let stop = Arc::new(AtomicBool::new(false));

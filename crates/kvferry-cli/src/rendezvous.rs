@@ -13,7 +13,6 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -55,30 +54,7 @@ pub fn recv(s: &mut TcpStream, timeout: Duration) -> Result<Msg> {
 
 /// Fills `buf` before `deadline`: a peer trickling bytes is cut off there.
 fn read_until(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> Result<()> {
-    let mut got = 0;
-    while got < buf.len() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(Error::timeout(format!(
-                "rendezvous: the peer sent {got} of {} bytes before the deadline",
-                buf.len()
-            )));
-        }
-        s.set_read_timeout(Some(left)).map_err(|e| Error::io("rendezvous: set timeout", e))?;
-        match s.read(&mut buf[got..]) {
-            Ok(0) => {
-                return Err(Error::new(
-                    kvferry::ErrorKind::RemoteDisconnect,
-                    "rendezvous: the peer closed the connection",
-                ))
-            }
-            Ok(n) => got += n,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Error::io("rendezvous: reading from the peer", e)),
-        }
-    }
-    Ok(())
+    kvferry::os::read_exact_by(s, buf, deadline).map_err(|e| Error::io("rendezvous: reading from the peer", e))
 }
 
 /// Reads one frame of at most `max` bytes before `deadline`.
@@ -152,9 +128,7 @@ impl Server {
         let token = self.token.map(Arc::new);
         self.listener.set_nonblocking(true).map_err(|e| Error::io("rendezvous: nonblocking", e))?;
         while !stop.load(Ordering::Relaxed) {
-            let mut pfd = libc::pollfd { fd: self.listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-            // SAFETY: one valid pollfd on the listening socket this Server owns, for the call's duration.
-            unsafe { libc::poll(&mut pfd, 1, 200) };
+            let _ = kvferry::os::wait_readable(&self.listener, Duration::from_millis(200));
             loop {
                 let (s, peer) = match self.listener.accept() {
                     Ok(c) => c,

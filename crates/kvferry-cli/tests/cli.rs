@@ -1,9 +1,13 @@
 //! The `kvferry` command end to end: help, argument errors, short real runs
 //! in each mode, JSON that parses.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use kvferry_test_support::Child;
+
+/// How long a started command may take to print its first line.
+const FIRST_LINE: Duration = Duration::from_secs(60);
 
 fn kvferry(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_kvferry")).args(args).output().expect("kvferry runs")
@@ -180,35 +184,24 @@ fn summary_runs() {
 
 #[test]
 fn serve_answers_and_stops_on_sigterm() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kvferry"))
-        .args(["serve", "--backends", "local", "--mem-size", "1M", "--ip", "127.0.0.1", "--port", "0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let (mut child, line) = start(
+        "serve",
+        Command::new(env!("CARGO_BIN_EXE_kvferry"))
+            .args(["serve", "--backends", "local", "--mem-size", "1M", "--ip", "127.0.0.1", "--port", "0"])
+            .stderr(Stdio::null()),
+    );
     assert!(line.starts_with("KVFERRY-TARGET listening on 127.0.0.1:"), "{line}");
-    // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            assert!(st.success(), "serve exits cleanly on SIGTERM: {st}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "serve did not stop within 10 s of SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    child.signal(libc::SIGTERM).unwrap();
+    let st = child.exits_within(Duration::from_secs(10)).expect("serve did not stop within 10 s of SIGTERM");
+    assert!(st.success(), "serve exits cleanly on SIGTERM: {st}");
 }
 
-struct Killer(std::process::Child);
-
-impl Drop for Killer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// Starts `cmd` (killed when the returned handle drops) and returns it with
+/// the first line it prints.
+fn start(what: &str, cmd: &mut Command) -> (Child, String) {
+    let mut child = Child::spawn(what, cmd, "");
+    let line = child.line(FIRST_LINE);
+    (child, line)
 }
 
 /// One raw HTTP request (`"METHOD /path"`) with `Connection: close`; the status and the body.
@@ -228,15 +221,13 @@ fn http(addr: &str, line: &str, token: Option<&str>) -> (u16, String) {
 #[test]
 fn meta_server_survives_running_out_of_file_descriptors() {
     // 64 descriptors: the server runs out long before the test does.
-    let mut srv = Command::new("sh")
-        .args(["-c", "ulimit -n 64 && exec \"$0\" meta-server --port 0 --header-timeout-ms 60000"])
-        .arg(env!("CARGO_BIN_EXE_kvferry"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let line = first_line(&mut srv);
-    let mut srv = Killer(srv);
+    let (mut srv, line) = start(
+        "meta-server",
+        Command::new("sh")
+            .args(["-c", "ulimit -n 64 && exec \"$0\" meta-server --port 0 --header-timeout-ms 60000"])
+            .arg(env!("CARGO_BIN_EXE_kvferry"))
+            .stderr(Stdio::null()),
+    );
     let addr = line.split_whitespace().nth(3).expect("meta-server prints its address").to_string();
     let sock: std::net::SocketAddr = addr.parse().unwrap();
     assert_eq!(http(&addr, "PUT /v1/kv/before", None).0, 200);
@@ -251,7 +242,7 @@ fn meta_server_survives_running_out_of_file_descriptors() {
     }
     assert!(held.len() > 64, "only {} connections", held.len());
     std::thread::sleep(Duration::from_millis(300));
-    assert!(srv.0.try_wait().unwrap().is_none(), "the server exited");
+    assert!(srv.running(), "the server exited");
     drop(held);
     // It serves again once descriptors are free, and says it ran out.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -268,20 +259,20 @@ fn meta_server_survives_running_out_of_file_descriptors() {
     assert_eq!(http(&addr, "PUT /v1/kv/after", None).0, 200);
     let (st, body) = http(&addr, "GET /v1/kv/before", None);
     assert_eq!((st, body.as_str()), (200, "v"));
-    let _ = srv.0.kill();
-}
-
-fn first_line(child: &mut std::process::Child) -> String {
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    line
+    srv.kill();
 }
 
 #[test]
 fn p2p_target_and_initiator_find_each_other_through_the_meta_server() {
     // Every process shares the token through KVFERRY_AUTH_TOKEN.
     let token = format!("cli-token-{}", std::process::id());
-    let (_srv, line) = spawn_server(&["meta-server", "--port", "0"], Some(&token));
+    let (_srv, line) = start(
+        "meta-server",
+        Command::new(env!("CARGO_BIN_EXE_kvferry"))
+            .args(["meta-server", "--port", "0"])
+            .env("KVFERRY_AUTH_TOKEN", &token)
+            .stderr(Stdio::null()),
+    );
     assert!(line.contains("token required"), "{line}");
     let addr = line.split_whitespace().nth(3).expect("meta-server prints its address").to_string();
     let (st, body) = http(&addr, "PUT /v1/kv/intruder", None);
@@ -289,15 +280,15 @@ fn p2p_target_and_initiator_find_each_other_through_the_meta_server() {
     let url = format!("http://{addr}");
     let job = format!("cli-{}", std::process::id());
     let flags = ["--backend", "tcp", "--job", &job, "--block-sizes", "4K,64K", "--metadata-url", &url];
-    let target = Command::new(env!("CARGO_BIN_EXE_kvferry"))
-        .args(["bench", "p2p", "--mode", "target", "--name", "cli-target"])
-        .args(flags)
-        .env("KVFERRY_AUTH_TOKEN", &token)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let target = Killer(target);
+    let mut target = Child::spawn(
+        "the target",
+        Command::new(env!("CARGO_BIN_EXE_kvferry"))
+            .args(["bench", "p2p", "--mode", "target", "--name", "cli-target"])
+            .args(flags)
+            .env("KVFERRY_AUTH_TOKEN", &token)
+            .stderr(Stdio::null()),
+        "",
+    );
     let o = Command::new(env!("CARGO_BIN_EXE_kvferry"))
         .args(["bench", "p2p", "--mode", "initiator", "--json", "--check-consistency", "--num_iter", "20"])
         .args(flags)
@@ -310,28 +301,19 @@ fn p2p_target_and_initiator_find_each_other_through_the_meta_server() {
     assert_eq!(lines.len(), 2);
     assert!(lines.iter().all(|l| l["verified"] == true && l["backend"] == "TCP"));
     // The target leaves once its initiator is done.
-    let mut target = target;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(st) = target.0.try_wait().unwrap() {
-            assert!(st.success(), "target exit status {st}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "the target did not leave after the initiator finished");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let st =
+        target.exits_within(Duration::from_secs(15)).expect("the target did not leave after the initiator finished");
+    assert!(st.success(), "target exit status {st}");
 }
 
 #[test]
 fn p2p_target_and_initiator_over_ip_and_port() {
-    let mut target = Command::new(env!("CARGO_BIN_EXE_kvferry"))
-        .args(["bench", "p2p", "--mode", "target", "--backend", "tcp", "--ip", "127.0.0.1", "--port", "0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let line = first_line(&mut target);
-    let _t = Killer(target);
+    let (_t, line) = start(
+        "the target",
+        Command::new(env!("CARGO_BIN_EXE_kvferry"))
+            .args(["bench", "p2p", "--mode", "target", "--backend", "tcp", "--ip", "127.0.0.1", "--port", "0"])
+            .stderr(Stdio::null()),
+    );
     let port = line.trim().rsplit(':').next().unwrap().to_string();
     let o = kvferry(&[
         "bench",
@@ -375,27 +357,25 @@ fn serve_publishes_to_the_store_and_serves_transfers() {
     let dir = format!("/var/tmp/kvferry-serve-{}", std::process::id());
     std::fs::create_dir_all(&dir).unwrap();
     let exported = format!("{dir}/exported.bin");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kvferry"))
-        .args([
-            "serve",
-            "--name",
-            &name,
-            "--backends",
-            "posix,tcp",
-            "--mem-size",
-            "1M",
-            "--ip",
-            "127.0.0.1",
-            "--port",
-            "0",
-        ])
-        .args(["--listen-port", "0", "--metadata-url", &srv.url(), "--files", &exported, "--file-size", "1M"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let line = first_line(&mut child);
-    let _serve = Killer(child);
+    let (_serve, line) = start(
+        "serve",
+        Command::new(env!("CARGO_BIN_EXE_kvferry"))
+            .args([
+                "serve",
+                "--name",
+                &name,
+                "--backends",
+                "posix,tcp",
+                "--mem-size",
+                "1M",
+                "--ip",
+                "127.0.0.1",
+                "--port",
+                "0",
+            ])
+            .args(["--listen-port", "0", "--metadata-url", &srv.url(), "--files", &exported, "--file-size", "1M"])
+            .stderr(Stdio::null()),
+    );
     assert!(line.contains("metadata listener on port") && line.contains("published"), "{line}");
     let me = Agent::new(
         &format!("serve-client-{}", std::process::id()),
@@ -548,28 +528,7 @@ mod raw {
     /// Connects to `addr` from source address `src` (another loopback
     /// address stands for another host) and sends `frames`.
     pub fn send_from(src: std::net::Ipv4Addr, addr: &str, frames: &[Vec<u8>]) -> TcpStream {
-        use std::os::fd::FromRawFd;
-        let dst: std::net::SocketAddrV4 = addr.parse().unwrap();
-        let sockaddr = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: port.to_be(),
-            sin_addr: libc::in_addr { s_addr: u32::from(ip).to_be() },
-            sin_zero: [0; 8],
-        };
-        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        // SAFETY: socket(2)/bind(2)/connect(2) on a descriptor this function
-        // owns (handed to TcpStream, which closes it), with sockaddr_in values
-        // that outlive each call.
-        let mut s = unsafe {
-            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-            assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-            let s = TcpStream::from_raw_fd(fd);
-            let sa = sockaddr(src, 0);
-            assert_eq!(libc::bind(fd, &sa as *const _ as *const libc::sockaddr, len), 0, "bind {src}");
-            let da = sockaddr(*dst.ip(), dst.port());
-            assert_eq!(libc::connect(fd, &da as *const _ as *const libc::sockaddr, len), 0, "connect {addr}");
-            s
-        };
+        let mut s = kvferry_test_support::connect_from(src, addr.parse().unwrap());
         for f in frames {
             s.write_all(f).unwrap();
         }
@@ -579,9 +538,12 @@ mod raw {
 
 #[test]
 fn serve_rendezvous_speaks_the_token_and_serves_many_at_once_within_a_deadline() {
-    let (_serve, line) = spawn_server(
-        &["serve", "--backends", "tcp", "--mem-size", "1M", "--ip", "127.0.0.1", "--port", "0"],
-        Some("s3cret"),
+    let (_serve, line) = start(
+        "serve",
+        Command::new(env!("CARGO_BIN_EXE_kvferry"))
+            .args(["serve", "--backends", "tcp", "--mem-size", "1M", "--ip", "127.0.0.1", "--port", "0"])
+            .env("KVFERRY_AUTH_TOKEN", "s3cret")
+            .stderr(Stdio::null()),
     );
     assert!(line.contains("auth token required"), "{line}");
     let addr = line.split_whitespace().nth(3).unwrap().to_string();
@@ -628,35 +590,23 @@ fn serve_rendezvous_speaks_the_token_and_serves_many_at_once_within_a_deadline()
     assert!(took < Duration::from_secs(14), "the deadline holds: {took:?}");
 }
 
-/// Starts `kvferry args` with `KVFERRY_AUTH_TOKEN=token` (none: the
-/// variable removed); returns it with the first line it printed.
-fn spawn_server(args: &[&str], token: Option<&str>) -> (Killer, String) {
+/// Starts a bench target (`args` after `kvferry`) with `token` (none: the
+/// variable removed); returns it with the address it printed.
+fn spawn_target(args: &[&str], token: Option<&str>) -> (Child, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvferry"));
-    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::null());
+    cmd.args(args).stderr(Stdio::null());
     match token {
         Some(t) => cmd.env("KVFERRY_AUTH_TOKEN", t),
         None => cmd.env_remove("KVFERRY_AUTH_TOKEN"),
     };
-    let mut child = cmd.spawn().unwrap();
-    let line = first_line(&mut child);
-    (Killer(child), line)
-}
-
-/// Starts a bench target (`args` after `kvferry`) with `token`; returns it
-/// with the address it printed.
-fn spawn_target(args: &[&str], token: Option<&str>) -> (Killer, String) {
-    let (child, line) = spawn_server(args, token);
+    let (child, line) = start("the target", &mut cmd);
     let addr = line.trim().strip_prefix("KVFERRY-TARGET listening on ").unwrap_or_else(|| panic!("{line}")).to_string();
     (child, addr)
 }
 
 /// Waits (15 s at most) for a target to leave by itself.
-fn exits_by_itself(target: &mut Killer, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while target.0.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "{what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn exits_by_itself(target: &mut Child, what: &str) {
+    assert!(target.exits_within(Duration::from_secs(15)).is_some(), "{what}");
 }
 
 #[test]

@@ -2,39 +2,32 @@
 //! namespaces joined by a veth pair, created and removed here. Where
 //! namespaces cannot be made (no root, no `ip`), the test says so loudly.
 
-#[path = "../../kvferry/tests/netns_support/mod.rs"]
-mod netns_support;
-
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use netns_support::Netns;
+use kvferry_test_support::netns::Netns;
+use kvferry_test_support::Child;
 
 /// Runs `kvferry <args>` as a target inside `ns`, returns it and its port.
-fn target(ns: &str, args: &[&str]) -> (std::process::Child, String) {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_kvferry")])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+fn target(ns: &str, args: &[&str]) -> (Child, String) {
+    let mut child = Child::spawn(
+        "the target",
+        Command::new("ip")
+            .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_kvferry")])
+            .args(args)
+            .stderr(Stdio::inherit()),
+        "",
+    );
+    let line = child.line(Duration::from_secs(60));
     let port = line.trim().rsplit(':').next().expect("the target prints its address").to_string();
     (child, port)
 }
 
 /// Waits for a target to leave after its initiator is done; kills it after 30 s.
-fn reap(mut t: std::process::Child) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while t.try_wait().unwrap().is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = t.kill();
-            let _ = t.wait();
-            panic!("the target did not leave within 30 s of its initiator");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
+fn reap(mut t: Child) {
+    if t.exits_within(Duration::from_secs(30)).is_none() {
+        t.kill();
+        panic!("the target did not leave within 30 s of its initiator");
     }
 }
 

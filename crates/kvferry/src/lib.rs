@@ -59,9 +59,11 @@ pub mod host;
 pub mod mem;
 pub mod metadata;
 pub mod notif;
+pub mod os;
 pub mod params;
 pub mod request;
 mod storage;
+mod sys;
 pub mod types;
 
 pub use agent::xfer_types::{PreparedList, RequestBuilder};

@@ -6,21 +6,16 @@
 
 use std::alloc::{self, Layout};
 use std::fmt;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::sys;
 
 /// The system page size, used as the default alignment of [`AlignedBuf`].
 pub fn page_size() -> usize {
-    // SAFETY: sysconf has no preconditions; it returns -1 on error, handled below.
-    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if n > 0 {
-        n as usize
-    } else {
-        4096
-    }
+    sys::page_size()
 }
 
 /// Where an [`AlignedBuf`]'s bytes live.
@@ -53,13 +48,14 @@ impl Drop for RawAlloc {
             // SAFETY: ptr was returned by alloc_zeroed with this exact layout and is freed once.
             Backing::Heap { layout } => unsafe { alloc::dealloc(self.ptr.as_ptr(), *layout) },
             Backing::Anon { map_len } => {
-                // SAFETY: ptr/map_len is exactly the mapping kept by `huge_alloc`, unmapped once.
-                unsafe { libc::munmap(self.ptr.as_ptr().cast(), *map_len) };
+                // SAFETY: ptr/map_len is exactly the mapping kept by `huge_alloc`, unmapped once,
+                // when the last owner (buffer or registration) lets go.
+                unsafe { sys::unmap(self.ptr.as_ptr(), *map_len) };
             }
             Backing::MemFd { map_len, .. } => {
                 // SAFETY: ptr/map_len is exactly the mapping made in `memfd_alloc`, unmapped once.
                 // Other processes that mapped the memfd keep their own mappings (and the pages).
-                unsafe { libc::munmap(self.ptr.as_ptr().cast(), *map_len) };
+                unsafe { sys::unmap(self.ptr.as_ptr(), *map_len) };
             }
         }
     }
@@ -73,24 +69,10 @@ impl Drop for RawAlloc {
 fn memfd_alloc(len: usize) -> Option<RawAlloc> {
     let page = page_size();
     let map_len = len.checked_add(page - 1)? / page * page;
-    let size = libc::off_t::try_from(map_len).ok()?;
-    // SAFETY: the name is a NUL-terminated C string; the flags are valid.
-    let raw = unsafe { libc::memfd_create(c"kvferry-buf".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
-    if raw < 0 {
-        return None;
-    }
-    // SAFETY: memfd_create just returned this descriptor, owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: ftruncate on a descriptor we own, with a non-negative size.
-    if unsafe { libc::ftruncate(fd.as_raw_fd(), size) } != 0 {
-        return None;
-    }
-    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-    // SAFETY: F_ADD_SEALS takes an integer argument; the descriptor is ours.
-    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
-        return None;
-    }
-    let ptr = map_shared(&fd, map_len, 0).ok()?;
+    let fd = sys::memfd_create(c"kvferry-buf", libc::MFD_ALLOW_SEALING).ok()?;
+    sys::set_len(fd.as_raw_fd(), map_len as u64).ok()?;
+    sys::add_seals(fd.as_raw_fd(), libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL).ok()?;
+    let ptr = sys::map_shared(fd.as_fd(), map_len, 0).ok()?;
     Some(RawAlloc { ptr, backing: Backing::MemFd { map_len, fd: Arc::new(fd) } })
 }
 
@@ -103,62 +85,8 @@ pub const HUGE_PAGE: usize = 2 << 20;
 /// pages. `None` if the kernel refuses the mapping.
 fn huge_alloc(len: usize) -> Option<RawAlloc> {
     let map_len = len.checked_add(HUGE_PAGE - 1)? / HUGE_PAGE * HUGE_PAGE;
-    // Over-map by one huge page, then trim both ends so that the kept range
-    // starts on a huge-page boundary (the kernel only backs whole, aligned
-    // 2 MiB ranges with huge pages).
-    let over = map_len.checked_add(HUGE_PAGE)?;
-    // SAFETY: a fresh private anonymous mapping with no address hint.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            over,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return None;
-    }
-    let base = p as usize;
-    let start = base.next_multiple_of(HUGE_PAGE);
-    let (head, tail) = (start - base, base + over - (start + map_len));
-    // SAFETY: both ranges lie inside the mapping just made, and nothing refers to them.
-    unsafe {
-        if head > 0 {
-            libc::munmap(p, head);
-        }
-        if tail > 0 {
-            libc::munmap((start + map_len) as *mut libc::c_void, tail);
-        }
-        // Advice only: with THP disabled the range keeps normal pages, which
-        // is correct, only slower for O_DIRECT.
-        libc::madvise(start as *mut libc::c_void, map_len, libc::MADV_HUGEPAGE);
-    }
-    let ptr = NonNull::new(start as *mut u8)?;
+    let ptr = sys::map_huge(map_len, HUGE_PAGE).ok()?;
     Some(RawAlloc { ptr, backing: Backing::Anon { map_len } })
-}
-
-/// Maps `len` bytes of `fd` from `offset`, shared and read-write, at an
-/// address the kernel picks. The caller owns the mapping (and `munmap`s it).
-pub(crate) fn map_shared(fd: &OwnedFd, len: usize, offset: libc::off_t) -> std::io::Result<NonNull<u8>> {
-    // SAFETY: a fresh mapping (no address hint, so nothing existing is replaced)
-    // of a descriptor the caller holds open for the duration of the call.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd.as_raw_fd(),
-            offset,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error());
-    }
-    NonNull::new(p.cast::<u8>()).ok_or_else(|| std::io::Error::other("mmap returned a null mapping"))
 }
 
 /// A handle to the memfd behind registered memory, with which a backend may
@@ -359,16 +287,10 @@ mod tests {
         b.as_mut_slice()[9_999] = 7;
         // The file is sized to whole pages and cannot change size.
         let fd = share.fd().as_raw_fd();
-        // SAFETY: fstat/fcntl on a descriptor the buffer keeps open.
-        let (size, seals) = unsafe {
-            let mut st: libc::stat = std::mem::zeroed();
-            assert_eq!(libc::fstat(fd, &mut st), 0);
-            (st.st_size as usize, libc::fcntl(fd, libc::F_GET_SEALS))
-        };
+        let (size, seals) = (sys::fstat(fd).unwrap().size as usize, sys::seals(fd).unwrap());
         assert_eq!(size, 10_000usize.div_ceil(page_size()) * page_size());
         assert_eq!(seals & (libc::F_SEAL_SHRINK | libc::F_SEAL_GROW), libc::F_SEAL_SHRINK | libc::F_SEAL_GROW);
-        // SAFETY: as above.
-        assert_ne!(unsafe { libc::ftruncate(fd, 0) }, 0, "sealed against shrinking");
+        assert!(sys::set_len(fd, 0).is_err(), "sealed against shrinking");
         assert_eq!(share, share.clone());
         // Alignments above the page size come from the allocator.
         let big = AlignedBuf::with_align(4096, 2 * page_size()).unwrap();

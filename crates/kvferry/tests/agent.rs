@@ -1,15 +1,14 @@
 //! The agent's public surface over the LOCAL backend: configuration,
 //! backends, registration, metadata, requests, notifications, threads.
 
-mod support;
-
 use std::time::Duration;
 
 use kvferry::{
     Agent, AgentConfig, AlignedBuf, ErrorKind, MemType, Params, RegDesc, RegDescList, XferDesc, XferDescList, XferOp,
     XferState,
 };
-use support::name;
+use kvferry_test_support::name;
+use kvferry_test_support::plugins::{self, GATED};
 
 const T: Duration = Duration::from_secs(5);
 
@@ -97,7 +96,7 @@ fn with_backends_is_all_or_nothing_and_names_each_failure() {
 
 #[test]
 fn user_plugins_take_custom_params_from_the_environment() {
-    support::gated_plugin();
+    plugins::register(&GATED);
     let vars = [("KVFERRY_BACKENDS", "local,gated"), ("KVFERRY_GATED_COLOR", "red")]
         .map(|(k, v)| (k.to_string(), v.to_string()));
     let a = Agent::new(&name("env"), AgentConfig::from_vars(vars).unwrap()).unwrap();
@@ -392,7 +391,7 @@ fn prepared_lists_merge_contiguous_runs() {
 
 #[test]
 fn backend_choice_is_deterministic_and_hints_win() {
-    support::gated_plugin();
+    plugins::register(&GATED);
     let cfg = || AgentConfig::default().with_backend("gated", Params::new()).with_backend("local", Params::new());
     let a = Agent::new(&name("ca"), cfg()).unwrap();
     let b = Agent::new(&name("cb"), cfg()).unwrap();

@@ -2,17 +2,16 @@
 //! transfers complete only when the test opens its gate. One test function:
 //! the gate is process-wide.
 
-mod support;
-
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use kvferry::{Agent, AgentConfig, AlignedBuf, ErrorKind, Params, XferOp, XferState};
-use support::{name, CANCELS, GATE_OPEN};
+use kvferry_test_support::name;
+use kvferry_test_support::plugins::{self, GATE, GATED};
 
 #[test]
 fn repost_wait_timeout_and_release() {
-    support::gated_plugin();
+    plugins::register(&GATED);
     let cfg = || AgentConfig::default().with_backend("gated", Params::new());
     let a = Agent::new(&name("ga"), cfg()).unwrap();
     let b = Agent::new(&name("gb"), cfg()).unwrap();
@@ -22,7 +21,7 @@ fn repost_wait_timeout_and_release() {
     a.load_remote_metadata(&b.local_metadata().unwrap()).unwrap();
     let (l, r) = (src.xfer_blocks(0, 4096, 1).unwrap(), dst.xfer_blocks(0, 4096, 1).unwrap());
 
-    GATE_OPEN.store(false, Ordering::SeqCst);
+    GATE.open.store(false, Ordering::SeqCst);
     let req = a.create_request(XferOp::Write, &l, &r, b.name(), None).unwrap();
     assert_eq!(req.post(None).unwrap(), XferState::InProgress);
     assert_eq!(req.status().unwrap(), XferState::InProgress);
@@ -31,19 +30,19 @@ fn repost_wait_timeout_and_release() {
     assert_eq!(e.kind(), ErrorKind::Timeout);
     assert!(e.message().contains("GATED"), "{e}");
 
-    GATE_OPEN.store(true, Ordering::SeqCst);
+    GATE.open.store(true, Ordering::SeqCst);
     req.wait(Duration::from_secs(5)).unwrap();
     assert_eq!(req.status().unwrap(), XferState::Done);
     assert_eq!(req.post(None).unwrap(), XferState::Done, "reposting after completion is allowed");
 
     // Releasing an in-flight request cancels it; a finished one is not cancelled.
-    let before = CANCELS.load(Ordering::SeqCst);
+    let before = GATE.cancels.load(Ordering::SeqCst);
     req.release();
-    assert_eq!(CANCELS.load(Ordering::SeqCst), before);
-    GATE_OPEN.store(false, Ordering::SeqCst);
+    assert_eq!(GATE.cancels.load(Ordering::SeqCst), before);
+    GATE.open.store(false, Ordering::SeqCst);
     let req = a.create_request(XferOp::Write, &l, &r, b.name(), None).unwrap();
     req.post(None).unwrap();
     drop(req);
-    assert_eq!(CANCELS.load(Ordering::SeqCst), before + 1);
-    GATE_OPEN.store(true, Ordering::SeqCst);
+    assert_eq!(GATE.cancels.load(Ordering::SeqCst), before + 1);
+    GATE.open.store(true, Ordering::SeqCst);
 }

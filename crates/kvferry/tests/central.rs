@@ -2,17 +2,13 @@
 //! partial labels, application keys, lease expiry after a crash, watches,
 //! store restarts, and failures.
 
-mod support;
-
-use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use kvferry::metadata::server::MetaServer;
 use kvferry::metadata::store::{HttpStore, MetaStore};
 use kvferry::{Agent, AgentConfig, AlignedBuf, ErrorKind, MetaPeer, Params, XferOp};
-use support::name;
+use kvferry_test_support::{free_port, name, rerun_self, Child};
 
 fn cfg(url: &str) -> AgentConfig {
     let mut c = AgentConfig::default().with_metadata_url(url).with_backend("local", Params::new());
@@ -118,21 +114,13 @@ fn killed_agent_metadata_expires_and_watchers_invalidate() {
     let watcher = Agent::new(&name("cw"), cfg(&srv.url())).unwrap();
     let victim = name("victim");
     let ns = cfg("http://x").metadata_namespace;
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_role", "--nocapture", "--test-threads=1"])
-        .env("KVFERRY_CENTRAL_CHILD", srv.url())
+    let mut cmd = rerun_self("child_role", false, &[]);
+    cmd.env("KVFERRY_CENTRAL_CHILD", srv.url())
         .env("KVFERRY_CENTRAL_NAME", &victim)
         .env("KVFERRY_CENTRAL_NS", &ns)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("published") {
-        line.clear();
-        assert!(out.read_line(&mut line).unwrap() > 0, "child exited before publishing");
-    }
+        .stderr(Stdio::null());
+    let mut child = Child::spawn(&victim, &mut cmd, "");
+    child.wait_for("published", Duration::from_secs(60));
     // The child's agent is not loadable here (LOCAL is in-process only), so
     // watch the key itself, and check the watcher path with a live agent below.
     let store = HttpStore::new(&srv.url(), Duration::from_secs(2)).unwrap();
@@ -141,8 +129,7 @@ fn killed_agent_metadata_expires_and_watchers_invalidate() {
     // Stays alive while the child renews its lease...
     std::thread::sleep(Duration::from_millis(1200));
     assert!(store.get(&key).unwrap().is_some(), "a live agent keeps its metadata");
-    child.kill().unwrap();
-    let _ = child.wait();
+    child.kill();
     let t = Instant::now();
     while store.get(&key).unwrap().is_some() {
         assert!(t.elapsed() < Duration::from_secs(3), "metadata of a killed agent outlived its 600 ms lease");
@@ -154,7 +141,7 @@ fn killed_agent_metadata_expires_and_watchers_invalidate() {
 #[test]
 fn restarted_store_gets_republished() {
     // Pick a port, run a server there, stop it and start a new one on the same port.
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let srv = MetaServer::start(&addr).unwrap();
     let a = Agent::new(&name("rs"), cfg(&srv.url())).unwrap();
@@ -182,7 +169,7 @@ fn restarted_store_gets_republished() {
 
 #[test]
 fn unreachable_store_is_a_clear_bounded_error() {
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let a = Agent::new(&name("un"), cfg(&url)).unwrap();
     let t = Instant::now();

@@ -10,35 +10,12 @@
 //! cargo-fuzz corpora. `KVF_FUZZ_ITERS` scales the work (default 6000 inputs per decoder, 60
 //! operation sequences); `KVF_FUZZ_SEED` changes the seed.
 
-mod fuzz_support;
-
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc;
 use std::time::Duration;
 
-/// xorshift64*: small, deterministic, good enough to pick mutations.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        if n == 0 {
-            0
-        } else {
-            (self.next() % n as u64) as usize
-        }
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
+use kvferry_test_support::fuzz as fuzz_support;
+use kvferry_test_support::rng::Rng;
 
 fn iters() -> usize {
     std::env::var("KVF_FUZZ_ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(6000)
@@ -54,23 +31,23 @@ const INTERESTING: &[u64] =
 /// One mutation of `input`, drawing on `pool` (other valid inputs) for splices.
 fn mutate(rng: &mut Rng, input: &[u8], pool: &[Vec<u8>]) -> Vec<u8> {
     let mut v = input.to_vec();
-    for _ in 0..1 + rng.below(4) {
-        match rng.below(9) {
+    for _ in 0..1 + rng.next_below(4) {
+        match rng.next_below(9) {
             // Bit flip.
             0 if !v.is_empty() => {
-                let i = rng.below(v.len());
-                v[i] ^= 1 << rng.below(8);
+                let i = rng.next_below(v.len());
+                v[i] ^= 1 << rng.next_below(8);
             }
             // Random byte.
             1 if !v.is_empty() => {
-                let i = rng.below(v.len());
-                v[i] = rng.next() as u8;
+                let i = rng.next_below(v.len());
+                v[i] = rng.next_u64() as u8;
             }
             // An interesting integer (1, 2, 4 or 8 bytes, little-endian) over a length field.
             2 if !v.is_empty() => {
-                let width = [1, 2, 4, 8][rng.below(4)];
-                let val = INTERESTING[rng.below(INTERESTING.len())].to_le_bytes();
-                let at = rng.below(v.len());
+                let width = [1, 2, 4, 8][rng.next_below(4)];
+                let val = INTERESTING[rng.next_below(INTERESTING.len())].to_le_bytes();
+                let at = rng.next_below(v.len());
                 for (k, &byte) in val.iter().take(width).enumerate() {
                     if let Some(b) = v.get_mut(at + k) {
                         *b = byte;
@@ -78,38 +55,38 @@ fn mutate(rng: &mut Rng, input: &[u8], pool: &[Vec<u8>]) -> Vec<u8> {
                 }
             }
             // Truncate.
-            3 => v.truncate(rng.below(v.len() + 1)),
+            3 => v.truncate(rng.next_below(v.len() + 1)),
             // Append random bytes.
             4 => {
-                let n = rng.below(64);
-                v.extend(rng.bytes(n));
+                let n = rng.next_below(64);
+                v.extend(rng.next_bytes(n));
             }
             // Insert or delete a run.
             5 if !v.is_empty() => {
-                let at = rng.below(v.len());
-                if rng.below(2) == 0 {
-                    let n = rng.below(16);
-                    let ins = rng.bytes(n);
+                let at = rng.next_below(v.len());
+                if rng.next_below(2) == 0 {
+                    let n = rng.next_below(16);
+                    let ins = rng.next_bytes(n);
                     v.splice(at..at, ins);
                 } else {
-                    let end = (at + rng.below(16)).min(v.len());
+                    let end = (at + rng.next_below(16)).min(v.len());
                     v.drain(at..end);
                 }
             }
             // Splice: a prefix of this with a suffix of another valid input.
             6 if !pool.is_empty() => {
-                let other = &pool[rng.below(pool.len())];
-                let cut = rng.below(v.len() + 1);
-                let from = rng.below(other.len() + 1);
+                let other = &pool[rng.next_below(pool.len())];
+                let cut = rng.next_below(v.len() + 1);
+                let from = rng.next_below(other.len() + 1);
                 v.truncate(cut);
                 v.extend_from_slice(&other[from..]);
             }
             // Concatenate two valid inputs (two frames back to back).
-            7 if !pool.is_empty() => v.extend_from_slice(&pool[rng.below(pool.len())]),
+            7 if !pool.is_empty() => v.extend_from_slice(&pool[rng.next_below(pool.len())]),
             // Entirely random bytes of a random length.
             _ => {
-                let n = rng.below(200);
-                v = rng.bytes(n);
+                let n = rng.next_below(200);
+                v = rng.next_bytes(n);
             }
         }
     }
@@ -141,7 +118,7 @@ fn decoders_never_panic_on_mutated_input() {
             fuzz_support::run(target, s);
         }
         for i in 0..iters() {
-            let base = &pool[rng.below(pool.len())];
+            let base = &pool[rng.next_below(pool.len())];
             let input = mutate(&mut rng, base, &pool);
             let r = catch_unwind(AssertUnwindSafe(|| fuzz_support::run(target, &input)));
             assert!(r.is_ok(), "decoder {name} panicked on input {i}: {}", hex(&input));
@@ -154,8 +131,8 @@ fn random_agent_operations_never_panic_or_hang() {
     let mut rng = Rng(seed() ^ 0x9e37_79b9_7f4a_7c15);
     let runs = (iters() / 30).max(10);
     for i in 0..runs {
-        let n = 50 + rng.below(1500);
-        let input = rng.bytes(n);
+        let n = 50 + rng.next_below(1500);
+        let input = rng.next_bytes(n);
         let (tx, rx) = mpsc::channel();
         let data = input.clone();
         std::thread::spawn(move || {
@@ -220,31 +197,31 @@ fn random_frame_streams_to_a_tcp_target_never_panic() {
         }
         .encode(&mut stream);
         let mut valid: Vec<Vec<u8>> = Vec::new();
-        for f in 0..1 + rng.below(12) {
+        for f in 0..1 + rng.next_below(12) {
             let mut b = Vec::new();
-            let n = 1 + rng.below(4);
+            let n = 1 + rng.next_below(4);
             let mut entries = Vec::new();
             for _ in 0..n {
-                let len = 1 + rng.below(8192) as u64;
-                let off = rng.below((rlen - len) as usize) as u64;
+                let len = 1 + rng.next_below(8192) as u64;
+                let off = rng.next_below((rlen - len) as usize) as u64;
                 entries.push(Entry { key, addr: base + off, len });
             }
             // Some entries go astray: past the end, before the start, or a wrong key.
-            if rng.below(3) == 0 {
-                let e = &mut entries[rng.below(n)];
-                match rng.below(3) {
+            if rng.next_below(3) == 0 {
+                let e = &mut entries[rng.next_below(n)];
+                match rng.next_below(3) {
                     0 => e.addr = base + rlen - e.len / 2,
                     1 => e.addr = guard.addr(),
-                    _ => e.key.0[rng.below(16)] ^= 1,
+                    _ => e.key.0[rng.next_below(16)] ^= 1,
                 }
             }
             let sum: u64 = entries.iter().map(|e| e.len).sum();
-            let ty = match rng.below(4) {
+            let ty = match rng.next_below(4) {
                 0 | 1 => FrameType::Write,
                 2 => FrameType::Read,
                 _ => FrameType::Notif,
             };
-            let (count, len) = if ty == FrameType::Notif { (0, rng.below(64) as u64) } else { (n as u32, sum) };
+            let (count, len) = if ty == FrameType::Notif { (0, rng.next_below(64) as u64) } else { (n as u32, sum) };
             b.extend_from_slice(&Header::new(ty, (c << 16 | f) as u64, count, len).encode());
             if ty != FrameType::Notif {
                 for e in &entries {
@@ -252,13 +229,13 @@ fn random_frame_streams_to_a_tcp_target_never_panic() {
                 }
             }
             if ty != FrameType::Read {
-                b.extend(rng.bytes(len as usize));
+                b.extend(rng.next_bytes(len as usize));
             }
             valid.push(b);
         }
         let frames: Vec<u8> = valid.concat();
         // Mutate the frames (not the handshake) now and then.
-        let frames = if rng.below(2) == 0 { mutate(&mut rng, &frames, &valid) } else { frames };
+        let frames = if rng.next_below(2) == 0 { mutate(&mut rng, &frames, &valid) } else { frames };
         stream.extend_from_slice(&frames);
 
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -272,7 +249,7 @@ fn random_frame_streams_to_a_tcp_target_never_panic() {
         // Written in random pieces, so headers and tables arrive split.
         let mut at = 0;
         while at < stream.len() {
-            let k = (1 + rng.below(300)).min(stream.len() - at);
+            let k = (1 + rng.next_below(300)).min(stream.len() - at);
             if s.write_all(&stream[at..at + k]).is_err() {
                 break; // the target closed on a malformed frame
             }

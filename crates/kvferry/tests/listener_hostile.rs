@@ -5,15 +5,13 @@
 //! regions. Each bound is shown to hold, and a legitimate client is shown to
 //! be served while the attacker holds its connections.
 
-mod support;
-
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use kvferry::metadata::listener::{encode_msg, ListenerLimits, MsgHeader, Op, HEADER_LEN};
 use kvferry::{Agent, AgentConfig, AlignedBuf, ErrorKind, Params};
-use support::connect_from;
+use kvferry_test_support::{connect_from, name};
 
 const T: Duration = Duration::from_secs(5);
 
@@ -26,7 +24,7 @@ fn target(token: Option<&str>, limits: ListenerLimits) -> (Agent, SocketAddr) {
         cfg = cfg.with_auth_token(t);
     }
     cfg.listener_limits = limits;
-    let a = Agent::new(&support::name("lh-target"), cfg).unwrap();
+    let a = Agent::new(&name("lh-target"), cfg).unwrap();
     let addr = a.listen_addr().unwrap();
     (a, addr)
 }
@@ -35,7 +33,7 @@ fn target(token: Option<&str>, limits: ListenerLimits) -> (Agent, SocketAddr) {
 fn source(prefix: &str, regions: usize) -> (Agent, Vec<AlignedBuf>, Vec<kvferry::Registration>) {
     let mut cfg = AgentConfig::default().with_backend("LOCAL", Params::new());
     cfg.auth_token = None;
-    let a = Agent::new(&support::name(prefix), cfg).unwrap();
+    let a = Agent::new(&name(prefix), cfg).unwrap();
     let bufs: Vec<AlignedBuf> = (0..regions).map(|_| AlignedBuf::new(4096).unwrap()).collect();
     let regs = bufs.iter().map(|b| a.register_buf(b).unwrap()).collect();
     (a, bufs, regs)
@@ -358,12 +356,12 @@ fn the_listener_binds_where_the_tcp_data_port_binds() {
     p.set("bind", "127.0.0.1");
     let mut cfg = AgentConfig::default().with_listener(0).with_backend("TCP", p);
     cfg.auth_token = None;
-    let a = Agent::new(&support::name("lh-bind"), cfg).unwrap();
+    let a = Agent::new(&name("lh-bind"), cfg).unwrap();
     let at = a.listen_addr().unwrap();
     assert_eq!(at.ip(), "127.0.0.1".parse::<std::net::IpAddr>().unwrap(), "loopback data port, loopback listener");
     let mut cfg = AgentConfig::default().with_listener(0).with_backend("TCP", Params::new());
     cfg.auth_token = None;
-    let b = Agent::new(&support::name("lh-bind-any"), cfg).unwrap();
+    let b = Agent::new(&name("lh-bind-any"), cfg).unwrap();
     assert!(b.listen_addr().unwrap().ip().is_unspecified(), "a data port on every interface: so is the listener");
     // A malformed request gets a clear error, and the listener keeps serving.
     let mut s = TcpStream::connect(at).unwrap();

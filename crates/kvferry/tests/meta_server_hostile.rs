@@ -4,8 +4,6 @@
 //! connections, slow bodies, caps), each with legitimate agents still
 //! served meanwhile.
 
-mod support;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
@@ -14,7 +12,7 @@ use kvferry::auth::AuthToken;
 use kvferry::metadata::server::{MetaServer, MetaServerConfig};
 use kvferry::metadata::store::{HttpStore, MetaStore};
 use kvferry::{Agent, AgentConfig, MetaPeer, Params};
-use support::name;
+use kvferry_test_support::name;
 
 /// Sends `req` as is and reads the answer until the server closes (or 5 s).
 fn raw(addr: SocketAddr, req: &[u8]) -> String {
@@ -566,7 +564,7 @@ fn one_source_cannot_hold_every_connection() {
     // proves each is being served before the next comes).
     let mut held: Vec<TcpStream> = Vec::new();
     for _ in 0..4 {
-        let mut s = support::connect_from(std::net::Ipv4Addr::LOCALHOST, addr);
+        let mut s = kvferry_test_support::connect_from(std::net::Ipv4Addr::LOCALHOST, addr);
         s.write_all(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut b = [0u8; 12];
@@ -580,7 +578,7 @@ fn one_source_cannot_hold_every_connection() {
     assert_eq!(st, 503, "{r}");
     assert!(body.contains("max_connections_per_ip"), "{body}");
     // Another host (127.0.0.2) is still served.
-    let mut other = support::connect_from(std::net::Ipv4Addr::new(127, 0, 0, 2), addr);
+    let mut other = kvferry_test_support::connect_from(std::net::Ipv4Addr::new(127, 0, 0, 2), addr);
     other.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     other.write_all(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
     let mut out = String::new();

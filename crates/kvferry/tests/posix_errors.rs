@@ -7,6 +7,8 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use kvferry::{Agent, AgentConfig, AlignedBuf, ErrorKind, MemType, Params, XferOp};
+use kvferry_test_support::fill;
+use kvferry_test_support::fs::{skipped, Mount};
 use posix_support::*;
 
 const KIB: u64 = 1024;
@@ -17,7 +19,7 @@ const MIB: u64 = 1024 * KIB;
 fn misaligned_direct_names_the_field() {
     for engine in engines("misaligned_direct") {
         let test = format!("misaligned-{engine}");
-        let dir = TestDir::new(&test);
+        let dir = test_dir(&test);
         if let Err(why) = direct_support(&dir.0) {
             return skipped(&test, &format!("no O_DIRECT under {}: {why}", dir.0.display()));
         }
@@ -61,7 +63,7 @@ fn misaligned_direct_names_the_field() {
 #[test]
 fn enospc_is_an_error() {
     let test = "enospc_is_an_error";
-    let dir = TestDir::new("enospc");
+    let dir = test_dir("enospc");
     let mnt = match Mount::tmpfs(&dir.path("mnt"), "1M") {
         Ok(m) => m,
         Err(why) => return skipped(test, &format!("cannot mount a 1 MiB tmpfs (needs root): {why}")),
@@ -70,7 +72,7 @@ fn enospc_is_an_error() {
         let name = format!("enospc-{engine}");
         let a = agent(&name, engine, &[("max_io_size", "256K")]);
         let mut src = AlignedBuf::new(4 * MIB as usize).unwrap();
-        fill(&mut src, 1);
+        fill(src.as_mut_slice(), 1);
         let _r = a.register_buf(&src).unwrap();
         let file = mnt.dir.join(format!("full-{engine}"));
         let _rf =
@@ -101,7 +103,7 @@ fn read_past_eof_is_an_error() {
     for engine in engines("read_past_eof") {
         for direct in [false, true] {
             let test = format!("eof-{engine}-{direct}");
-            let dir = TestDir::new(&test);
+            let dir = test_dir(&test);
             if direct && direct_support(&dir.0).is_err() {
                 skipped(&test, "no O_DIRECT here");
                 continue;
@@ -138,7 +140,7 @@ fn read_past_eof_is_an_error() {
 fn deregistered_file_fails_the_post() {
     for engine in engines("deregistered_file") {
         let test = format!("dereg-{engine}");
-        let dir = TestDir::new(&test);
+        let dir = test_dir(&test);
         let a = agent(&test, engine, &[]);
         let buf = AlignedBuf::new(4096).unwrap();
         let _r = a.register_buf(&buf).unwrap();
@@ -162,7 +164,7 @@ fn deregistered_file_fails_the_post() {
 #[test]
 fn registration_errors_are_clear() {
     let test = "posix-reg-errors";
-    let dir = TestDir::new(test);
+    let dir = test_dir(test);
     let a = agent(test, "threads", &[]);
     let buf = AlignedBuf::new(4096).unwrap();
     let _r = a.register_buf(&buf).unwrap();
@@ -219,7 +221,7 @@ fn bad_parameters_are_refused() {
 #[test]
 fn query_mem_reports_files() {
     let test = "posix-query";
-    let dir = TestDir::new(test);
+    let dir = test_dir(test);
     let a = agent(test, "threads", &[]);
     let p = dir.path("q");
     std::fs::write(&p, vec![0u8; 12345]).unwrap();
@@ -248,7 +250,7 @@ fn query_mem_reports_files() {
 fn drop_in_flight_and_concurrent_posts() {
     for engine in engines("drop_in_flight") {
         let test = format!("inflight-{engine}");
-        let dir = TestDir::new(&test);
+        let dir = test_dir(&test);
         let a = Arc::new(agent(&test, engine, &[("max_io_size", "64K"), ("queue_depth", "8"), ("threads", "2")]));
         let meta = format!("rw,create:{}", dir.path("f").display());
         let _rf = a.register_storage(&reg(MemType::File, 0, 0, 1, &meta), &[]).unwrap();
@@ -274,7 +276,7 @@ fn drop_in_flight_and_concurrent_posts() {
                 let test = test.clone();
                 std::thread::spawn(move || {
                     let mut src = AlignedBuf::new(MIB as usize).unwrap();
-                    fill(&mut src, t);
+                    fill(src.as_mut_slice(), t);
                     let dst = AlignedBuf::new(MIB as usize).unwrap();
                     let _r1 = a.register_buf(&src).unwrap();
                     let _r2 = a.register_buf(&dst).unwrap();

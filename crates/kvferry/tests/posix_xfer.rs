@@ -8,6 +8,9 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 
 use kvferry::{AlignedBuf, ErrorKind, MemType, RegDesc, RegDescList, XferOp};
+use kvferry_test_support::fill;
+use kvferry_test_support::fs::{skipped, LoopDev};
+use kvferry_test_support::pattern::shuffled;
 use posix_support::*;
 
 const KIB: u64 = 1024;
@@ -17,7 +20,7 @@ const MIB: u64 = 1024 * KIB;
 /// them out, check the files with std, READ them back into another buffer.
 fn many_descriptors_across_files(engine: &str, direct: bool, queue_bytes: &str, busy_poll_us: &str) {
     let test = format!("many-{engine}-{}-{queue_bytes}", if direct { "direct" } else { "buffered" });
-    let dir = TestDir::new(&test);
+    let dir = test_dir(&test);
     if direct {
         if let Err(why) = direct_support(&dir.0) {
             return skipped(&test, &format!("no O_DIRECT under {}: {why}", dir.0.display()));
@@ -31,7 +34,7 @@ fn many_descriptors_across_files(engine: &str, direct: bool, queue_bytes: &str, 
     const PER_FILE: u64 = 512;
     let total = FILES * PER_FILE * BLOCK;
     let mut src = AlignedBuf::new(total as usize).unwrap();
-    fill(&mut src, 42);
+    fill(src.as_mut_slice(), 42);
     let dst = AlignedBuf::new(total as usize).unwrap();
     let _rs = a.register_buf(&src).unwrap();
     let _rd = a.register_buf(&dst).unwrap();
@@ -102,11 +105,11 @@ fn many_descriptors_with_a_byte_budget() {
 fn large_and_odd_sized_runs() {
     for engine in engines("large_and_odd_sized_runs") {
         let test = format!("large-{engine}");
-        let dir = TestDir::new(&test);
+        let dir = test_dir(&test);
         let a = agent(&test, engine, &[("max_io_size", "64K")]);
         let n = 3 * MIB + 12345;
         let mut src = AlignedBuf::new(n as usize).unwrap();
-        fill(&mut src, 3);
+        fill(src.as_mut_slice(), 3);
         let dst = AlignedBuf::new(n as usize).unwrap();
         let _r1 = a.register_buf(&src).unwrap();
         let _r2 = a.register_buf(&dst).unwrap();
@@ -133,11 +136,11 @@ fn large_and_odd_sized_runs() {
 fn fd_mode_registration() {
     for engine in engines("fd_mode_registration") {
         let test = format!("fdmode-{engine}");
-        let dir = TestDir::new(&test);
+        let dir = test_dir(&test);
         let direct = direct_support(&dir.0).is_ok();
         let a = agent(&test, engine, &[]);
         let mut src = AlignedBuf::new(256 * KIB as usize).unwrap();
-        fill(&mut src, 9);
+        fill(src.as_mut_slice(), 9);
         let dst = AlignedBuf::new(256 * KIB as usize).unwrap();
         let _r1 = a.register_buf(&src).unwrap();
         let _r2 = a.register_buf(&dst).unwrap();
@@ -204,10 +207,10 @@ fn fd_mode_registration() {
 fn len0_registration_covers_whole_file() {
     for engine in engines("len0_registration") {
         let test = format!("len0-{engine}");
-        let dir = TestDir::new(&test);
+        let dir = test_dir(&test);
         let a = agent(&test, engine, &[]);
         let mut src = AlignedBuf::new(8192).unwrap();
-        fill(&mut src, 5);
+        fill(src.as_mut_slice(), 5);
         let dst = AlignedBuf::new(8192).unwrap();
         let _r1 = a.register_buf(&src).unwrap();
         let _r2 = a.register_buf(&dst).unwrap();
@@ -226,7 +229,7 @@ fn len0_registration_covers_whole_file() {
 #[test]
 fn block_device_round_trip() {
     let test = "block_device_round_trip";
-    let dir = TestDir::new("block");
+    let dir = test_dir("block");
     let img = dir.path("disk.img");
     std::fs::File::create(&img).unwrap().set_len(16 * MIB).unwrap();
     let lo = match LoopDev::attach(&img) {
@@ -237,7 +240,7 @@ fn block_device_round_trip() {
         let name = format!("block-{engine}");
         let a = agent(&name, engine, &[]);
         let mut src = AlignedBuf::new(MIB as usize).unwrap();
-        fill(&mut src, engine.len() as u64);
+        fill(src.as_mut_slice(), engine.len() as u64);
         let dst = AlignedBuf::new(MIB as usize).unwrap();
         let _r1 = a.register_buf(&src).unwrap();
         let _r2 = a.register_buf(&dst).unwrap();
@@ -269,7 +272,7 @@ fn block_device_round_trip() {
 #[test]
 fn attached_notification_follows_the_data() {
     let test = "posix-notif";
-    let dir = TestDir::new(test);
+    let dir = test_dir(test);
     let a = agent(test, "auto", &[]);
     let src = AlignedBuf::new(4096).unwrap();
     let _r = a.register_buf(&src).unwrap();
@@ -295,11 +298,11 @@ fn sqpoll_and_auto_engines() {
         return; // io_uring unavailable: already reported as skipped
     }
     for (name, extra) in [("posix-sqpoll", &[("sqpoll", "true")][..]), ("posix-auto", &[][..])] {
-        let dir = TestDir::new(name);
+        let dir = test_dir(name);
         let engine = if extra.is_empty() { "auto" } else { "uring" };
         let a = agent(name, engine, extra);
         let mut src = AlignedBuf::new(256 * KIB as usize).unwrap();
-        fill(&mut src, 11);
+        fill(src.as_mut_slice(), 11);
         let dst = AlignedBuf::new(256 * KIB as usize).unwrap();
         let _r1 = a.register_buf(&src).unwrap();
         let _r2 = a.register_buf(&dst).unwrap();

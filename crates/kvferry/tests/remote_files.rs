@@ -5,16 +5,14 @@
 //! at the target, and a full filesystem.
 //! (Two processes and two network namespaces: see kvferry-cli's tests.)
 
-mod support;
-
-use std::path::PathBuf;
-use std::process::Command;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kvferry::{
     Agent, AgentConfig, AlignedBuf, ErrorKind, MemType, Params, RegDesc, RegDescList, XferDesc, XferDescList, XferOp,
 };
-use support::name;
+use kvferry_test_support::fs::{Mount, TestDir};
+use kvferry_test_support::name;
 
 const T: Duration = Duration::from_secs(10);
 
@@ -138,27 +136,16 @@ fn direct_alignment_is_checked_at_the_target() {
 
 #[test]
 fn a_full_filesystem_at_the_target_is_an_error() {
-    let d = dir("full");
-    let mnt = d.join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let out = Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"]).arg(&mnt).output();
-    match out {
-        Ok(o) if o.status.success() => {}
-        other => {
-            let why = other.map(|o| String::from_utf8_lossy(&o.stderr).to_string()).unwrap_or_else(|e| e.to_string());
+    let d = TestDir::new_in(Path::new("/var/tmp"), "kvferry-rf-full");
+    let mnt = d.path("mnt");
+    // Declared after `d`: unmounted before the directory is removed.
+    let _mount = match Mount::tmpfs(&mnt, "1m") {
+        Ok(m) => m,
+        Err(why) => {
             eprintln!("\n*** SKIPPED: cannot mount a small tmpfs to fill: {why} ***\n");
-            let _ = std::fs::remove_dir_all(&d);
             return;
         }
-    }
-    struct Unmount(PathBuf, PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-            let _ = std::fs::remove_dir_all(&self.1);
-        }
-    }
-    let _u = Unmount(mnt.clone(), d.clone());
+    };
     let (target, init) = pair();
     let id = target.register_local_file(mnt.join("big"), 4 << 20, false).unwrap();
     init.load_remote_metadata(&target.local_metadata().unwrap()).unwrap();

@@ -9,7 +9,8 @@ mod shm_support;
 use std::time::{Duration, Instant};
 
 use kvferry::{AlignedBuf, ErrorKind, MemType, XferDesc, XferDescList, XferOp};
-use shm_support::{agent, eventually, fill, peer_main, scratch, Peer};
+use kvferry_test_support::{eventually, fill, scratch};
+use shm_support::{agent, peer_main, Peer};
 
 const ME: &str = "shm_failures";
 
@@ -46,7 +47,7 @@ fn exited_peer_gives_remote_disconnect() {
     assert!(t.elapsed() < Duration::from_secs(2), "the failure is immediate, not a timeout");
     assert_eq!(w.status().unwrap_err().kind(), ErrorKind::RemoteDisconnect);
     // The agent was told: the peer's metadata is gone.
-    eventually("peer invalidated", || !a.check_remote("shm-fexit", None));
+    eventually("peer invalidated", Duration::from_secs(10), || !a.check_remote("shm-fexit", None));
     let e = a.send_notification("shm-fexit", b"x", &[]).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
 }
@@ -77,7 +78,7 @@ fn killed_peer_mid_transfer_never_hangs() {
     peer.kill();
     let e = poster.join().unwrap();
     assert_eq!(e.kind(), ErrorKind::RemoteDisconnect, "{e}");
-    eventually("peer invalidated", || !a.check_remote("shm-fkill", None));
+    eventually("peer invalidated", Duration::from_secs(10), || !a.check_remote("shm-fkill", None));
 }
 
 #[test]

@@ -11,10 +11,9 @@
 
 mod shm_support;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixStream};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kvferry::backend::shm::fdpass::FdReader;
@@ -23,7 +22,9 @@ use kvferry::backend::shm::wire::{frame_len, Frame, MapStatus, VERSION};
 use kvferry::backend::AccessKey;
 use kvferry::metadata::codec::AgentMetadata;
 use kvferry::AlignedBuf;
-use shm_support::{agent, fill, hex, pattern, peer_main, unhex, Peer};
+use kvferry_test_support::fs::is_root;
+use kvferry_test_support::{fill, hex, pattern_byte, rerun_self, unhex, Child};
+use shm_support::{agent, peer_main, Peer};
 
 const ME: &str = "shm_hostile";
 const HOSTILE_ENV: &str = "KVFERRY_SHM_HOSTILE";
@@ -208,50 +209,24 @@ fn shm_hostile_main() {
 
 /// Runs the hostile role against `t`; returns its answer lines and the
 /// child (which holds its connections until its stdin is closed).
-fn spawn_hostile(t: &Target, holders: usize, setuid: bool) -> (std::process::Child, Vec<String>) {
-    let exe = std::env::current_exe().unwrap();
-    let mut cmd = Command::new(exe);
-    cmd.args(["shm_hostile_main", "--exact", "--nocapture", "--test-threads=1"])
-        .env(HOSTILE_ENV, format!("{} {} {} {holders}", hex(&t.info.socket), t.info.nonce, hex(&t.key.0)))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+fn spawn_hostile(t: &Target, holders: usize, setuid: bool) -> (Child, Vec<String>) {
+    let mut cmd = rerun_self("shm_hostile_main", false, &[]);
+    cmd.env(HOSTILE_ENV, format!("{} {} {} {holders}", hex(&t.info.socket), t.info.nonce, hex(&t.key.0)));
     if setuid {
         cmd.env("KVFERRY_SHM_HOSTILE_SETUID", "1");
     }
-    let mut child = cmd.spawn().unwrap();
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(|l| l.ok()) {
-            if let Some(i) = l.find("@@ ") {
-                let _ = tx.send(l[i + 3..].to_string());
-            }
-        }
-    });
-    let mut lines = Vec::new();
-    while lines.len() < 4 {
-        lines.push(rx.recv_timeout(Duration::from_secs(30)).expect("the hostile child did not answer in 30 s"));
-    }
+    let mut child = Child::spawn("the hostile child", &mut cmd, "@@ ");
+    let lines = (0..4).map(|_| child.line(Duration::from_secs(30))).collect();
     (child, lines)
 }
 
-fn finish(mut child: std::process::Child) {
-    drop(child.stdin.take());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
+/// Closes the hostile child's stdin (it lets go of its connections and
+/// exits) and waits for it, killing it after 10 s.
+fn finish(mut child: Child) {
+    child.close_stdin();
+    if child.exits_within(Duration::from_secs(10)).is_none() {
+        child.kill();
     }
-    let _ = child.wait();
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
 }
 
 /// Another uid that knows everything public (socket name, nonce, key) holds
@@ -283,7 +258,10 @@ fn another_uid_is_refused_gets_no_memfd_and_cannot_write() {
     let r = &lines[3];
     assert!(r.starts_with("RESULT welcome=false fd=false wrote=false refuse="), "{r}");
     assert!(r.contains("uid_65534") && r.contains("allowed_uids"), "the refusal says why and what to do: {r}");
-    assert!(buf.as_slice().iter().enumerate().all(|(i, &b)| b == pattern(5, i)), "the owner's buffer is untouched");
+    assert!(
+        buf.as_slice().iter().enumerate().all(|(i, &b)| b == pattern_byte(5, i)),
+        "the owner's buffer is untouched"
+    );
 
     // While the attacker's process is still alive, a same-uid peer is served.
     let mut peer = Peer::spawn("shm_peer_main", "shm-hlegit", 4096, 1, &[]);

@@ -7,10 +7,13 @@
 
 mod shm_support;
 
+use std::time::Duration;
+
 use kvferry::{
     Agent, AgentConfig, AlignedBuf, ErrorKind, MemType, Params, RegDesc, RegDescList, XferDesc, XferDescList, XferOp,
 };
-use shm_support::{agent, eventually, fill, maps_inode, pattern, peer_main, remote_list, Peer};
+use kvferry_test_support::{eventually, fill, pattern_byte};
+use shm_support::{agent, maps_inode, peer_main, remote_list, Peer};
 
 const ME: &str = "shm_mapped";
 
@@ -57,7 +60,7 @@ fn aligned_buf_regions_use_the_mapped_path() {
     let r = a.create_request(XferOp::Read, &whole_l, &whole_r, "shm-m1", None).unwrap();
     assert_eq!(r.data_path(), Some("mapped"));
     r.post(None).unwrap();
-    assert_eq!(buf.as_slice().iter().enumerate().position(|(i, &b)| b != pattern(33, i)), None, "READ");
+    assert_eq!(buf.as_slice().iter().enumerate().position(|(i, &b)| b != pattern_byte(33, i)), None, "READ");
 
     // 4096 scattered descriptors, WRITE then READ.
     fill(buf.as_mut_slice(), 44);
@@ -75,7 +78,7 @@ fn aligned_buf_regions_use_the_mapped_path() {
     r.post(None).unwrap();
     for i in 0..K {
         for j in 0..B {
-            assert_eq!(buf.as_slice()[i * B + j], pattern(55, perm(i) * B + j), "READ: block {i} byte {j}");
+            assert_eq!(buf.as_slice()[i * B + j], pattern_byte(55, perm(i) * B + j), "READ: block {i} byte {j}");
         }
     }
     peer.exit();
@@ -114,7 +117,7 @@ fn raw_registered_memory_uses_cross_memory_attach() {
         for i in 0..N / 4096 {
             let o = ((i * 7) % (N / 4096)) * 4096;
             for j in 0..4096 {
-                assert_eq!(mine[i * 4096 + j], pattern(77, o + j), "{name}: READ block {i} byte {j}");
+                assert_eq!(mine[i * 4096 + j], pattern_byte(77, o + j), "{name}: READ block {i} byte {j}");
             }
         }
         fill(&mut mine, 66);
@@ -199,9 +202,17 @@ fn deregistration_unmaps_and_later_posts_touch_nothing() {
         assert_eq!(e.kind(), ErrorKind::NotAllowed, "{e}");
         assert!(e.message().contains("deregistered"), "{e}");
     }
-    assert_eq!(buf.as_slice().iter().enumerate().position(|(i, &b)| b != pattern(13, i)), None, "READ moved nothing");
+    assert_eq!(
+        buf.as_slice().iter().enumerate().position(|(i, &b)| b != pattern_byte(13, i)),
+        None,
+        "READ moved nothing"
+    );
     let got = peer.dump("mdereg");
-    assert_eq!(got.iter().enumerate().position(|(i, &b)| b != pattern(12, i)), None, "the owner's memory is untouched");
+    assert_eq!(
+        got.iter().enumerate().position(|(i, &b)| b != pattern_byte(12, i)),
+        None,
+        "the owner's memory is untouched"
+    );
     let e = a.create_request(XferOp::Write, &local, &remote, "shm-mdereg", None).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotAllowed, "{e}");
     peer.exit();
@@ -228,6 +239,6 @@ fn exited_peer_fails_mapped_posts_and_is_unmapped() {
         let e = req.post(None).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::RemoteDisconnect, "{e}");
     }
-    eventually("the orphaned mapping dropped", || !maps_inode(inode));
-    eventually("peer invalidated", || !a.check_remote("shm-mexit", None));
+    eventually("the orphaned mapping dropped", Duration::from_secs(10), || !maps_inode(inode));
+    eventually("peer invalidated", Duration::from_secs(10), || !a.check_remote("shm-mexit", None));
 }

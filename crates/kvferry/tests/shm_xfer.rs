@@ -8,7 +8,8 @@ mod shm_support;
 use std::time::Duration;
 
 use kvferry::{AlignedBuf, ErrorKind, XferOp};
-use shm_support::{agent, fill, pattern, peer_main, remote_list, Peer};
+use kvferry_test_support::{fill, pattern_byte};
+use shm_support::{agent, peer_main, remote_list, Peer};
 
 const ME: &str = "shm_xfer";
 
@@ -44,7 +45,7 @@ fn write_and_read_one_descriptor() {
     let r = a.create_request(XferOp::Read, &local, &remote, "shm-p1", None).unwrap();
     r.post(None).unwrap();
     r.wait(Duration::from_secs(5)).unwrap();
-    let bad = buf.as_slice().iter().enumerate().position(|(i, &b)| b != pattern(33, i));
+    let bad = buf.as_slice().iter().enumerate().position(|(i, &b)| b != pattern_byte(33, i));
     assert_eq!(bad, None, "READ: first wrong byte");
     peer.exit();
 }
@@ -79,13 +80,13 @@ fn write_and_read_4096_scattered_descriptors() {
     r.wait(Duration::from_secs(5)).unwrap();
     for i in 0..K {
         for j in 0..B {
-            assert_eq!(buf.as_slice()[i * B + j], pattern(44, perm(i) * B + j), "READ: block {i} byte {j}");
+            assert_eq!(buf.as_slice()[i * B + j], pattern_byte(44, perm(i) * B + j), "READ: block {i} byte {j}");
         }
     }
     // Posting again moves the same bytes again (prepared iovecs are reused).
     peer.ok("FILL 45");
     r.post(None).unwrap();
-    assert_eq!(buf.as_slice()[0], pattern(45, 0));
+    assert_eq!(buf.as_slice()[0], pattern_byte(45, 0));
     peer.exit();
 }
 
@@ -139,7 +140,7 @@ fn notifications_attached_and_standalone() {
     a.send_notification("shm-pnotif", b"hello", &[]).unwrap();
     a.send_notification("shm-pnotif", b"again", &["SHM"]).unwrap();
     assert_eq!(peer.cmd("NOTIFS 2"), format!("NOTIFS {me}:hello,{me}:again"));
-    peer.ok(&format!("LOAD {}", shm_support::hex(&a.local_metadata().unwrap())));
+    peer.ok(&format!("LOAD {}", kvferry_test_support::hex(&a.local_metadata().unwrap())));
     peer.ok(&format!("SEND {me} back"));
     assert!(a.wait_notifications(Duration::from_secs(10)));
     assert_eq!(a.take_notifications()["shm-pnotif"], vec![b"back".to_vec()]);
@@ -178,7 +179,7 @@ fn refused_attach_falls_back_to_tcp() {
     let a = agent(&me, &["FAKETCP", "SHM"]);
     let buf = AlignedBuf::new(1 << 16).unwrap();
     let _r = a.register_buf(&buf).unwrap();
-    let md = shm_support::hex(&a.local_metadata().unwrap());
+    let md = kvferry_test_support::hex(&a.local_metadata().unwrap());
     if root {
         let mut chooser = spawn(
             "shm-pchooser",

@@ -3,15 +3,11 @@
 //! data over TCP; and a killed agent whose metadata expires and whose
 //! watchers invalidate it.
 
-mod support;
-
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kvferry::metadata::server::MetaServer;
 use kvferry::{Agent, AgentConfig, AlignedBuf, MetaPeer, Params, XferDescList, XferOp};
-use support::name;
+use kvferry_test_support::{fill, name, rerun_self, Child};
 
 const LEN: usize = 1 << 20;
 
@@ -23,12 +19,6 @@ fn config(url: Option<&str>, etcd: Option<&str>, ns: &str) -> AgentConfig {
     c.metadata_lease = Duration::from_secs(2);
     c.metadata_timeout = Duration::from_secs(10);
     c
-}
-
-fn fill(b: &mut [u8], seed: u8) {
-    for (i, x) in b.iter_mut().enumerate() {
-        *x = (i as u8).wrapping_mul(13).wrapping_add(seed);
-    }
 }
 
 /// The child: publishes itself and its buffer, waits for "done", checks what was written.
@@ -59,40 +49,32 @@ fn child_role() {
     println!("verified");
 }
 
-fn spawn(name: &str, ns: &str, url: Option<&str>, etcd: Option<&str>) -> (Child, BufReader<std::process::ChildStdout>) {
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args(["--exact", "child_role", "--nocapture", "--test-threads=1"])
-        .env("KVF_STORE_CHILD", name)
-        .env("KVF_STORE_NS", ns);
+/// Every wait for the child's word is bounded by this.
+const SAY: Duration = Duration::from_secs(60);
+
+fn spawn(name: &str, ns: &str, url: Option<&str>, etcd: Option<&str>) -> Child {
+    let mut cmd = rerun_self("child_role", false, &[]);
+    cmd.env("KVF_STORE_CHILD", name).env("KVF_STORE_NS", ns);
     if let Some(u) = url {
         cmd.env("KVF_STORE_URL", u);
     }
     if let Some(e) = etcd {
         cmd.env("KVF_STORE_ETCD", e);
     }
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    wait_line(&mut out, "ready");
-    (child, out)
-}
-
-fn wait_line(out: &mut BufReader<std::process::ChildStdout>, want: &str) {
-    let mut line = String::new();
-    while !line.contains(want) {
-        line.clear();
-        assert!(out.read_line(&mut line).unwrap() > 0, "the child exited before saying '{want}'");
-    }
+    let mut child = Child::spawn(name, &mut cmd, "");
+    child.wait_for("ready", SAY);
+    child
 }
 
 fn scenario(url: Option<&str>, etcd: Option<&str>) {
-    let ns = format!("/kvf-test-{}-{}/", std::process::id(), support::free_port());
+    let ns = format!("/kvf-test-{}-{}/", std::process::id(), kvferry_test_support::free_port());
     let me = Agent::new(&name("parent"), config(url, etcd, &ns)).unwrap();
     let mut local = AlignedBuf::new(LEN).unwrap();
     fill(&mut local.as_mut_slice()[LEN / 2..], 2);
     let _r = me.register_buf(&local).unwrap();
 
     let child_name = name("child");
-    let (mut child, mut out) = spawn(&child_name, &ns, url, etcd);
+    let mut child = spawn(&child_name, &ns, url, etcd);
     me.fetch_remote_metadata(&child_name, None, MetaPeer::Store).unwrap();
     let descs = me.store().unwrap().get(&format!("{ns}app/{child_name}/descs"), Duration::from_secs(5)).unwrap();
     let remote = XferDescList::from_bytes(&descs).unwrap();
@@ -117,16 +99,15 @@ fn scenario(url: Option<&str>, etcd: Option<&str>) {
         .unwrap();
     wr.post(None).unwrap();
     wr.wait(Duration::from_secs(10)).unwrap();
-    wait_line(&mut out, "verified");
-    assert!(child.wait().unwrap().success());
+    child.wait_for("verified", SAY);
+    assert!(child.child.wait().unwrap().success());
 
     // A killed agent: its metadata expires with its lease and watchers invalidate it.
     let victim = name("victim");
-    let (mut child, _out) = spawn(&victim, &ns, url, etcd);
+    let mut child = spawn(&victim, &ns, url, etcd);
     me.fetch_remote_metadata(&victim, None, MetaPeer::Store).unwrap();
     assert!(me.check_remote(&victim, None));
-    child.kill().unwrap();
-    let _ = child.wait();
+    child.kill();
     let t = Instant::now();
     while me.check_remote(&victim, None) {
         assert!(t.elapsed() < Duration::from_secs(10), "the killed agent's metadata was never invalidated");
@@ -145,15 +126,15 @@ fn through_the_metadata_server() {
 #[cfg(feature = "etcd")]
 #[test]
 fn through_etcd() {
-    let etcd = support::Etcd::start();
+    let etcd = kvferry_test_support::servers::Etcd::start();
     scenario(None, Some(&etcd.url));
 }
 
 #[cfg(feature = "etcd")]
 #[test]
 fn etcd_restart_and_failures() {
-    let port = support::free_port();
-    let etcd = support::Etcd::start_on(port);
+    let port = kvferry_test_support::free_port();
+    let etcd = kvferry_test_support::servers::Etcd::start_on(port);
     let ns = format!("/kvf-restart-{}/", std::process::id());
     let a = Agent::new(&name("er"), config(None, Some(&etcd.url), &ns)).unwrap();
     let b = Agent::new(&name("er"), config(None, Some(&etcd.url), &ns)).unwrap();
@@ -161,7 +142,7 @@ fn etcd_restart_and_failures() {
     b.fetch_remote_metadata(a.name(), None, MetaPeer::Store).unwrap();
     // A fresh etcd on the same port has lost everything: the agent re-publishes.
     drop(etcd);
-    let _etcd = support::Etcd::start_on(port);
+    let _etcd = kvferry_test_support::servers::Etcd::start_on(port);
     b.invalidate_remote(a.name()).unwrap();
     let t = Instant::now();
     while b.fetch_remote_metadata(a.name(), None, MetaPeer::Store).is_err() {
@@ -176,7 +157,7 @@ fn etcd_restart_and_failures() {
         kvferry::ErrorKind::Malformed
     );
     // An unreachable etcd is a clear, bounded error naming the endpoint.
-    let dead = format!("http://127.0.0.1:{}", support::free_port());
+    let dead = format!("http://127.0.0.1:{}", kvferry_test_support::free_port());
     let c = Agent::new(&name("er"), config(None, Some(&dead), &ns)).unwrap();
     let t = Instant::now();
     let e = c.send_local_metadata(MetaPeer::Store).unwrap_err();

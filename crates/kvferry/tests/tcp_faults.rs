@@ -8,7 +8,8 @@ mod tcp_support;
 use std::time::{Duration, Instant};
 
 use kvferry::{Agent, AgentConfig, AlignedBuf, ErrorKind, Params, XferOp};
-use tcp_support::{eventually, fetch, fill, first_mismatch, PeerProc};
+use kvferry_test_support::{eventually, fill, first_mismatch};
+use tcp_support::{fetch, PeerProc};
 
 peer_entry!();
 

@@ -18,6 +18,9 @@ use kvferry::backend::tcp::proto::{
 use kvferry::backend::AccessKey;
 use kvferry::metadata::AgentMetadata;
 use kvferry::{Agent, AgentConfig, AlignedBuf, MemType, Params, RegDesc, RegDescList, XferDesc, XferDescList, XferOp};
+use kvferry_test_support::fs::TestDir;
+use kvferry_test_support::pattern_vec;
+use kvferry_test_support::tcp_wire::{self, answer, closed_within, frame, read_welcome};
 
 /// A target agent in this process with one DRAM buffer and one exported file.
 struct Target {
@@ -31,19 +34,7 @@ struct Target {
     file_key: AccessKey,
     file_len: u64,
     file: PathBuf,
-    _dir: TempDir,
-}
-
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn pattern(seed: u8, n: usize) -> Vec<u8> {
-    (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    _dir: TestDir,
 }
 
 fn key_of(md: &AgentMetadata, mt: MemType, pred: impl Fn(u64, u64) -> bool) -> AccessKey {
@@ -58,12 +49,11 @@ fn target(name: &str, params: &[(&str, &str)], cfg: impl FnOnce(AgentConfig) -> 
     let cfg = cfg(AgentConfig::default().with_backend("TCP", p).with_backend("POSIX", Params::new()));
     let agent = Agent::new(name, cfg).unwrap();
     let mut buf = AlignedBuf::new(64 << 10).unwrap();
-    buf.as_mut_slice().copy_from_slice(&pattern(1, 64 << 10));
+    buf.as_mut_slice().copy_from_slice(&pattern_vec(1, 64 << 10));
     agent.register_buf(&buf).unwrap().keep();
-    let dir = std::env::temp_dir().join(format!("kvf-hostile-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("f");
-    std::fs::write(&file, pattern(2, 64 << 10)).unwrap();
+    let dir = TestDir::temp(&format!("kvf-hostile-{name}"));
+    let file = dir.path("f");
+    std::fs::write(&file, pattern_vec(2, 64 << 10)).unwrap();
     agent.register_local_file(&file, 64 << 10, false).unwrap();
     let md = AgentMetadata::decode(&agent.local_metadata().unwrap()).unwrap();
     let tcp = md.backends.iter().find(|b| b.name == "TCP").unwrap();
@@ -79,22 +69,12 @@ fn target(name: &str, params: &[(&str, &str)], cfg: impl FnOnce(AgentConfig) -> 
         file,
         agent,
         buf,
-        _dir: TempDir(dir),
+        _dir: dir,
     }
 }
 
 fn hello(t: &Target, name: &str, token: &[u8]) -> Vec<u8> {
-    let mut b = Vec::new();
-    Hello {
-        version: VERSION,
-        caps: CAPS,
-        instance: 7,
-        expect_instance: t.instance,
-        name: name.into(),
-        token: token.to_vec(),
-    }
-    .encode(&mut b);
-    b
+    tcp_wire::hello(7, t.instance, name, token)
 }
 
 fn dial(t: &Target) -> TcpStream {
@@ -103,57 +83,12 @@ fn dial(t: &Target) -> TcpStream {
     s
 }
 
-fn read_welcome(s: &mut TcpStream) -> Welcome {
-    let mut fixed = [0u8; WELCOME_FIXED];
-    s.read_exact(&mut fixed).unwrap();
-    let rest = Welcome::rest_len(&fixed).unwrap();
-    let mut all = fixed.to_vec();
-    all.resize(WELCOME_FIXED + rest, 0);
-    s.read_exact(&mut all[WELCOME_FIXED..]).unwrap();
-    Welcome::decode(&all).unwrap()
-}
-
 fn connect(t: &Target, name: &str, token: &[u8]) -> TcpStream {
     let mut s = dial(t);
     s.write_all(&hello(t, name, token)).unwrap();
-    let w = read_welcome(&mut s);
+    let w = read_welcome(&mut s).unwrap();
     assert_eq!(w.status, Status::Ok, "{}", w.message);
     s
-}
-
-fn frame(ty: FrameType, op: u64, entries: &[Entry], data: &[u8]) -> Vec<u8> {
-    let len = if ty == FrameType::Read { entries.iter().map(|e| e.len).sum() } else { data.len() as u64 };
-    let mut b = Header::new(ty, op, entries.len() as u32, len).encode().to_vec();
-    for e in entries {
-        e.encode(&mut b);
-    }
-    b.extend_from_slice(data);
-    b
-}
-
-fn answer(s: &mut TcpStream) -> (Header, Vec<u8>) {
-    let mut hb = [0u8; HEADER_LEN];
-    s.read_exact(&mut hb).unwrap();
-    let h = Header::decode(&hb).unwrap();
-    let mut body = vec![0u8; h.len as usize];
-    s.read_exact(&mut body).unwrap();
-    (h, body)
-}
-
-/// Whether the peer closed `s` within `within` (EOF or a reset).
-fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
-    s.set_read_timeout(Some(within)).unwrap();
-    let mut b = [0u8; 256];
-    loop {
-        match s.read(&mut b) {
-            Ok(0) => return true,
-            Ok(_) => continue,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                return false
-            }
-            Err(_) => return true,
-        }
-    }
 }
 
 /// An initiator agent that loaded `t`'s metadata directly.
@@ -200,8 +135,8 @@ fn mixed_memory_and_file_entries_are_refused_in_both_orders() {
         }
     }
     assert!(secret.as_slice().iter().all(|&b| b == 0x5e), "unregistered memory untouched");
-    assert_eq!(t.buf.as_slice(), &pattern(1, 64 << 10)[..], "registered memory unchanged");
-    assert_eq!(std::fs::read(&t.file).unwrap(), pattern(2, 64 << 10), "file unchanged");
+    assert_eq!(t.buf.as_slice(), &pattern_vec(1, 64 << 10)[..], "registered memory unchanged");
+    assert_eq!(std::fs::read(&t.file).unwrap(), pattern_vec(2, 64 << 10), "file unchanged");
     // A file key with a memory address as its offset reads the file (or fails), never memory.
     s.write_all(&frame(FrameType::Read, 100, &[as_ptr], &[])).unwrap();
     let (h, body) = answer(&mut s);
@@ -209,10 +144,10 @@ fn mixed_memory_and_file_entries_are_refused_in_both_orders() {
     // The connection still serves honest frames of either kind.
     s.write_all(&frame(FrameType::Read, 101, &[mem], &[])).unwrap();
     let (h, body) = answer(&mut s);
-    assert_eq!((h.ty, &body[..]), (FrameType::Data, &pattern(1, 64)[..]));
+    assert_eq!((h.ty, &body[..]), (FrameType::Data, &pattern_vec(1, 64)[..]));
     s.write_all(&frame(FrameType::Read, 102, &[in_file], &[])).unwrap();
     let (h, body) = answer(&mut s);
-    assert_eq!((h.ty, &body[..]), (FrameType::Data, &pattern(2, 64)[..]));
+    assert_eq!((h.ty, &body[..]), (FrameType::Data, &pattern_vec(2, 64)[..]));
     let _ = t.file_len;
 }
 
@@ -220,7 +155,7 @@ fn mixed_memory_and_file_entries_are_refused_in_both_orders() {
 fn a_whole_file_registration_cannot_reach_memory() {
     let t = target("wholefile", &[], |c| c);
     let path = t._dir.0.join("whole");
-    std::fs::write(&path, pattern(3, 8192)).unwrap();
+    std::fs::write(&path, pattern_vec(3, 8192)).unwrap();
     // Length 0: "the whole file", which once covered the whole address space.
     let regs = RegDescList::from_descs(
         MemType::File,
@@ -245,11 +180,11 @@ fn a_whole_file_registration_cannot_reach_memory() {
         assert_eq!((h.ty, h.status), (FrameType::Error, Status::NotAllowed));
     }
     assert!(secret.as_slice().iter().all(|&b| b == 0x5e), "unregistered memory untouched");
-    assert_eq!(t.buf.as_slice(), &pattern(1, 64 << 10)[..]);
+    assert_eq!(t.buf.as_slice(), &pattern_vec(1, 64 << 10)[..]);
     // The whole file is still served at its real offsets.
     s.write_all(&frame(FrameType::Read, 4, &[Entry { key: whole, addr: 4096, len: 4096 }], &[])).unwrap();
     let (h, body) = answer(&mut s);
-    assert_eq!((h.ty, &body[..]), (FrameType::Data, &pattern(3, 8192)[4096..]));
+    assert_eq!((h.ty, &body[..]), (FrameType::Data, &pattern_vec(3, 8192)[4096..]));
 }
 
 #[test]
@@ -410,7 +345,7 @@ fn deregister_does_not_wait_for_a_slow_write_and_others_are_served_meanwhile() {
     let start = Instant::now();
     legit(&init, &t, &back, XferOp::Read, 4096).unwrap();
     assert!(start.elapsed() < Duration::from_secs(2), "other peer stalled {:?}", start.elapsed());
-    assert_eq!(back.as_slice(), &pattern(1, 4096)[..]);
+    assert_eq!(back.as_slice(), &pattern_vec(1, 4096)[..]);
     // Deregistering the victim does not wait on the dribbler.
     let start = Instant::now();
     reg.deregister().unwrap();
@@ -447,7 +382,7 @@ fn staging_for_file_frames_is_one_budget_over_all_connections() {
     for c in [&mut a, &mut b] {
         c.write_all(&frame(FrameType::Read, 2, &[fe(0, 48 << 10)], &[])).unwrap();
         let (h, body) = answer(c);
-        assert_eq!((h.ty, &body[..]), (FrameType::Data, &pattern(2, 48 << 10)[..]));
+        assert_eq!((h.ty, &body[..]), (FrameType::Data, &pattern_vec(2, 48 << 10)[..]));
     }
     // One connection takes most of the budget for a file WRITE and dribbles it.
     let mut hog = connect(&t, "hog", b"");
@@ -496,7 +431,7 @@ fn hello_names_follow_the_agent_name_rules() {
     for bad in ["evil\nINFO forged log line", "bell\u{7}", "esc\u{1b}[31m"] {
         let mut s = dial(&t);
         s.write_all(&hello(&t, bad, b"")).unwrap();
-        let w = read_welcome(&mut s);
+        let w = read_welcome(&mut s).unwrap();
         assert_eq!(w.status, Status::Malformed, "{bad:?}: {}", w.message);
         assert!(w.message.contains("control characters"), "{}", w.message);
     }

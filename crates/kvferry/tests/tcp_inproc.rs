@@ -4,15 +4,10 @@
 use std::time::Duration;
 
 use kvferry::{Agent, AgentConfig, AlignedBuf, ErrorKind, MemType, Params, XferDescList, XferOp};
+use kvferry_test_support::fill;
 
 fn agent(name: &str, params: Params) -> Agent {
     Agent::new(name, AgentConfig::default().with_backend("TCP", params)).unwrap()
-}
-
-fn pattern(buf: &mut AlignedBuf, seed: u8) {
-    for (i, b) in buf.as_mut_slice().iter_mut().enumerate() {
-        *b = (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8;
-    }
 }
 
 #[test]
@@ -21,7 +16,7 @@ fn write_and_read_byte_for_byte() {
     let b = agent("tcpi-b", Params::new());
     let len = 8 << 20;
     let mut src = AlignedBuf::new(len).unwrap();
-    pattern(&mut src, 3);
+    fill(src.as_mut_slice(), 3);
     let dst = AlignedBuf::new(len).unwrap();
     let back = AlignedBuf::new(len).unwrap();
     let _r1 = a.register_buf(&src).unwrap();
@@ -67,7 +62,7 @@ fn many_small_descriptors_scattered() {
     let n = 4096;
     let block = 1024;
     let mut src = AlignedBuf::new(n * block).unwrap();
-    pattern(&mut src, 9);
+    fill(src.as_mut_slice(), 9);
     let dst = AlignedBuf::new(2 * n * block).unwrap();
     let _r1 = a.register_buf(&src).unwrap();
     let _r2 = b.register_buf(&dst).unwrap();

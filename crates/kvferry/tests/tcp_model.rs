@@ -5,22 +5,20 @@
 //! reach. The property: no byte outside a live registered region of the
 //! frame's kind is read or written; a frame that mixes kinds, or has any
 //! entry outside a live region of its own kind, gets `ERROR(NotAllowed)` and
-//! touches nothing. See `hostile_support/model.rs`.
+//! touches nothing. See `crates/kvferry-test-support/src/tcp_model.rs`.
 //!
 //! `KVF_MODEL_SEED` varies the seed, `KVF_MODEL_STEPS` the number of steps
 //! (default 2500, bounded to ~10 s); the cargo-fuzz target
 //! `fuzz/fuzz_targets/tcp_target.rs` runs the same model on fuzzer input.
-
-mod hostile_support;
 
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hostile_support::model::{Bytes, Rng, Source, World};
-use hostile_support::HostileClient;
 use kvferry::backend::tcp::proto::{Entry, FrameType, Status};
+use kvferry_test_support::tcp_model::{Bytes, Rng, Source, World};
+use kvferry_test_support::tcp_wire::HostileClient;
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
@@ -143,7 +141,7 @@ fn legitimate_traffic_flows_while_attackers_hold_connections() {
         let mut c = HostileClient::connect_ok(&t, &format!("holder-{i}"), b"");
         // A WRITE's header and entry, then silence instead of the payload.
         let mut b = Vec::new();
-        hostile_support::frame(
+        kvferry_test_support::tcp_wire::raw_frame(
             &mut b,
             FrameType::Write as u8,
             i,

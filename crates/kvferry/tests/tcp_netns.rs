@@ -3,15 +3,15 @@
 //! the test itself. Where namespaces cannot be created (no root, no `ip`),
 //! the test says so loudly and returns.
 
-mod netns_support;
 mod tcp_support;
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kvferry::{AlignedBuf, Params, XferOp};
-use netns_support::Netns;
-use tcp_support::{fetch, fill, first_mismatch, PeerProc};
+use kvferry_test_support::netns::Netns;
+use kvferry_test_support::{fill, first_mismatch};
+use kvferry_test_support::{rerun_self, Child};
+use tcp_support::{fetch, PeerProc};
 
 peer_entry!();
 
@@ -55,34 +55,18 @@ fn two_hosts_in_network_namespaces() {
     let Some(ns) = Netns::create_or_skip("t", 101) else { return };
     let len = 8 << 20;
     let mut peer = PeerProc::spawn("tn-peer", len, &[("KVF_TCP_LISTEN", &ns.ip_b)], &["ip", "netns", "exec", &ns.b]);
-    let exe = std::env::current_exe().unwrap();
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &ns.a])
-        .arg(&exe)
-        .args(["--exact", "initiator_entry", "--ignored", "--nocapture", "--test-threads=1"])
-        .env("KVF_TCP_ROLE", "initiator")
+    let mut cmd = rerun_self("initiator_entry", true, &["ip", "netns", "exec", &ns.a]);
+    cmd.env("KVF_TCP_ROLE", "initiator")
         .env("KVF_PEER_IP", &ns.ip_b)
         .env("KVF_PEER_PORT", peer.md_port.to_string())
         .env("KVF_PEER_ADDR", peer.buf_addr.to_string())
         .env("KVF_LEN", len.to_string())
-        .env_remove("KVFERRY_AUTH_TOKEN")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the initiator in namespace {} did not finish within 60 s", ns.a);
-        }
-        std::thread::sleep(Duration::from_millis(20));
+        .env_remove("KVFERRY_AUTH_TOKEN");
+    let mut child = Child::spawn("the initiator", &mut cmd, "");
+    let Some(status) = child.exits_within(Duration::from_secs(60)) else {
+        panic!("the initiator in namespace {} did not finish within 60 s", ns.a);
     };
-    let mut out = String::new();
-    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
+    let out = child.rest_of_output(Duration::from_secs(5)).join("\n");
     assert!(status.success() && out.contains("KVF PASS"), "initiator failed ({status}):\n{out}");
     assert_eq!(peer.cmd("notifs 1 10000"), "NOTIFS tn-init:across");
     assert_eq!(peer.cmd(&format!("check 33 0 {len}")), "OK");

@@ -8,12 +8,11 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use kvferry::backend::tcp::proto::{
-    ConnInfo, Entry, FrameType, Header, Hello, Status, Welcome, CAPS, HEADER_LEN, MAX_FRAME_DATA, VERSION,
-    WELCOME_FIXED,
-};
+use kvferry::backend::tcp::proto::{ConnInfo, Entry, FrameType, Header, Status, Welcome, MAX_FRAME_DATA};
 use kvferry::backend::AccessKey;
 use kvferry::metadata::AgentMetadata;
+use kvferry_test_support::tcp_wire::{answer, frame, hello, read_welcome};
+use kvferry_test_support::{pattern_byte, unhex};
 use tcp_support::PeerProc;
 
 peer_entry!();
@@ -28,9 +27,7 @@ struct Target {
 
 fn target(peer: &mut PeerProc) -> Target {
     let md = peer.cmd("md");
-    let hex = md.strip_prefix("MD ").unwrap();
-    let blob: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
-    let md = AgentMetadata::decode(&blob).unwrap();
+    let md = AgentMetadata::decode(&unhex(md.strip_prefix("MD ").unwrap())).unwrap();
     let tcp = md.backends.iter().find(|b| b.name == "TCP").unwrap();
     let info = ConnInfo::decode(tcp.conn_info.as_ref().unwrap()).unwrap();
     let r = &md.regions[0];
@@ -40,43 +37,9 @@ fn target(peer: &mut PeerProc) -> Target {
 fn connect(t: &Target, token: &[u8]) -> (TcpStream, Welcome) {
     let mut s = TcpStream::connect(("127.0.0.1", t.port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut b = Vec::new();
-    Hello {
-        version: VERSION,
-        caps: CAPS,
-        instance: 1,
-        expect_instance: t.instance,
-        name: "raw".into(),
-        token: token.to_vec(),
-    }
-    .encode(&mut b);
-    s.write_all(&b).unwrap();
-    let mut fixed = [0u8; WELCOME_FIXED];
-    s.read_exact(&mut fixed).unwrap();
-    let rest = Welcome::rest_len(&fixed).unwrap();
-    let mut all = fixed.to_vec();
-    all.resize(WELCOME_FIXED + rest, 0);
-    s.read_exact(&mut all[WELCOME_FIXED..]).unwrap();
-    (s, Welcome::decode(&all).unwrap())
-}
-
-fn frame(ty: FrameType, op: u64, entries: &[Entry], data: &[u8]) -> Vec<u8> {
-    let len = if ty == FrameType::Read { entries.iter().map(|e| e.len).sum() } else { data.len() as u64 };
-    let mut b = Header::new(ty, op, entries.len() as u32, len).encode().to_vec();
-    for e in entries {
-        e.encode(&mut b);
-    }
-    b.extend_from_slice(data);
-    b
-}
-
-fn answer(s: &mut TcpStream) -> (Header, Vec<u8>) {
-    let mut hb = [0u8; HEADER_LEN];
-    s.read_exact(&mut hb).unwrap();
-    let h = Header::decode(&hb).unwrap();
-    let mut body = vec![0u8; h.len as usize];
-    s.read_exact(&mut body).unwrap();
-    (h, body)
+    s.write_all(&hello(1, t.instance, "raw", token)).unwrap();
+    let w = read_welcome(&mut s).unwrap();
+    (s, w)
 }
 
 #[test]
@@ -132,7 +95,7 @@ fn bad_keys_and_ranges_are_refused_and_memory_is_unchanged() {
     s.write_all(&frame(FrameType::Read, 8, &[good], &[])).unwrap();
     let (h, data) = answer(&mut s);
     assert_eq!((h.ty, h.op), (FrameType::Data, 8));
-    assert_eq!(data, (0..64).map(|i| tcp_support::pattern_byte(1, i)).collect::<Vec<u8>>());
+    assert_eq!(data, (0..64).map(|i| pattern_byte(1, i)).collect::<Vec<u8>>());
 
     // A valid WRITE is applied and acknowledged.
     s.write_all(&frame(FrameType::Write, 9, &[good], &junk)).unwrap();
@@ -186,12 +149,6 @@ fn unknown_types_absurd_lengths_and_bad_hellos_are_rejected() {
     let mut s = TcpStream::connect(("127.0.0.1", t.port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: example.invalid\r\n\r\n").unwrap();
-    let mut fixed = [0u8; WELCOME_FIXED];
-    s.read_exact(&mut fixed).unwrap();
-    let rest = Welcome::rest_len(&fixed).unwrap();
-    let mut all = fixed.to_vec();
-    all.resize(WELCOME_FIXED + rest, 0);
-    s.read_exact(&mut all[WELCOME_FIXED..]).unwrap();
-    assert_eq!(Welcome::decode(&all).unwrap().status, Status::Malformed);
+    assert_eq!(read_welcome(&mut s).unwrap().status, Status::Malformed);
     assert_eq!(peer.cmd("check 1 0 1048576"), "OK");
 }

@@ -7,7 +7,8 @@ mod tcp_support;
 use std::time::Duration;
 
 use kvferry::{AlignedBuf, ErrorKind, MemType, Params, XferDescList, XferOp};
-use tcp_support::{eventually, fetch, fill, first_mismatch, initiator, PeerProc};
+use kvferry_test_support::{eventually, fill, first_mismatch};
+use tcp_support::{fetch, initiator, PeerProc};
 
 peer_entry!();
 

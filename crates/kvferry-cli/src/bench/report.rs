@@ -162,50 +162,92 @@ pub fn size_str(n: u64) -> String {
     }
 }
 
-/// The table header, nixlbench's columns plus backend and op.
-pub fn table_header(storage: bool) -> String {
-    let mut s = format!(
-        "{:<8} {:<6} {:>10} {:>6} {:>10} {:>11} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
-        "backend",
-        "op",
-        "block",
-        "batch",
-        "GB/s",
-        "avg lat us",
-        "prep p50",
-        "prep p99",
-        "post p50",
-        "post p99",
-        "done p50",
-        "done p99"
-    );
-    if storage {
-        s.push_str(&format!(" {:>10} {:>8}", "IOPS", "engine"));
-    }
-    s
+/// One column of a table of points: its header, width, alignment and cell.
+struct Col {
+    head: &'static str,
+    width: usize,
+    left: bool,
+    cell: fn(&Point) -> String,
 }
 
-/// One table row.
-pub fn table_row(p: &Point) -> String {
-    let mut s = format!(
-        "{:<8} {:<6} {:>10} {:>6} {:>10.3} {:>11.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
-        p.backend,
-        p.op,
-        size_str(p.block_size),
-        p.batch_size,
-        p.gbps,
-        p.lat_us_avg,
-        p.prep_us_p50,
-        p.prep_us_p99,
-        p.post_us_p50,
-        p.post_us_p99,
-        p.lat_us_p50,
-        p.lat_us_p99
-    );
-    if let Some(iops) = p.iops {
-        s.push_str(&format!(" {:>10.0} {:>8}", iops, p.engine.as_deref().unwrap_or("-")));
+impl Col {
+    fn pad(&self, text: &str) -> String {
+        if self.left {
+            format!("{text:<w$}", w = self.width)
+        } else {
+            format!("{text:>w$}", w = self.width)
+        }
     }
-    s
+}
+
+/// Renders `cols` of one line: headers when `p` is `None`, else `p`'s cells.
+fn line(cols: &[&[Col]], p: Option<&Point>) -> String {
+    let cells: Vec<String> =
+        cols.iter().flat_map(|c| c.iter()).map(|c| c.pad(&p.map_or_else(|| c.head.to_string(), c.cell))).collect();
+    cells.join(" ")
+}
+
+/// nixlbench's columns plus backend and op: the table of `bench p2p` and `bench storage`.
+const BENCH: &[Col] = &[
+    Col { head: "backend", width: 8, left: true, cell: |p| p.backend.clone() },
+    Col { head: "op", width: 6, left: true, cell: |p| p.op.clone() },
+    Col { head: "block", width: 10, left: false, cell: |p| size_str(p.block_size) },
+    Col { head: "batch", width: 6, left: false, cell: |p| p.batch_size.to_string() },
+    Col { head: "GB/s", width: 10, left: false, cell: |p| format!("{:.3}", p.gbps) },
+    Col { head: "avg lat us", width: 11, left: false, cell: |p| format!("{:.1}", p.lat_us_avg) },
+    Col { head: "prep p50", width: 10, left: false, cell: |p| format!("{:.1}", p.prep_us_p50) },
+    Col { head: "prep p99", width: 10, left: false, cell: |p| format!("{:.1}", p.prep_us_p99) },
+    Col { head: "post p50", width: 10, left: false, cell: |p| format!("{:.1}", p.post_us_p50) },
+    Col { head: "post p99", width: 10, left: false, cell: |p| format!("{:.1}", p.post_us_p99) },
+    Col { head: "done p50", width: 10, left: false, cell: |p| format!("{:.1}", p.lat_us_p50) },
+    Col { head: "done p99", width: 10, left: false, cell: |p| format!("{:.1}", p.lat_us_p99) },
+];
+
+/// What storage points add.
+const STORAGE: &[Col] = &[
+    Col { head: "IOPS", width: 10, left: false, cell: |p| format!("{:.0}", p.iops.unwrap_or(0.0)) },
+    Col { head: "engine", width: 8, left: false, cell: |p| p.engine.clone().unwrap_or_else(|| "-".into()) },
+];
+
+/// The short table of `kvferry bench` (the summary).
+const SUMMARY: &[Col] = &[
+    Col { head: "backend", width: 8, left: true, cell: |p| p.backend.clone() },
+    Col { head: "op", width: 6, left: true, cell: |p| p.op.clone() },
+    Col { head: "block", width: 6, left: false, cell: |p| size_str(p.block_size) },
+    Col { head: "batch", width: 6, left: false, cell: |p| p.batch_size.to_string() },
+    Col { head: "GB/s", width: 10, left: false, cell: |p| format!("{:.3}", p.gbps) },
+    Col { head: "avg us", width: 10, left: false, cell: |p| format!("{:.1}", p.lat_us_avg) },
+    Col { head: "p99 us", width: 12, left: false, cell: |p| format!("{:.1}", p.lat_us_p99) },
+    Col { head: "IOPS", width: 10, left: false, cell: |p| p.iops.map_or_else(|| "-".into(), |i| format!("{i:.0}")) },
+];
+
+/// The table header, nixlbench's columns plus backend and op (and IOPS and
+/// engine for storage).
+pub fn table_header(storage: bool) -> String {
+    if storage {
+        line(&[BENCH, STORAGE], None)
+    } else {
+        line(&[BENCH], None)
+    }
+}
+
+/// One table row (with IOPS and engine when the point has IOPS).
+pub fn table_row(p: &Point) -> String {
+    if p.iops.is_some() {
+        line(&[BENCH, STORAGE], Some(p))
+    } else {
+        line(&[BENCH], Some(p))
+    }
+}
+
+/// The summary table's header.
+pub fn summary_header() -> String {
+    line(&[SUMMARY], None)
+}
+
+/// One row of the summary table.
+pub fn summary_row(p: &Point) -> String {
+    line(&[SUMMARY], Some(p))
 }
 
 /// An SVG line chart of bandwidth against block size (log scale), one line
@@ -314,5 +356,20 @@ mod tests {
         ];
         let svg = svg_plot(&pts, "a <test>");
         assert!(svg.starts_with("<svg") && svg.contains("polyline") && svg.contains("&lt;test&gt;"));
+    }
+
+    #[test]
+    fn tables_keep_their_columns() {
+        let t = Timings { iters: 1, bytes: 4096, elapsed: Duration::from_micros(10), ..Default::default() };
+        let p = t.point("p2p", "LOCAL", "WRITE", None, 4096, 1, 1, false);
+        let (head, row) = (table_header(false), table_row(&p));
+        assert!(head.starts_with("backend  op     ") && head.ends_with("  done p99"), "{head}");
+        assert_eq!(head.len(), row.len(), "{head}\n{row}");
+        assert!(row.starts_with("LOCAL    WRITE  ") && row.contains(" 4K ") && row.contains("0.410"), "{row}");
+        let s = t.point("storage", "POSIX", "READ", Some("uring".into()), 4096, 4, 1, true);
+        assert!(table_header(true).ends_with("      IOPS   engine"));
+        assert!(table_row(&s).ends_with("    400000    uring"), "{}", table_row(&s));
+        assert_eq!(summary_header().len(), summary_row(&s).len());
+        assert!(summary_row(&p).ends_with("         -"));
     }
 }

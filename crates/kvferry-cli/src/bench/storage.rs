@@ -59,9 +59,10 @@ pub struct StorageArgs {
     /// Size of each created file (e.g. 1G).
     #[arg(long, default_value = "1G")]
     pub file_size: String,
-    /// Engine of the POSIX backend: auto, uring or threads.
-    #[arg(long, default_value = "auto")]
-    pub engine: String,
+    /// Engine of the POSIX backend: auto, uring or threads (the POSIX
+    /// parameter `engine`; unset, its default applies: see `kvferry info`).
+    #[arg(long)]
+    pub engine: Option<String>,
     /// Open files with O_DIRECT (bypass the page cache).
     #[arg(long)]
     pub direct: bool,
@@ -208,7 +209,9 @@ fn sweep_flags(a: &StorageArgs) -> Common {
 
 fn posix_params(a: &StorageArgs, c: &Common) -> Result<kvferry::Params> {
     let mut params = c.backend_params()?;
-    params.set("engine", &a.engine);
+    if let Some(e) = &a.engine {
+        params.set("engine", e);
+    }
     Ok(params)
 }
 
@@ -320,7 +323,10 @@ fn remote_session(a: &StorageArgs, c: &Common, _op: XferOp, max: usize) -> Resul
                 .iter()
                 .map(|s| s.to_string())
                 .collect();
-        argv.extend(["--engine".into(), a.engine.clone(), "--file-size".into(), a.file_size.clone()]);
+        if let Some(e) = &a.engine {
+            argv.extend(["--engine".into(), e.clone()]);
+        }
+        argv.extend(["--file-size".into(), a.file_size.clone()]);
         argv.extend(["--dir".into(), a.dir.display().to_string(), "--num-files".into(), a.num_files.to_string()]);
         if !a.files.is_empty() {
             argv.push("--files".into());

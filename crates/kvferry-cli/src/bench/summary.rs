@@ -8,7 +8,7 @@ use clap::Parser;
 use kvferry::{Agent, Result};
 
 use super::p2p::{self, Mode, P2pArgs};
-use super::report::{size_str, Point};
+use super::report::{summary_header, summary_row, Point};
 use super::storage::{self, StorageArgs};
 use super::Common;
 
@@ -152,22 +152,9 @@ fn print_table(started: Instant, memcpy: f64, rows: &[Point], skipped: &[String]
         env!("CARGO_PKG_VERSION"),
         started.elapsed().as_secs_f64()
     );
-    println!(
-        "{:<8} {:<6} {:>6} {:>6} {:>10} {:>10} {:>12} {:>10}",
-        "backend", "op", "block", "batch", "GB/s", "avg us", "p99 us", "IOPS"
-    );
+    println!("{}", summary_header());
     for p in rows {
-        println!(
-            "{:<8} {:<6} {:>6} {:>6} {:>10.3} {:>10.1} {:>12.1} {:>10}",
-            p.backend,
-            p.op,
-            size_str(p.block_size),
-            p.batch_size,
-            p.gbps,
-            p.lat_us_avg,
-            p.lat_us_p99,
-            p.iops.map(|i| format!("{i:.0}")).unwrap_or_else(|| "-".into())
-        );
+        println!("{}", summary_row(p));
     }
     for s in skipped {
         println!("skipped: {s}");

@@ -11,7 +11,7 @@
 //! deadline for the whole exchange, a cap on body bytes held at once, and the
 //! token checked before a body is read.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,6 +24,7 @@ use parking_lot::Mutex;
 use crate::admission::{ConnGate, ConnSlot, Refusal};
 use crate::auth::AuthToken;
 use crate::error::{Error, Result};
+use crate::sys;
 
 mod wire;
 
@@ -217,9 +218,9 @@ impl ListenerHandle {
 impl Drop for ListenerHandle {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        // SAFETY: fd is the listening socket, owned by the thread until it exits;
+        // fd is the listening socket, owned by the thread until it exits;
         // shutdown wakes its accept() (Linux) and is harmless if it already exited.
-        unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+        sys::shutdown(self.fd);
         if let Some(t) = self.thread.take() {
             // The agent may be dropped by a listener thread itself (its
             // handler held the last handle): the accept thread exits by itself then.
@@ -242,30 +243,7 @@ fn refuse(mut s: TcpStream, msg: &str) {
 /// Fills `buf` from `s` before `deadline` (a whole-message deadline, not a
 /// per-read one: a peer trickling bytes is cut off at the deadline).
 fn read_until(s: &mut TcpStream, buf: &mut [u8], deadline: Instant, what: &str) -> Result<()> {
-    let mut got = 0;
-    while got < buf.len() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(Error::timeout(format!(
-                "metadata listener: {what}: {got} of {} bytes arrived before the deadline",
-                buf.len()
-            )));
-        }
-        s.set_read_timeout(Some(left)).map_err(|e| Error::io("metadata listener: set a timeout", e))?;
-        match s.read(&mut buf[got..]) {
-            Ok(0) => {
-                return Err(Error::new(
-                    crate::ErrorKind::RemoteDisconnect,
-                    format!("metadata listener: {what}: the peer closed after {got} of {} bytes", buf.len()),
-                ))
-            }
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
-            Err(e) => return Err(Error::io(format!("metadata listener: {what}"), e)),
-        }
-    }
-    Ok(())
+    sys::read_exact_by(s, buf, deadline).map_err(|e| Error::io(format!("metadata listener: {what}"), e))
 }
 
 /// Writes all of `bytes` before `deadline`.

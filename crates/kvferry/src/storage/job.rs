@@ -398,8 +398,8 @@ pub(crate) fn run_blocking(job: &Job, i: usize) -> (u64, std::result::Result<(),
         // wait for in-flight I/Os); `fd` is kept open by the job's files.
         let r = unsafe {
             match op.kind {
-                XferOp::Read => super::sys::pread(fd, buf as *mut u8, len, off),
-                XferOp::Write => super::sys::pwrite(fd, buf as *const u8, len, off),
+                XferOp::Read => crate::sys::pread(fd, buf as *mut u8, len, off),
+                XferOp::Write => crate::sys::pwrite(fd, buf as *const u8, len, off),
             }
         };
         match r {

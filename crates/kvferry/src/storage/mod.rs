@@ -9,7 +9,7 @@
 //!                              │ IoBatch → Job
 //!                 Engine: io_uring ring │ thread pool
 //!                              │
-//!                     sys: pread/pwrite, statx, ioctl
+//!               crate::sys: pread/pwrite, statx, ioctl
 //! ```
 //!
 //! What it owns:
@@ -32,7 +32,8 @@
 //! - `uring.rs`, `threads.rs`: the two engines; [`start_engine`] picks one.
 //! - `serve.rs`: [`FileServer`], the table, plan and engine a network
 //!   backend serves exported files with.
-//! - `sys.rs`: the raw OS calls, each a thin wrapper; the `unsafe` of files.
+//! - the raw OS calls (`fstat`, `statx`, `pread`, ...) live in `crate::sys`:
+//!   this layer holds no `unsafe` of files.
 //!
 //! Directions are the crate's [`XferOp`](crate::types::XferOp):
 //! `Read` moves file → memory, `Write` memory → file.
@@ -52,7 +53,6 @@ mod align;
 mod job;
 mod plan;
 mod serve;
-mod sys;
 mod table;
 mod threads;
 mod uring;
@@ -61,6 +61,7 @@ pub(crate) use job::{Engine, IoBatch, Job, MAX_OP_LEN};
 pub(crate) use plan::{plan, Entry, Naming, Plan, PlanOpts};
 pub(crate) use serve::FileServer;
 pub(crate) use table::{query, FileRegistration, FileTable};
+pub(crate) use uring::probe as probe_io_uring;
 
 /// How to start an engine.
 #[derive(Clone, Debug)]

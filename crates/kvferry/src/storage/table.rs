@@ -27,9 +27,9 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::sys;
 use crate::desc::RegDesc;
 use crate::error::{Error, Result};
+use crate::sys;
 use crate::types::{AccessKey, FileInfo, MemType};
 
 /// The O_DIRECT alignment assumed when the kernel does not report one: 4096

@@ -23,8 +23,8 @@ use io_uring::{opcode, squeue, types, IoUring, Probe};
 use parking_lot::Mutex;
 
 use super::job::{CancelHook, Engine, Failure, Job};
-use super::sys::EventFd;
 use crate::error::{Error, ErrorKind, Result};
+use crate::sys::EventFd;
 use crate::types::XferOp;
 
 /// `user_data` of the eventfd poll. An I/O's is its slot number in the low
@@ -53,7 +53,20 @@ pub(crate) fn probe() -> Result<()> {
 }
 
 fn probe_now() -> std::result::Result<(), String> {
-    let mut ring = IoUring::new(4).map_err(|e| format!("io_uring_setup failed ({e})"))?;
+    let mut ring = IoUring::new(4).map_err(|e| {
+        let sysctl = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled").unwrap_or_default();
+        match sysctl.trim() {
+            "2" => format!(
+                "io_uring_setup failed ({e}): disabled by kernel.io_uring_disabled=2 \
+                 (sysctl -w kernel.io_uring_disabled=0 enables it)"
+            ),
+            "1" => format!(
+                "io_uring_setup failed ({e}): kernel.io_uring_disabled=1 allows it only to root and \
+                 the group in kernel.io_uring_group"
+            ),
+            _ => format!("io_uring_setup failed ({e}): a kernel >= 5.6 without seccomp limits on io_uring is needed"),
+        }
+    })?;
     let mut p = Probe::new();
     ring.submitter().register_probe(&mut p).map_err(|e| format!("the opcode probe failed ({e})"))?;
     for (code, name) in
@@ -413,7 +426,7 @@ impl Ring {
         for k in 0..self.cqes.len() {
             let (ud, res) = self.cqes[k];
             if ud == WAKE {
-                self.shared.wake.drain();
+                self.shared.wake.clear();
                 self.wake_armed = false;
                 continue;
             }
@@ -459,7 +472,8 @@ mod tests {
     use super::*;
     use crate::storage::job::{IoBatch, IoOp};
     use crate::storage::table::OpenFile;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::io::Write;
+    use std::os::fd::{FromRawFd, OwnedFd};
 
     /// An I/O that would never complete by itself (a read of an empty pipe
     /// whose writer stays open, standing in for hung storage): `cancel`
@@ -477,6 +491,7 @@ mod tests {
         assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
         // SAFETY: as above.
         let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let mut wr = std::fs::File::from(wr);
         let mut buf = vec![0u8; 4096];
         let op = IoOp { kind: XferOp::Read, file: 0, seg: 0, buf: buf.as_mut_ptr() as u64, len: 4096, offset: 0 };
         let pipe = OpenFile::for_test(rd);
@@ -492,8 +507,7 @@ mod tests {
         let returned = rx.recv_timeout(Duration::from_secs(5)).is_ok();
         if !returned {
             // Unblock the read so that nothing is left hanging, then fail.
-            // SAFETY: a write of 4096 bytes from a live buffer into our pipe.
-            unsafe { libc::write(wr.as_raw_fd(), [1u8; 4096].as_ptr().cast(), 4096) };
+            let _ = wr.write_all(&[1u8; 4096]);
             let _ = rx.recv_timeout(Duration::from_secs(5));
         }
         assert!(returned, "cancel did not take the hung read back within 5 s");
@@ -501,8 +515,7 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Canceled, "{e}");
         drop(buf);
         // The ring still works: the next read of the same pipe gets its data.
-        // SAFETY: as above.
-        assert_eq!(unsafe { libc::write(wr.as_raw_fd(), [7u8; 64].as_ptr().cast(), 64) }, 64);
+        wr.write_all(&[7u8; 64]).unwrap();
         let mut buf2 = vec![0u8; 64];
         let op = IoOp { kind: XferOp::Read, file: 0, seg: 0, buf: buf2.as_mut_ptr() as u64, len: 64, offset: 0 };
         let rd2 = job_file_dup(&job);
@@ -515,7 +528,6 @@ mod tests {
 
     fn job_file_dup(job: &Job) -> Arc<OpenFile> {
         let fd = job.fd(job.op(0));
-        // SAFETY: dup of a descriptor the job keeps open; the copy is ours.
-        OpenFile::for_test(unsafe { OwnedFd::from_raw_fd(libc::dup(fd)) })
+        OpenFile::for_test(crate::sys::dup(fd).unwrap())
     }
 }

@@ -1,119 +1,28 @@
 //! Helpers for the SHM tests: a peer process (this test binary re-executed
 //! with `KVFERRY_SHM_PEER` set) driven by line commands over its stdin and
-//! stdout, data patterns, and a TCP-like dummy backend ("FAKETCP", rank 50).
+//! stdout. Patterns, hex, the process harness and the FAKETCP stand-in
+//! backend (rank 50) are the test toolkit's (`kvferry_test_support`).
 
 #![allow(dead_code, missing_docs)]
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::sync::mpsc::{self, Receiver};
-use std::sync::{Arc, Once};
+use std::io::BufRead;
 use std::time::Duration;
 
-use kvferry::backend::{
-    Backend, BackendContext, BackendPlugin, BackendXfer, Capabilities, PeerInfo, Region, XferPlan, XferState,
-};
-use kvferry::{Agent, AgentConfig, AlignedBuf, MemType, ParamSpec, Params, Result};
+use kvferry::{Agent, AgentConfig, AlignedBuf, MemType, Params};
+use kvferry_test_support::plugins::{self, FAKETCP};
+use kvferry_test_support::{fill, hex, pattern_byte, scratch, unhex};
+use kvferry_test_support::{rerun_self, Child};
 
 /// The env var that turns a test binary into a peer.
 pub const PEER_ENV: &str = "KVFERRY_SHM_PEER";
 
-/// Byte `i` of pattern `seed`.
-pub fn pattern(seed: u64, i: usize) -> u8 {
-    let x = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seed.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    (x >> 29) as u8 ^ (i as u8)
-}
-
-pub fn fill(buf: &mut [u8], seed: u64) {
-    buf.iter_mut().enumerate().for_each(|(i, b)| *b = pattern(seed, i));
-}
-
-pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-pub fn unhex(s: &str) -> Vec<u8> {
-    (0..s.len() / 2).map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).expect("hex")).collect()
-}
-
-// ───────────────────────────── FAKETCP ─────────────────────────────
-
-/// A remote-capable dummy backend with TCP's rank: its transfers complete at
-/// once without moving anything. Stands in for TCP in choice tests.
-#[derive(Debug)]
-pub struct FakeTcpPlugin;
-
-impl BackendPlugin for FakeTcpPlugin {
-    fn name(&self) -> &str {
-        "FAKETCP"
-    }
-    fn mem_types(&self) -> Vec<MemType> {
-        vec![MemType::Dram]
-    }
-    fn params(&self) -> &'static [ParamSpec] {
-        &[]
-    }
-    fn create(&self, _ctx: BackendContext, _params: &Params) -> Result<Arc<dyn Backend>> {
-        Ok(Arc::new(FakeTcp))
-    }
-}
-
-#[derive(Debug)]
-struct FakeTcp;
-
-impl Backend for FakeTcp {
-    fn name(&self) -> &str {
-        "FAKETCP"
-    }
-    fn capabilities(&self) -> Capabilities {
-        Capabilities { mem_types: vec![MemType::Dram], local: false, remote: true, notifications: true, rank: 50 }
-    }
-    fn params(&self) -> Params {
-        Params::new()
-    }
-    fn conn_info(&self) -> Vec<u8> {
-        b"fake".to_vec()
-    }
-    fn register(&self, _region: &Region) -> Result<Vec<u8>> {
-        Ok(Vec::new())
-    }
-    fn deregister(&self, _region: &Region) -> Result<()> {
-        Ok(())
-    }
-    fn load_remote(&self, _peer: &PeerInfo) -> Result<()> {
-        Ok(())
-    }
-    fn unload_remote(&self, _peer: &str) {}
-    fn prepare(&self, _plan: XferPlan) -> Result<Box<dyn BackendXfer>> {
-        Ok(Box::new(FakeXfer))
-    }
-    fn send_notification(&self, _peer: &str, _msg: &[u8]) -> Result<()> {
-        Ok(())
-    }
-}
-
-#[derive(Debug)]
-struct FakeXfer;
-
-impl BackendXfer for FakeXfer {
-    fn post(&mut self, _notif: Option<&[u8]>) -> Result<XferState> {
-        Ok(XferState::Done)
-    }
-    fn poll(&mut self) -> Result<XferState> {
-        Ok(XferState::Done)
-    }
-    fn cancel(&mut self) {}
-}
-
-pub fn register_fake_tcp() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| kvferry::backend::register_plugin(Arc::new(FakeTcpPlugin)).expect("register FAKETCP"));
-}
+/// What the peer puts in front of its answers.
+const MARKER: &str = "@@ ";
 
 /// An agent with the given backends (FAKETCP is registered on demand).
 pub fn agent(name: &str, backends: &[&str]) -> Agent {
     if backends.iter().any(|b| b.eq_ignore_ascii_case("FAKETCP")) {
-        register_fake_tcp();
+        plugins::register(&FAKETCP);
     }
     let mut cfg = AgentConfig::default();
     for b in backends {
@@ -151,12 +60,7 @@ pub fn peer_main() {
     let mut buf = PeerMem::new(size, std::env::var("KVFERRY_SHM_PEER_RAW").is_ok());
     fill(buf.as_mut_slice(), seed);
     let mut reg = Some(buf.register(&a));
-    let out = std::io::stdout();
-    let say = |s: String| {
-        let mut o = out.lock();
-        writeln!(o, "@@ {s}").unwrap();
-        o.flush().unwrap();
-    };
+    let say = |s: String| kvferry_test_support::process::say(MARKER, s);
     say(format!("MD {}", hex(&a.local_metadata().unwrap())));
     say(format!("ADDR {}", buf.addr()));
     for line in std::io::stdin().lock().lines() {
@@ -203,7 +107,7 @@ pub fn peer_main() {
                     say("ERR no notification".into());
                     continue;
                 }
-                let bad = buf.as_slice()[..len].iter().enumerate().position(|(i, &b)| b != pattern(seed, i));
+                let bad = buf.as_slice()[..len].iter().enumerate().position(|(i, &b)| b != pattern_byte(seed, i));
                 let n = a.take_notifications();
                 match bad {
                     None => say(format!(
@@ -316,9 +220,7 @@ pub fn maps_inode(inode: u64) -> bool {
 /// A running peer process.
 pub struct Peer {
     pub name: String,
-    pub child: Child,
-    stdin: ChildStdin,
-    lines: Receiver<String>,
+    pub proc: Child,
     pub md: Vec<u8>,
     pub addr: u64,
 }
@@ -326,40 +228,20 @@ pub struct Peer {
 impl Peer {
     /// The inode of the memfd behind the peer's buffer (None for raw memory).
     pub fn memfd_inode(&self) -> Option<u64> {
-        memfd_inode_at(&self.child.id().to_string(), self.addr)
+        memfd_inode_at(&self.proc.pid().to_string(), self.addr)
     }
-}
 
-impl Peer {
     /// Starts `test_fn` of this test binary as the peer `name`.
     pub fn spawn(test_fn: &str, name: &str, size: usize, seed: u64, extra: &[(&str, &str)]) -> Peer {
-        let exe = std::env::current_exe().expect("current_exe");
-        let mut cmd = Command::new(exe);
-        cmd.args([test_fn, "--exact", "--nocapture", "--test-threads=1"])
-            .env(PEER_ENV, name)
+        let mut cmd = rerun_self(test_fn, false, &[]);
+        cmd.env(PEER_ENV, name)
             .env("KVFERRY_SHM_PEER_SIZE", size.to_string())
-            .env("KVFERRY_SHM_PEER_SEED", seed.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .env("KVFERRY_SHM_PEER_SEED", seed.to_string());
         for (k, v) in extra {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().expect("spawn peer");
-        let stdin = child.stdin.take().expect("stdin");
-        let stdout: ChildStdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
-                // libtest may print "test x ... " before our first line.
-                if let Some(i) = l.find("@@ ") {
-                    if tx.send(l[i + 3..].to_string()).is_err() {
-                        break;
-                    }
-                }
-            }
-        });
-        let mut p = Peer { name: name.to_string(), child, stdin, lines: rx, md: Vec::new(), addr: 0 };
+        let proc = Child::spawn(&format!("peer '{name}'"), &mut cmd, MARKER);
+        let mut p = Peer { name: name.to_string(), proc, md: Vec::new(), addr: 0 };
         let md = p.line();
         p.md = unhex(md.strip_prefix("MD ").expect("MD line"));
         let addr = p.line();
@@ -369,23 +251,20 @@ impl Peer {
 
     /// The next answer line (panics after 20 s: no test hangs).
     pub fn line(&mut self) -> String {
-        self.lines.recv_timeout(Duration::from_secs(20)).expect("the peer did not answer within 20 s")
+        self.proc.line(Duration::from_secs(20))
     }
 
     /// Sends a command and returns its answer.
     pub fn cmd(&mut self, c: &str) -> String {
-        writeln!(self.stdin, "{c}").expect("write to peer");
-        self.stdin.flush().unwrap();
+        self.proc.send(c);
         self.line()
     }
 
     /// Sends a command without reading its answer (read it later with [`line`](Self::line)).
     pub fn cmd_nowait(&mut self, c: &str) {
-        writeln!(self.stdin, "{c}").expect("write to peer");
-        self.stdin.flush().unwrap();
+        self.proc.send(c);
     }
 
-    /// Sends a command that must answer OK.
     /// The peer's whole buffer, as it is now (written to a scratch file by the peer).
     pub fn dump(&mut self, tag: &str) -> Vec<u8> {
         let path = scratch(tag);
@@ -395,6 +274,7 @@ impl Peer {
         d
     }
 
+    /// Sends a command that must answer OK.
     pub fn ok(&mut self, c: &str) {
         let a = self.cmd(c);
         assert_eq!(a, "OK", "peer answered {a:?} to {c:?}");
@@ -402,37 +282,16 @@ impl Peer {
 
     /// Asks the peer to exit and waits (bounded) until it has.
     pub fn exit(mut self) {
-        let _ = writeln!(self.stdin, "EXIT");
-        let _ = self.stdin.flush();
-        for _ in 0..200 {
-            if self.child.try_wait().ok().flatten().is_some() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(25));
+        self.proc.send_quietly("EXIT");
+        if self.proc.exits_within(Duration::from_secs(5)).is_none() {
+            self.proc.kill();
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 
     /// Kills the peer (SIGKILL) and reaps it.
     pub fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.proc.kill();
     }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// A scratch file path unique to this process.
-pub fn scratch(tag: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("kvferry-shm-test-{}-{tag}", std::process::id()))
 }
 
 /// DRAM descriptors of `len` bytes at `base + offset` for each offset.
@@ -441,13 +300,4 @@ pub fn remote_list(base: u64, offsets: impl Iterator<Item = usize>, len: usize) 
         MemType::Dram,
         offsets.map(|o| kvferry::XferDesc::new(base + o as u64, len as u64, 0)).collect(),
     )
-}
-
-/// Waits (bounded, 10 s) until `f` holds.
-pub fn eventually(what: &str, f: impl Fn() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(std::time::Instant::now() < deadline, "{what}: not within 10 s");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }

@@ -1,30 +1,18 @@
 //! Shared helpers of the `tcp_*` integration tests: a peer process (the test
 //! binary re-executed in the `peer_entry` role) driven over stdin/stdout.
+//! The process harness, patterns and waits are the test toolkit's
+//! (`kvferry_test_support`).
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver};
+use std::io::BufRead;
 use std::time::{Duration, Instant};
 
 use kvferry::{Agent, AgentConfig, AlignedBuf, Params};
+use kvferry_test_support::{fill, first_mismatch};
+use kvferry_test_support::{hex, rerun_self, Child};
 
-/// The byte at offset `i` of the pattern `seed`.
-pub fn pattern_byte(seed: u8, i: usize) -> u8 {
-    (i as u8).wrapping_mul(31).wrapping_add(seed) ^ ((i >> 12) as u8).wrapping_mul(7)
-}
-
-/// Fills `buf` with the pattern `seed`.
-pub fn fill(buf: &mut [u8], seed: u8) {
-    for (i, b) in buf.iter_mut().enumerate() {
-        *b = pattern_byte(seed, i);
-    }
-}
-
-/// The first offset in `buf[off..off+len]` that differs from pattern `seed` (at buffer offsets).
-pub fn first_mismatch(buf: &[u8], seed: u8, off: usize, len: usize) -> Option<usize> {
-    (off..off + len).find(|&i| buf[i] != pattern_byte(seed, i))
-}
+/// What the peer puts in front of its answers.
+const MARKER: &str = "KVF ";
 
 /// Defines the `#[ignore]`d test that plays the peer when re-executed.
 #[macro_export]
@@ -60,12 +48,7 @@ pub fn peer_main() {
     let mut buf = AlignedBuf::new(len).unwrap();
     fill(buf.as_mut_slice(), 1);
     let _reg = agent.register_buf(&buf).unwrap();
-    let out = std::io::stdout();
-    let say = |s: String| {
-        let mut o = out.lock();
-        writeln!(o, "KVF {s}").unwrap();
-        o.flush().unwrap();
-    };
+    let say = |s: String| kvferry_test_support::process::say(MARKER, s);
     say(format!("READY {} {} {}", agent.listen_port().unwrap(), buf.addr(), len));
     let mut notifs: Vec<(String, Vec<u8>)> = Vec::new();
     for line in std::io::stdin().lock().lines() {
@@ -73,7 +56,7 @@ pub fn peer_main() {
         let w: Vec<&str> = line.split_whitespace().collect();
         match w.as_slice() {
             ["check", seed, off, n] => {
-                let (seed, off, n): (u8, usize, usize) =
+                let (seed, off, n): (u64, usize, usize) =
                     (seed.parse().unwrap(), off.parse().unwrap(), n.parse().unwrap());
                 match first_mismatch(buf.as_slice(), seed, off, n) {
                     None => say("OK".into()),
@@ -102,7 +85,7 @@ pub fn peer_main() {
             }
             ["md"] => {
                 let md = agent.local_metadata().unwrap();
-                say(format!("MD {}", md.iter().map(|b| format!("{b:02x}")).collect::<String>()));
+                say(format!("MD {}", hex(&md)));
             }
             ["quit"] => break,
             _ => say(format!("ERR unknown command {line}")),
@@ -112,12 +95,15 @@ pub fn peer_main() {
 
 /// A running peer process.
 pub struct PeerProc {
+    /// The peer's agent name.
     pub name: String,
-    pub child: Child,
-    stdin: ChildStdin,
-    lines: Receiver<String>,
+    /// The process.
+    pub proc: Child,
+    /// Its metadata listener's port.
     pub md_port: u16,
+    /// Where its buffer is, in its address space.
     pub buf_addr: u64,
+    /// Its buffer's length.
     pub buf_len: usize,
 }
 
@@ -126,74 +112,45 @@ impl PeerProc {
     /// variables (KVF_TCP_PARAMS, KVFERRY_AUTH_TOKEN, ...); `wrap` prefixes the
     /// command (e.g. `ip netns exec ns`).
     pub fn spawn(name: &str, len: usize, env: &[(&str, &str)], wrap: &[&str]) -> PeerProc {
-        let exe = std::env::current_exe().unwrap();
-        let mut cmd = match wrap.split_first() {
-            Some((first, rest)) => {
-                let mut c = Command::new(first);
-                c.args(rest).arg(&exe);
-                c
-            }
-            None => Command::new(&exe),
-        };
-        cmd.args(["--exact", "peer_entry", "--ignored", "--nocapture", "--test-threads=1"])
-            .env("KVF_TCP_ROLE", "peer")
+        let mut cmd = rerun_self("peer_entry", true, wrap);
+        cmd.env("KVF_TCP_ROLE", "peer")
             .env("KVF_TCP_NAME", name)
             .env("KVF_TCP_LEN", len.to_string())
-            .env_remove("KVFERRY_AUTH_TOKEN")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .env_remove("KVFERRY_AUTH_TOKEN");
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().expect("spawn peer");
-        let stdin = child.stdin.take().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                // libtest may print "test peer_entry ... " in front of the first line.
-                if let Some(i) = line.find("KVF ") {
-                    if tx.send(line[i + 4..].to_string()).is_err() {
-                        break;
-                    }
-                }
-            }
-        });
-        let mut p = PeerProc { name: name.into(), child, stdin, lines: rx, md_port: 0, buf_addr: 0, buf_len: 0 };
-        let ready = p.line(Duration::from_secs(30));
+        let mut proc = Child::spawn(&format!("peer '{name}'"), &mut cmd, MARKER);
+        let ready = proc.line(Duration::from_secs(30));
         let w: Vec<&str> = ready.split_whitespace().collect();
         assert_eq!(w[0], "READY", "peer said {ready}");
-        p.md_port = w[1].parse().unwrap();
-        p.buf_addr = w[2].parse().unwrap();
-        p.buf_len = w[3].parse().unwrap();
-        p
+        PeerProc {
+            name: name.into(),
+            proc,
+            md_port: w[1].parse().unwrap(),
+            buf_addr: w[2].parse().unwrap(),
+            buf_len: w[3].parse().unwrap(),
+        }
     }
 
     /// The next line from the peer, failing the test after `timeout`.
     pub fn line(&mut self, timeout: Duration) -> String {
-        self.lines
-            .recv_timeout(timeout)
-            .unwrap_or_else(|e| panic!("peer '{}' said nothing within {timeout:?}: {e}", self.name))
+        self.proc.line(timeout)
     }
 
     /// Sends a command and returns the answer.
     pub fn cmd(&mut self, c: &str) -> String {
-        writeln!(self.stdin, "{c}").unwrap();
-        self.stdin.flush().unwrap();
-        self.line(Duration::from_secs(30))
+        self.proc.cmd(c, Duration::from_secs(30))
     }
 
     /// Sends a signal to the peer process.
     pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, sig) };
+        let _ = self.proc.signal(sig);
     }
 
     /// Kills the peer (SIGKILL) and reaps it.
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.proc.kill();
     }
 
     /// A transfer descriptor list into the peer's buffer.
@@ -208,15 +165,10 @@ impl PeerProc {
 
 impl Drop for PeerProc {
     fn drop(&mut self) {
-        let _ = writeln!(self.stdin, "quit");
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        self.proc.send_quietly("quit");
+        if self.proc.exits_within(Duration::from_secs(2)).is_none() {
+            self.kill();
         }
-        self.kill();
     }
 }
 
@@ -231,15 +183,6 @@ pub fn fetch(agent: &Agent, peer: &str, ip: &str, port: u16) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !agent.check_remote(peer, None) {
         assert!(Instant::now() < deadline, "metadata of '{peer}' did not arrive within 10 s");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// Waits (bounded) until `cond` holds.
-pub fn eventually(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
         std::thread::sleep(Duration::from_millis(5));
     }
 }

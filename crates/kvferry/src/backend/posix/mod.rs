@@ -53,6 +53,23 @@ use crate::storage::{self, Engine, EngineSpec, FileTable, IoBatch, Job};
 #[derive(Debug)]
 pub struct PosixPlugin;
 
+/// Whether the io_uring engine works on this machine: what `engine=auto`
+/// prefers and `engine=uring` requires. A ring can be created, a NOP
+/// completes, and the kernel has the operations the engine uses (READ,
+/// WRITE, POLL_ADD). Probed once per process; the error says why not and
+/// what to do. The plugin itself works without it ([`PosixPlugin`]'s probe
+/// passes): `engine=threads` runs everywhere.
+///
+/// ```
+/// match kvferry::backend::posix::probe_io_uring() {
+///     Ok(()) => println!("POSIX can use io_uring"),
+///     Err(e) => println!("POSIX uses its thread pool: {e}"),
+/// }
+/// ```
+pub fn probe_io_uring() -> Result<()> {
+    storage::probe_io_uring()
+}
+
 const PARAMS: &[ParamSpec] = &[
     ParamSpec {
         name: "engine",

@@ -59,8 +59,7 @@ pub struct Access {
 impl Access {
     /// This process's own uid only.
     pub fn own_uid() -> Access {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        Access { me: unsafe { libc::geteuid() }, extra: Vec::new() }
+        Access { me: crate::sys::effective_uid(), extra: Vec::new() }
     }
 
     /// This process's uid plus `extra`.

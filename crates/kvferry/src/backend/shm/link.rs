@@ -314,11 +314,9 @@ impl Link {
     /// exited, was killed or dropped its backend): one `poll`, no waiting.
     /// A process's sockets close as it exits, before it can be reaped.
     pub fn hung_up(&self) -> bool {
-        let mut p = libc::pollfd { fd: self.sock, events: libc::POLLRDHUP, revents: 0 };
-        // SAFETY: one valid pollfd; `sock` stays open as long as this Link (it
-        // is `writer`'s descriptor, which is shut down but never closed before).
-        let n = unsafe { libc::poll(&mut p, 1, 0) };
-        n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+        // `sock` stays open as long as this Link (it is `writer`'s
+        // descriptor, which is shut down but never closed before).
+        crate::sys::hung_up(self.sock)
     }
 
     /// Marks the link dead (first reason wins), unmaps the owner's regions
@@ -471,7 +469,7 @@ mod tests {
     /// regions, so no copy can ever SIGBUS it.
     #[test]
     fn initiator_does_not_map_a_hostile_owners_memfd() {
-        use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+        use std::os::fd::AsFd;
         let name = format!("kvferry-shm-test-{}-hostile-owner", std::process::id()).into_bytes();
         let listener = UnixListener::bind_addr(&abstract_addr(&name).unwrap()).unwrap();
         let keys = [AccessKey([1; 16]), AccessKey([2; 16])];
@@ -484,21 +482,12 @@ mod tests {
             s.write_all(&out).unwrap();
             for n in 0..2 {
                 let Frame::Map { id, .. } = read_frame(&mut s, &mut buf).unwrap() else { panic!("expected MAP") };
-                // SAFETY: memfd_create with a valid C string; the new descriptor is ours.
-                let fd = unsafe {
-                    OwnedFd::from_raw_fd(libc::memfd_create(
-                        c"evil".as_ptr(),
-                        libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-                    ))
-                };
+                let fd = crate::sys::memfd_create(c"evil", libc::MFD_ALLOW_SEALING).unwrap();
                 // n = 0: unsealed, 1 MiB (truncatable later); n = 1: sealed but 4 KiB for a 1 MiB region.
                 let size = if n == 0 { 1 << 20 } else { 4096 };
-                // SAFETY: ftruncate / F_ADD_SEALS on our own descriptor.
-                unsafe {
-                    assert_eq!(libc::ftruncate(fd.as_raw_fd(), size), 0);
-                    if n == 1 {
-                        assert_eq!(libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK), 0);
-                    }
+                crate::sys::set_len(fd.as_raw_fd(), size).unwrap();
+                if n == 1 {
+                    crate::sys::add_seals(fd.as_raw_fd(), libc::F_SEAL_SHRINK).unwrap();
                 }
                 out.clear();
                 let status = MapStatus::Fd;

@@ -13,10 +13,10 @@
 //! region's pages and is unmapped on drop; the SHM link drops it when the
 //! owner revokes the region or the connection ends.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use crate::error::{Error, Result};
-use crate::mem::page_size;
+use crate::sys::{self, FsType};
 
 /// A peer's region mapped read-write into this process.
 #[derive(Debug)]
@@ -45,7 +45,7 @@ impl Mapping {
     /// sealed against shrinking that holds the whole region.
     pub fn map(fd: OwnedFd, offset: u64, region_addr: u64, region_len: u64) -> Result<Mapping> {
         let bad = |why: String| Error::malformed(format!("SHM: the owner's memfd cannot be mapped: {why}"));
-        let page = page_size() as u64;
+        let page = sys::page_size() as u64;
         let len = usize::try_from(region_len).map_err(|_| bad(format!("region of {region_len} bytes")))?;
         if len == 0 {
             return Err(bad("empty region".into()));
@@ -53,31 +53,16 @@ impl Mapping {
         let start = offset / page * page;
         let skew = (offset - start) as usize;
         let end = offset.checked_add(region_len).ok_or_else(|| bad("offset + length overflows".into()))?;
-        // SAFETY: F_GET_SEALS takes no argument; fd is a descriptor we own.
-        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
-        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+        if sys::seals(fd.as_raw_fd()).map_or(true, |s| s & libc::F_SEAL_SHRINK == 0) {
             return Err(bad("it is not a memfd sealed against shrinking".into()));
         }
-        // SAFETY: stat is plain data; fstat fills it for a descriptor we own.
-        let (size, mode) = unsafe {
-            let mut st: libc::stat = std::mem::zeroed();
-            if libc::fstat(fd.as_raw_fd(), &mut st) != 0 {
-                return Err(Error::io("SHM: fstat of a peer's memfd", std::io::Error::last_os_error()));
-            }
-            (st.st_size as u64, st.st_mode)
-        };
-        if mode & libc::S_IFMT != libc::S_IFREG {
+        let st = sys::fstat(fd.as_raw_fd()).map_err(|e| Error::io("SHM: fstat of a peer's memfd", e))?;
+        let size = st.size;
+        if !st.is_file() {
             return Err(bad("it is not a regular file".into()));
         }
-        // SAFETY: statfs is plain data; fstatfs fills it for a descriptor we own.
-        let fs_type = unsafe {
-            let mut sf: libc::statfs = std::mem::zeroed();
-            if libc::fstatfs(fd.as_raw_fd(), &mut sf) != 0 {
-                return Err(Error::io("SHM: fstatfs of a peer's memfd", std::io::Error::last_os_error()));
-            }
-            sf.f_type
-        };
-        if fs_type == libc::HUGETLBFS_MAGIC {
+        let fs_type = sys::fs_type(fd.as_raw_fd()).map_err(|e| Error::io("SHM: fstatfs of a peer's memfd", e))?;
+        if fs_type == FsType::HugeTlb {
             return Err(bad(
                 "it is a hugetlbfs memfd (MFD_HUGETLB), whose pages may be missing at first touch (SIGBUS)".into(),
             ));
@@ -91,9 +76,8 @@ impl Mapping {
             .map(|n| n / page * page)
             .and_then(|n| usize::try_from(n).ok())
             .ok_or_else(|| bad("mapping length overflows".into()))?;
-        let off = libc::off_t::try_from(start).map_err(|_| bad(format!("offset {start}")))?;
         // The file's size was checked above and is sealed: it cannot shrink under us.
-        let p = crate::mem::map_shared(&fd, map_len, off)
+        let p = sys::map_shared(fd.as_fd(), map_len, start)
             .map_err(|e| Error::io("SHM: mmap of a peer's memfd", e))?
             .as_ptr();
         // The mapping holds the file; the descriptor closes here.
@@ -121,7 +105,7 @@ impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: base/map_len is exactly the mapping made in `map`, unmapped
         // once; the link drops a Mapping only while no copy through it runs.
-        unsafe { libc::munmap(self.base as *mut libc::c_void, self.map_len) };
+        unsafe { sys::unmap(self.base as *mut u8, self.map_len) };
     }
 }
 
@@ -158,58 +142,44 @@ mod tests {
     }
 
     fn memfd(flags: libc::c_uint) -> Option<OwnedFd> {
-        use std::os::fd::FromRawFd;
-        // SAFETY: memfd_create with a valid C string; a non-negative result is a new descriptor we own.
-        let raw = unsafe { libc::memfd_create(c"hostile".as_ptr(), libc::MFD_CLOEXEC | flags) };
-        // SAFETY: as above.
-        (raw >= 0).then(|| unsafe { OwnedFd::from_raw_fd(raw) })
+        sys::memfd_create(c"hostile", flags).ok()
     }
 
     /// What a hostile owner could hand over: each is refused before any
     /// mapping exists, so no later copy can SIGBUS this process.
     #[test]
     fn hostile_memfds_are_refused() {
-        let size = 4 * 4096;
+        let size = 4 * 4096u64;
         // Unsealed: the owner could truncate it under a mapping.
         let fd = memfd(libc::MFD_ALLOW_SEALING).unwrap();
-        // SAFETY: ftruncate on our own descriptor.
-        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), size) }, 0);
-        let e = Mapping::map(fd, 0, 0x1000, size as u64).unwrap_err();
+        sys::set_len(fd.as_raw_fd(), size).unwrap();
+        let e = Mapping::map(fd, 0, 0x1000, size).unwrap_err();
         assert!(e.message().contains("sealed against shrinking"), "{e}");
         // Sealing not even allowed (F_SEAL_SEAL set from birth).
         let fd = memfd(0).unwrap();
-        // SAFETY: as above.
-        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), size) }, 0);
-        assert!(Mapping::map(fd, 0, 0x1000, size as u64).unwrap_err().message().contains("sealed"));
+        sys::set_len(fd.as_raw_fd(), size).unwrap();
+        assert!(Mapping::map(fd, 0, 0x1000, size).unwrap_err().message().contains("sealed"));
         // Sealed against growing only: still shrinkable.
         let fd = memfd(libc::MFD_ALLOW_SEALING).unwrap();
-        // SAFETY: ftruncate and F_ADD_SEALS on our own descriptor.
-        unsafe {
-            assert_eq!(libc::ftruncate(fd.as_raw_fd(), size), 0);
-            assert_eq!(libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_GROW), 0);
-        }
-        assert!(Mapping::map(fd, 0, 0x1000, size as u64).unwrap_err().message().contains("shrinking"));
+        sys::set_len(fd.as_raw_fd(), size).unwrap();
+        sys::add_seals(fd.as_raw_fd(), libc::F_SEAL_GROW).unwrap();
+        assert!(Mapping::map(fd, 0, 0x1000, size).unwrap_err().message().contains("shrinking"));
         // Sealed but shorter than the region it claims to hold.
         let fd = memfd(libc::MFD_ALLOW_SEALING).unwrap();
-        // SAFETY: as above.
-        unsafe {
-            assert_eq!(libc::ftruncate(fd.as_raw_fd(), 4096), 0);
-            assert_eq!(libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK), 0);
-        }
-        let e = Mapping::map(fd, 0, 0x1000, size as u64).unwrap_err();
+        sys::set_len(fd.as_raw_fd(), 4096).unwrap();
+        sys::add_seals(fd.as_raw_fd(), libc::F_SEAL_SHRINK).unwrap();
+        let e = Mapping::map(fd, 0, 0x1000, size).unwrap_err();
         assert!(e.message().contains("ends at byte"), "{e}");
         // Hugetlbfs, sealed, sized far beyond any huge page pool: refused by
         // file system type. (Kernels without hugetlbfs memfds cannot make one.)
         match memfd(libc::MFD_HUGETLB | libc::MFD_ALLOW_SEALING) {
             None => eprintln!("hostile_memfds_are_refused: no MFD_HUGETLB here; hugetlbfs case not run"),
             Some(fd) => {
-                let huge = 1i64 << 40;
-                // SAFETY: ftruncate and F_ADD_SEALS on our own descriptor.
-                let sized = unsafe { libc::ftruncate(fd.as_raw_fd(), huge) } == 0;
-                // SAFETY: as above.
-                let sealed = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) } == 0;
+                let huge = 1u64 << 40;
+                let sized = sys::set_len(fd.as_raw_fd(), huge).is_ok();
+                let sealed = sys::add_seals(fd.as_raw_fd(), libc::F_SEAL_SHRINK).is_ok();
                 if sized && sealed {
-                    let e = Mapping::map(fd, 0, 0x1000, huge as u64).unwrap_err();
+                    let e = Mapping::map(fd, 0, 0x1000, huge).unwrap_err();
                     assert!(e.message().contains("hugetlbfs"), "{e}");
                 } else {
                     eprintln!("hostile_memfds_are_refused: cannot size/seal a hugetlbfs memfd here; case not run");
@@ -218,6 +188,6 @@ mod tests {
         }
         // And kvferry's own buffers pass every check.
         let buf = AlignedBuf::new(size as usize).unwrap();
-        Mapping::map(buf.share().unwrap().fd().try_clone_to_owned().unwrap(), 0, 0x1000, size as u64).unwrap();
+        Mapping::map(buf.share().unwrap().fd().try_clone_to_owned().unwrap(), 0, 0x1000, size).unwrap();
     }
 }

@@ -82,11 +82,11 @@ use super::{
 use crate::error::{Error, ErrorKind, Result};
 use crate::host::HostId;
 use crate::params::{ParamSpec, Params};
+use crate::sys;
 use crate::types::{AccessKey, MemType, XferOp, XferState};
 
-pub mod cma;
+pub use crate::sys::{cma, fdpass};
 pub mod control;
-pub mod fdpass;
 pub mod info;
 pub mod link;
 pub mod link_state;
@@ -150,8 +150,10 @@ fn parse_uids(s: &str) -> Result<Vec<u32>> {
         .collect()
 }
 
-/// Yama's `ptrace_scope`, if the Yama LSM is present.
-fn ptrace_scope() -> Option<u32> {
+/// Yama's `ptrace_scope` (`/proc/sys/kernel/yama/ptrace_scope`), if the
+/// Yama LSM is present: 0 and 1 let SHM work (1 with `ptracer_any`), 2 only
+/// for root, 3 never (the SHM plugin's probe says so).
+pub fn ptrace_scope() -> Option<u32> {
     std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope").ok()?.trim().parse().ok()
 }
 
@@ -177,8 +179,7 @@ impl BackendPlugin for ShmPlugin {
             )
         })?;
         match ptrace_scope() {
-            // SAFETY: geteuid has no preconditions and cannot fail.
-            Some(2) if unsafe { libc::geteuid() } != 0 => Err(Error::not_supported(
+            Some(2) if sys::effective_uid() != 0 => Err(Error::not_supported(
                 "SHM: Yama ptrace_scope is 2 (admin-only attach), so processes cannot attach to each other; \
                  use TCP, or lower /proc/sys/kernel/yama/ptrace_scope to 0 or 1",
             )),
@@ -194,11 +195,7 @@ impl BackendPlugin for ShmPlugin {
         let map = params.parse_bool(NAME, "map")?;
         let access = Access::with_extra(parse_uids(params.raw("allowed_uids").unwrap_or(""))?);
         if params.parse_bool(NAME, "ptracer_any")? && ptrace_scope() == Some(1) {
-            // SAFETY: prctl(PR_SET_PTRACER) takes integer arguments only and changes process attributes.
-            let r = unsafe { libc::prctl(libc::PR_SET_PTRACER, libc::PR_SET_PTRACER_ANY, 0, 0, 0) };
-            if r != 0 {
-                return Err(Error::io("SHM: prctl(PR_SET_PTRACER_ANY)", std::io::Error::last_os_error()));
-            }
+            sys::allow_any_ptracer().map_err(|e| Error::io("SHM: prctl(PR_SET_PTRACER_ANY)", e))?;
         }
         let nonce = loop {
             let k = AccessKey::random()?;

@@ -179,7 +179,7 @@ impl Server {
             buf.clear();
             Frame::Revoke { seq, key }.encode(&mut buf);
             let sent = match c.writer.try_lock_until(deadline) {
-                Some(w) => super::fdpass::send_within(&w, &buf, deadline).is_ok(),
+                Some(w) => crate::sys::send_within(&*w, &buf, deadline).is_ok(),
                 None => false,
             };
             if sent {

@@ -30,10 +30,10 @@ use parking_lot::{Condvar, Mutex};
 
 use super::proto::{self, FrameType, Header, Hello, Status, Welcome, HEADER_LEN, WELCOME_FIXED};
 use super::state::{self, Answer, Awaiting, Expect};
-use super::sys;
 use super::xfer::XferShared;
 use super::Shared;
 use crate::error::{Error, ErrorKind, Result};
+use crate::sys;
 use crate::types::XferOp;
 
 /// A loaded peer: where to dial it and its lanes.
@@ -115,7 +115,7 @@ pub(super) struct Conn {
     /// thread, or a thread waiting for a small request of its own (no thread hop).
     rx: Mutex<sys::RecvBuf>,
     /// Wakes the reader thread when answers are owed that nobody else reads.
-    kick: sys::Kick,
+    kick: sys::EventFd,
     /// Closed by this side (unload, shutdown, cancel): not a lost peer.
     by_us: AtomicBool,
 }
@@ -317,7 +317,7 @@ fn connect(shared: &Arc<Shared>, peer: &Arc<Peer>, lane: usize) -> Result<Arc<Co
         writer: Mutex::new(()),
         pending: Mutex::new(PendingQueue { q: Awaiting::default(), dead: None, hold_until: None, reader_idle: false }),
         rx: Mutex::new(sys::RecvBuf::new(RX_BUF)),
-        kick: sys::Kick::new().map_err(|e| setup("eventfd", e))?,
+        kick: sys::EventFd::new().map_err(|e| setup("eventfd", e))?,
         by_us: AtomicBool::new(false),
     });
     let (sh, p, cc) = (shared.clone(), peer.clone(), c.clone());

@@ -42,6 +42,7 @@ use crate::storage::FileServer;
 const MEM_TYPES: [MemType; 3] = [MemType::Dram, MemType::File, MemType::Block];
 use crate::notif::NotifSink;
 use crate::params::{ParamSpec, Params};
+use crate::sys;
 use crate::types::{AccessKey, MemType};
 
 mod conn;
@@ -50,7 +51,6 @@ mod pair;
 pub mod proto;
 mod server;
 mod state;
-mod sys;
 mod xfer;
 
 use conn::Peer;

@@ -36,9 +36,9 @@ use parking_lot::{Condvar, Mutex};
 
 use super::proto::{self, FrameType, Header, Hello, ProtoError, Status, Welcome, HEADER_LEN, HELLO_FIXED};
 use super::state::{self, AnswerOrder, Resolved, Route, Tables, Turn};
-use super::sys::{self, Span};
 use super::{frame_budget, MemRegion, Shared};
 use crate::storage::{self, FileServer, Plan};
+use crate::sys::{self, Span};
 use crate::types::{AccessKey, XferOp};
 
 /// A connection still in handshake.

@@ -22,10 +22,10 @@ use parking_lot::{Condvar, Mutex, RwLock, RwLockReadGuard};
 
 use super::conn::{Conn, Job, Peer};
 use super::proto::{self, Entry, FrameType, Header, HEADER_LEN};
-use super::sys::Span;
 use super::Shared;
 use crate::backend::{BackendXfer, XferPlan};
 use crate::error::{Error, ErrorKind, Result};
+use crate::sys::Span;
 use crate::types::{XferOp, XferState};
 
 /// One frame of a request, built at prepare time.

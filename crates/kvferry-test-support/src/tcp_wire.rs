@@ -1,15 +1,12 @@
-//! A hostile client for the TCP target: it speaks the wire format of
+//! A hand-written client for the TCP target: it speaks the wire format of
 //! `docs/TCP.md` by hand (hello, WRITE / READ / NOTIF frames with whatever
 //! entries and lengths the caller picks, raw bytes) and reads the target's
 //! answers, so tests can do what kvferry's own initiator never would: mix
 //! region kinds in one frame, point a key at another region's bytes, lie
 //! about lengths, stop in the middle of a frame.
 //!
-//! [`model`] holds the model-based property test built on it (shared with
-//! the cargo-fuzz target `fuzz/fuzz_targets/tcp_target.rs`).
-#![allow(dead_code)]
-
-pub mod model;
+//! [`crate::tcp_model`] holds the model-based property test built on it
+//! (shared with the cargo-fuzz target `fuzz/fuzz_targets/tcp_target.rs`).
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -20,6 +17,69 @@ use kvferry::backend::tcp::proto::{
 };
 use kvferry::metadata::AgentMetadata;
 use kvferry::Agent;
+
+/// A hello as `name` from instance `instance` to the target instance
+/// `expect_instance`, with `token` (empty: none).
+pub fn hello(instance: u64, expect_instance: u64, name: &str, token: &[u8]) -> Vec<u8> {
+    let mut b = Vec::new();
+    Hello { version: VERSION, caps: CAPS, instance, expect_instance, name: name.into(), token: token.to_vec() }
+        .encode(&mut b);
+    b
+}
+
+/// Reads the target's welcome (fixed part, then the rest it announces).
+pub fn read_welcome(s: &mut impl Read) -> io::Result<Welcome> {
+    let mut fixed = [0u8; WELCOME_FIXED];
+    s.read_exact(&mut fixed)?;
+    let rest = Welcome::rest_len(&fixed).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.message))?;
+    let mut all = fixed.to_vec();
+    all.resize(WELCOME_FIXED + rest, 0);
+    s.read_exact(&mut all[WELCOME_FIXED..])?;
+    Welcome::decode(&all).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.message))
+}
+
+/// An honest frame: header, entries, data; the header's length is the sum
+/// of the entries' lengths for a READ, the data's length otherwise.
+pub fn frame(ty: FrameType, op: u64, entries: &[Entry], data: &[u8]) -> Vec<u8> {
+    let len = if ty == FrameType::Read { entries.iter().map(|e| e.len).sum() } else { data.len() as u64 };
+    let mut b = Header::new(ty, op, entries.len() as u32, len).encode().to_vec();
+    for e in entries {
+        e.encode(&mut b);
+    }
+    b.extend_from_slice(data);
+    b
+}
+
+/// Reads one answer frame: the header, then the body its `len` announces
+/// (at most 1 GiB, as the header decoder allows).
+pub fn try_answer(s: &mut impl Read) -> io::Result<(Header, Vec<u8>)> {
+    let mut hb = [0u8; HEADER_LEN];
+    s.read_exact(&mut hb)?;
+    let header = Header::decode(&hb).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.message))?;
+    let mut body = vec![0u8; header.len as usize];
+    s.read_exact(&mut body)?;
+    Ok((header, body))
+}
+
+/// [`try_answer`] that panics when no well-formed answer arrives.
+pub fn answer(s: &mut impl Read) -> (Header, Vec<u8>) {
+    try_answer(s).unwrap_or_else(|e| panic!("no answer frame from the target: {e}"))
+}
+
+/// Whether the peer closed `s` within `within` (end of stream or a reset;
+/// bytes that arrive meanwhile are skipped).
+pub fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut b = [0u8; 256];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => return false,
+            Err(_) => return true,
+        }
+    }
+}
 
 /// How long the client waits for one answer before it calls the target hung.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -60,6 +120,7 @@ impl Answer {
 }
 
 /// A raw connection to a TCP target, past the handshake.
+#[derive(Debug)]
 pub struct HostileClient {
     /// The socket; tests may write raw bytes to it.
     pub stream: TcpStream,
@@ -73,24 +134,8 @@ impl HostileClient {
         stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
         stream.set_write_timeout(Some(ANSWER_TIMEOUT))?;
         stream.set_nodelay(true)?;
-        let mut b = Vec::new();
-        Hello {
-            version: VERSION,
-            caps: CAPS,
-            instance: 0x686f_7374_696c_6521,
-            expect_instance: t.instance,
-            name: name.into(),
-            token: token.to_vec(),
-        }
-        .encode(&mut b);
-        stream.write_all(&b)?;
-        let mut fixed = [0u8; WELCOME_FIXED];
-        stream.read_exact(&mut fixed)?;
-        let rest = Welcome::rest_len(&fixed).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.message))?;
-        let mut all = fixed.to_vec();
-        all.resize(WELCOME_FIXED + rest, 0);
-        stream.read_exact(&mut all[WELCOME_FIXED..])?;
-        let w = Welcome::decode(&all).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.message))?;
+        stream.write_all(&hello(0x686f_7374_696c_6521, t.instance, name, token))?;
+        let w = read_welcome(&mut stream)?;
         Ok((HostileClient { stream }, w))
     }
 
@@ -106,21 +151,17 @@ impl HostileClient {
         self.stream.write_all(bytes)
     }
 
-    /// Writes one frame (see [`frame`]).
+    /// Writes one frame (see [`raw_frame`]).
     pub fn send(&mut self, ty: FrameType, op: u64, header_len: u64, entries: &[Entry], data: &[u8]) -> io::Result<()> {
         let mut b = Vec::with_capacity(HEADER_LEN + entries.len() * 32 + data.len());
-        frame(&mut b, ty as u8, op, entries.len() as u32, header_len, entries, data);
+        raw_frame(&mut b, ty as u8, op, entries.len() as u32, header_len, entries, data);
         self.stream.write_all(&b)
     }
 
     /// Reads one answer frame (header, then the body its `len` announces,
     /// at most 1 GiB as the header decoder allows).
     pub fn answer(&mut self) -> io::Result<Answer> {
-        let mut hb = [0u8; HEADER_LEN];
-        self.stream.read_exact(&mut hb)?;
-        let header = Header::decode(&hb).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.message))?;
-        let mut body = vec![0u8; header.len as usize];
-        self.stream.read_exact(&mut body)?;
+        let (header, body) = try_answer(&mut self.stream)?;
         Ok(Answer { header, body })
     }
 
@@ -134,7 +175,7 @@ impl HostileClient {
 
 /// Appends a frame to `out`: a header with the raw type byte `ty`, `count`
 /// and `header_len` exactly as given (they may lie), the entries, and `data`.
-pub fn frame(out: &mut Vec<u8>, ty: u8, op: u64, count: u32, header_len: u64, entries: &[Entry], data: &[u8]) {
+pub fn raw_frame(out: &mut Vec<u8>, ty: u8, op: u64, count: u32, header_len: u64, entries: &[Entry], data: &[u8]) {
     let mut h = Header::new(FrameType::Write, op, count, header_len).encode();
     h[0] = ty;
     out.extend_from_slice(&h);

@@ -50,17 +50,13 @@ unsafe fn raw(dir: XferOp, pid: i32, local: &[Iov], remote: &[Iov]) -> io::Resul
     // SAFETY: `Iov` has iovec's layout (checked at compile time); the arrays
     // are valid for their lengths; the caller vouches for the local ranges;
     // the kernel validates the remote ranges against the target's mappings.
-    let n = unsafe {
+    let n = syscall!(unsafe {
         match dir {
             XferOp::Read => libc::process_vm_readv(pid, l, local.len() as _, r, remote.len() as _, 0),
             XferOp::Write => libc::process_vm_writev(pid, l, local.len() as _, r, remote.len() as _, 0),
         }
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+    })?;
+    Ok(n as usize)
 }
 
 /// Moves bytes between pairs of equal-length ranges of this process and another.

@@ -1,15 +1,19 @@
 //! Two hosts on one machine: two network namespaces joined by a veth pair,
-//! created by a test and removed on drop (even when the test fails). Shared
-//! by the library's and the CLI's test suites (the CLI includes this file by
-//! path).
+//! created by a test and removed on drop (even when the test fails). Used
+//! by the library's and the CLI's test suites.
 
 use std::process::Command;
 
 /// Namespaces `a` and `b`, with addresses `ip_a` and `ip_b` on the veth pair.
+#[derive(Debug)]
 pub struct Netns {
+    /// The first namespace's name.
     pub a: String,
+    /// The second namespace's name.
     pub b: String,
+    /// The first namespace's address on the pair.
     pub ip_a: String,
+    /// The second namespace's address on the pair.
     pub ip_b: String,
 }
 

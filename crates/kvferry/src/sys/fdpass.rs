@@ -40,56 +40,13 @@ pub fn send_with_fd(sock: &UnixStream, bytes: &[u8], fd: BorrowedFd<'_>) -> io::
         (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
         std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>(), fd.as_raw_fd());
     }
-    let sent = loop {
-        // SAFETY: msg and everything it points to are live for the call; the
-        // kernel only reads them.
-        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
-        if n >= 0 {
-            break n as usize;
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    };
+    // SAFETY: msg and everything it points to are live for the call; the
+    // kernel only reads them.
+    let sent = syscall!(retry unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) })? as usize;
     // The descriptor went with the first byte; the rest (if the socket buffer
     // was full) follows as plain bytes.
     if sent < bytes.len() {
         (&*sock).write_all(&bytes[sent..])?;
-    }
-    Ok(())
-}
-
-/// Sends all of `bytes` by `deadline` without depending on the socket's
-/// blocking mode or write timeout: non-blocking sends, and `poll` for room
-/// in between. `TimedOut` if the peer did not make room in time (the frame
-/// may then be partly sent: the caller must close the connection).
-pub fn send_within(sock: &UnixStream, bytes: &[u8], deadline: std::time::Instant) -> io::Result<()> {
-    let mut off = 0;
-    while off < bytes.len() {
-        let rest = &bytes[off..];
-        // SAFETY: `rest` is a live slice for the call; the kernel only reads it.
-        let n = unsafe {
-            libc::send(sock.as_raw_fd(), rest.as_ptr().cast(), rest.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
-        };
-        if n >= 0 {
-            off += n as usize;
-            continue;
-        }
-        let e = io::Error::last_os_error();
-        match e.kind() {
-            io::ErrorKind::Interrupted => continue,
-            io::ErrorKind::WouldBlock => {}
-            _ => return Err(e),
-        }
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "the peer did not take the frame in time"));
-        }
-        let mut pfd = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
-        let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
-        // SAFETY: one valid pollfd for the call's duration on a socket `sock` keeps open.
-        unsafe { libc::poll(&mut pfd, 1, ms) };
     }
     Ok(())
 }
@@ -137,17 +94,9 @@ impl Read for FdReader {
         msg.msg_iovlen = 1;
         msg.msg_control = control.as_mut_ptr().cast();
         msg.msg_controllen = space as _;
-        let n = loop {
-            // SAFETY: buf and control are writable for the lengths given in msg.
-            let n = unsafe { libc::recvmsg(self.stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-            if n >= 0 {
-                break n as usize;
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        };
+        // SAFETY: buf and control are writable for the lengths given in msg.
+        let n = syscall!(retry unsafe { libc::recvmsg(self.stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) })?
+            as usize;
         // SAFETY: the kernel filled msg_control with msg_controllen bytes of
         // well-formed headers; the CMSG_* macros walk them within that bound.
         unsafe {

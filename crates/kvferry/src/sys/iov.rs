@@ -1,24 +1,15 @@
-//! Thin wrappers over the socket calls std does not offer: vectored I/O
-//! straight from and into registered memory, socket buffer sizes, interface
-//! addresses. Every `unsafe` block of the TCP backend that talks to the OS is here.
+//! Vectored socket I/O straight from and into registered memory
+//! (`writev`/`readv` over many spans, in calls of at most `IOV_MAX`), and
+//! the receive buffer the TCP backend reads frames through.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 
 /// Most iovecs one `readv`/`writev` takes (Linux `IOV_MAX`).
 const IOV_MAX: usize = 1024;
 
 /// A byte range of this process's memory: `(address, length)`.
 pub(crate) type Span = (u64, u64);
-
-fn cvt(r: isize) -> io::Result<usize> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r as usize)
-    }
-}
 
 /// Where a vectored transfer stands: the span being moved and the offset into it.
 struct Cursor<'a> {
@@ -96,8 +87,7 @@ pub(crate) unsafe fn writev_until(fd: RawFd, spans: &[Span], deadline: Option<st
     while !c.done() {
         let n = c.fill(&mut iov);
         // SAFETY: the iovecs point into spans the caller promised readable; n ≤ IOV_MAX.
-        let r = unsafe { libc::writev(fd, iov.as_ptr(), n as libc::c_int) };
-        match cvt(r) {
+        match syscall!(unsafe { libc::writev(fd, iov.as_ptr(), n as libc::c_int) }).map(|w| w as usize) {
             Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "the socket accepted no bytes")),
             Ok(w) => {
                 c.advance(w as u64);
@@ -157,8 +147,7 @@ pub(crate) unsafe fn readv_all_from(
     while !c.done() {
         let n = c.fill(&mut iov);
         // SAFETY: the iovecs point into spans the caller promised writable and unshared; n ≤ IOV_MAX.
-        let r = unsafe { libc::readv(fd, iov.as_ptr(), n as libc::c_int) };
-        match cvt(r) {
+        match syscall!(unsafe { libc::readv(fd, iov.as_ptr(), n as libc::c_int) }).map(|w| w as usize) {
             Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the peer closed the connection")),
             Ok(w) => {
                 c.advance(w as u64);
@@ -240,8 +229,7 @@ impl RecvBuf {
         let flags = if nonblocking { libc::MSG_DONTWAIT } else { 0 };
         loop {
             // SAFETY: `free` is writable memory we own, of the length passed.
-            let r = unsafe { libc::recv(fd, free.as_mut_ptr().cast(), free.len(), flags) };
-            match cvt(r) {
+            match syscall!(unsafe { libc::recv(fd, free.as_mut_ptr().cast(), free.len(), flags) }).map(|k| k as usize) {
                 Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the peer closed the connection")),
                 Ok(k) => {
                     self.end += k;
@@ -339,80 +327,6 @@ impl RecvBuf {
     }
 }
 
-/// What [`wait_ready`] saw.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct Ready {
-    /// The socket has bytes to read (asked for with `data`).
-    pub(crate) data: bool,
-    /// The socket was hung up or is in error (a read will tell which).
-    pub(crate) hup: bool,
-    /// The kick was signaled.
-    pub(crate) kick: bool,
-}
-
-/// Waits up to `timeout` until the socket `fd` has bytes (when `data`), is
-/// hung up or in error (always), or `kick` is signaled. A signal or the
-/// timeout returns nothing ready.
-pub(crate) fn wait_ready(fd: RawFd, data: bool, kick: Option<&Kick>, timeout: std::time::Duration) -> Ready {
-    let ev = if data { libc::POLLIN | libc::POLLRDHUP } else { libc::POLLRDHUP };
-    let mut fds = [
-        libc::pollfd { fd, events: ev, revents: 0 },
-        libc::pollfd { fd: kick.map_or(-1, |k| k.0.as_raw_fd()), events: libc::POLLIN, revents: 0 },
-    ];
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs().min(i32::MAX as u64) as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
-    };
-    // SAFETY: `fds` is an array of 2 pollfds we own (a negative fd is ignored by
-    // the kernel); `ts` is a valid timespec; no signal mask is passed.
-    let r = unsafe { libc::ppoll(fds.as_mut_ptr(), 2, &ts, std::ptr::null()) };
-    if r <= 0 {
-        return Ready::default();
-    }
-    let s = fds[0].revents;
-    Ready {
-        data: s & libc::POLLIN != 0,
-        hup: s & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0,
-        kick: fds[1].revents & libc::POLLIN != 0,
-    }
-}
-
-/// An `eventfd` that wakes a thread waiting in [`wait_ready`].
-pub(crate) struct Kick(OwnedFd);
-
-impl Kick {
-    /// A new, unsignaled kick.
-    pub(crate) fn new() -> io::Result<Kick> {
-        // SAFETY: eventfd takes no pointers; a non-negative result is a new fd we own.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` was just created and is owned by nothing else.
-        Ok(Kick(unsafe { OwnedFd::from_raw_fd(fd) }))
-    }
-
-    /// Signals it (wakes a waiter; stays signaled until cleared).
-    pub(crate) fn signal(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a local u64 to our eventfd.
-        unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
-    }
-
-    /// Clears it.
-    pub(crate) fn clear(&self) {
-        let mut v: u64 = 0;
-        // SAFETY: reads 8 bytes into a local u64 from our non-blocking eventfd.
-        unsafe { libc::read(self.0.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
-    }
-}
-
-impl std::fmt::Debug for Kick {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("Kick").field(&self.0.as_raw_fd()).finish()
-    }
-}
-
 /// Reads exactly `buf.len()` bytes into a local buffer (see [`readv_all`]).
 pub(crate) fn read_buf(fd: RawFd, buf: &mut [u8], on_timeout: &mut dyn FnMut() -> io::Result<()>) -> io::Result<()> {
     if buf.is_empty() {
@@ -432,79 +346,6 @@ pub(crate) fn write_bufs(fd: RawFd, parts: &[&[u8]]) -> io::Result<()> {
     }
     // SAFETY: the spans are the borrowed `parts`, readable for the call.
     unsafe { writev_all(fd, &spans[..n]) }
-}
-
-/// Sets `SO_SNDBUF` and `SO_RCVBUF` to `bytes` (0 leaves kernel autotuning on).
-pub(crate) fn set_buffers(fd: RawFd, bytes: u64) -> io::Result<()> {
-    if bytes == 0 {
-        return Ok(());
-    }
-    let v: libc::c_int = bytes.min(i32::MAX as u64) as libc::c_int;
-    for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
-        // SAFETY: fd is an open socket; the option value is a c_int of the size passed.
-        let r = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                (&v as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
-/// Shuts both directions of a socket down, waking any thread blocked on it.
-pub(crate) fn shutdown(fd: RawFd) {
-    // SAFETY: shutdown on an fd we own (or one already closed: then EBADF, ignored).
-    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
-}
-
-/// The addresses of this host's interfaces that are up, IPv4 first,
-/// loopback last (peers on other hosts must not try it first).
-pub(crate) fn interface_addrs() -> Vec<IpAddr> {
-    let mut out = Vec::new();
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list we free below with freeifaddrs.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return vec![IpAddr::V4(Ipv4Addr::LOCALHOST)];
-    }
-    let mut p = head;
-    while !p.is_null() {
-        // SAFETY: p is a node of the list getifaddrs returned, alive until freeifaddrs.
-        let ifa = unsafe { &*p };
-        p = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() || ifa.ifa_flags & libc::IFF_UP as libc::c_uint == 0 {
-            continue;
-        }
-        // SAFETY: ifa_addr is non-null and points to a sockaddr of the family it names.
-        let family = unsafe { (*ifa.ifa_addr).sa_family } as libc::c_int;
-        if family == libc::AF_INET {
-            // SAFETY: the family is AF_INET, so the address is a sockaddr_in.
-            let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-            out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))));
-        } else if family == libc::AF_INET6 {
-            // SAFETY: the family is AF_INET6, so the address is a sockaddr_in6.
-            let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
-            let a = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
-            // Link-local addresses need a scope id we do not publish.
-            if a.segments()[0] & 0xffc0 != 0xfe80 {
-                out.push(IpAddr::V6(a));
-            }
-        }
-    }
-    // SAFETY: head came from getifaddrs and is freed once.
-    unsafe { libc::freeifaddrs(head) };
-    out.sort_by_key(|a| (a.is_loopback(), a.is_ipv6()));
-    out.dedup();
-    if out.is_empty() {
-        out.push(IpAddr::V4(Ipv4Addr::LOCALHOST));
-    }
-    out
 }
 
 #[cfg(test)]
@@ -536,10 +377,5 @@ mod tests {
         unsafe { readv_all(b.as_raw_fd(), &dspans, &mut || Ok(())).unwrap() };
         let src = t.join().unwrap();
         assert_eq!(src, dst);
-    }
-
-    #[test]
-    fn interfaces_include_something() {
-        assert!(!interface_addrs().is_empty());
     }
 }

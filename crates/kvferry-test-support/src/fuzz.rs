@@ -1,9 +1,8 @@
-//! Drivers shared by the always-run randomized test (`tests/fuzz_decoders.rs`)
-//! and the `cargo fuzz` targets (`fuzz/fuzz_targets/*.rs`, which include this
-//! file by path). Each takes arbitrary bytes and must never panic; where a
-//! decoder accepts its input, re-encoding must decode to the same value.
-
-#![allow(dead_code, missing_docs)]
+//! Drivers shared by the always-run randomized test
+//! (`crates/kvferry/tests/fuzz_decoders.rs`) and the `cargo fuzz` targets
+//! (`fuzz/fuzz_targets/*.rs`). Each takes arbitrary bytes and must never
+//! panic; where a decoder accepts its input, re-encoding must decode to the
+//! same value.
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -1,25 +1,18 @@
-//! The raw OS calls of the storage layer, each a thin wrapper that turns
-//! `-1` into [`io::Error`]. Everything `unsafe` about files lives here (and in
-//! the io_uring submission in `uring.rs`).
+//! Descriptors and files: duplication, status flags and seals, `fstat`,
+//! `statx` and `fstatfs`, block-device geometry, positioned I/O and memfds.
+//! What the storage layer, registered buffers and the SHM mapped path know
+//! about files, each call a thin wrapper that turns `-1` into [`io::Error`].
 
+use std::ffi::CStr;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-/// Turns a libc return value into `io::Result`, reading `errno` on `-1`.
-fn cvt<T: Copy + PartialEq + From<i8>>(ret: T) -> io::Result<T> {
-    if ret == T::from(-1) {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
 
 /// Duplicates `fd` (close-on-exec) so the backend owns a descriptor of the
 /// same open file that the caller may close independently.
 pub(crate) fn dup(fd: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: fcntl(F_DUPFD_CLOEXEC) reads no memory; an invalid fd gives EBADF.
-    let new = cvt(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) })?;
+    let new = syscall!(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) })?;
     // SAFETY: `new` is a fresh descriptor returned to us by the kernel, owned by no one else.
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
@@ -27,7 +20,55 @@ pub(crate) fn dup(fd: RawFd) -> io::Result<OwnedFd> {
 /// The file status flags of `fd` (`O_ACCMODE`, `O_DIRECT`, ...).
 pub(crate) fn status_flags(fd: RawFd) -> io::Result<i32> {
     // SAFETY: fcntl(F_GETFL) reads no memory; an invalid fd gives EBADF.
-    cvt(unsafe { libc::fcntl(fd, libc::F_GETFL) })
+    syscall!(unsafe { libc::fcntl(fd, libc::F_GETFL) })
+}
+
+/// The seals of a memfd (`F_GET_SEALS`): `F_SEAL_*` bits. Fails with
+/// `EINVAL` for a descriptor that does not support sealing.
+pub(crate) fn seals(fd: RawFd) -> io::Result<i32> {
+    // SAFETY: fcntl(F_GET_SEALS) takes no argument and reads no memory.
+    syscall!(unsafe { libc::fcntl(fd, libc::F_GET_SEALS) })
+}
+
+/// Adds `seals` (`F_SEAL_*` bits) to a memfd created with `MFD_ALLOW_SEALING`.
+pub(crate) fn add_seals(fd: RawFd, seals: i32) -> io::Result<()> {
+    // SAFETY: fcntl(F_ADD_SEALS) takes an integer argument and reads no memory.
+    syscall!(unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) }).map(drop)
+}
+
+/// Sets the size of the file behind `fd` (`ftruncate`).
+pub(crate) fn set_len(fd: RawFd, len: u64) -> io::Result<()> {
+    let len = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    // SAFETY: ftruncate takes integers only; an invalid fd gives EBADF.
+    syscall!(retry unsafe { libc::ftruncate(fd, len) }).map(drop)
+}
+
+/// A new anonymous memory file (`memfd_create`), close-on-exec, with the
+/// extra `MFD_*` flags given (`MFD_ALLOW_SEALING`, `MFD_HUGETLB`).
+pub(crate) fn memfd_create(name: &CStr, flags: libc::c_uint) -> io::Result<OwnedFd> {
+    // SAFETY: `name` is a NUL-terminated C string alive for the call; the
+    // kernel copies it and reads nothing else.
+    let raw = syscall!(unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | flags) })?;
+    // SAFETY: `raw` is a fresh descriptor returned to us by the kernel, owned by no one else.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// The filesystem a descriptor's file lives on, as far as the library cares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FsType {
+    /// hugetlbfs (`MFD_HUGETLB` memfds): pages come from the huge page pool at first touch.
+    HugeTlb,
+    /// Anything else.
+    Other,
+}
+
+/// What kind of filesystem holds `fd`'s file (`fstatfs`).
+pub(crate) fn fs_type(fd: RawFd) -> io::Result<FsType> {
+    // SAFETY: an all-zero `statfs` is a valid value of this plain C struct.
+    let mut sf: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `sf` is a valid, writable statfs buffer; an invalid fd gives EBADF.
+    syscall!(unsafe { libc::fstatfs(fd, &mut sf) })?;
+    Ok(if sf.f_type == libc::HUGETLBFS_MAGIC { FsType::HugeTlb } else { FsType::Other })
 }
 
 /// What `fstat` says about an open descriptor.
@@ -71,7 +112,7 @@ pub(crate) fn fstat(fd: RawFd) -> io::Result<Stat> {
     // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: `st` is a valid, writable stat buffer; an invalid fd gives EBADF.
-    cvt(unsafe { libc::fstat(fd, &mut st) })?;
+    syscall!(unsafe { libc::fstat(fd, &mut st) })?;
     Ok(Stat {
         dev: st.st_dev,
         ino: st.st_ino,
@@ -101,7 +142,7 @@ pub(crate) fn dio_align(fd: RawFd) -> Option<(u32, u32)> {
 pub(crate) fn logical_block_size(fd: RawFd) -> io::Result<u32> {
     let mut size: libc::c_int = 0;
     // SAFETY: BLKSSZGET writes one c_int through the pointer, which points to `size`.
-    cvt(unsafe { libc::ioctl(fd, libc::BLKSSZGET, &mut size) })?;
+    syscall!(unsafe { libc::ioctl(fd, libc::BLKSSZGET, &mut size) })?;
     Ok(size.max(0) as u32)
 }
 
@@ -110,7 +151,7 @@ pub(crate) fn logical_block_size(fd: RawFd) -> io::Result<u32> {
 /// Moving the file position is harmless: every transfer uses positioned I/O.
 pub(crate) fn device_size(fd: RawFd) -> io::Result<u64> {
     // SAFETY: lseek reads no memory; an invalid fd gives EBADF.
-    let end = cvt(unsafe { libc::lseek(fd, 0, libc::SEEK_END) })?;
+    let end = syscall!(unsafe { libc::lseek(fd, 0, libc::SEEK_END) })?;
     Ok(end.max(0) as u64)
 }
 
@@ -123,7 +164,7 @@ pub(crate) fn device_size(fd: RawFd) -> io::Result<u64> {
 pub(crate) unsafe fn pread(fd: RawFd, buf: *mut u8, len: usize, offset: u64) -> io::Result<usize> {
     let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: the caller guarantees `buf` is writable for `len` bytes.
-    let n = cvt(unsafe { libc::pread64(fd, buf.cast(), len, off) })?;
+    let n = syscall!(unsafe { libc::pread64(fd, buf.cast(), len, off) })?;
     Ok(n as usize)
 }
 
@@ -135,46 +176,14 @@ pub(crate) unsafe fn pread(fd: RawFd, buf: *mut u8, len: usize, offset: u64) -> 
 pub(crate) unsafe fn pwrite(fd: RawFd, buf: *const u8, len: usize, offset: u64) -> io::Result<usize> {
     let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: the caller guarantees `buf` is readable for `len` bytes.
-    let n = cvt(unsafe { libc::pwrite64(fd, buf.cast(), len, off) })?;
+    let n = syscall!(unsafe { libc::pwrite64(fd, buf.cast(), len, off) })?;
     Ok(n as usize)
-}
-
-/// An `eventfd`: one thread signals, another's ring wakes.
-#[derive(Debug)]
-pub(crate) struct EventFd(OwnedFd);
-
-impl EventFd {
-    /// A new non-blocking, close-on-exec eventfd.
-    pub(crate) fn new() -> io::Result<Self> {
-        // SAFETY: eventfd reads no memory and returns a fresh descriptor or -1.
-        let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
-        // SAFETY: `fd` is a fresh descriptor owned by no one else.
-        Ok(EventFd(unsafe { OwnedFd::from_raw_fd(fd) }))
-    }
-
-    /// Adds one to the counter (wakes a poll on it).
-    pub(crate) fn signal(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from `one`, a live u64. A full counter (EAGAIN)
-        // still leaves the eventfd readable, which is all a signal needs.
-        let _ = unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
-    }
-
-    /// Resets the counter to zero.
-    pub(crate) fn drain(&self) {
-        let mut v: u64 = 0;
-        // SAFETY: reads 8 bytes into `v`, a live u64; EAGAIN (already zero) is fine.
-        let _ = unsafe { libc::read(self.0.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
-    }
-
-    /// The descriptor, to poll on.
-    pub(crate) fn raw(&self) -> RawFd {
-        self.0.as_raw_fd()
-    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsRawFd;
+
     use super::*;
 
     #[test]
@@ -191,11 +200,15 @@ mod tests {
     }
 
     #[test]
-    fn eventfd_signals() {
-        let e = EventFd::new().unwrap();
-        e.signal();
-        e.drain();
-        e.drain();
-        assert!(e.raw() >= 0);
+    fn a_sealed_memfd() {
+        let fd = memfd_create(c"kvferry-test", libc::MFD_ALLOW_SEALING).unwrap();
+        set_len(fd.as_raw_fd(), 8192).unwrap();
+        assert_eq!(fstat(fd.as_raw_fd()).unwrap().size, 8192);
+        assert_eq!(seals(fd.as_raw_fd()).unwrap() & libc::F_SEAL_SHRINK, 0);
+        add_seals(fd.as_raw_fd(), libc::F_SEAL_SHRINK).unwrap();
+        assert_ne!(seals(fd.as_raw_fd()).unwrap() & libc::F_SEAL_SHRINK, 0);
+        assert!(set_len(fd.as_raw_fd(), 0).is_err(), "sealed against shrinking");
+        assert_eq!(fs_type(fd.as_raw_fd()).unwrap(), FsType::Other);
+        assert!(fs_type(-1).is_err());
     }
 }

@@ -13,7 +13,7 @@
 //!   canaries, a length-0 ("whole file") registration, and a file exported
 //!   with `register_local_file` whose size is smaller than the file.
 //!
-//! A hostile client ([`super::HostileClient`]) sends frames drawn from a
+//! A hostile client ([`HostileClient`]) sends frames drawn from a
 //! [`Source`] (an RNG for the stable test, the fuzzer's bytes for the
 //! cargo-fuzz target): random op, 1..8 entries, each entry's key a live
 //! memory or file key, a deregistered one or random bytes, addresses and
@@ -29,7 +29,6 @@
 //! is applied to the shadow copy, an accepted READ's data is predicted. After
 //! every step the whole of every memory block (regions and canaries) and of
 //! every file is compared with the shadow.
-#![allow(dead_code)]
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -42,7 +41,7 @@ use kvferry::{
     Agent, AgentConfig, AlignedBuf, MemType, Params, RegDesc, RegDescList, Registration, XferDesc, XferDescList, XferOp,
 };
 
-use super::{Answer, HostileClient, TargetAddr};
+use crate::tcp_wire::{raw_frame, Answer, HostileClient, TargetAddr};
 
 /// Where the random choices come from.
 pub trait Source {
@@ -73,6 +72,7 @@ pub trait Source {
 }
 
 /// A finite source: the fuzzer's input.
+#[derive(Debug)]
 pub struct Bytes<'a> {
     data: &'a [u8],
     pos: usize,
@@ -96,21 +96,9 @@ impl Source for Bytes<'_> {
     }
 }
 
-/// An endless source: xorshift64*, deterministic for a seed.
-pub struct Rng(pub u64);
+pub use crate::rng::Rng;
 
-impl Rng {
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
-
+/// An endless source: [`Rng`], deterministic for a seed.
 impl Source for Rng {
     fn byte(&mut self) -> u8 {
         (self.next_u64() >> 56) as u8
@@ -368,6 +356,18 @@ pub struct World {
     pub stats: Stats,
     // Last: unmapped after every registration of it is gone.
     mem: Guarded,
+}
+
+impl std::fmt::Debug for World {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("World")
+            .field("name", &self.name)
+            .field("target", &self.target)
+            .field("mem_regions", &self.mems.len())
+            .field("file_regions", &self.files.len())
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
 }
 
 impl World {
@@ -1013,9 +1013,9 @@ impl World {
 
     fn encode(f: &Frame, out: &mut Vec<u8>) {
         if f.header_only {
-            super::frame(out, f.ty, f.op, f.count, f.header_len, &[], &[]);
+            raw_frame(out, f.ty, f.op, f.count, f.header_len, &[], &[]);
         } else {
-            super::frame(out, f.ty, f.op, f.count, f.header_len, &f.entries, &f.data);
+            raw_frame(out, f.ty, f.op, f.count, f.header_len, &f.entries, &f.data);
         }
     }
 

@@ -1,0 +1,79 @@
+//! Real components a test starts: etcd (Debian's `etcd-server`) on free
+//! loopback ports with a temporary data directory. The metadata server is
+//! the library's own (`kvferry::metadata::server::MetaServer::start`).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::names::free_port;
+
+/// A running etcd, killed and its data directory removed on drop.
+#[derive(Debug)]
+pub struct Etcd {
+    child: std::process::Child,
+    dir: PathBuf,
+    /// Its client URL, `http://127.0.0.1:<port>`.
+    pub url: String,
+    /// Its client port.
+    pub port: u16,
+}
+
+impl Etcd {
+    /// Starts etcd on a free port and waits until it answers, or panics saying why.
+    pub fn start() -> Etcd {
+        Self::start_on(free_port())
+    }
+
+    /// Starts etcd with its client port at `port`.
+    pub fn start_on(port: u16) -> Etcd {
+        let peer = free_port();
+        let dir = std::env::temp_dir().join(format!("kvferry-etcd-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = format!("http://127.0.0.1:{port}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let bin = ["etcd", "/usr/bin/etcd", "/usr/local/bin/etcd"]
+            .into_iter()
+            .find(|b| Command::new(b).arg("--version").output().is_ok())
+            .expect("etcd is not installed: apt-get install etcd-server (scripts/test.sh installs it)");
+        let child = Command::new(bin)
+            .args(["--name", "kvferry-test", "--data-dir"])
+            .arg(&dir)
+            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("kvferry-test={peer_url}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd starts");
+        let e = Etcd { child, dir, url, port };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ok = (|| -> std::io::Result<bool> {
+                let mut s = TcpStream::connect(("127.0.0.1", port))?;
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                s.write_all(b"GET /health HTTP/1.0\r\n\r\n")?;
+                let mut out = String::new();
+                s.read_to_string(&mut out)?;
+                Ok(out.contains("true"))
+            })()
+            .unwrap_or(false);
+            if ok {
+                return e;
+            }
+            assert!(Instant::now() < deadline, "etcd on port {port} did not become healthy within 20 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
