@@ -23,6 +23,10 @@ echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
+echo "==> layers, function length, docs"
+python3 scripts/layers.py
+python3 scripts/long_fns.py
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features --quiet
 echo "==> cargo test (all features: etcd included)"
 cargo test --workspace --all-targets --all-features
 cargo test --workspace --doc --all-features

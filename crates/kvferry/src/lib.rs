@@ -48,33 +48,42 @@
 //! # Ok::<(), kvferry::Error>(())
 //! ```
 
+// The public surface: the types at the root (one path each), and a few
+// namespaces for those who extend or embed kvferry (backend plugins, the
+// metadata plane, auth and admission, the OS helpers the CLI shares).
+// Everything else is private; what the fuzzers and the hostile tests need
+// of the internals is `#[doc(hidden)]`.
 pub mod admission;
-pub mod agent;
+mod agent;
 pub mod auth;
 pub mod backend;
+#[doc(hidden)]
 pub mod codec;
-pub mod desc;
-pub mod error;
-pub mod host;
-pub mod mem;
+mod desc;
+mod error;
+mod host;
+mod mem;
 pub mod metadata;
 pub mod notif;
 pub mod os;
 pub mod params;
-pub mod request;
+mod request;
 mod storage;
 mod sys;
-pub mod types;
+mod types;
 
 pub use agent::xfer_types::{PreparedList, RequestBuilder};
-pub use agent::{Agent, AgentConfig, ExportedFile, MetaPeer, Registration, Store};
+pub use agent::{Agent, AgentConfig, ExportedFile, MetaPeer, Registration, Store, FILE_ID_BASE};
 pub use auth::AuthToken;
-pub use desc::{RegDesc, RegDescList, XferDesc, XferDescList};
+pub use desc::{DescList, RegDesc, RegDescList, XferDesc, XferDescList};
 pub use error::{Error, ErrorKind, Result};
-pub use mem::AlignedBuf;
+pub use host::HostId;
+pub use mem::MemShare;
+pub use mem::{page_size, AlignedBuf, HUGE_PAGE};
 pub use notif::Notifications;
 pub use params::{ParamSpec, Params};
 pub use request::Request;
+pub use types::{check_agent_name, AccessKey, FileInfo, RegionId, MAX_BACKENDS, MAX_NAME_LEN, MAX_NOTIF_LEN};
 pub use types::{MemType, XferOp, XferState};
 
 /// The README's examples, compiled and run as doc tests.

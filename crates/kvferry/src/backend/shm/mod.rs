@@ -7,12 +7,12 @@
 //!   [`AlignedBuf`](crate::AlignedBuf)) is shared on request: the initiator
 //!   asks for it over the control channel (MAP), the owner answers with the
 //!   memfd (`SCM_RIGHTS`), and the initiator maps it into its own address
-//!   space ([`mapping`]); copies are then plain `memcpy` between local
+//!   space (`mapping.rs`); copies are then plain `memcpy` between local
 //!   memory and the mapping. Only sealed, long-enough, non-hugetlbfs memfds
 //!   are mapped, so no copy can fault whatever the owner does.
 //! * **Cross-memory attach** (every other region, or `map=false`): one copy
 //!   straight between the two address spaces (`process_vm_writev` for WRITE,
-//!   `process_vm_readv` for READ), up to [`IOV_MAX`](cma::IOV_MAX)
+//!   `process_vm_readv` for READ), up to `IOV_MAX`
 //!   descriptors per system call. The iovec arrays are built once, at
 //!   `prepare`, and reused by every post.
 //!
@@ -26,9 +26,9 @@
 //!                     ◀ STATUS, MAPPED (+fd), REVOKE
 //! ```
 //!
-//! The control channel ([`control`]: owner side in [`owner`], initiator
-//! side in [`link`], what the initiator knows of the owner's regions in
-//! [`link_state`], sockets in [`socket`], frames in [`wire`]) carries
+//! The control channel (`control.rs`: owner side in `owner.rs`, initiator
+//! side in `link.rs`, what the initiator knows of the owner's regions in
+//! `link_state.rs`, sockets in `socket.rs`, frames in [`wire`]) carries
 //! notifications, liveness queries, map requests and revocations.
 //!
 //! **Reach.** Only peers on the same host ([`HostId::same_host`]: same boot
@@ -43,7 +43,7 @@
 //! lists more, and on the initiator side the listener must be the pid the
 //! owner's metadata names. Then HELLO checks the nonce and the auth token.
 //! Memfds received for mapping must be sealed against shrinking, long
-//! enough and not on hugetlbfs (see [`mapping`]); an owner that sends
+//! enough and not on hugetlbfs (see `mapping.rs`); an owner that sends
 //! another gets cross-memory attach for that region instead.
 //!
 //! **Choice.** Rank 10: preferred over TCP (50) for same-host peers; LOCAL
@@ -85,14 +85,20 @@ use crate::params::{ParamSpec, Params};
 use crate::sys;
 use crate::types::{AccessKey, MemType, XferOp, XferState};
 
-pub use crate::sys::{cma, fdpass};
-pub mod control;
+// The wire format, the connection info and fd passing are public for the
+// fuzzers and the hostile tests only.
+use crate::sys::cma;
+#[doc(hidden)]
+pub use crate::sys::fdpass;
+mod control;
+#[doc(hidden)]
 pub mod info;
-pub mod link;
-pub mod link_state;
-pub mod mapping;
-pub mod owner;
-pub mod socket;
+mod link;
+mod link_state;
+mod mapping;
+mod owner;
+mod socket;
+#[doc(hidden)]
 pub mod wire;
 
 use cma::{Cma, Iov};

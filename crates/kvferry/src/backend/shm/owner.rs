@@ -132,19 +132,22 @@ impl Server {
 
     /// Connections refused at accept so far: a uid not allowed, or more than
     /// [`MAX_CONNS`] at once.
-    pub fn refused(&self) -> u64 {
+    #[cfg(test)]
+    pub(super) fn refused(&self) -> u64 {
         self.shared.refused.load(Ordering::Relaxed)
     }
 
     /// Connections closed so far because a notification of theirs found the
     /// agent's notification queue full.
-    pub fn flooded(&self) -> u64 {
+    #[cfg(test)]
+    pub(super) fn flooded(&self) -> u64 {
         self.shared.flooded.load(Ordering::Relaxed)
     }
 
     /// Lowers (or raises) the most connections served at once, [`MAX_CONNS`]
     /// by default; for tests of the bound.
-    pub fn set_max_conns(&self, n: usize) {
+    #[cfg(test)]
+    pub(super) fn set_max_conns(&self, n: usize) {
         self.shared.max_conns.store(n, Ordering::Relaxed);
     }
 

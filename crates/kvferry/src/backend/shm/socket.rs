@@ -5,7 +5,7 @@
 //! Abstract sockets vanish with their last descriptor: nothing to clean up on
 //! disk. Their names are visible to every user (`/proc/net/unix`), so a name
 //! carries no secret and proves nothing: anyone can bind one. Who may talk
-//! on a socket is decided by [`peer_cred`] ([`Access`](super::control::Access)).
+//! on a socket is decided by `SO_PEERCRED` ([`Access`](super::control::Access)).
 
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::SocketAddr;

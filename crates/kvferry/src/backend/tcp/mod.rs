@@ -48,6 +48,8 @@ use crate::types::{AccessKey, MemType};
 mod conn;
 #[cfg(test)]
 mod pair;
+// The wire format is public for the fuzzers and the hostile tests only.
+#[doc(hidden)]
 pub mod proto;
 mod server;
 mod state;
