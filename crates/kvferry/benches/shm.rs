@@ -151,7 +151,7 @@ fn main() {
     let whole_r = remote(&mut std::iter::once(0), SIZE);
     let w64 = a.create_request(XferOp::Write, &whole_l, &whole_r, peer, None).expect("request");
     let r64 = a.create_request(XferOp::Read, &whole_l, &whole_r, peer, None).expect("request");
-    assert_eq!(w64.data_path(), Some("mapped"));
+    assert_eq!(w64.data_path(), Some(kvferry::DataPath::Mapped));
     let write64 = bandwidth(&w64, SIZE, 16);
     let read64 = bandwidth(&r64, SIZE, 16);
 
@@ -194,7 +194,7 @@ fn main() {
     let cw64 = cma
         .create_request(XferOp::Write, &cbuf.xfer_blocks(0, SIZE, 1).expect("descs"), &whole_r, peer, None)
         .expect("request");
-    assert_eq!(cw64.data_path(), Some("cma"));
+    assert_eq!(cw64.data_path(), Some(kvferry::DataPath::Cma));
     let cma_write64 = bandwidth(&cw64, SIZE, 16);
     let cws = cma
         .create_request(XferOp::Write, &cbuf.xfer_blocks(0, BLOCK, BLOCKS).expect("descs"), &scattered_r, peer, None)

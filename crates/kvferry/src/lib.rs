@@ -84,7 +84,7 @@ pub use notif::Notifications;
 pub use params::{ParamSpec, Params};
 pub use request::Request;
 pub use types::{check_agent_name, AccessKey, FileInfo, RegionId, MAX_BACKENDS, MAX_NAME_LEN, MAX_NOTIF_LEN};
-pub use types::{MemType, XferOp, XferState};
+pub use types::{DataPath, MemType, XferOp, XferState};
 
 /// The README's examples, compiled and run as doc tests.
 #[cfg(doctest)]

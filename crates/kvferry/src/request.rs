@@ -9,7 +9,7 @@ use parking_lot::Mutex;
 
 use crate::backend::{BackendXfer, CostEstimate};
 use crate::error::{Error, ErrorKind, Result};
-use crate::types::{XferOp, XferState};
+use crate::types::{DataPath, XferOp, XferState};
 
 /// What a request keeps of the agent that created it: the agent's name, for
 /// diagnostics, and, by holding it, the agent itself (its backends and
@@ -94,9 +94,9 @@ impl Request {
     }
 
     /// How the backend moves this request's bytes, when it has several ways
-    /// (SHM: `"mapped"` — memcpy into the peer's memfd-backed memory,
-    /// `"cma"` — cross-memory attach, or `"mixed"`); `None` otherwise.
-    pub fn data_path(&self) -> Option<&'static str> {
+    /// (SHM: [`DataPath::Mapped`], [`DataPath::Cma`] or [`DataPath::Mixed`]);
+    /// `None` otherwise.
+    pub fn data_path(&self) -> Option<DataPath> {
         self.inner.lock().xfer.data_path()
     }
 

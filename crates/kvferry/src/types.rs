@@ -114,6 +114,36 @@ pub enum XferState {
     InProgress,
 }
 
+/// How a backend with more than one way to move bytes moves a request's
+/// (SHM: memcpy through a mapping of the peer's memfd, or cross-memory
+/// attach). For diagnostics and tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DataPath {
+    /// memcpy into or out of the peer's memfd-backed memory, mapped here.
+    Mapped,
+    /// Cross-memory attach (`process_vm_readv`/`writev`).
+    Cma,
+    /// Some descriptors one way, some the other.
+    Mixed,
+}
+
+impl DataPath {
+    /// `"mapped"`, `"cma"` or `"mixed"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataPath::Mapped => "mapped",
+            DataPath::Cma => "cma",
+            DataPath::Mixed => "mixed",
+        }
+    }
+}
+
+impl fmt::Display for DataPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Identifies a registered region inside one agent; assigned by the agent.
 pub type RegionId = u64;
 

@@ -63,7 +63,7 @@ fn killed_peer_mid_transfer_never_hangs() {
     let w = a
         .create_request(XferOp::Write, &buf.xfer_blocks(0, N, 1).unwrap(), &one(peer.addr, N), "shm-fkill", None)
         .unwrap();
-    assert_eq!(w.data_path(), Some("mapped"));
+    assert_eq!(w.data_path(), Some(kvferry::DataPath::Mapped));
     w.post(None).unwrap();
     let poster = std::thread::spawn(move || {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -120,7 +120,7 @@ fn restarted_peer_needs_fresh_metadata() {
             None,
         )
         .unwrap();
-    assert_eq!(w.data_path(), Some("mapped"), "the new process's memfd was mapped");
+    assert_eq!(w.data_path(), Some(kvferry::DataPath::Mapped), "the new process's memfd was mapped");
     w.post(None).unwrap();
     let path = scratch("restart");
     new.ok(&format!("DUMP {}", path.display()));

@@ -52,13 +52,13 @@ fn aligned_buf_regions_use_the_mapped_path() {
     let whole_l = buf.xfer_blocks(0, B * K, 1).unwrap();
     let whole_r = remote_list(peer.addr, std::iter::once(0), B * K);
     let w = a.create_request(XferOp::Write, &whole_l, &whole_r, "shm-m1", None).unwrap();
-    assert_eq!(w.data_path(), Some("mapped"));
+    assert_eq!(w.data_path(), Some(kvferry::DataPath::Mapped));
     assert!(maps_inode(inode), "prepare mapped the peer's memfd");
     w.post(None).unwrap();
     assert!(peer.dump("m1w") == buf.as_slice(), "WRITE: the peer's buffer differs from ours");
     peer.ok("FILL 33");
     let r = a.create_request(XferOp::Read, &whole_l, &whole_r, "shm-m1", None).unwrap();
-    assert_eq!(r.data_path(), Some("mapped"));
+    assert_eq!(r.data_path(), Some(kvferry::DataPath::Mapped));
     r.post(None).unwrap();
     assert_eq!(buf.as_slice().iter().enumerate().position(|(i, &b)| b != pattern_byte(33, i)), None, "READ");
 
@@ -67,7 +67,7 @@ fn aligned_buf_regions_use_the_mapped_path() {
     let local = buf.xfer_blocks(0, B, K).unwrap();
     let remote = remote_list(peer.addr, (0..K).map(|i| perm(i) * B), B);
     let w = a.create_request(XferOp::Write, &local, &remote, "shm-m1", None).unwrap();
-    assert_eq!((w.segments(), w.data_path()), (K, Some("mapped")));
+    assert_eq!((w.segments(), w.data_path()), (K, Some(kvferry::DataPath::Mapped)));
     w.post(None).unwrap();
     let got = peer.dump("m1w4k");
     for i in 0..K {
@@ -99,7 +99,7 @@ fn raw_registered_memory_uses_cross_memory_attach() {
     a.load_remote_metadata(&buf_peer.md).unwrap();
     let local = remote_list(mine.as_ptr() as u64, (0..N / 4096).map(|i| i * 4096), 4096);
 
-    for (peer, path) in [(&mut raw_peer, "cma"), (&mut buf_peer, "mapped")] {
+    for (peer, path) in [(&mut raw_peer, kvferry::DataPath::Cma), (&mut buf_peer, kvferry::DataPath::Mapped)] {
         let name = peer.name.clone();
         let remote = remote_list(peer.addr, (0..N / 4096).map(|i| ((i * 7) % (N / 4096)) * 4096), 4096);
         let w = a.create_request(XferOp::Write, &local, &remote, &name, None).unwrap();
@@ -148,7 +148,7 @@ fn mixed_requests_and_the_map_parameter() {
         vec![XferDesc::new(mapped.addr() + 4096, 4096, 0), XferDesc::new(raw.as_ptr() as u64 + 8192, 4096, 0)],
     );
     let w = a.create_request_with(XferOp::Write, &local, &remote, owner.name(), None, &["SHM"]).unwrap();
-    assert_eq!(w.data_path(), Some("mixed"));
+    assert_eq!(w.data_path(), Some(kvferry::DataPath::Mixed));
     w.post(None).unwrap();
     assert!(mapped.as_slice()[4096..8192] == buf.as_slice()[..4096], "mapped half");
     assert!(std::hint::black_box(&raw)[8192..12288] == buf.as_slice()[4096..], "raw half");
@@ -164,12 +164,12 @@ fn mixed_requests_and_the_map_parameter() {
     };
     let b = Agent::new(&format!("{ME}-nomap"), cfg("false")).unwrap();
     let _r4 = b.register_buf(&buf).unwrap();
-    assert_eq!(one(&b, &owner, mapped.addr()), Some("cma"));
+    assert_eq!(one(&b, &owner, mapped.addr()), Some(kvferry::DataPath::Cma));
     // map=false on the owner: it shares no memfd; initiators use CMA.
     let owner2 = Agent::new(&format!("{ME}-owner2"), cfg("false")).unwrap();
     let other = AlignedBuf::new(4096).unwrap();
     let _r5 = owner2.register_buf(&other).unwrap();
-    assert_eq!(one(&a, &owner2, other.addr()), Some("cma"));
+    assert_eq!(one(&a, &owner2, other.addr()), Some(kvferry::DataPath::Cma));
     assert!(other.as_slice() == &buf.as_slice()[..4096]);
     drop(r2);
 }
@@ -188,7 +188,7 @@ fn deregistration_unmaps_and_later_posts_touch_nothing() {
     let remote = remote_list(peer.addr, std::iter::once(0), N);
     let w = a.create_request(XferOp::Write, &local, &remote, "shm-mdereg", None).unwrap();
     let r = a.create_request(XferOp::Read, &local, &remote, "shm-mdereg", None).unwrap();
-    assert_eq!(w.data_path(), Some("mapped"));
+    assert_eq!(w.data_path(), Some(kvferry::DataPath::Mapped));
     w.post(None).unwrap();
     assert!(maps_inode(inode));
 
@@ -231,7 +231,7 @@ fn exited_peer_fails_mapped_posts_and_is_unmapped() {
     let remote = remote_list(peer.addr, std::iter::once(0), N);
     let w = a.create_request(XferOp::Write, &local, &remote, "shm-mexit", None).unwrap();
     let r = a.create_request(XferOp::Read, &local, &remote, "shm-mexit", None).unwrap();
-    assert_eq!((w.data_path(), r.data_path()), (Some("mapped"), Some("mapped")));
+    assert_eq!((w.data_path(), r.data_path()), (Some(kvferry::DataPath::Mapped), Some(kvferry::DataPath::Mapped)));
     w.post(None).unwrap();
     peer.exit(); // returns once the process is reaped; its pages live on in our mapping
 

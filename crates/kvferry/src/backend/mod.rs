@@ -319,10 +319,9 @@ pub trait BackendXfer: Send + fmt::Debug + 'static {
     /// Stops the transfer. Returns once the backend no longer touches its memory.
     fn cancel(&mut self);
 
-    /// How the bytes move, for backends with more than one way (SHM:
-    /// `"mapped"`, `"cma"` or `"mixed"`); `None` when there is only one.
-    /// For diagnostics and tests.
-    fn data_path(&self) -> Option<&'static str> {
+    /// How the bytes move, for backends with more than one way (SHM);
+    /// `None` when there is only one. For diagnostics and tests.
+    fn data_path(&self) -> Option<crate::types::DataPath> {
         None
     }
 }

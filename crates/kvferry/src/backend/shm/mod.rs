@@ -83,7 +83,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::host::HostId;
 use crate::params::{ParamSpec, Params};
 use crate::sys;
-use crate::types::{AccessKey, MemType, XferOp, XferState};
+use crate::types::{AccessKey, DataPath, MemType, XferOp, XferState};
 
 // The wire format, the connection info and fd passing are public for the
 // fuzzers and the hostile tests only.
@@ -647,11 +647,11 @@ impl BackendXfer for ShmXfer {
         // Copies are synchronous: nothing is ever in flight after post returns.
     }
 
-    fn data_path(&self) -> Option<&'static str> {
+    fn data_path(&self) -> Option<DataPath> {
         Some(match (self.mapped.is_empty(), self.local.is_empty()) {
-            (false, true) => "mapped",
-            (true, _) => "cma",
-            (false, false) => "mixed",
+            (false, true) => DataPath::Mapped,
+            (true, _) => DataPath::Cma,
+            (false, false) => DataPath::Mixed,
         })
     }
 }
