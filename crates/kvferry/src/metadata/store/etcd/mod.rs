@@ -213,23 +213,23 @@ impl EtcdStore {
     /// sent yet: an unreachable etcd is reported by the first call.
     pub fn connect(endpoints: &[String], timeout: Duration) -> Result<Self> {
         let mut eps = Vec::new();
-        for ep in endpoints.iter().map(|e| e.trim().trim_end_matches('/')).filter(|e| !e.is_empty()) {
-            if ep.starts_with("https://") {
+        for ep in endpoints.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
+            let host_port = if let Some(rest) = ep.strip_prefix("http://") {
+                rest
+            } else if ep.starts_with("https://") {
                 return Err(Error::not_supported(format!(
                     "etcd endpoint '{ep}': kvferry's etcd client speaks http:// only; use an http:// client URL of etcd (or a local TLS proxy)"
                 )));
-            }
-            let url = if ep.starts_with("http://") {
-                ep.to_string()
-            } else if !ep.contains("://") {
-                format!("http://{ep}")
+            } else if ep.contains("://") {
+                return Err(Error::invalid(format!("etcd endpoint '{ep}' must look like http://host:2379")));
             } else {
-                return Err(Error::invalid(format!("etcd endpoint '{ep}' must look like http://host:2379")));
+                ep
             };
-            if url.len() <= "http://".len() || url["http://".len()..].contains(['/', '?', '#', ' ']) {
+            let host_port = host_port.trim_end_matches('/');
+            if host_port.is_empty() || host_port.contains(['/', '?', '#', '@', ' ']) {
                 return Err(Error::invalid(format!("etcd endpoint '{ep}' must look like http://host:2379")));
             }
-            eps.push(url);
+            eps.push(format!("http://{host_port}"));
         }
         if eps.is_empty() {
             return Err(Error::invalid("no etcd endpoints given: set KVFERRY_ETCD_ENDPOINTS=http://host:2379"));
@@ -593,5 +593,165 @@ impl MetaStore for EtcdStore {
             Ok(!batch.put.is_empty() || !batch.deleted.is_empty())
         })?;
         Ok(batch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::net::TcpListener;
+
+    use super::*;
+
+    /// A fake server on a loopback port: answers every request with the
+    /// bytes `answer` (after reading its head and body), then closes the
+    /// connection.
+    fn fake_raw(answer: Vec<u8>) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { return };
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut len = 0usize;
+                let mut line = String::new();
+                while r.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                    line.clear();
+                }
+                let _ = std::io::copy(&mut (&mut r).take(len as u64), &mut std::io::sink());
+                let _ = s.write_all(&answer);
+            }
+        });
+        url
+    }
+
+    /// A fake server that answers HTTP `status` (`200 OK`) with `body`.
+    fn fake(status: &str, body: &str) -> String {
+        fake_raw(format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n{body}", body.len()).into_bytes())
+    }
+
+    /// A port nothing listens on.
+    fn dead() -> String {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    }
+
+    fn store(eps: &[&str]) -> EtcdStore {
+        EtcdStore::connect(&eps.iter().map(|e| e.to_string()).collect::<Vec<_>>(), Duration::from_millis(500)).unwrap()
+    }
+
+    #[test]
+    fn endpoints_are_checked() {
+        let s = store(&["127.0.0.1:2379", " http://h:1/ ", ""]);
+        assert_eq!(s.endpoint(), "http://127.0.0.1:2379,http://h:1");
+        let e = EtcdStore::connect(&["https://h:2379".into()], Duration::from_secs(1)).unwrap_err();
+        assert!(e.kind() == ErrorKind::NotSupported && e.message().contains("http://"), "{e}");
+        for bad in ["ftp://h:1", "http://", "http://h:1/path", "http://h 1"] {
+            let e = EtcdStore::connect(&[bad.into()], Duration::from_secs(1)).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidParam, "{bad}: {e}");
+        }
+        let e = EtcdStore::connect(&[], Duration::from_secs(1)).unwrap_err();
+        assert!(e.message().contains("KVFERRY_ETCD_ENDPOINTS"), "{e}");
+    }
+
+    #[test]
+    fn credentials_stay_out_of_debug() {
+        let s = store(&["h:1"]).with_credentials(Some(EtcdCredentials::new("kv", "pa55word")));
+        *s.token.lock() = Some("tok3n".into());
+        let d = format!("{s:?} {:?}", s.credentials);
+        assert!(d.contains("kv") && !d.contains("pa55word") && !d.contains("tok3n"), "{d}");
+    }
+
+    #[test]
+    fn garbage_answers_are_clear_errors() {
+        // (status, body, whether every call must fail: a JSON object whose
+        // fields are merely unknown reads as an empty answer to some calls).
+        let answers = [
+            ("200 OK", "garbage", true),
+            ("404 Not Found", "404 page not found\n", true),
+            ("200 OK", r#"{"kvs":["#, true),
+            ("200 OK", r#"{"result":3}"#, true),
+            ("200 OK", r#"{"header":{"revision":"-"}}"#, false),
+            ("502 Bad Gateway", "{}", true),
+            ("200 OK", r#"{"kvs":[{"key":"%%%%"}]}"#, false),
+            ("200 OK", r#"{"kvs":{"a":1},"events":7,"ID":"x"}"#, false),
+        ];
+        for (status, body, all_fail) in answers {
+            let url = fake(status, body);
+            let s = store(&[&url]);
+            let e = s.get("k").unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Malformed, "{e}");
+            assert!(e.message().contains(&url) && e.message().contains("v3.4"), "{e}");
+            let results = [
+                s.list("/p/").map(drop),
+                s.put("k", b"v", Some(1)),
+                s.grant_lease(Duration::from_secs(1)).map(drop),
+                s.keep_alive(1).map(drop),
+                s.revision().map(drop),
+                s.watch("/p/", 0, Duration::from_millis(50)).map(drop),
+                s.wait_for("k", Duration::from_millis(50)).map(drop),
+            ];
+            if all_fail {
+                assert!(results.iter().all(Result::is_err), "{body}: {results:?}");
+            }
+        }
+        // Not HTTP at all: the endpoint is named, with what to check.
+        let url = fake_raw(b"SSH-2.0-OpenSSH_9.2\r\n".to_vec());
+        let e = store(&[&url]).get("k").unwrap_err();
+        assert!(e.message().contains(&url) && e.message().contains("KVFERRY_ETCD_ENDPOINTS"), "{e}");
+    }
+
+    #[test]
+    fn etcd_errors_keep_their_meaning() {
+        let gone = fake(
+            "404 Not Found",
+            r#"{"error":"etcdserver: requested lease not found","message":"etcdserver: requested lease not found","code":5}"#,
+        );
+        let s = store(&[&gone]);
+        assert_eq!(s.put("k", b"v", Some(7)).unwrap_err().kind(), ErrorKind::NotFound);
+        assert!(!s.keep_alive(7).unwrap());
+        s.revoke(7).unwrap();
+        // Without a lease the same answer is etcd's refusal, not NotFound.
+        assert_eq!(s.put("k", b"v", None).unwrap_err().kind(), ErrorKind::Backend);
+        let auth = fake(
+            "400 Bad Request",
+            r#"{"error":"etcdserver: user name is empty","message":"etcdserver: user name is empty","code":3}"#,
+        );
+        let e = store(&[&auth]).get("k").unwrap_err();
+        assert!(e.kind() == ErrorKind::NotAllowed && e.message().contains("KVFERRY_ETCD_USER"), "{e}");
+    }
+
+    #[test]
+    fn calls_fail_over_in_order_within_the_timeout() {
+        let ok = fake("200 OK", r#"{"header":{"revision":"42"}}"#);
+        let (d1, d2) = (dead(), dead());
+        let s = store(&[&d1, &ok]);
+        assert_eq!(s.revision().unwrap(), 42);
+        assert_eq!(s.preferred.load(Ordering::Relaxed), 1, "the endpoint that answered is tried first next time");
+        assert_eq!(s.revision().unwrap(), 42);
+        // None answers: every endpoint is named.
+        let e = store(&[&d1, &d2]).revision().unwrap_err();
+        assert!(
+            e.kind() == ErrorKind::RemoteDisconnect && e.message().contains(&d1) && e.message().contains(&d2),
+            "{e}"
+        );
+        // A server that accepts and never answers: a bounded Timeout.
+        let mute = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", mute.local_addr().unwrap());
+        let t = Instant::now();
+        let e = store(&[&url]).get("k").unwrap_err();
+        assert!(e.kind() == ErrorKind::Timeout && e.message().contains(&url), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+        // A member without a leader hands the call on.
+        let no_leader = fake(
+            "503 Service Unavailable",
+            r#"{"error":"etcdserver: no leader","message":"etcdserver: no leader","code":14}"#,
+        );
+        assert_eq!(store(&[&no_leader, &ok]).revision().unwrap(), 42);
+        let e = store(&[&no_leader]).revision().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::RemoteDisconnect, "{e}");
     }
 }
