@@ -39,6 +39,15 @@ pub(super) enum Problem {
     Malformed(String),
 }
 
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Problem::Etcd { code, message } => write!(f, "{message} (code {code})"),
+            Problem::Malformed(m) => f.write_str(m),
+        }
+    }
+}
+
 impl Problem {
     /// Whether etcd says the lease is unknown (expired, revoked, or etcd restarted).
     pub(super) fn is_lease_not_found(&self) -> bool {

@@ -355,14 +355,15 @@ impl EtcdStore {
             match fail {
                 ReadError::Transport(e) => {
                     timed_out &= is_timeout(&e);
-                    why.push(match is_timeout(&e) {
-                        true => format!("{ep}: no answer within {:?}", self.timeout + wait),
-                        false => format!("{ep}: {e}"),
-                    });
+                    let reason = match is_timeout(&e) {
+                        true => format!("no answer within {:?}", self.timeout + wait),
+                        false => e.to_string(),
+                    };
+                    why.push(if n > 1 { format!("{ep}: {reason}") } else { reason });
                 }
                 ReadError::Answer(p) if p.try_another() && i + 1 < n => {
                     timed_out = false;
-                    why.push(format!("{ep}: {p:?}"));
+                    why.push(format!("{ep}: {p}"));
                 }
                 ReadError::Answer(problem) => return Err(Failure::Answer { endpoint: ep.clone(), problem }),
             }
@@ -563,7 +564,7 @@ impl MetaStore for EtcdStore {
     }
 
     fn revision(&self) -> Result<u64> {
-        Ok(revision_u64(self.range("status", "\0", false, true)?.revision))
+        Ok(revision_u64(self.range("read the revision", "\0", false, true)?.revision))
     }
 
     fn watch(&self, prefix: &str, since: u64, timeout: Duration) -> Result<WatchBatch> {
