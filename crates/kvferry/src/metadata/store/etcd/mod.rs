@@ -529,12 +529,14 @@ impl MetaStore for EtcdStore {
     fn keep_alive(&self, lease: u64) -> Result<bool> {
         let Ok(id) = self.lease_id(lease) else { return Ok(false) };
         // A keep-alive is a stream: etcd answers each request on it, and
-        // closes it when the request body ends. The first answer is the one.
+        // closes it when the request body ends. The first answer is the one;
+        // reading on to the close lets the connection serve the next call.
         let mut ttl = None;
         let mut read = |resp| {
             read_stream(resp, &mut |v| {
-                ttl = Some(gateway::parse_keep_alive(&v)?);
-                Ok(true)
+                let t = gateway::parse_keep_alive(&v)?;
+                ttl.get_or_insert(t);
+                Ok(false)
             })
         };
         match self.authed("/v3/lease/keepalive", &gateway::lease(id), Duration::ZERO, false, &mut read) {
