@@ -340,7 +340,7 @@ impl EtcdStore {
                 break;
             }
             // Leave the endpoints after this one some time to connect.
-            let connect = (left / (n - i) as u32).min(self.timeout);
+            let connect = (left / u32::try_from(n - i).unwrap_or(u32::MAX)).min(self.timeout);
             let body_wait = stream.then_some(wait);
             let fail = match self.post(ep, path, &bytes, left, connect, body_wait).map_err(ReadError::from) {
                 Ok(resp) => match read(resp) {
