@@ -9,8 +9,6 @@ command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 command -v losetup >/dev/null 2>&1 || need_apt+=(mount)
 command -v mkfs.ext2 >/dev/null 2>&1 || need_apt+=(e2fsprogs)
 command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
-command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
-[ -e /usr/include/google/protobuf/descriptor.proto ] || need_apt+=(libprotobuf-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "==> installing ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -27,6 +25,6 @@ echo "==> layers, function length, docs"
 python3 scripts/layers.py
 python3 scripts/long_fns.py
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features --quiet
-echo "==> cargo test (all features: etcd included)"
+echo "==> cargo test"
 cargo test --workspace --all-targets --all-features
 cargo test --workspace --doc --all-features

@@ -1,10 +1,10 @@
 //! `kvferry info`: a setup check. Says what works on this machine and, for
 //! every "no", what to do about it.
 
-use std::net::{TcpStream, ToSocketAddrs};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use kvferry::metadata::store::{EtcdStore, MetaStore};
 use kvferry::Agent;
 use serde::Serialize;
 
@@ -72,31 +72,37 @@ fn gpu() -> Result<String, (String, String)> {
     }
 }
 
+/// Asks each configured etcd endpoint for its revision, with the client
+/// agents use (etcd's JSON API), as the configured user if any.
 fn etcd() -> Result<String, (String, String)> {
-    let eps =
-        std::env::var("KVFERRY_ETCD_ENDPOINTS").or_else(|_| std::env::var("NIXL_ETCD_ENDPOINTS")).unwrap_or_default();
-    if eps.trim().is_empty() {
+    let cfg = kvferry::AgentConfig::env_defaults();
+    if cfg.etcd_endpoints.is_empty() {
         return Err((
             "no etcd endpoints configured".into(),
             "set KVFERRY_ETCD_ENDPOINTS=http://host:2379 to use etcd for metadata".into(),
         ));
     }
-    let mut bad = Vec::new();
-    for ep in eps.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let hostport = ep.trim_start_matches("http://").trim_start_matches("https://").trim_end_matches('/');
-        let reachable = hostport
-            .to_socket_addrs()
-            .ok()
-            .and_then(|mut a| a.next())
-            .is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_secs(1)).is_ok());
-        if !reachable {
-            bad.push(ep.to_string());
+    let (mut good, mut bad, mut refused) = (Vec::new(), Vec::new(), false);
+    for ep in &cfg.etcd_endpoints {
+        let answer = EtcdStore::connect(std::slice::from_ref(ep), Duration::from_secs(1))
+            .map(|s| s.with_credentials(cfg.etcd_credentials.clone()))
+            .and_then(|s| s.revision());
+        match answer {
+            Ok(rev) => good.push(format!("{ep} (revision {rev})")),
+            Err(e) => {
+                refused |= e.kind() == kvferry::ErrorKind::NotAllowed;
+                bad.push(e.message().to_string());
+            }
         }
     }
     if bad.is_empty() {
-        Ok(format!("reachable: {eps}"))
+        Ok(format!("answers: {}", good.join(", ")))
     } else {
-        Err((format!("unreachable: {}", bad.join(", ")), "start etcd there, or fix KVFERRY_ETCD_ENDPOINTS".into()))
+        let hint = match refused {
+            true => "set KVFERRY_ETCD_USER and KVFERRY_ETCD_PASSWORD to a user etcd accepts",
+            false => "start etcd (v3.4 or later) there, or fix KVFERRY_ETCD_ENDPOINTS",
+        };
+        Err((bad.join("; "), hint.into()))
     }
 }
 

@@ -682,3 +682,55 @@ fn storage_target_refuses_a_client_without_the_token_and_serves_its_initiator() 
     exits_by_itself(&mut target, "the storage target leaves after its initiator");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A loopback server that answers every HTTP request with `body` (what
+/// etcd's JSON API answers a range with), for `kvferry info`'s etcd probe.
+fn fake_etcd(body: &'static str) -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let (mut line, mut len) = (String::new(), 0u64);
+            while r.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+                line.clear();
+            }
+            let _ = std::io::copy(&mut (&mut r).take(len), &mut std::io::sink());
+            let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        }
+    });
+    url
+}
+
+#[test]
+fn info_probes_etcd_with_the_agents_client() {
+    let etcd_check = |eps: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_kvferry"))
+            .args(["info", "--json"])
+            .env("KVFERRY_ETCD_ENDPOINTS", eps)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["checks"].as_array().unwrap().iter().find(|c| c["what"] == "etcd").unwrap().clone()
+    };
+    let good = fake_etcd(r#"{"header":{"revision":"42"}}"#);
+    let c = etcd_check(&good);
+    assert_eq!(c["ok"], true, "{c}");
+    assert!(c["detail"].as_str().unwrap().contains("revision 42"), "{c}");
+    let dead = format!(
+        "http://127.0.0.1:{}",
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    );
+    let c = etcd_check(&format!("{good},{dead}"));
+    assert_eq!(c["ok"], false, "{c}");
+    assert!(c["detail"].as_str().unwrap().contains(&dead) && c["hint"].as_str().is_some_and(|h| !h.is_empty()), "{c}");
+    let c = etcd_check(&fake_etcd("garbage"));
+    assert_eq!(c["ok"], false, "{c}");
+    assert!(c["detail"].as_str().unwrap().contains("v3.4"), "{c}");
+}

@@ -29,6 +29,11 @@ impl Etcd {
 
     /// Starts etcd with its client port at `port`.
     pub fn start_on(port: u16) -> Etcd {
+        Self::start_with(port, &[])
+    }
+
+    /// Starts etcd with its client port at `port` and the extra flags `args`.
+    pub fn start_with(port: u16, args: &[&str]) -> Etcd {
         let peer = free_port();
         let dir = std::env::temp_dir().join(format!("kvferry-etcd-{}-{port}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -45,6 +50,7 @@ impl Etcd {
             .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
             .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
             .args(["--initial-cluster", &format!("kvferry-test={peer_url}")])
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -67,6 +73,21 @@ impl Etcd {
             assert!(Instant::now() < deadline, "etcd on port {port} did not become healthy within 20 s");
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+}
+
+impl Etcd {
+    /// POSTs JSON `body` to `path` of etcd's JSON API (what a test sets up
+    /// behind the client's back: compaction, users); returns the answer's body.
+    pub fn post(&self, path: &str, body: &str) -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("etcd answers");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let head =
+            format!("POST {path} HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len());
+        s.write_all(head.as_bytes()).and_then(|()| s.write_all(body.as_bytes())).expect("etcd takes the request");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("etcd answers");
+        out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or(out)
     }
 }
 

@@ -1,7 +1,6 @@
 //! Two processes that find each other only through a central store (the
-//! embedded metadata server, and etcd with the `etcd` feature), then move
-//! data over TCP; and a killed agent whose metadata expires and whose
-//! watchers invalidate it.
+//! embedded metadata server, and etcd), then move data over TCP; and a
+//! killed agent whose metadata expires and whose watchers invalidate it.
 
 use std::time::{Duration, Instant};
 
@@ -123,14 +122,12 @@ fn through_the_metadata_server() {
     scenario(Some(&srv.url()), None);
 }
 
-#[cfg(feature = "etcd")]
 #[test]
 fn through_etcd() {
     let etcd = kvferry_test_support::servers::Etcd::start();
     scenario(None, Some(&etcd.url));
 }
 
-#[cfg(feature = "etcd")]
 #[test]
 fn etcd_restart_and_failures() {
     let port = kvferry_test_support::free_port();

@@ -18,7 +18,7 @@ pub struct MetaArgs {
     /// Publish-and-fetch rounds per way (the median is reported).
     #[arg(long, default_value_t = 30)]
     pub iters: usize,
-    /// Also measure etcd at these endpoints (needs a build with the `etcd` feature).
+    /// Also measure etcd at these endpoints (`http://host:2379`, comma-separated).
     #[arg(long)]
     pub etcd: Option<String>,
     /// One JSON object per line.

@@ -64,7 +64,7 @@ pub struct StoreArgs {
     /// Metadata server URL (implies --store).
     #[arg(long)]
     pub metadata_url: Option<String>,
-    /// etcd endpoints, comma-separated (implies --store; needs the `etcd` build feature).
+    /// etcd endpoints, comma-separated (implies --store).
     #[arg(long)]
     pub etcd: Option<String>,
     /// Job name: the store prefix that groups one run's targets and initiators.

@@ -249,6 +249,7 @@ impl Agent {
         let spec = StoreSpec {
             url: cfg.metadata_url.clone(),
             etcd_endpoints: cfg.etcd_endpoints.clone(),
+            etcd_credentials: cfg.etcd_credentials.clone(),
             timeout: cfg.connect_timeout,
             token: cfg.auth_token.clone(),
         };

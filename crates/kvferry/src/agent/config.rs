@@ -8,6 +8,7 @@ use crate::auth::AuthToken;
 use crate::backend::BackendConfig;
 use crate::error::{Error, Result};
 use crate::metadata::listener::ListenerLimits;
+use crate::metadata::store::EtcdCredentials;
 use crate::notif::NotifLimits;
 use crate::params::Params;
 
@@ -51,10 +52,15 @@ pub struct AgentConfig {
     /// metadata. Default: none ([`from_env`](Self::from_env) reads
     /// `KVFERRY_METADATA_URL`).
     pub metadata_url: Option<String>,
-    /// etcd endpoints for central metadata (needs the `etcd` feature).
+    /// etcd endpoints for central metadata (etcd v3.4 or later, `http://`).
     /// Default: none ([`from_env`](Self::from_env) reads
     /// `KVFERRY_ETCD_ENDPOINTS`, or NIXL's `NIXL_ETCD_ENDPOINTS`, comma-separated).
     pub etcd_endpoints: Vec<String>,
+    /// The etcd user and password, for an etcd with authentication
+    /// enabled. Default: none ([`from_env`](Self::from_env) reads
+    /// `KVFERRY_ETCD_USER` and `KVFERRY_ETCD_PASSWORD`). `Debug` redacts the
+    /// password.
+    pub etcd_credentials: Option<EtcdCredentials>,
     /// Key prefix of agents' metadata in the central store. Default:
     /// `/kvferry/agents/` ([`from_env`](Self::from_env) reads
     /// `KVFERRY_ETCD_NAMESPACE`, or `NIXL_ETCD_NAMESPACE`).
@@ -89,6 +95,7 @@ impl Default for AgentConfig {
             auth_token: None,
             metadata_url: None,
             etcd_endpoints: Vec::new(),
+            etcd_credentials: None,
             metadata_namespace: DEFAULT_NAMESPACE.to_string(),
             metadata_lease: Duration::from_secs(5),
             notif_limits: NotifLimits::default(),
@@ -116,13 +123,18 @@ impl AgentConfig {
         if let Some(ns) = env("KVFERRY_ETCD_NAMESPACE", Some("NIXL_ETCD_NAMESPACE")) {
             self.metadata_namespace = ns;
         }
+        if let Some(user) = env("KVFERRY_ETCD_USER", None) {
+            let password = lookup("KVFERRY_ETCD_PASSWORD").unwrap_or_default();
+            self.etcd_credentials = Some(EtcdCredentials::new(user, password));
+        }
         self
     }
 
     /// The defaults with the settings the environment overrides:
     /// `KVFERRY_AUTH_TOKEN`, `KVFERRY_METADATA_URL`, `KVFERRY_ETCD_ENDPOINTS`
-    /// (or NIXL's `NIXL_ETCD_ENDPOINTS`) and `KVFERRY_ETCD_NAMESPACE` (or
-    /// `NIXL_ETCD_NAMESPACE`), but no backends (`KVFERRY_BACKENDS` is read
+    /// (or NIXL's `NIXL_ETCD_ENDPOINTS`), `KVFERRY_ETCD_NAMESPACE` (or
+    /// `NIXL_ETCD_NAMESPACE`), `KVFERRY_ETCD_USER` and
+    /// `KVFERRY_ETCD_PASSWORD`, but no backends (`KVFERRY_BACKENDS` is read
     /// only by [`from_env`](Self::from_env)). For programs that choose their
     /// backends themselves yet honour the deployment's token and store, as
     /// the `kvferry` CLI does.
@@ -267,6 +279,11 @@ mod tests {
         let cfg = AgentConfig::from_vars(both).unwrap();
         assert_eq!(cfg.metadata_namespace, "/k/", "kvferry's name wins over NIXL's alias");
         assert_eq!(cfg.metadata_url.as_deref(), Some("http://m:1"));
+        let user = [("KVFERRY_ETCD_USER", "kv"), ("KVFERRY_ETCD_PASSWORD", "pa55word")]
+            .map(|(k, v)| (k.to_string(), v.to_string()));
+        let cfg = AgentConfig::from_vars(user).unwrap();
+        assert_eq!(cfg.etcd_credentials, Some(EtcdCredentials::new("kv", "pa55word")));
+        assert!(!format!("{cfg:?}").contains("pa55word"), "Debug must not print the etcd password");
         let bad = AgentConfig::from_vars([("KVFERRY_BACKENDS".to_string(), "tc p".to_string())]);
         assert!(bad.is_err());
     }

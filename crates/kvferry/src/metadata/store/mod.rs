@@ -1,5 +1,5 @@
 //! Central metadata stores: the embedded HTTP server ([`HttpStore`]) and etcd
-//! (`EtcdStore`, with the `etcd` cargo feature). Agents publish their metadata
+//! ([`EtcdStore`], through etcd's JSON API). Agents publish their metadata
 //! here under a lease, fetch peers' metadata by name, watch for peers that
 //! disappear, and applications exchange small values.
 //!
@@ -16,10 +16,8 @@ use crate::error::{Error, Result};
 mod http;
 pub use http::HttpStore;
 
-#[cfg(feature = "etcd")]
 mod etcd;
-#[cfg(feature = "etcd")]
-pub use etcd::EtcdStore;
+pub use etcd::{EtcdCredentials, EtcdStore};
 
 pub(crate) use super::http_common::OWNED;
 
@@ -29,8 +27,10 @@ pub(crate) use super::http_common::OWNED;
 pub struct StoreSpec {
     /// URL of a kvferry metadata server (`http://host:port`).
     pub url: Option<String>,
-    /// etcd endpoints (`http://host:2379`, ...; needs the `etcd` feature).
+    /// etcd endpoints (`http://host:2379`, ...).
     pub etcd_endpoints: Vec<String>,
+    /// The etcd user, when etcd has authentication enabled (`Debug` redacts the password).
+    pub etcd_credentials: Option<EtcdCredentials>,
     /// Bound of connecting, and of each call (plus the wait of long-polls).
     pub timeout: Duration,
     /// The bearer token sent to the metadata server (`Debug` redacts it).
@@ -98,15 +98,7 @@ pub fn open(spec: &StoreSpec) -> Result<Option<Arc<dyn MetaStore>>> {
     }
 }
 
-#[cfg(feature = "etcd")]
 fn open_etcd(spec: &StoreSpec) -> Result<Option<Arc<dyn MetaStore>>> {
-    Ok(Some(Arc::new(EtcdStore::connect(&spec.etcd_endpoints, spec.timeout)?)))
-}
-
-#[cfg(not(feature = "etcd"))]
-fn open_etcd(spec: &StoreSpec) -> Result<Option<Arc<dyn MetaStore>>> {
-    Err(Error::not_supported(format!(
-        "etcd endpoints {:?} are configured but this kvferry was built without the `etcd` feature; rebuild with --features etcd or use KVFERRY_METADATA_URL",
-        spec.etcd_endpoints
-    )))
+    let store = EtcdStore::connect(&spec.etcd_endpoints, spec.timeout)?.with_credentials(spec.etcd_credentials.clone());
+    Ok(Some(Arc::new(store)))
 }
