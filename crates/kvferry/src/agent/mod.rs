@@ -44,35 +44,39 @@ pub(crate) use memory::LocalRegion;
 pub use memory::Registration;
 pub(crate) use peers::RemotePeer;
 
-/// One backend instance the agent created.
-pub(crate) struct BackendSlot {
-    pub(crate) name: Arc<str>,
-    pub(crate) backend: Arc<dyn Backend>,
-    pub(crate) caps: Capabilities,
+/// One backend instance the agent created: its name, the instance and what it can do.
+pub(super) struct BackendSlot {
+    pub(super) name: Arc<str>,
+    pub(super) backend: Arc<dyn Backend>,
+    pub(super) caps: Capabilities,
 }
 
+/// The agent's state, private to the agent module: each field is owned by
+/// the file that manages it (`memory.rs` the regions, `peers.rs` the peer
+/// table and `loading`, `central.rs` the store link, `files.rs` the
+/// exports, `p2p.rs` the listener, `mod.rs` the backends).
 pub(crate) struct AgentInner {
-    pub(crate) name: Arc<str>,
-    pub(crate) instance: u64,
-    pub(crate) config: AgentConfig,
+    pub(super) name: Arc<str>,
+    pub(super) instance: u64,
+    pub(super) config: AgentConfig,
     /// Append-only: a slot's index is its bit in region backend masks.
-    pub(crate) backends: RwLock<Vec<Arc<BackendSlot>>>,
-    pub(crate) regions: RwLock<ranges::RangeMap<Arc<LocalRegion>>>,
-    pub(crate) next_region_id: AtomicU64,
-    pub(crate) peers: RwLock<std::collections::HashMap<Arc<str>, Arc<RemotePeer>>>,
+    pub(super) backends: RwLock<Vec<Arc<BackendSlot>>>,
+    pub(super) regions: RwLock<ranges::RangeMap<Arc<LocalRegion>>>,
+    pub(super) next_region_id: AtomicU64,
+    pub(super) peers: RwLock<std::collections::HashMap<Arc<str>, Arc<RemotePeer>>>,
     /// Serializes loading and invalidating peers (which call backends) among
     /// themselves, so that `peers` is locked only to read or swap an entry.
-    pub(crate) loading: Mutex<()>,
-    pub(crate) notifs: NotifSink,
+    pub(super) loading: Mutex<()>,
+    pub(super) notifs: NotifSink,
     /// Serializes backend creation so two threads cannot create the same one.
     create_lock: Mutex<()>,
     /// The central metadata store link, opened on first use.
-    pub(crate) central: Mutex<Option<Arc<central::Central>>>,
+    pub(super) central: Mutex<Option<Arc<central::Central>>>,
     /// Files exported to remote initiators.
-    pub(crate) exports: Mutex<Vec<files::Export>>,
+    pub(super) exports: Mutex<Vec<files::Export>>,
     /// The peer-to-peer metadata listener, when `config.listener` is on;
     /// dropping it (with the agent) stops its thread.
-    pub(crate) listener: Mutex<Option<crate::metadata::listener::ListenerHandle>>,
+    pub(super) listener: Mutex<Option<crate::metadata::listener::ListenerHandle>>,
 }
 
 impl Drop for AgentInner {
