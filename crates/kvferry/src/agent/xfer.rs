@@ -114,16 +114,7 @@ impl Agent {
         notif: Option<&[u8]>,
         hints: &[&str],
     ) -> Result<Request> {
-        if local.len() != remote.len() {
-            return Err(Error::mismatch(format!(
-                "local list has {} descriptors but remote list has {}; they pair up one to one",
-                local.len(),
-                remote.len()
-            )));
-        }
-        if local.is_empty() {
-            return Err(Error::invalid("a request needs at least one descriptor"));
-        }
+        pair_up("", "descriptors", local.len(), remote.len())?;
         for (i, (l, r)) in local.iter().zip(remote.iter()).enumerate() {
             if l.len != r.len {
                 return Err(Error::mismatch(format!(
@@ -199,16 +190,7 @@ impl Agent {
                 "make_request: the remote list was prepared for the local side; prepare it with prepare_remote and the peer's name",
             ));
         };
-        if local_idx.len() != remote_idx.len() {
-            return Err(Error::mismatch(format!(
-                "make_request: {} local indices but {} remote indices",
-                local_idx.len(),
-                remote_idx.len()
-            )));
-        }
-        if local_idx.is_empty() {
-            return Err(Error::invalid("make_request: a request needs at least one descriptor"));
-        }
+        pair_up("make_request: ", "indices", local_idx.len(), remote_idx.len())?;
         let target = self.target(peer_name)?;
         let instance = match &target {
             Target::Loopback => self.inner.instance,
@@ -479,4 +461,18 @@ impl RequestOwner for AgentInner {
     fn name(&self) -> &str {
         &self.name
     }
+}
+
+/// Checks that a request's two sides pair up one to one and are not empty;
+/// `what` names the items (descriptors, indices), `ctx` prefixes messages.
+fn pair_up(ctx: &str, what: &str, local: usize, remote: usize) -> Result<()> {
+    if local != remote {
+        return Err(Error::mismatch(format!(
+            "{ctx}{local} local {what} but {remote} remote {what}; they pair up one to one"
+        )));
+    }
+    if local == 0 {
+        return Err(Error::invalid(format!("{ctx}a request needs at least one descriptor")));
+    }
+    Ok(())
 }
