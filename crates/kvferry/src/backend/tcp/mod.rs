@@ -48,6 +48,7 @@ use crate::types::{AccessKey, MemType};
 mod conn;
 #[cfg(test)]
 mod pair;
+mod posting;
 pub mod proto;
 mod server;
 mod state;
