@@ -9,7 +9,7 @@
 //! `statx(STATX_DIOALIGN)` where the kernel reports them, else `BLKSSZGET`
 //! for block devices, else 4096 (safe for 512- and 4096-byte devices).
 
-use super::plan::Naming;
+use super::naming::Naming;
 use crate::error::{Error, Result};
 
 /// The alignments one O_DIRECT file asks for.

@@ -25,6 +25,8 @@
 //!   Every caller gets the same checks with the same strictness.
 //! - `align.rs`: the O_DIRECT rules (memory address, file offset and
 //!   length), with errors that name the misaligned field.
+//! - `naming.rs`: [`Naming`], how the messages of `plan.rs` and `align.rs`
+//!   name their caller and its entries.
 //! - `job.rs`: the engine API — a batch of positioned I/Os ([`IoBatch`]) run
 //!   as a [`Job`] with many I/Os in flight, done only when every byte moved
 //!   (short transfers are retried; end of file, ENOSPC and OS errors fail
@@ -51,6 +53,7 @@ use crate::error::Result;
 
 mod align;
 mod job;
+mod naming;
 mod plan;
 mod serve;
 mod table;
@@ -58,7 +61,8 @@ mod threads;
 mod uring;
 
 pub(crate) use job::{Engine, IoBatch, Job, MAX_OP_LEN};
-pub(crate) use plan::{plan, Entry, Naming, Plan, PlanOpts};
+pub(crate) use naming::Naming;
+pub(crate) use plan::{plan, Entry, Plan, PlanOpts};
 pub(crate) use serve::FileServer;
 pub(crate) use table::{query, FileRegistration, FileTable};
 pub(crate) use uring::probe as probe_io_uring;

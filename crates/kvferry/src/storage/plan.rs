@@ -26,25 +26,10 @@ use std::sync::Arc;
 
 use super::align::DirectAlign;
 use super::job::{IoBatch, IoOp, Job};
+use super::naming::Naming;
 use super::table::{FileRegion, FileTable, OpenFile};
 use crate::error::{Error, Result};
 use crate::types::{AccessKey, XferOp};
-
-/// How a plan's messages name its caller and the caller's entries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Naming {
-    /// Who checks: the start of every message.
-    pub(crate) who: &'static str,
-    /// What one entry is called (a request's "segment", a frame's "entry").
-    pub(crate) item: &'static str,
-}
-
-impl Naming {
-    /// The POSIX backend: the segments of a request.
-    pub(crate) const POSIX: Naming = Naming { who: "POSIX", item: "segment" };
-    /// A network backend serving exported files: the entries of a frame.
-    pub(crate) const SERVED: Naming = Naming { who: "exported files", item: "entry" };
-}
 
 /// One entry of a storage operation: `len` bytes between memory at `buf`
 /// and `offset` of the file region `key`.

@@ -16,7 +16,8 @@ use std::time::Duration;
 use parking_lot::RwLock;
 
 use super::job::{Engine, Job, MAX_OP_LEN};
-use super::plan::{plan, Entry, Naming, Plan, PlanOpts};
+use super::naming::Naming;
+use super::plan::{plan, Entry, Plan, PlanOpts};
 use super::table::{FileRegistration, FileTable};
 use crate::error::{Error, Result};
 use crate::types::{AccessKey, XferOp};

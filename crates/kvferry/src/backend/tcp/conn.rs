@@ -28,9 +28,9 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
+use super::posting::{Copier, XferShared};
 use super::proto::{self, FrameType, Header, Hello, Status, Welcome, HEADER_LEN, WELCOME_FIXED};
 use super::state::{self, Answer, Awaiting, Expect};
-use super::xfer::XferShared;
 use super::Shared;
 use crate::error::{Error, ErrorKind, Result};
 use crate::sys;
@@ -426,12 +426,6 @@ impl Conn {
         }
     }
 
-    /// Closes the connection from this side (to stop a copy for a cancel).
-    pub(super) fn abort(&self, why: &str) {
-        self.by_us.store(true, Ordering::Release);
-        self.fail(Error::disconnected(format!("TCP: connection to {} closed: {why}; post again", self.addr)));
-    }
-
     /// Writes frame `frame` of posting `gen`, recording it as awaiting an answer.
     pub(super) fn send_frame(
         self: &Arc<Self>,
@@ -499,6 +493,14 @@ impl Conn {
                 }
             }
         }
+    }
+}
+
+impl Copier for Conn {
+    /// Closes the connection from this side (to stop a copy for a cancel).
+    fn abort(&self, why: &str) {
+        self.by_us.store(true, Ordering::Release);
+        self.fail(Error::disconnected(format!("TCP: connection to {} closed: {why}; post again", self.addr)));
     }
 }
 

@@ -48,6 +48,7 @@ use crate::types::{AccessKey, MemType};
 mod conn;
 #[cfg(test)]
 mod pair;
+mod posting;
 // The wire format is public for the fuzzers and the hostile tests only.
 #[doc(hidden)]
 pub mod proto;

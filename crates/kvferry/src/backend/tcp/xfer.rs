@@ -1,177 +1,26 @@
-//! A prepared TCP transfer: the plan cut into frames once, and the state of
-//! its current posting (frames owed, first error, notification, result).
+//! A prepared TCP transfer: the plan cut into frames once, and each post
+//! handed to the lanes (or written by the posting thread when small).
 //!
 //! Frames are built at prepare time — header and entry table bytes, and the
 //! list of local spans — so a post does no per-descriptor work and no
 //! allocation besides the notification it carries.
 //!
-//! Memory safety of cancel and drop: every thread that touches the local
-//! memory of a request (a lane writing WRITE data, a reader filling READ
-//! data) holds the request's access guard (a read lock) and checks that its
-//! posting is still live. `cancel` marks the posting dead and then takes the
-//! write lock, so it returns only once no thread touches the memory, and no
-//! thread touches it afterwards. If a copy does not end within 50 ms (a
-//! stalled peer), the connections doing it are shut down to end it at once.
+//! The state a posting shares with the lanes and readers, and the memory
+//! safety rule of cancel, are in `posting.rs`; this file knows the lanes,
+//! and hands each posting what queues its notification on lane 0.
 
-use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex, RwLock, RwLockReadGuard};
-
 use super::conn::{Conn, Job, Peer};
+use super::posting::{FramePlan, Notify, XferShared};
 use super::proto::{self, Entry, FrameType, Header, HEADER_LEN};
 use super::Shared;
 use crate::backend::{BackendXfer, XferPlan};
 use crate::error::{Error, ErrorKind, Result};
 use crate::sys::Span;
 use crate::types::{XferOp, XferState};
-
-/// One frame of a request, built at prepare time.
-pub(super) struct FramePlan {
-    /// The frame's op id (request id and frame index).
-    pub(super) op: u64,
-    /// Header and entry table: owns the bytes the frame's first span points at.
-    _head: Vec<u8>,
-    /// Data bytes the frame moves.
-    pub(super) bytes: u64,
-    /// Its spans in [`XferShared::spans`]: the head first, then local data.
-    spans: Range<usize>,
-}
-
-/// The state of the current posting.
-struct PostState {
-    gen: u64,
-    remaining: usize,
-    error: Option<Error>,
-    notif: Option<Vec<u8>>,
-    result: Option<Result<()>>,
-    peer: Option<(Arc<Shared>, Arc<Peer>)>,
-}
-
-/// What the lanes and readers share with a prepared transfer.
-pub(super) struct XferShared {
-    pub(super) op: XferOp,
-    pub(super) frames: Vec<FramePlan>,
-    spans: Vec<Span>,
-    /// The posting that is live (0: none yet).
-    gen: AtomicU64,
-    /// The posting that was canceled or failed: its queued frames are skipped.
-    dead: AtomicU64,
-    /// The posting that finished (its result is in `state`).
-    finished: AtomicU64,
-    state: Mutex<PostState>,
-    done_cv: Condvar,
-    access: RwLock<()>,
-    /// Connections copying this request's memory now (to abort on a stuck cancel).
-    users: Mutex<Vec<Arc<Conn>>>,
-}
-
-/// Held while a thread copies a request's local memory.
-pub(super) struct Access<'a> {
-    x: &'a XferShared,
-    conn: *const Conn,
-    _guard: RwLockReadGuard<'a, ()>,
-}
-
-impl Drop for Access<'_> {
-    fn drop(&mut self) {
-        let mut u = self.x.users.lock();
-        if let Some(i) = u.iter().position(|c| std::ptr::eq(Arc::as_ptr(c), self.conn)) {
-            u.swap_remove(i);
-        }
-    }
-}
-
-impl XferShared {
-    /// Whether posting `gen` is live (not canceled, failed or superseded).
-    pub(super) fn live(&self, gen: u64) -> bool {
-        self.gen.load(Ordering::Acquire) == gen && self.dead.load(Ordering::Acquire) != gen
-    }
-
-    /// Takes the access guard for posting `gen`, or `None` if it is no longer live.
-    pub(super) fn enter(&self, gen: u64, conn: &Arc<Conn>) -> Option<Access<'_>> {
-        let g = self.access.read();
-        if !self.live(gen) {
-            return None;
-        }
-        self.users.lock().push(conn.clone());
-        Some(Access { x: self, conn: Arc::as_ptr(conn), _guard: g })
-    }
-
-    /// Spans to write for a frame: its head, then (WRITE) its local data.
-    pub(super) fn send_spans(&self, f: &FramePlan) -> &[Span] {
-        match self.op {
-            XferOp::Write => &self.spans[f.spans.clone()],
-            XferOp::Read => &self.spans[f.spans.start..f.spans.start + 1],
-        }
-    }
-
-    /// Local spans that receive a READ frame's data.
-    pub(super) fn recv_spans(&self, f: &FramePlan) -> &[Span] {
-        &self.spans[f.spans.start + 1..f.spans.end]
-    }
-
-    /// Records the outcome of one frame of posting `gen`; the last one
-    /// completes the posting, or first queues its notification.
-    pub(super) fn frame_done(self: &Arc<Self>, gen: u64, r: Result<()>) {
-        let mut s = self.state.lock();
-        if s.gen != gen || s.result.is_some() {
-            return;
-        }
-        if let Err(e) = r {
-            self.dead.store(gen, Ordering::Release);
-            s.error.get_or_insert(e);
-        }
-        s.remaining = s.remaining.saturating_sub(1);
-        if s.remaining > 0 {
-            return;
-        }
-        if let Some(e) = s.error.take() {
-            return self.complete(&mut s, Err(e));
-        }
-        if s.notif.is_some() {
-            if let Some((shared, peer)) = s.peer.clone() {
-                drop(s);
-                // Every frame is acknowledged: the data is visible at the target.
-                peer.lanes[0].push(&shared, &peer, [Job::Notif { x: self.clone(), gen }]);
-                return;
-            }
-        }
-        self.complete(&mut s, Ok(()));
-    }
-
-    /// The notification of posting `gen`, if it is still to be sent.
-    pub(super) fn notif_for(&self, gen: u64) -> Option<Vec<u8>> {
-        let s = self.state.lock();
-        (s.gen == gen && s.result.is_none()).then(|| s.notif.clone()).flatten()
-    }
-
-    /// Completes posting `gen` with `r` (after its notification was sent).
-    pub(super) fn finish(&self, gen: u64, r: Result<()>) {
-        let mut s = self.state.lock();
-        if s.gen == gen && s.result.is_none() {
-            self.complete(&mut s, r);
-        }
-    }
-
-    fn complete(&self, s: &mut PostState, r: Result<()>) {
-        if r.is_err() {
-            self.dead.store(s.gen, Ordering::Release);
-        }
-        s.result = Some(r);
-        s.peer = None;
-        self.finished.store(s.gen, Ordering::Release);
-        self.done_cv.notify_all();
-    }
-}
-
-impl std::fmt::Debug for XferShared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TcpXferShared").field("op", &self.op).field("frames", &self.frames.len()).finish()
-    }
-}
 
 /// The TCP backend's prepared transfer.
 pub(super) struct TcpXfer {
@@ -185,6 +34,22 @@ pub(super) struct TcpXfer {
     /// The connection a small posting was written on by the posting thread:
     /// `wait` and `poll` read its answer themselves (no reader-thread hop).
     direct: Option<(Arc<Peer>, Arc<Conn>)>,
+    /// What queues the notifications of postings to the peer as loaded at
+    /// the latest post: made again only when the peer was loaded again.
+    notify: Option<Arc<LaneZero>>,
+}
+
+/// Queues a posting's notification on lane 0 of its peer (the same lane for
+/// every notification of a peer, so they arrive in the order they were sent).
+struct LaneZero {
+    shared: Arc<Shared>,
+    peer: Arc<Peer>,
+}
+
+impl Notify for LaneZero {
+    fn queue(&self, x: &Arc<XferShared>, gen: u64) {
+        self.peer.lanes[0].push(&self.shared, &self.peer, [Job::Notif { x: x.clone(), gen }]);
+    }
 }
 
 impl std::fmt::Debug for TcpXfer {
@@ -234,7 +99,7 @@ impl TcpXfer {
             head.extend_from_slice(entries);
             // The head's heap buffer never moves again: its address is the frame's first span.
             spans[start] = (head.as_ptr() as u64, head.len() as u64);
-            frames.push(FramePlan { op, _head: head, bytes: *bytes, spans: start..spans.len() });
+            frames.push(FramePlan::new(op, head, *bytes, start..spans.len()));
             entries.clear();
             *bytes = 0;
             start = spans.len();
@@ -258,29 +123,27 @@ impl TcpXfer {
             }
         }
         flush(&mut frames, &mut spans, &mut entries, &mut bytes);
-        if frames.last().is_some_and(|f| f.spans.end < spans.len()) {
+        if frames.last().is_some_and(|f| f.spans().end < spans.len()) {
             spans.pop();
         }
         if frames.is_empty() {
             return Err(Error::invalid("TCP: a request needs at least one byte to move"));
         }
-        let x = Arc::new(XferShared {
-            op: plan.op,
-            frames,
-            spans,
-            gen: AtomicU64::new(0),
-            dead: AtomicU64::new(0),
-            finished: AtomicU64::new(0),
-            state: Mutex::new(PostState { gen: 0, remaining: 0, error: None, notif: None, result: None, peer: None }),
-            done_cv: Condvar::new(),
-            access: RwLock::new(()),
-            users: Mutex::new(Vec::new()),
-        });
-        Ok(Box::new(TcpXfer { shared, x, peer: plan.peer, total: plan.total_bytes, striped, posted: 0, direct: None }))
+        let x = Arc::new(XferShared::new(plan.op, frames, spans));
+        Ok(Box::new(TcpXfer {
+            shared,
+            x,
+            peer: plan.peer,
+            total: plan.total_bytes,
+            striped,
+            posted: 0,
+            direct: None,
+            notify: None,
+        }))
     }
 
     fn in_flight(&self) -> bool {
-        self.posted != 0 && self.x.finished.load(Ordering::Acquire) != self.posted
+        self.posted != 0 && !self.x.finished(self.posted)
     }
 }
 
@@ -290,20 +153,16 @@ impl BackendXfer for TcpXfer {
             return Err(Error::new(ErrorKind::RepostActive, "TCP: request still in flight; wait before posting again"));
         }
         let peer = self.shared.peer(&self.peer)?;
+        let notify = match &self.notify {
+            Some(n) if Arc::ptr_eq(&n.peer, &peer) => n.clone(),
+            _ => {
+                let n = Arc::new(LaneZero { shared: self.shared.clone(), peer: peer.clone() });
+                self.notify = Some(n.clone());
+                n
+            }
+        };
         let x = &self.x;
-        let gen = x.gen.load(Ordering::Relaxed) + 1;
-        {
-            let mut s = x.state.lock();
-            *s = PostState {
-                gen,
-                remaining: x.frames.len(),
-                error: None,
-                notif: notif.map(<[u8]>::to_vec),
-                result: None,
-                peer: Some((self.shared.clone(), peer.clone())),
-            };
-            x.gen.store(gen, Ordering::Release);
-        }
+        let gen = x.begin(notif, Some(notify));
         self.posted = gen;
         self.direct = None;
         let n = peer.lanes.len();
@@ -340,21 +199,21 @@ impl BackendXfer for TcpXfer {
         if self.posted == 0 {
             return Err(Error::invalid("TCP: request was never posted"));
         }
-        if self.x.finished.load(Ordering::Acquire) != self.posted {
+        if !self.x.finished(self.posted) {
             if let Some((peer, c)) = &self.direct {
                 let (x, gen) = (&self.x, self.posted);
-                c.read_direct(&self.shared, peer, &|| x.finished.load(Ordering::Acquire) == gen, None);
+                c.read_direct(&self.shared, peer, &|| x.finished(gen), None);
             }
-            if self.x.finished.load(Ordering::Acquire) != self.posted {
+            if !self.x.finished(self.posted) {
                 // Callers spin on poll: give the CPU to the threads that make
                 // progress (lanes, readers, the target's) when they need it.
                 std::thread::yield_now();
                 return Ok(XferState::InProgress);
             }
         }
-        match &self.x.state.lock().result {
+        match self.x.result() {
             Some(Ok(())) => Ok(XferState::Done),
-            Some(Err(e)) => Err(e.clone()),
+            Some(Err(e)) => Err(e),
             None => Ok(XferState::InProgress),
         }
     }
@@ -375,14 +234,7 @@ impl BackendXfer for TcpXfer {
             }
             std::thread::yield_now();
         }
-        {
-            let mut s = self.x.state.lock();
-            while s.gen == self.posted && s.result.is_none() {
-                if self.x.done_cv.wait_until(&mut s, deadline).timed_out() {
-                    break;
-                }
-            }
-        }
+        self.x.wait_until(self.posted, deadline);
         self.poll()
     }
 
@@ -390,25 +242,7 @@ impl BackendXfer for TcpXfer {
         if !self.in_flight() {
             return;
         }
-        let gen = self.posted;
-        self.x.dead.store(gen, Ordering::Release);
-        self.x.finish(gen, Err(Error::new(ErrorKind::Canceled, "TCP: the request was canceled")));
-        // Wait until no thread copies this request's memory.
-        // Bounded: a thread copying for this request is in socket I/O on a
-        // connection in `users`, and aborting that connection fails the copy at
-        // once; the loop aborts again any connection that entered since.
-        let start = Instant::now();
-        let mut warned = false;
-        while self.x.access.try_write_for(Duration::from_millis(50)).is_none() {
-            let stuck: Vec<Arc<Conn>> = self.x.users.lock().clone();
-            for c in stuck {
-                c.abort("a request using it was canceled while its peer stalled");
-            }
-            if !warned && start.elapsed() > Duration::from_secs(1) {
-                warned = true;
-                tracing::warn!("TCP: a cancel still waits for a copy on an aborted connection to stop");
-            }
-        }
+        self.x.cancel(self.posted);
     }
 }
 
@@ -418,7 +252,7 @@ impl TcpXfer {
     /// connection, wait for that one to complete it.
     fn wait_direct(&mut self, peer: &Arc<Peer>, c: &Arc<Conn>, deadline: Instant) -> Result<XferState> {
         let (x, gen) = (self.x.clone(), self.posted);
-        let done = || x.finished.load(Ordering::Acquire) == gen;
+        let done = || x.finished(gen);
         loop {
             if done() || Instant::now() >= deadline {
                 return self.poll();
@@ -428,13 +262,7 @@ impl TcpXfer {
             }
             // Another thread reads the answers; it completes ours (or hands over
             // to the reader thread when it leaves). Look again now and then.
-            let mut s = x.state.lock();
-            let until = deadline.min(Instant::now() + Duration::from_micros(200));
-            while s.gen == gen && s.result.is_none() {
-                if x.done_cv.wait_until(&mut s, until).timed_out() {
-                    break;
-                }
-            }
+            x.wait_until(gen, deadline.min(Instant::now() + Duration::from_micros(200)));
         }
     }
 }
