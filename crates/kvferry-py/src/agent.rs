@@ -115,8 +115,9 @@ impl PyAgent {
         cfg.listener = listener;
         cfg.listen_port = listen_port;
         if let Some(a) = listen_addr {
-            cfg.listen_addr =
-                Some(a.parse().map_err(|e| PyValueError::new_err(format!("listen_addr '{a}' is not an IP address: {e}")))?);
+            cfg.listen_addr = Some(
+                a.parse().map_err(|e| PyValueError::new_err(format!("listen_addr '{a}' is not an IP address: {e}")))?,
+            );
         }
         if let Some(t) = connect_timeout {
             cfg.connect_timeout = secs(t, "connect_timeout")?;
@@ -223,6 +224,19 @@ impl PyAgent {
         PyRegistration::wrap(py, r, keep)
     }
 
+    /// Registers raw descriptors as `register` does, but leaves them
+    /// registered until `deregister` is called with the same descriptors
+    /// (NIXL's `registerMem`/`deregisterMem`).
+    #[pyo3(signature = (descs, hints = Vec::new()))]
+    fn register_kept(&self, py: Python<'_>, descs: &PyRegDescList, hints: Vec<String>) -> PyResult<()> {
+        let list = descs.get();
+        // SAFETY: as in `register`: NIXL's contract at the Python boundary;
+        // the caller keeps the memory allocated until it deregisters.
+        let r = kv(py.detach(|| unsafe { self.agent.register_mem(&list, &hint_refs(&hints)) }))?;
+        r.keep();
+        Ok(())
+    }
+
     /// Deregisters exactly the regions registered with these descriptors.
     fn deregister(&self, py: Python<'_>, descs: &PyRegDescList) -> PyResult<()> {
         let list = descs.get();
@@ -293,7 +307,13 @@ impl PyAgent {
 
     /// Sends a standalone notification to `peer` (maybe this agent).
     #[pyo3(signature = (peer, msg, hints = Vec::new()))]
-    fn send_notification(&self, py: Python<'_>, peer: &str, msg: &Bound<'_, PyAny>, hints: Vec<String>) -> PyResult<()> {
+    fn send_notification(
+        &self,
+        py: Python<'_>,
+        peer: &str,
+        msg: &Bound<'_, PyAny>,
+        hints: Vec<String>,
+    ) -> PyResult<()> {
         let m = msg_bytes(msg)?;
         kv(py.detach(|| self.agent.send_notification(peer, &m, &hint_refs(&hints))))
     }

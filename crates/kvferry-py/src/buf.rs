@@ -94,7 +94,9 @@ impl PyAlignedBuf {
         // SAFETY: the range was checked to lie inside the allocation, which
         // lives as long as `self`; like numpy views of the buffer, writes
         // through the shared handle are the Python program's to order.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), (self.buf.addr() as usize + offset) as *mut u8, data.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), (self.buf.addr() as usize + offset) as *mut u8, data.len())
+        };
         Ok(())
     }
 

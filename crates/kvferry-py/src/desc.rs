@@ -224,7 +224,7 @@ fn index(i: isize, len: usize) -> PyResult<usize> {
 ///
 /// `XferDescList("DRAM", [(addr, len, dev), ...])`, or with an Nx3 integer
 /// array, or a count of zeroed descriptors.
-#[pyclass(subclass, frozen, module = "kvferry._kvferry")]
+#[pyclass(subclass, frozen, module = "kvferry._kvferry", name = "XferDescList")]
 #[derive(Debug)]
 pub struct PyXferDescList {
     pub(crate) list: RwLock<XferDescList>,
@@ -246,7 +246,11 @@ impl PyXferDescList {
 impl PyXferDescList {
     #[new]
     #[pyo3(signature = (mem_type, descs = None, is_sorted = None))]
-    fn new(mem_type: &Bound<'_, PyAny>, descs: Option<&Bound<'_, PyAny>>, is_sorted: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+    fn new(
+        mem_type: &Bound<'_, PyAny>,
+        descs: Option<&Bound<'_, PyAny>>,
+        is_sorted: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
         let _ = is_sorted; // NIXL's legacy keyword, accepted and ignored.
         let mt = self::mem_type(mem_type)?;
         Ok(Self::wrap(XferDescList::from_descs(mt, parse_xfer(descs)?)))
@@ -292,7 +296,8 @@ impl PyXferDescList {
 
     fn __repr__(&self) -> String {
         let l = self.list.read();
-        let shown: Vec<String> = l.iter().take(8).map(|d| format!("({:#x}, {}, {})", d.addr, d.len, d.dev_id)).collect();
+        let shown: Vec<String> =
+            l.iter().take(8).map(|d| format!("({:#x}, {}, {})", d.addr, d.len, d.dev_id)).collect();
         let more = if l.len() > 8 { format!(", ... {} more", l.len() - 8) } else { String::new() };
         format!("XferDescList({}, [{}{more}])", l.mem_type(), shown.join(", "))
     }
@@ -356,7 +361,7 @@ impl PyXferDescList {
 /// A list of registration descriptors `(addr, len, dev_id, meta_info)` of one
 /// memory type. `RegDescList("FILE", [(0, 0, fd, b""), ...])`, or with an
 /// Nx3 integer array (empty meta info), or a count.
-#[pyclass(subclass, frozen, module = "kvferry._kvferry")]
+#[pyclass(subclass, frozen, module = "kvferry._kvferry", name = "RegDescList")]
 #[derive(Debug)]
 pub struct PyRegDescList {
     pub(crate) list: RwLock<RegDescList>,
@@ -382,7 +387,11 @@ fn reg_tuple<'py>(py: Python<'py>, d: &RegDesc) -> (u64, u64, u64, Bound<'py, Py
 impl PyRegDescList {
     #[new]
     #[pyo3(signature = (mem_type, descs = None, is_sorted = None))]
-    fn new(mem_type: &Bound<'_, PyAny>, descs: Option<&Bound<'_, PyAny>>, is_sorted: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+    fn new(
+        mem_type: &Bound<'_, PyAny>,
+        descs: Option<&Bound<'_, PyAny>>,
+        is_sorted: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
         let _ = is_sorted; // NIXL's legacy keyword, accepted and ignored.
         let mt = self::mem_type(mem_type)?;
         Ok(Self::wrap(RegDescList::from_descs(mt, parse_reg(descs)?)))
@@ -464,9 +473,19 @@ impl PyRegDescList {
         *self.list.write() = RegDescList::new(mt);
     }
 
-    /// The transfer descriptors of the same ranges (meta info dropped).
-    fn trim(&self) -> PyXferDescList {
-        PyXferDescList::wrap(self.list.read().trim())
+    /// The transfer descriptors of the same ranges (meta info dropped), as
+    /// an `XferDescList` or, with `cls`, that subclass of it.
+    #[pyo3(signature = (cls = None))]
+    fn trim<'py>(&self, py: Python<'py>, cls: Option<&Bound<'py, PyType>>) -> PyResult<Bound<'py, PyAny>> {
+        let list = self.list.read().trim();
+        match cls {
+            None => Ok(Bound::new(py, PyXferDescList::wrap(list))?.into_any()),
+            Some(cls) => {
+                let obj = cls.call1((list.mem_type().as_str(),))?;
+                *obj.cast::<PyXferDescList>()?.get().list.write() = list;
+                Ok(obj)
+            }
+        }
     }
 
     /// Sum of the descriptors' lengths.

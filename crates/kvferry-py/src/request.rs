@@ -28,11 +28,8 @@ pub fn msg_bytes(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
 }
 
 fn released(what: &str) -> PyErr {
-    kv::<()>(Err(kvferry::Error::new(
-        ErrorKind::InvalidParam,
-        format!("this {what} was released; create a new one"),
-    )))
-    .unwrap_err()
+    kv::<()>(Err(kvferry::Error::new(ErrorKind::InvalidParam, format!("this {what} was released; create a new one"))))
+        .unwrap_err()
 }
 
 /// Timing of the last posting, for NIXL's `get_xfer_telemetry`.
@@ -128,8 +125,9 @@ impl PyRequest {
     #[pyo3(signature = (timeout = 30.0))]
     fn wait(&self, py: Python<'_>, timeout: f64) -> PyResult<()> {
         let req = self.get()?;
-        let t = Duration::try_from_secs_f64(timeout)
-            .map_err(|_| PyValueError::new_err(format!("timeout must be a non-negative number of seconds, not {timeout}")))?;
+        let t = Duration::try_from_secs_f64(timeout).map_err(|_| {
+            PyValueError::new_err(format!("timeout must be a non-negative number of seconds, not {timeout}"))
+        })?;
         kv(py.detach(|| req.wait(t)))?;
         self.observe(XferState::Done);
         Ok(())
