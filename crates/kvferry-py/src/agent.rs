@@ -417,6 +417,8 @@ impl PyAgent {
     ) -> PyResult<()> {
         let from = meta_peer(ip, port)?;
         if background && from == MetaPeer::Store {
+            // Fail now, as NIXL does, when no central store is configured.
+            kv(py.detach(|| self.agent.store().map(drop)))?;
             let (agent, errs) = (self.agent.clone(), self.fetch_errors.clone());
             let (name, label) = (name.to_string(), label.map(str::to_string));
             errs.lock().remove(&name);
