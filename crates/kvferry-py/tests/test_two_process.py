@@ -97,3 +97,48 @@ def test_programs_also_exist_for_real_nixl():
     for p in PROGRAMS.glob("*.py"):
         text = p.read_text()
         assert "import kvferry" not in text and "from kvferry" not in text, p
+
+
+@pytest.fixture
+def etcd(tmp_path):
+    """etcd (Debian's etcd-server) on free loopback ports with a temp data dir."""
+    import shutil
+
+    exe = shutil.which("etcd")
+    if exe is None:
+        pytest.skip("etcd is not installed (apt-get install etcd-server)")
+    client, peer = free_port(), free_port()
+    url = f"http://127.0.0.1:{client}"
+    p = subprocess.Popen(
+        [exe, "--data-dir", str(tmp_path / "etcd"), "--listen-client-urls", url, "--advertise-client-urls", url,
+         "--listen-peer-urls", f"http://127.0.0.1:{peer}", "--initial-advertise-peer-urls",
+         f"http://127.0.0.1:{peer}", "--initial-cluster", f"default=http://127.0.0.1:{peer}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import socket
+
+    deadline = time.time() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", client), timeout=0.2).close()
+            break
+        except OSError:
+            assert time.time() < deadline, "etcd did not start"
+            time.sleep(0.05)
+    yield url
+    p.kill()
+    p.wait()
+
+
+def test_partial_labels_program_over_etcd(etcd, monkeypatch):
+    import kvferry
+
+    monkeypatch.delenv("KVFERRY_METADATA_URL", raising=False)
+    probe = kvferry.Agent(f"etcd-probe-{time.time_ns()}", [], from_env=False, etcd_endpoints=[etcd])
+    try:
+        probe.store()
+    except kvferry.NotSupportedError as e:
+        if "without the `etcd` feature" in str(e):
+            pytest.skip("this build of kvferry has no etcd support")
+        raise
+    env = {"NIXL_ETCD_ENDPOINTS": etcd, "NIXL_ETCD_NAMESPACE": f"/nixl/test-{time.time_ns()}/"}
+    assert "block0 True block1 False" in finish(nixl_program("partial_labels.py", env=env))
