@@ -197,7 +197,7 @@ def test_prepped_xfer_with_numpy_indices():
     assert dst.bytes()[: 9 * 1024] == b"\x22" * 9 * 1024 and dst.bytes()[9 * 1024:] == b"\0" * 7 * 1024
     with pytest.raises(nb.nixlInvalidParamError):
         a.make_prepped_xfer("WRITE", lp, [0, 99], rp, [0, 1])
-    with pytest.raises(nb.nixlMismatchError):
+    with pytest.raises(nb.nixlInvalidParamError):
         a.make_prepped_xfer("WRITE", lp, [0], rp, [0, 1])
     with pytest.raises(KeyError):
         a.make_prepped_xfer("MOVE", lp, [0], rp, [0])

@@ -426,6 +426,8 @@ class nixl_agent:
         try:
             req = self.agent.make_request(op, local_xfer_side._list, local_indices, remote_xfer_side._list,
                                           remote_indices, _msg(notif_msg), self._hints(backends))
+        except _e.MismatchError as e:  # NIXL: different index counts are NIXL_ERR_INVALID_PARAM
+            raise _nixl_error(e, nixlBind.nixlInvalidParamError) from None
         except _e.Error as e:
             raise _nixl_error(e) from None
         return nixl_xfer_handle(self, req)
