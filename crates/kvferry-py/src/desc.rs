@@ -116,6 +116,15 @@ pub fn indices(obj: &Bound<'_, PyAny>) -> PyResult<Vec<usize>> {
             return Err(PyValueError::new_err(format!("indices must be 1-D, not of shape {:?}", a.shape)));
         }
         let n = a.count();
+        if a.itemsize == 8 && a.ptr % std::mem::align_of::<u64>() == 0 {
+            // SAFETY: the caller borrows the exporter for this call; the
+            // interface promises `n` aligned 8-byte elements at `ptr`.
+            let words: &[u64] = unsafe { std::slice::from_raw_parts(a.ptr as *const u64, n) };
+            if a.signed && words.iter().any(|w| w >> 63 != 0) {
+                return Err(PyValueError::new_err("an index in the array is negative"));
+            }
+            return Ok(words.iter().map(|&w| w as usize).collect());
+        }
         let mut out = Vec::with_capacity(n);
         for i in 0..n {
             // SAFETY: `obj` (the exporter) is borrowed for this call and `i < n`.
@@ -142,6 +151,23 @@ fn rows(a: &ArrayView) -> PyResult<Vec<XferDesc>> {
         )));
     }
     let n = a.shape[0];
+    if a.itemsize == 8 && a.ptr % std::mem::align_of::<u64>() == 0 {
+        // The common case (uint64 or int64, aligned): one pass over the rows.
+        // SAFETY: the caller borrows the exporter for this call; the
+        // interface promises `3 * n` aligned 8-byte elements at `ptr`.
+        let words: &[u64] = unsafe { std::slice::from_raw_parts(a.ptr as *const u64, 3 * n) };
+        if a.signed {
+            let sign = words.iter().fold(0u64, |acc, w| acc | w);
+            if sign >> 63 != 0 {
+                let i = words.iter().position(|w| w >> 63 != 0).unwrap_or(0);
+                return Err(PyValueError::new_err(format!(
+                    "element {i} of the array is negative ({})",
+                    words[i] as i64
+                )));
+            }
+        }
+        return Ok(words.chunks_exact(3).map(|r| XferDesc::new(r[0], r[1], r[2])).collect());
+    }
     let mut out = Vec::with_capacity(n);
     for r in 0..n {
         // SAFETY: the exporter is borrowed by the caller for this call and
