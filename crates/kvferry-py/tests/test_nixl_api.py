@@ -366,3 +366,21 @@ def test_env_name_of_telemetry_is_read_at_creation(monkeypatch):
     monkeypatch.setenv("NIXL_TELEMETRY_ENABLE", "1")
     assert agent()._telemetry
     assert os.environ["NIXL_TELEMETRY_ENABLE"] == "1"
+
+
+def test_register_memory_takes_an_aligned_buf():
+    a = agent()
+    buf, dst = kvferry.AlignedBuf(8192), kvferry.AlignedBuf(8192)
+    buf.fill(0x44)
+    r1, r2 = a.register_memory(buf), a.register_memory(dst)
+    assert r1[0] == (buf.addr, 8192, 0, b"")
+    h = a.initialize_xfer("WRITE", a.get_xfer_descs([(buf.addr, 8192, 0)], "DRAM"),
+                          a.get_xfer_descs([(dst.addr, 8192, 0)], "DRAM"), a.name)
+    wait_done(a, h)
+    assert dst.read(0, 2) == b"DD"
+    h.release()
+    a.deregister_memory(r1)
+    a.deregister_memory(r2)
+    with pytest.raises(nb.nixlNotAllowedError):
+        a.initialize_xfer("WRITE", a.get_xfer_descs([(buf.addr, 8192, 0)], "DRAM"),
+                          a.get_xfer_descs([(dst.addr, 8192, 0)], "DRAM"), a.name)

@@ -70,15 +70,15 @@ def descs(python: str | None, rounds: int) -> dict:
     return _json(r.stdout + "\n" + r.stderr)  # NIXL may exit non-zero after printing (teardown)
 
 
-def rust_p2p(cli: str, backend: str, size: int, op: str) -> float | None:
-    """``kvferry bench p2p``'s average µs per transfer for one shape, if it reports one."""
-    r = subprocess.run([cli, "bench", "p2p", "--backend", backend.lower(), "--sizes", str(size), "--op",
-                        op.lower(), "--json"], capture_output=True, text=True, timeout=600)
-    try:
-        rows = json.loads(r.stdout)
-        return float(rows[0]["avg_us"])
-    except Exception:
-        return None
+def rust_p2p(cli: str, backend: str, size: int, op: str) -> dict | None:
+    """``kvferry bench p2p`` for one shape: ``{"us": average latency, "gbps"}``."""
+    r = subprocess.run([cli, "bench", "p2p", "--backend", backend, "--block-sizes", str(size), "--op", op, "--json"],
+                       capture_output=True, text=True, timeout=600)
+    for line in r.stdout.splitlines():
+        if line.startswith("{"):
+            row = json.loads(line)
+            return {"us": float(row["lat_us_avg"]), "gbps": float(row["gbps"])}
+    return None
 
 
 def main() -> None:
@@ -97,24 +97,29 @@ def main() -> None:
         rows.append((name, "get_xfer_descs, 1M×3 numpy", f"{d['get_xfer_descs_1M_ms']:.2f} ms"))
         rows.append((name, "prep_xfer_dlist, 100k descriptors", f"{d['prep_xfer_dlist_100k_ms']:.2f} ms"))
         rows.append((name, "make_prepped_xfer, 4096 int64 indices", f"{d['make_prepped_xfer_4096_us']:.1f} µs"))
-    shapes = [("same host (UCX→SHM)", "UCX", {}), ("TCP", "TCP", {})]
-    for label, backend, _ in shapes:
-        for name, py in impls:
-            b = backend
-            env = {}
+    shapes = [("same host (UCX→SHM)", "UCX"), ("TCP", "TCP")]
+    runs = [("kvferry", None, {}), ("kvferry, AlignedBuf", None, {"KVFERRY_BENCH_ALIGNED": "1"})]
+    runs += [("NIXL", a.nixl_python, {})] if a.nixl_python else []
+    for label, backend in shapes:
+        for name, py, env0 in runs:
+            b, env = backend, dict(env0)
             if name == "NIXL":
                 b = "UCX"
-                env = {"UCX_TLS": "tcp"} if backend == "TCP" else {}
+                env.update({"UCX_TLS": "tcp"} if backend == "TCP" else {})
             small = pair(py, b, 4096, a.small_iters, "WRITE", env)
             rows.append((name, f"{label}: 4 KiB WRITE transfer()+check_xfer_state()", f"{small['us']:.2f} µs"))
             for op in ("WRITE", "READ"):
                 big = pair(py, b, 64 << 20, a.big_iters, op, env)
                 rows.append((name, f"{label}: 64 MiB {op}", f"{big['gbps']:.2f} GB/s"))
     if a.kvferry_cli:
-        for label, backend in (("SHM", "shm"), ("TCP", "tcp")):
-            us = rust_p2p(a.kvferry_cli, backend, 4096, "write")
-            if us is not None:
-                rows.append(("kvferry (Rust)", f"{label}: 4 KiB WRITE, kvferry bench p2p", f"{us:.2f} µs"))
+        for label, backend in (("same host (SHM)", "shm"), ("TCP", "tcp")):
+            for size, op in ((4096, "write"), (64 << 20, "write"), (64 << 20, "read")):
+                r = rust_p2p(a.kvferry_cli, backend, size, op)
+                if r is None:
+                    continue
+                fig = f"{r['us']:.2f} µs" if size == 4096 else f"{r['gbps']:.2f} GB/s"
+                what = "4 KiB WRITE" if size == 4096 else f"64 MiB {op.upper()}"
+                rows.append(("kvferry bench p2p (Rust)", f"{label}: {what}", fig))
     print("| library | workload | figure |\n|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]} |")

@@ -34,12 +34,38 @@ def wait(cond, what, timeout=30.0):
         time.sleep(0.0005)
 
 
+def alloc(size):
+    """malloc'd memory, as NIXL programs use; with KVFERRY_BENCH_ALIGNED=1
+    a kvferry.AlignedBuf (memfd pages, which same-host peers map), as the
+    Rust bench uses."""
+    import os
+
+    if os.environ.get("KVFERRY_BENCH_ALIGNED") == "1":
+        import kvferry
+
+        keep = kvferry.AlignedBuf(size)
+        _KEEP.append(keep)
+        return keep
+    return nixl_utils.malloc_passthru(size)
+
+
+def register(agent, buf, size):
+    """Registers ``buf`` (an address, or an AlignedBuf with its memfd); its address."""
+    if isinstance(buf, int):
+        agent.register_memory([(buf, size, 0, "")], "DRAM")
+        return buf
+    agent.register_memory(buf)
+    return buf.addr
+
+
+_KEEP = []
+
+
 def target(port, backend, size):
     a = nixl_agent("bench-target", nixl_agent_config(True, True, port, backends=[backend]))
     log_quiet()
-    buf = nixl_utils.malloc_passthru(size)
+    buf = register(a, alloc(size), size)
     nixl_utils.ba_buf(buf, size)
-    a.register_memory([(buf, size, 0, "")], "DRAM")
     print("ready", buf, flush=True)
     wait(lambda: a.check_remote_xfer_done("bench-initiator", b"bye"), "bye", timeout=600)
     print(json.dumps({"role": "target"}), flush=True)
@@ -48,8 +74,8 @@ def target(port, backend, size):
 def initiator(port, peer_port, backend, size, iters, op, remote_addr):
     a = nixl_agent("bench-initiator", nixl_agent_config(True, True, port, backends=[backend]))
     log_quiet()
-    buf = nixl_utils.malloc_passthru(size)
-    a.register_memory([(buf, size, 0, "")], "DRAM")
+    buf = register(a, alloc(size), size)
+    nixl_utils.ba_buf(buf, size)
     a.fetch_remote_metadata("bench-target", "127.0.0.1", peer_port)
     a.send_local_metadata("127.0.0.1", peer_port)
     wait(lambda: a.check_remote_metadata("bench-target"), "the target's metadata")
@@ -69,7 +95,8 @@ def initiator(port, peer_port, backend, size, iters, op, remote_addr):
                 s = a.check_xfer_state(h)
         samples.append((time.perf_counter() - t0) / iters)
     per = statistics.median(samples)
-    backend_used = getattr(getattr(h, "_req", None), "backend", backend)
+    req = getattr(h, "_req", None)
+    backend_used = getattr(req, "backend", backend)
     h.release()
     a.send_notif("bench-target", b"bye")
     time.sleep(0.2)

@@ -216,6 +216,7 @@ class nixl_agent:
             raise _nixl_error(e) from None
         self.name = agent_name
         self._lock = threading.Lock()
+        self._buf_regs: dict = {}
         self._leaked_xfer_handles: list = []
         self.notifs: dict = {}
         self.backends: dict = {}
@@ -362,8 +363,16 @@ class nixl_agent:
     # --- memory -----------------------------------------------------------
     @_translate
     def register_memory(self, reg_list: Any, mem_type: Optional[str] = None, backends: list = []) -> nixlRegDList:  # noqa: B006
-        """Registers memory regions (tuples, tensors, Nx3 array or a
-        ``nixlRegDList``); returns the ``nixlRegDList`` to deregister later."""
+        """Registers memory regions (tuples, tensors, Nx3 array, a
+        ``nixlRegDList``, or a ``kvferry.AlignedBuf``); returns the
+        ``nixlRegDList`` to deregister later."""
+        if isinstance(reg_list, _kvferry.AlignedBuf):
+            # kvferry's extension: an AlignedBuf registers with its memfd, so
+            # that SHM peers on this host map it (memcpy instead of CMA).
+            descs = nixlRegDList(nixlBind.DRAM_SEG, [(reg_list.addr, len(reg_list), 0, "")])
+            with self._lock:
+                self._buf_regs[(reg_list.addr, len(reg_list))] = self.agent.register_buf(reg_list)
+            return descs
         descs = self.get_reg_descs(reg_list, mem_type)
         if descs is None:
             raise TypeError("register_memory: no valid descriptors (see the error logged above)")
@@ -373,6 +382,12 @@ class nixl_agent:
     @_translate
     def deregister_memory(self, dereg_list: nixlRegDList, backends: list = []) -> None:  # noqa: B006
         """Deregisters what :meth:`register_memory` registered."""
+        if len(dereg_list) == 1 and dereg_list.mem_type == "DRAM":
+            with self._lock:
+                reg = self._buf_regs.pop(dereg_list[0][:2], None)
+            if reg is not None:
+                reg.deregister()
+                return
         self.agent.deregister(dereg_list)
 
     @_translate
