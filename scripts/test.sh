@@ -9,6 +9,8 @@ command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 command -v losetup >/dev/null 2>&1 || need_apt+=(mount)
 command -v mkfs.ext2 >/dev/null 2>&1 || need_apt+=(e2fsprogs)
 command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
+command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "==> installing ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -28,3 +30,14 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features --quie
 echo "==> cargo test"
 cargo test --workspace --all-targets --all-features
 cargo test --workspace --doc --all-features
+
+# The Python package (crates/kvferry-py): a venv with maturin, pytest and
+# numpy, the extension built into it (a debug build, quick on 2 cores; `pip
+# install ./crates/kvferry-py` builds the same package in release mode), and
+# its pytest suite. torch is not installed: its tests skip without it.
+echo "==> python: build kvferry into .venv-test and run pytest"
+VENV="$PWD/.venv-test"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check maturin pytest numpy
+(cd crates/kvferry-py && VIRTUAL_ENV="$VENV" PATH="$VENV/bin:$PATH" maturin develop -q)
+"$VENV/bin/python" -m pytest -q crates/kvferry-py/tests

@@ -1,0 +1,70 @@
+"""kvferry: moves bytes between the memories and storage of AI inference
+workers (KV-cache blocks, weights), peer to peer over TCP or shared memory
+and to files through POSIX.
+
+Two APIs over one Rust core:
+
+* :class:`kvferry.Agent` — Pythonic (context managers, ``await request``,
+  exceptions per error kind).
+* :mod:`kvferry.nixl` — NIXL's Python API, behaviour for behaviour; run an
+  unmodified NIXL program with ``python -m kvferry.nixl script.py`` or call
+  :func:`kvferry.nixl.install` before it imports ``nixl``.
+
+``import kvferry`` imports neither numpy nor torch.
+"""
+
+from . import _kvferry
+from ._agent import Agent, AlignedBuf, Request, XferState, plugin_params, plugins
+from ._errors import (
+    BackendError,
+    CanceledError,
+    Error,
+    InternalError,
+    InvalidParamError,
+    MalformedError,
+    MismatchError,
+    NotAllowedError,
+    NotFoundError,
+    NotSupportedError,
+    RemoteDisconnectError,
+    RepostActiveError,
+    TimeoutError,
+)
+
+XferDescList = _kvferry.XferDescList
+RegDescList = _kvferry.RegDescList
+Registration = _kvferry.Registration
+PreparedList = _kvferry.PreparedList
+MetaServer = _kvferry.MetaServer
+Store = _kvferry.Store
+MEM_TYPES = tuple(_kvferry.MEM_TYPES)
+__version__ = _kvferry.__version__
+
+__all__ = [
+    "Agent",
+    "AlignedBuf",
+    "Request",
+    "XferState",
+    "XferDescList",
+    "RegDescList",
+    "Registration",
+    "PreparedList",
+    "MetaServer",
+    "Store",
+    "MEM_TYPES",
+    "plugins",
+    "plugin_params",
+    "Error",
+    "InvalidParamError",
+    "BackendError",
+    "NotFoundError",
+    "MismatchError",
+    "NotAllowedError",
+    "RepostActiveError",
+    "NotSupportedError",
+    "RemoteDisconnectError",
+    "CanceledError",
+    "TimeoutError",
+    "MalformedError",
+    "InternalError",
+]

@@ -1,0 +1,64 @@
+"""Shared helpers of kvferry's Python tests."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+PROGRAMS = HERE / "programs"
+_names = itertools.count()
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def unique(prefix: str) -> str:
+    """An agent name unique in this test process."""
+    return f"{prefix}-{os.getpid()}-{next(_names)}"
+
+
+def nixl_program(name: str, *args: object, env: dict | None = None) -> subprocess.Popen:
+    """Starts ``tests/programs/NAME`` unmodified through ``python -m kvferry.nixl``."""
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.Popen(
+        [sys.executable, "-m", "kvferry.nixl", str(PROGRAMS / name), *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=e,
+    )
+
+
+def finish(p: subprocess.Popen, timeout: float = 60) -> str:
+    """Waits for ``p``; fails the test with its output unless it exited 0."""
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, _ = p.communicate()
+        pytest.fail(f"{p.args} timed out:\n{out}")
+    assert p.returncode == 0, f"{p.args} exited {p.returncode}:\n{out}"
+    return out
+
+
+@pytest.fixture
+def meta_server(monkeypatch):
+    """A kvferry metadata server, set as the central store of new agents."""
+    import kvferry
+
+    s = kvferry.MetaServer()
+    monkeypatch.setenv("KVFERRY_METADATA_URL", s.url)
+    yield s
+    s.stop()
