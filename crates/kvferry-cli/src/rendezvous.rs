@@ -139,7 +139,7 @@ impl Server {
                         break;
                     }
                 };
-                let admitted = gate.admit(peer.ip()).map_err(|why| format!("rendezvous {why}"));
+                let admitted = gate.admit(peer.ip()).map_err(|why| format!("rendezvous: {why}"));
                 let slot = match admitted {
                     Ok(slot) => slot,
                     Err(why) => {

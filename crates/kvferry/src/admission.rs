@@ -58,7 +58,9 @@ pub enum Refusal {
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Refusal::Busy { in_flight } => write!(f, "busy: {in_flight} connections in flight; retry shortly"),
+            Refusal::Busy { in_flight } => {
+                write!(f, "busy, {in_flight} connections in flight (the most it serves at once); retry shortly")
+            }
             Refusal::SourceBusy { source, in_flight } => {
                 write!(f, "{in_flight} connections from {source} in flight already; finish those first")
             }

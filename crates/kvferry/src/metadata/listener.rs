@@ -184,7 +184,7 @@ impl ListenerHandle {
                                 Refusal::Busy { .. } => "max_connections",
                                 Refusal::SourceBusy { .. } => "max_connections_per_ip",
                             };
-                            refuse(s, &format!("metadata listener {why} ({cap})"));
+                            refuse(s, &format!("metadata listener: {why} ({cap})"));
                             continue;
                         }
                     };
