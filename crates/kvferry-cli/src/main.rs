@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod info;
+mod logging;
 mod meta_server;
 mod rendezvous;
 mod serve;
@@ -14,6 +15,10 @@ mod serve;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Log lines on stderr: human or json. What is logged: KVFERRY_LOG or
+    /// RUST_LOG (e.g. `debug`, `kvferry=debug`); warnings by default.
+    #[arg(long, global = true, value_enum, default_value_t = logging::LogFormat::Human)]
+    log_format: logging::LogFormat,
 }
 
 #[derive(Subcommand, Debug)]
@@ -50,6 +55,7 @@ enum BenchCmd {
 
 fn main() {
     let cli = Cli::parse();
+    logging::init(cli.log_format);
     let r = match cli.cmd {
         Cmd::Bench { which: None, json } => bench::summary::run(json),
         Cmd::Bench { which: Some(BenchCmd::P2p(a)), .. } => {

@@ -734,3 +734,40 @@ fn info_probes_etcd_with_the_agents_client() {
     assert_eq!(c["ok"], false, "{c}");
     assert!(c["detail"].as_str().unwrap().contains("v3.4"), "{c}");
 }
+
+/// The library's tracing events reach stderr: filtered by KVFERRY_LOG
+/// (warnings only by default), as JSON with `--log-format json`.
+#[test]
+fn library_logs_reach_stderr_filtered_and_as_json() {
+    let dir = std::env::temp_dir().join(format!("kvferry-cli-log-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |env: Option<&str>, json: bool, tag: &str| -> String {
+        let path = dir.join(format!("{tag}.err"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvferry"));
+        cmd.args(["meta-server", "--port", "0"]).env_remove("RUST_LOG").env_remove("KVFERRY_LOG");
+        if json {
+            cmd.args(["--log-format", "json"]);
+        }
+        if let Some(f) = env {
+            cmd.env("KVFERRY_LOG", f);
+        }
+        cmd.stderr(std::fs::File::create(&path).unwrap());
+        let (child, line) = start("meta-server", &mut cmd);
+        assert!(line.contains("listening"), "{line}");
+        drop(child);
+        std::fs::read_to_string(&path).unwrap()
+    };
+    let quiet = run(None, false, "default");
+    assert!(!quiet.contains("metadata server listening"), "info is filtered out by default: {quiet}");
+    let human = run(Some("info"), false, "human");
+    assert!(human.contains("INFO") && human.contains("metadata server listening"), "{human}");
+    let json = run(Some("kvferry=info"), true, "json");
+    let event = json
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["fields"]["message"] == "metadata server listening")
+        .unwrap_or_else(|| panic!("no JSON event in {json}"));
+    assert_eq!(event["level"], "INFO");
+    assert!(event["fields"]["addr"].as_str().is_some_and(|a| a.starts_with("127.0.0.1:")), "{event}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
