@@ -405,3 +405,27 @@ def test_release_xfer_handle_cancels_an_active_transfer():
     h2 = a.initialize_xfer("WRITE", local, remote, b.name)
     wait_done(a, h2)  # the agent and the peer still work
     assert dst.bytes()[:4] == b"UUUU"
+
+
+def test_low_level_nixl_agent_binding():
+    lo = nb.nixlAgent(unique("lo"), nb.nixlAgentConfig())
+    assert "UCX" in lo.getAvailPlugins()
+    params, mems = lo.getPluginParams("UCX")
+    assert "DRAM_SEG" in mems and isinstance(params, dict)
+    bh = lo.createBackend("UCX", {})
+    assert lo.getBackendParams(bh)[1]
+    src, dst = nu.malloc_passthru(4096), nu.malloc_passthru(4096)
+    nu.ba_buf(src, 4096)
+    reg = nb.nixlRegDList(nb.DRAM_SEG, [(src, 4096, 0, ""), (dst, 4096, 0, "")])
+    assert lo.registerMem(reg, [bh]) == nb.NIXL_SUCCESS
+    name = lo._a.name
+    h = lo.createXferReq(nb.NIXL_WRITE, nb.nixlXferDList(nb.DRAM_SEG, [(src, 4096, 0)]),
+                         nb.nixlXferDList(nb.DRAM_SEG, [(dst, 4096, 0)]), name, b"n", [bh])
+    s = lo.postXferReq(h)
+    while s != nb.NIXL_SUCCESS:
+        s = lo.getXferStatus(h)
+    nu.verify_transfer(src, dst, 4096)
+    assert lo.queryXferBackend(h) == bh
+    assert lo.releaseXferReq(h) == nb.NIXL_SUCCESS and lo.releaseXferReq(h) == nb.NIXL_SUCCESS
+    assert lo.checkRemoteMD("nobody", nb.nixlXferDList(nb.DRAM_SEG)) == nb.NIXL_ERR_NOT_FOUND
+    lo.deregisterMem(reg, [bh])
