@@ -15,7 +15,7 @@ use kvferry::{Agent, AgentConfig, MetaPeer, Params, XferOp};
 
 use crate::buf::PyAlignedBuf;
 use crate::desc::{indices, PyRegDescList, PyXferDescList};
-use crate::errors::kv;
+use crate::errors::{kv, py_err};
 use crate::request::{msg_bytes, PyPrepared, PyRegistration, PyRequest};
 
 fn secs(v: f64, what: &str) -> PyResult<Duration> {
@@ -430,7 +430,7 @@ impl PyAgent {
                     }
                 })
                 .map(drop)
-                .map_err(|e| kv::<()>(Err(kvferry::Error::io("spawning a metadata fetch thread", e))).unwrap_err());
+                .map_err(|e| py_err(kvferry::Error::io("spawning a metadata fetch thread", e)));
         }
         kv(py.detach(|| self.agent.fetch_remote_metadata(name, label, from)))
     }

@@ -180,7 +180,8 @@ fn rows(a: &ArrayView) -> PyResult<Vec<XferDesc>> {
 
 fn tuple_items<'py>(item: &Bound<'py, PyAny>, arity: usize, i: usize) -> PyResult<Bound<'py, PyTuple>> {
     let t = item.cast::<PyTuple>().map_err(|_| {
-        PyTypeError::new_err(format!("descriptor {i} must be a tuple, not {}", item.get_type().name().unwrap()))
+        let ty = item.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
+        PyTypeError::new_err(format!("descriptor {i} must be a tuple, not {ty}"))
     })?;
     if t.len() != arity {
         return Err(PyValueError::new_err(format!("Each descriptor tuple must have exactly {arity} elements")));

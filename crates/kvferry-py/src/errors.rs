@@ -59,6 +59,11 @@ impl From<KvError> for PyErr {
     }
 }
 
+/// A kvferry error as a Python exception.
+pub fn py_err(e: kvferry::Error) -> PyErr {
+    KvError(e).into()
+}
+
 /// Converts a kvferry result for Python.
 pub fn kv<T>(r: kvferry::Result<T>) -> PyResult<T> {
     r.map_err(|e| KvError(e).into())

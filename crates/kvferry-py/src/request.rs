@@ -14,7 +14,7 @@ use pyo3::types::{PyBytes, PyString};
 use kvferry::{ErrorKind, PreparedList, Registration, XferState};
 
 use crate::desc::PyRegDescList;
-use crate::errors::kv;
+use crate::errors::{kv, py_err};
 
 /// A notification argument: `bytes`, `bytearray`, `memoryview` or `str` (UTF-8).
 pub fn msg_bytes(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
@@ -28,8 +28,7 @@ pub fn msg_bytes(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
 }
 
 fn released(what: &str) -> PyErr {
-    kv::<()>(Err(kvferry::Error::new(ErrorKind::InvalidParam, format!("this {what} was released; create a new one"))))
-        .unwrap_err()
+    py_err(kvferry::Error::new(ErrorKind::InvalidParam, format!("this {what} was released; create a new one")))
 }
 
 /// Timing of the last posting, for NIXL's `get_xfer_telemetry`.

@@ -292,3 +292,18 @@ def test_handles_outlive_the_agent():
     prep.release()
     ra.deregister()
     rb.deregister()
+
+
+def test_torch_tensor_registration_when_torch_is_present():
+    torch = pytest.importorskip("torch")
+    a, b = pair()
+    src = torch.full((1024,), 3.0)
+    dst = torch.zeros(1024)
+    with a.register(src), b.register(dst):
+        link(a, b)
+        req = a.request("WRITE", src, dst, b.name)
+        req.post()
+        req.wait(5)
+        assert torch.equal(src, dst)
+    with pytest.raises(kvferry.InvalidParamError, match="contiguous"):
+        a.register(torch.ones(4, 4).t())

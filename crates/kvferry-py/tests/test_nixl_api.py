@@ -102,6 +102,8 @@ def test_descriptor_inputs():
     for mt, seg in (("VRAM", nb.VRAM_SEG), ("FILE", nb.FILE_SEG), ("BLOCK", nb.BLK_SEG), ("OBJ", nb.OBJ_SEG),
                     ("cuda", nb.VRAM_SEG)):
         assert a.get_xfer_descs([(0, 1, 0)], mt).getType() == seg
+    assert a.get_xfer_descs([(1, 2, 3)], "DRAM", is_sorted=True) == a.get_xfer_descs([(1, 2, 3)], "DRAM", True)
+    assert a.get_reg_descs([(1, 2, 3, "")], "DRAM", is_sorted=False)[0] == (1, 2, 3, b"")
     legacy = nb.nixlXferDList(nb.DRAM_SEG, [(1, 2, 3)], is_sorted=True)
     assert legacy.descCount() == 1
     assert nb.nixlXferDList(nb.DRAM_SEG, [(1, 2, 3)], False) == legacy
@@ -384,3 +386,46 @@ def test_register_memory_takes_an_aligned_buf():
     with pytest.raises(nb.nixlNotAllowedError):
         a.initialize_xfer("WRITE", a.get_xfer_descs([(buf.addr, 8192, 0)], "DRAM"),
                           a.get_xfer_descs([(dst.addr, 8192, 0)], "DRAM"), a.name)
+
+
+def test_release_xfer_handle_cancels_an_active_transfer():
+    a, b = agent(["TCP"]), agent(["TCP"])
+    size = 64 << 20
+    src, dst = Mem(a, size, 0x55), Mem(b, size, 0)
+    a.add_remote_agent(b.get_agent_metadata())
+    local = a.get_xfer_descs([(src.addr, size, 0)], "DRAM")
+    remote = a.get_xfer_descs([(dst.addr, size, 0)], "DRAM")
+    h = a.initialize_xfer("WRITE", local, remote, b.name)
+    state = a.transfer(h)
+    t0 = time.time()
+    a.release_xfer_handle(h)  # cancels if still in flight; returns once no backend touches the memory
+    assert time.time() - t0 < 5 and state in ("DONE", "PROC")
+    with pytest.raises(kvferry.Error):
+        a.check_xfer_state(h)
+    h2 = a.initialize_xfer("WRITE", local, remote, b.name)
+    wait_done(a, h2)  # the agent and the peer still work
+    assert dst.bytes()[:4] == b"UUUU"
+
+
+def test_low_level_nixl_agent_binding():
+    lo = nb.nixlAgent(unique("lo"), nb.nixlAgentConfig())
+    assert "UCX" in lo.getAvailPlugins()
+    params, mems = lo.getPluginParams("UCX")
+    assert "DRAM_SEG" in mems and isinstance(params, dict)
+    bh = lo.createBackend("UCX", {})
+    assert lo.getBackendParams(bh)[1]
+    src, dst = nu.malloc_passthru(4096), nu.malloc_passthru(4096)
+    nu.ba_buf(src, 4096)
+    reg = nb.nixlRegDList(nb.DRAM_SEG, [(src, 4096, 0, ""), (dst, 4096, 0, "")])
+    assert lo.registerMem(reg, [bh]) == nb.NIXL_SUCCESS
+    name = lo._a.name
+    h = lo.createXferReq(nb.NIXL_WRITE, nb.nixlXferDList(nb.DRAM_SEG, [(src, 4096, 0)]),
+                         nb.nixlXferDList(nb.DRAM_SEG, [(dst, 4096, 0)]), name, b"n", [bh])
+    s = lo.postXferReq(h)
+    while s != nb.NIXL_SUCCESS:
+        s = lo.getXferStatus(h)
+    nu.verify_transfer(src, dst, 4096)
+    assert lo.queryXferBackend(h) == bh
+    assert lo.releaseXferReq(h) == nb.NIXL_SUCCESS and lo.releaseXferReq(h) == nb.NIXL_SUCCESS
+    assert lo.checkRemoteMD("nobody", nb.nixlXferDList(nb.DRAM_SEG)) == nb.NIXL_ERR_NOT_FOUND
+    lo.deregisterMem(reg, [bh])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import os
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
@@ -127,6 +128,9 @@ def plugin_params(name: str) -> tuple:
 
 _Descs = Union[XferDescList, Sequence[tuple], Any]
 
+# Ids of path-mode files (their `dev`), far above any file descriptor.
+_FILE_IDS = itertools.count(1 << 32)
+
 
 class Agent:
     """One kvferry agent: backends, registered memory, peers, requests and
@@ -205,7 +209,7 @@ class Agent:
         ``(offset, len, dev)`` with ``dev = reg.descs[0][2]``."""
         flags = [mode] + (["direct"] if direct else []) + (["create"] if create else [])
         path = os.fspath(path)
-        fd_id = abs(hash(path)) % (1 << 30) + 1
+        fd_id = next(_FILE_IDS)
         return self._a.register(RegDescList("FILE", [(0, size, fd_id, f"{','.join(flags)}:{path}")]), [])
 
     def export_file(self, path: Union[str, os.PathLike], size: int, direct: bool = False) -> int:

@@ -10,6 +10,7 @@ Each prints one JSON line of results (the target prints "ready ADDR" first).
 """
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -38,8 +39,6 @@ def alloc(size):
     """malloc'd memory, as NIXL programs use; with KVFERRY_BENCH_ALIGNED=1
     a kvferry.AlignedBuf (memfd pages, which same-host peers map), as the
     Rust bench uses."""
-    import os
-
     if os.environ.get("KVFERRY_BENCH_ALIGNED") == "1":
         import kvferry
 
@@ -67,7 +66,12 @@ def target(port, backend, size):
     buf = register(a, alloc(size), size)
     nixl_utils.ba_buf(buf, size)
     print("ready", buf, flush=True)
-    wait(lambda: a.check_remote_xfer_done("bench-initiator", b"bye"), "bye", timeout=600)
+    if hasattr(a.agent, "wait_notifications"):  # kvferry: sleep until a notification (no polling)
+        deadline = time.time() + 600
+        while not a.check_remote_xfer_done("bench-initiator", b"bye") and time.time() < deadline:
+            a.agent.wait_notifications(1.0)
+    else:
+        wait(lambda: a.check_remote_xfer_done("bench-initiator", b"bye"), "bye", timeout=600)
     print(json.dumps({"role": "target"}), flush=True)
 
 
@@ -87,10 +91,14 @@ def initiator(port, peer_port, backend, size, iters, op, remote_addr):
         while s != "DONE":
             s = a.check_xfer_state(h)
     samples = []
+    block = os.environ.get("KVFERRY_BENCH_WAIT") == "1" and hasattr(h, "_req")
     for _ in range(5):
         t0 = time.perf_counter()
         for _ in range(iters):
             s = a.transfer(h)
+            if block and s != "DONE":
+                h._req.wait(60)  # kvferry: block (GIL released) instead of spinning
+                continue
             while s != "DONE":
                 s = a.check_xfer_state(h)
         samples.append((time.perf_counter() - t0) / iters)

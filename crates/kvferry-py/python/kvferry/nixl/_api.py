@@ -362,7 +362,8 @@ class nixl_agent:
 
     # --- memory -----------------------------------------------------------
     @_translate
-    def register_memory(self, reg_list: Any, mem_type: Optional[str] = None, backends: list = []) -> nixlRegDList:  # noqa: B006
+    def register_memory(self, reg_list: Any, mem_type: Optional[str] = None, backends: list = [],  # noqa: B006
+                        is_sorted: bool = False) -> nixlRegDList:
         """Registers memory regions (tuples, tensors, Nx3 array, a
         ``nixlRegDList``, or a ``kvferry.AlignedBuf``); returns the
         ``nixlRegDList`` to deregister later."""
@@ -417,7 +418,7 @@ class nixl_agent:
     # --- transfers --------------------------------------------------------
     @_translate
     def prep_xfer_dlist(self, agent_name: Union[str, bytes], xfer_list: Any, mem_type: Optional[str] = None,
-                        backends: list = []) -> nixl_prepped_dlist_handle:  # noqa: B006
+                        backends: list = [], is_sorted: bool = False) -> nixl_prepped_dlist_handle:  # noqa: B006
         """Prepares descriptors once: ``"NIXL_INIT_AGENT"`` or ``""`` for the
         local side, a peer's name for its side, this agent's name for loopback.
         An Nx5 array ``(addr, len, dev, stride, count)`` is a strided list."""
@@ -653,11 +654,12 @@ class nixl_agent:
             rows.append((t.data_ptr(), t.numel() * t.element_size(), 0 if gpu == -1 else gpu))
         return rows
 
-    def get_xfer_descs(self, descs: Any, mem_type: Optional[str] = None) -> Optional[nixlXferDList]:
+    def get_xfer_descs(self, descs: Any, mem_type: Optional[str] = None,
+                       is_sorted: bool = False) -> Optional[nixlXferDList]:
         """A ``nixlXferDList`` from 3-tuples (with ``mem_type``), a tensor or
         a list of tensors, an Nx3 integer array (with ``mem_type``), or a
         list as is. Bad shapes log an error and return None; an unknown
-        ``mem_type`` raises ``KeyError``."""
+        ``mem_type`` raises ``KeyError``. The legacy ``is_sorted`` is ignored."""
         if isinstance(descs, _kvferry.XferDescList):
             return descs
         if isinstance(descs, _kvferry.RegDescList):
@@ -710,7 +712,8 @@ class nixl_agent:
             return nixlBind.nixlRemoteDList(seg, descs)
         return None
 
-    def get_reg_descs(self, descs: Any, mem_type: Optional[str] = None) -> Optional[nixlRegDList]:
+    def get_reg_descs(self, descs: Any, mem_type: Optional[str] = None,
+                      is_sorted: bool = False) -> Optional[nixlRegDList]:
         """A ``nixlRegDList`` from 4-tuples (meta info ``str``), a tensor or a
         list of tensors, an Nx3 integer array (empty meta info), or a list
         as is; the same error rules as :meth:`get_xfer_descs`."""

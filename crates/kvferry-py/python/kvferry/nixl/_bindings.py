@@ -303,3 +303,150 @@ class nixlAgentConfig:
         self.pthrDelay = pthrDelay
         self.lthrDelay = lthrDelay
         self.etcdWatchTimeout = etcdWatchTimeout
+
+
+class nixlAgent:
+    """NIXL's low-level agent binding (``nixl._bindings.nixlAgent``), for
+    programs that call it directly: integer handles, status returns, camelCase
+    names. It is a thin layer over :class:`kvferry.nixl._api.nixl_agent`."""
+
+    def __init__(self, name: str, config: nixlAgentConfig | None = None):
+        from . import _api
+
+        cfg = config or nixlAgentConfig()
+        conf = _api.nixl_agent_config(bool(cfg.useProgThread), bool(cfg.useListenThread), int(cfg.listenPort),
+                                      bool(cfg.captureTelemetry), backends=[])
+        self._a = _api.nixl_agent(name, conf)
+        self._handles: dict = {}
+        self._backend_ids: dict = {}
+
+    def _keep(self, obj: object) -> int:
+        self._handles[id(obj)] = obj
+        return id(obj)
+
+    def _get(self, h: int) -> object:
+        try:
+            return self._handles[int(h)]
+        except KeyError:
+            raise nixlNotFoundError(f"NIXL_ERR_NOT_FOUND: no handle 0x{int(h):x} on this agent") from None
+
+    def _names(self, handles: list) -> list:
+        ids = {v: k for k, v in self._backend_ids.items()}
+        return [ids[h] for h in handles or []]
+
+    def getAvailPlugins(self) -> list:
+        """Available plugin names."""
+        return self._a.get_plugin_list()
+
+    def getPluginParams(self, plugin: str) -> tuple:
+        """``(params, mem types)`` of a plugin."""
+        if plugin not in self._a.plugin_list:
+            raise nixlNotFoundError(f"NIXL_ERR_NOT_FOUND: no plugin '{plugin}'")
+        return self._a.get_plugin_params(plugin), self._a.get_plugin_mem_types(plugin)
+
+    def createBackend(self, name: str, params: dict) -> int:
+        """Creates a backend; returns its handle."""
+        self._a.create_backend(name, params)
+        return self._backend_ids.setdefault(name, len(self._backend_ids) + 1)
+
+    def getBackendParams(self, handle: int) -> tuple:
+        """``(params, mem types)`` of a created backend."""
+        name = self._names([handle])[0]
+        return self._a.get_backend_params(name), self._a.get_backend_mem_types(name)
+
+    def registerMem(self, descs: nixlRegDList, handles: list = []) -> int:  # noqa: B006
+        self._a.register_memory(descs, backends=self._names(handles))
+        return NIXL_SUCCESS
+
+    def deregisterMem(self, descs: nixlRegDList, handles: list = []) -> int:  # noqa: B006
+        self._a.deregister_memory(descs)
+        return NIXL_SUCCESS
+
+    def queryMem(self, descs: nixlRegDList, handle: int) -> list:
+        return self._a.query_memory(descs, self._names([handle])[0])
+
+    def makeConnection(self, agent: str, handles: list = []) -> int:  # noqa: B006
+        self._a.make_connection(agent)
+        return NIXL_SUCCESS
+
+    def prepXferDlist(self, agent: str, descs: nixlXferDList, handles: list = []) -> int:  # noqa: B006
+        return self._keep(self._a.prep_xfer_dlist(agent, descs, backends=self._names(handles)))
+
+    def makeXferReq(self, op: int, lh: int, li, rh: int, ri, notif: bytes = b"", handles: list = [],  # noqa: B006
+                    skip_desc_merge: bool = False) -> int:
+        name = "READ" if int(op) == NIXL_READ else "WRITE"
+        return self._keep(self._a.make_prepped_xfer(name, self._get(lh), li, self._get(rh), ri, notif,
+                                                    self._names(handles)))
+
+    def createXferReq(self, op: int, local: nixlXferDList, remote: nixlXferDList, agent: str, notif: bytes = b"",
+                      handles: list = []) -> int:  # noqa: B006
+        name = "READ" if int(op) == NIXL_READ else "WRITE"
+        return self._keep(self._a.initialize_xfer(name, local, remote, agent, notif, self._names(handles)))
+
+    def postXferReq(self, h: int, notif: bytes = b"") -> int:
+        return NIXL_SUCCESS if self._a.transfer(self._get(h), notif) == "DONE" else NIXL_IN_PROG
+
+    def getXferStatus(self, h: int) -> int:
+        return NIXL_SUCCESS if self._a.check_xfer_state(self._get(h)) == "DONE" else NIXL_IN_PROG
+
+    def getXferTelemetry(self, h: int) -> nixlXferTelemetry:
+        return self._a.get_xfer_telemetry(self._get(h))
+
+    def queryXferBackend(self, h: int) -> int:
+        return self._backend_ids.get(self._a.query_xfer_backend(self._get(h)), 0)
+
+    def estimateXferCost(self, h: int) -> tuple:
+        d, m, method = self._a.estimate_xfer_cost(self._get(h))
+        return d, m, NIXL_COST_ANALYTICAL_BACKEND if method == "ANALYTICAL_BACKEND" else -1
+
+    def releaseXferReq(self, h: int) -> int:
+        """Releases a request or prepared-list handle (unknown handles: a no-op)."""
+        obj = self._handles.pop(int(h), None)
+        if obj is not None:
+            obj.release()
+        return NIXL_SUCCESS
+
+    def releasedDlistH(self, h: int) -> int:
+        return self.releaseXferReq(h)
+
+    def getNotifs(self, notifs: dict, handles: list = []) -> dict:  # noqa: B006
+        for k, v in self._a.get_new_notifs().items():
+            notifs.setdefault(k, []).extend(v)
+        return notifs
+
+    def genNotif(self, agent: str, msg: bytes, handle: int | None = None) -> int:
+        self._a.send_notif(agent, msg, None if handle is None else self._names([handle])[0])
+        return NIXL_SUCCESS
+
+    def getLocalMD(self) -> bytes:
+        return self._a.get_agent_metadata()
+
+    def getLocalPartialMD(self, descs: nixlRegDList, inc_conn_info: bool, handles: list = []) -> bytes:  # noqa: B006
+        return self._a.get_partial_agent_metadata(descs, inc_conn_info, self._names(handles))
+
+    def loadRemoteMD(self, md: bytes) -> bytes:
+        return self._a.add_remote_agent(md)
+
+    def invalidateRemoteMD(self, agent: str) -> int:
+        self._a.remove_remote_agent(agent)
+        return NIXL_SUCCESS
+
+    def sendLocalMD(self, ip: str = "", port: int = DEFAULT_COMM_PORT) -> int:
+        self._a.send_local_metadata(ip, port)
+        return NIXL_SUCCESS
+
+    def sendLocalPartialMD(self, descs: nixlRegDList, inc_conn_info: bool, handles: list = [], ip: str = "",  # noqa: B006
+                           port: int = DEFAULT_COMM_PORT, label: str = "") -> int:
+        self._a.send_partial_agent_metadata(descs, inc_conn_info, self._names(handles), ip, port, label)
+        return NIXL_SUCCESS
+
+    def fetchRemoteMD(self, agent: str, ip: str = "", port: int = DEFAULT_COMM_PORT, label: str = "") -> int:
+        self._a.fetch_remote_metadata(agent, ip, port, label)
+        return NIXL_SUCCESS
+
+    def invalidateLocalMD(self, ip: str = "", port: int = DEFAULT_COMM_PORT) -> int:
+        self._a.invalidate_local_metadata(ip, port)
+        return NIXL_SUCCESS
+
+    def checkRemoteMD(self, agent: str, descs: nixlXferDList | None = None) -> int:
+        return NIXL_SUCCESS if self._a.check_remote_metadata(agent, descs) else NIXL_ERR_NOT_FOUND
