@@ -425,7 +425,13 @@ impl Backend for ShmBackend {
             return Err(Error::not_supported("SHM does not do transfers within one agent; use LOCAL"));
         }
         let link = self.link(&plan.peer)?;
-        let mut keys: Vec<AccessKey> = plan.segments.iter().map(|s| s.remote_key).collect();
+        // Runs of segments share a region: skip repeats before sorting.
+        let mut keys: Vec<AccessKey> = Vec::new();
+        for s in &plan.segments {
+            if keys.last() != Some(&s.remote_key) {
+                keys.push(s.remote_key);
+            }
+        }
         keys.sort_unstable();
         keys.dedup();
         link.ensure_live(&keys, self.ctx.config.peer_timeout)?;
@@ -441,9 +447,20 @@ impl Backend for ShmBackend {
             if let Some(why) = &st.dead {
                 return Err(link.dead_error(why));
             }
+            // The mapping of the previous segment's key: runs of segments
+            // share a region, so most lookups skip the hash.
+            let mut last: Option<(AccessKey, Option<&_>)> = None;
             for (i, s) in plan.segments.iter().enumerate() {
                 let len = usize::try_from(s.len).map_err(|_| Error::invalid("SHM: a segment is larger than memory"))?;
-                match st.maps.get(&s.remote_key) {
+                let map = match last {
+                    Some((k, m)) if k == s.remote_key => m,
+                    _ => {
+                        let m = st.maps.get(&s.remote_key);
+                        last = Some((s.remote_key, m));
+                        m
+                    }
+                };
+                match map {
                     Some(m) => {
                         let remote = m.local_addr(s.remote_addr, s.len).ok_or_else(|| {
                             let (addr, len) = m.region();
