@@ -15,21 +15,8 @@ Two APIs over one Rust core:
 
 from . import _kvferry
 from ._agent import Agent, AlignedBuf, Request, XferState, plugin_params, plugins
-from ._errors import (
-    BackendError,
-    CanceledError,
-    Error,
-    InternalError,
-    InvalidParamError,
-    MalformedError,
-    MismatchError,
-    NotAllowedError,
-    NotFoundError,
-    NotSupportedError,
-    RemoteDisconnectError,
-    RepostActiveError,
-    TimeoutError,
-)
+from . import _errors
+from ._errors import *  # noqa: F401,F403  (the exception classes, listed in _errors.__all__)
 
 XferDescList = _kvferry.XferDescList
 RegDescList = _kvferry.RegDescList
@@ -54,17 +41,5 @@ __all__ = [
     "MEM_TYPES",
     "plugins",
     "plugin_params",
-    "Error",
-    "InvalidParamError",
-    "BackendError",
-    "NotFoundError",
-    "MismatchError",
-    "NotAllowedError",
-    "RepostActiveError",
-    "NotSupportedError",
-    "RemoteDisconnectError",
-    "CanceledError",
-    "TimeoutError",
-    "MalformedError",
-    "InternalError",
+    *_errors.__all__,
 ]

@@ -15,27 +15,9 @@ from __future__ import annotations
 import sys
 
 from . import _api, _bindings, _utils, logging
-from ._api import (
-    DEFAULT_COMM_PORT,
-    nixl_agent,
-    nixl_agent_config,
-    nixl_backend_handle,
-    nixl_prepped_dlist_handle,
-    nixl_thread_sync_t,
-    nixl_xfer_handle,
-)
+from ._api import *  # noqa: F401,F403  (NIXL's names, listed in _api.__all__)
 
-__all__ = [
-    "DEFAULT_COMM_PORT",
-    "nixl_agent",
-    "nixl_agent_config",
-    "nixl_backend_handle",
-    "nixl_prepped_dlist_handle",
-    "nixl_thread_sync_t",
-    "nixl_xfer_handle",
-    "install",
-    "uninstall",
-]
+__all__ = [*_api.__all__, "install", "uninstall"]
 
 _ALIASED = ("nixl", "nixl_cu12", "nixl_cu13")
 

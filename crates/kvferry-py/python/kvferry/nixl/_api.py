@@ -665,36 +665,49 @@ class nixl_agent:
         if isinstance(descs, _kvferry.RegDescList):
             logger.error("RegList type detected for transfer, please use XferList")
             return None
+        return self._build_dlist(descs, mem_type, nixlXferDList, 3, "3-tuple list needed for transfer", ())
+
+    def _seg(self, mem_type: Optional[str]) -> Any:
+        """NIXL's memory segment for ``mem_type`` (``KeyError`` if unknown), or
+        None with NIXL's logged error when it is missing."""
+        if mem_type is None:
+            logger.error("Please specify a mem type if not using Tensors")
+            return None
+        return self.nixl_mems[mem_type]
+
+    def _build_dlist(self, descs: Any, mem_type: Optional[str], cls: Any, arity: int, arity_error: str,
+                     tensor_pad: tuple) -> Any:
+        """The shared part of ``get_xfer_descs`` and ``get_reg_descs``: a
+        ``cls`` list from a tensor or a list of them (rows padded with
+        ``tensor_pad``), an Nx3 integer array, or ``arity``-tuples; None with
+        NIXL's logged error for a bad shape or a missing ``mem_type``."""
+        def pad(rows):
+            return [r + tensor_pad for r in rows] if tensor_pad else rows
+
         if _is_torch_tensor(descs):
             rows = self._tensor_rows([descs])
-            return None if rows is None else nixlXferDList(self.nixl_mems[self._tensor_mem_type(descs)], rows)
+            return None if rows is None else cls(self.nixl_mems[self._tensor_mem_type(descs)], pad(rows))
+        if not hasattr(descs, "__array_interface__") and len(descs) > 0 and _is_torch_tensor(descs[0]):
+            rows = self._tensor_rows(descs)
+            return None if rows is None else cls(self.nixl_mems[self._tensor_mem_type(descs[0])], pad(rows))
         if hasattr(descs, "__array_interface__"):
-            if mem_type is None:
-                logger.error("Please specify a mem type if not using Tensors")
+            seg = self._seg(mem_type)
+            if seg is None:
                 return None
-            seg = self.nixl_mems[mem_type]
             if getattr(descs, "ndim", 0) != 2 or descs.shape[1] != 3:
                 logger.error("Nx3 shape required for transfer descriptor list from numpy array")
                 return None
-            return nixlXferDList(seg, _int_array(descs))
-        if len(descs) == 0:
-            if mem_type is None:
-                logger.error("Please specify a mem type if not using Tensors")
+            return cls(seg, _int_array(descs))
+        if len(descs) == 0 or isinstance(descs[0], tuple):
+            seg = self._seg(mem_type)
+            if seg is None:
                 return None
-            return nixlXferDList(self.nixl_mems[mem_type])
-        first = descs[0]
-        if isinstance(first, tuple):
-            if mem_type is None:
-                logger.error("Please specify a mem type if not using Tensors")
+            if len(descs) == 0:
+                return cls(seg)
+            if len(descs[0]) != arity:
+                logger.error(arity_error)
                 return None
-            seg = self.nixl_mems[mem_type]
-            if len(first) != 3:
-                logger.error("3-tuple list needed for transfer")
-                return None
-            return nixlXferDList(seg, descs)
-        if _is_torch_tensor(first):
-            rows = self._tensor_rows(descs)
-            return None if rows is None else nixlXferDList(self.nixl_mems[self._tensor_mem_type(first)], rows)
+            return cls(seg, descs)
         return None
 
     def get_remote_descs(self, descs: Any, mem_type: Optional[str] = None) -> Optional[nixlBind.nixlRemoteDList]:
@@ -722,39 +735,7 @@ class nixl_agent:
         if isinstance(descs, _kvferry.XferDescList):
             logger.error("XferList type detected for registration, please use RegList")
             return None
-        if _is_torch_tensor(descs):
-            rows = self._tensor_rows([descs])
-            return None if rows is None else nixlRegDList(self.nixl_mems[self._tensor_mem_type(descs)],
-                                                          [r + ("",) for r in rows])
-        if hasattr(descs, "__array_interface__"):
-            if mem_type is None:
-                logger.error("Please specify a mem type if not using Tensors")
-                return None
-            seg = self.nixl_mems[mem_type]
-            if getattr(descs, "ndim", 0) != 2 or descs.shape[1] != 3:
-                logger.error("Nx3 shape required for transfer descriptor list from numpy array")
-                return None
-            return nixlRegDList(seg, _int_array(descs))
-        if len(descs) == 0:
-            if mem_type is None:
-                logger.error("Please specify a mem type if not using Tensors")
-                return None
-            return nixlRegDList(self.nixl_mems[mem_type])
-        first = descs[0]
-        if isinstance(first, tuple):
-            if mem_type is None:
-                logger.error("Please specify a mem type if not using Tensors")
-                return None
-            seg = self.nixl_mems[mem_type]
-            if len(first) != 4:
-                logger.error("4-tuple list needed for registration")
-                return None
-            return nixlRegDList(seg, descs)
-        if _is_torch_tensor(first):
-            rows = self._tensor_rows(descs)
-            return None if rows is None else nixlRegDList(self.nixl_mems[self._tensor_mem_type(first)],
-                                                          [r + ("",) for r in rows])
-        return None
+        return self._build_dlist(descs, mem_type, nixlRegDList, 4, "4-tuple list needed for registration", ("",))
 
     def get_serialized_descs(self, descs: Any) -> bytes:
         """Serialises a descriptor list (pickle, as NIXL)."""
