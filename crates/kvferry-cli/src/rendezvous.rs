@@ -177,6 +177,18 @@ impl Server {
     }
 }
 
+/// Checks that a client's first message is a `Hello` whose metadata
+/// decodes, so that a garbage `Hello` is refused before a target gives its
+/// place to it.
+pub fn check_hello(peer: SocketAddr, m: &Msg) -> Result<()> {
+    match m {
+        Msg::Hello { metadata, .. } => kvferry::metadata::AgentMetadata::decode(metadata).map(drop).map_err(|e| {
+            Error::malformed(format!("rendezvous: {peer}'s Hello carries metadata that does not decode: {e}"))
+        }),
+        _ => Err(Error::malformed(format!("rendezvous: {peer} did not start with Hello"))),
+    }
+}
+
 /// Serves `listener` (within the default [`Limits`], admitting clients
 /// that present `token`) until a client's first message passes `check`,
 /// and hands that client over: its stream, address and message. Clients

@@ -624,6 +624,10 @@ fn p2p_target_refuses_a_huge_buffer_or_no_token_and_keeps_serving() {
     let mut s = raw::send(&addr, &[raw::auth(b"tok"), raw::hello("tcp", 1 << 40, b"")]);
     let e = raw::answer(&mut s, Duration::from_secs(5)).unwrap_err();
     assert!(e.contains("1099511627776") && e.contains("--max-buffer"), "{e}");
+    // Garbage metadata with the token: refused, and the target keeps waiting.
+    let mut s = raw::send(&addr, &[raw::auth(b"tok"), raw::hello("tcp", 4096, b"junk")]);
+    let e = raw::answer(&mut s, Duration::from_secs(5)).unwrap_err();
+    assert!(e.contains("does not decode"), "{e}");
     // The target still serves a real initiator (with the token), then leaves.
     let o = Command::new(env!("CARGO_BIN_EXE_kvferry"))
         .args(["bench", "p2p", "--mode", "initiator", "--backend", "tcp", "--ip", "127.0.0.1", "--port", &port])
@@ -670,6 +674,13 @@ fn storage_target_refuses_a_client_without_the_token_and_serves_its_initiator() 
     assert!(raw::answer(&mut s, Duration::from_secs(5)).unwrap_err().contains("auth token"));
     let mut s = raw::send(&addr, &[raw::auth(b"guess"), raw::hello("tcp", 0, b"")]);
     assert!(raw::answer(&mut s, Duration::from_secs(5)).unwrap_err().contains("auth token"));
+    // With the token but another message than Hello: refused, and the target keeps waiting.
+    let mut s = raw::send(&addr, &[raw::auth(b"st-tok"), raw::auth(b"st-tok")]);
+    assert!(raw::answer(&mut s, Duration::from_secs(5)).unwrap_err().contains("did not start with Hello"));
+    // Garbage metadata in a Hello with the token: refused, nothing loaded, still waiting.
+    let mut s = raw::send(&addr, &[raw::auth(b"st-tok"), raw::hello("tcp", 0, b"not metadata")]);
+    let e = raw::answer(&mut s, Duration::from_secs(5)).unwrap_err();
+    assert!(e.contains("does not decode"), "{e}");
     // The initiator with the token is served, and the target leaves after it.
     let o = Command::new(env!("CARGO_BIN_EXE_kvferry"))
         .args(["bench", "storage", "--mode", "initiator", "--ip", "127.0.0.1", "--port", &port])

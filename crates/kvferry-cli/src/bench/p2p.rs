@@ -268,37 +268,42 @@ pub fn run_target(args: &P2pArgs) -> Result<()> {
     let addr = listener.local_addr().map_err(|e| Error::io("rendezvous: local address", e))?;
     println!("KVFERRY-TARGET listening on {addr}");
     let token = AgentConfig::env_defaults().auth_token;
-    let (mut s, _peer, hello) = rendezvous::accept_first(listener, token, move |peer, m| {
-        match m {
-        Msg::Hello { buf_len, .. } if *buf_len > max => Err(Error::invalid(format!(
-            "the initiator asks for a {buf_len}-byte target buffer, above this target's --max-buffer of {max} bytes: start the target with a larger --max-buffer, or the initiator with smaller --block-sizes, --batch-sizes or --threads"
-        ))),
-        Msg::Hello { .. } => Ok(()),
-        _ => Err(Error::malformed(format!("rendezvous: {peer} did not start with Hello"))),
-    }
-    })?;
-    let Msg::Hello { backend, buf_len, pattern_seed, metadata } = hello else {
-        return Err(Error::internal("rendezvous: accepted a client that did not send Hello"));
-    };
     let params = args.common.backend_params()?;
-    let result = (|| {
-        let a = agent("target", &backend, &params)?;
-        let mut buf = args.common.buffer_or(BufferKind::Shared).alloc(buf_len as usize)?;
-        pattern::fill(buf.as_mut_slice(), 0, pattern_seed);
-        let reg = a.register_buf(&buf)?;
-        a.load_remote_metadata(&metadata)?;
-        let descs = buf.xfer_blocks(0, buf.len(), 1)?.to_bytes();
-        Ok::<_, Error>((a, buf, reg, descs))
-    })();
-    match result {
-        Ok((a, _buf, _reg, descs)) => {
-            rendezvous::send(&mut s, &Msg::Ready { metadata: a.local_metadata()?, descs, files: Vec::new() })?;
-            rendezvous::wait_closed(&mut s, None);
-            Ok(())
+    // A client that passes the handshake but whose setup fails (an unknown
+    // backend, metadata that will not load) is told why, and the target
+    // waits for the next one: no single client can end it.
+    loop {
+        let listener = listener.try_clone().map_err(|e| Error::io("rendezvous: listener", e))?;
+        let (mut s, peer, hello) = rendezvous::accept_first(listener, token.clone(), move |peer, m| {
+            match m {
+            Msg::Hello { buf_len, .. } if *buf_len > max => Err(Error::invalid(format!(
+                "the initiator asks for a {buf_len}-byte target buffer, above this target's --max-buffer of {max} bytes: start the target with a larger --max-buffer, or the initiator with smaller --block-sizes, --batch-sizes or --threads"
+            ))),
+            _ => rendezvous::check_hello(peer, m),
         }
-        Err(e) => {
-            let _ = rendezvous::send(&mut s, &Msg::Failed(e.to_string()));
-            Err(e)
+        })?;
+        let Msg::Hello { backend, buf_len, pattern_seed, metadata } = hello else {
+            return Err(Error::internal("rendezvous: accepted a client that did not send Hello"));
+        };
+        let result = (|| {
+            let a = agent("target", &backend, &params)?;
+            let mut buf = args.common.buffer_or(BufferKind::Shared).alloc(buf_len as usize)?;
+            pattern::fill(buf.as_mut_slice(), 0, pattern_seed);
+            let reg = a.register_buf(&buf)?;
+            a.load_remote_metadata(&metadata)?;
+            let descs = buf.xfer_blocks(0, buf.len(), 1)?.to_bytes();
+            Ok::<_, Error>((a, buf, reg, descs))
+        })();
+        match result {
+            Ok((a, _buf, _reg, descs)) => {
+                rendezvous::send(&mut s, &Msg::Ready { metadata: a.local_metadata()?, descs, files: Vec::new() })?;
+                rendezvous::wait_closed(&mut s, None);
+                return Ok(());
+            }
+            Err(e) => {
+                eprintln!("rendezvous: client {peer}: {e}; waiting for another initiator");
+                let _ = rendezvous::send(&mut s, &Msg::Failed(e.to_string()));
+            }
         }
     }
 }

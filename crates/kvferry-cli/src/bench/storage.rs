@@ -300,19 +300,27 @@ fn run_target(a: &StorageArgs, c: &Common, op: XferOp) -> Result<()> {
     let addr = listener.local_addr().map_err(|e| Error::io("rendezvous: local address", e))?;
     println!("KVFERRY-TARGET listening on {addr}");
     // Only an initiator with the agent's token (KVFERRY_AUTH_TOKEN) is
-    // served; others are refused while the target keeps waiting.
-    let (mut s, _peer, hello) =
-        rendezvous::accept_first(listener, agent.config().auth_token.clone(), |peer, m| match m {
-            Msg::Hello { .. } => Ok(()),
-            _ => Err(Error::malformed(format!("rendezvous: {peer} did not start with Hello"))),
-        })?;
-    let Msg::Hello { metadata, .. } = hello else {
-        return Err(Error::internal("rendezvous: accepted a client that did not send Hello"));
-    };
-    agent.load_remote_metadata(&metadata)?;
-    rendezvous::send(&mut s, &Msg::Ready { metadata: agent.local_metadata()?, descs: Vec::new(), files: Vec::new() })?;
-    rendezvous::wait_closed(&mut s, None);
-    Ok(())
+    // served; others are refused while the target keeps waiting, and so is
+    // one whose metadata will not load.
+    loop {
+        let l = listener.try_clone().map_err(|e| Error::io("rendezvous: listener", e))?;
+        let (mut s, peer, hello) =
+            rendezvous::accept_first(l, agent.config().auth_token.clone(), rendezvous::check_hello)?;
+        let Msg::Hello { metadata, .. } = hello else {
+            return Err(Error::internal("rendezvous: accepted a client that did not send Hello"));
+        };
+        if let Err(e) = agent.load_remote_metadata(&metadata) {
+            eprintln!("rendezvous: client {peer}: {e}; waiting for another initiator");
+            let _ = rendezvous::send(&mut s, &Msg::Failed(e.to_string()));
+            continue;
+        }
+        rendezvous::send(
+            &mut s,
+            &Msg::Ready { metadata: agent.local_metadata()?, descs: Vec::new(), files: Vec::new() },
+        )?;
+        rendezvous::wait_closed(&mut s, None);
+        return Ok(());
+    }
 }
 
 fn remote_session(a: &StorageArgs, c: &Common, _op: XferOp, max: usize) -> Result<Session> {
