@@ -449,7 +449,7 @@ type Resp = Response<Body>;
 /// slow readers cannot pile up large answers in memory.
 struct Body {
     rest: Bytes,
-    _permit: Option<OwnedSemaphorePermit>,
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 /// Bytes handed to hyper at a time.
@@ -457,7 +457,7 @@ const BODY_CHUNK: usize = 64 << 10;
 
 impl Body {
     fn new(b: Bytes) -> Body {
-        Body { rest: b, _permit: None }
+        Body { rest: b, permit: None }
     }
 }
 
@@ -472,7 +472,7 @@ impl hyper::body::Body for Body {
         let _ = cx;
         let this = self.get_mut();
         if this.rest.is_empty() {
-            this._permit = None;
+            this.permit = None;
             return std::task::Poll::Ready(None);
         }
         let n = this.rest.len().min(BODY_CHUNK);
@@ -812,7 +812,7 @@ async fn list(prefix: String, sh: &Arc<Shared>) -> std::result::Result<Resp, Res
             .await
             .unwrap_or_else(|e| error(500, format!("building the listing failed: {e}")))
     };
-    r.body_mut()._permit = permit;
+    r.body_mut().permit = permit;
     Ok(r)
 }
 
