@@ -59,6 +59,7 @@ pub mod auth;
 pub mod backend;
 #[doc(hidden)]
 pub mod codec;
+mod cuda;
 mod desc;
 mod error;
 mod host;
@@ -75,6 +76,7 @@ mod types;
 pub use agent::xfer_types::{PreparedList, RequestBuilder};
 pub use agent::{Agent, AgentConfig, ExportedFile, MetaPeer, Registration, Store, FILE_ID_BASE};
 pub use auth::AuthToken;
+pub use cuda::{cuda_status, CudaDevice, CudaStatus, DeviceBuf};
 pub use desc::{DescList, RegDesc, RegDescList, XferDesc, XferDescList};
 pub use error::{Error, ErrorKind, Result};
 pub use host::HostId;

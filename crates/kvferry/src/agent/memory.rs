@@ -128,6 +128,11 @@ impl Agent {
         let mt = list.mem_type();
         list.validate(mt.is_storage())?;
         list.check_no_overlap()?;
+        if mt == MemType::Vram {
+            for d in list.iter() {
+                crate::cuda::check_vram(d.addr, d.len, d.dev_id)?;
+            }
+        }
         let slots = self.registration_backends(mt, hints)?;
         let mut table = self.inner.regions.write();
         for (i, d) in list.iter().enumerate() {

@@ -16,6 +16,7 @@
 //! | `iov.rs` | vectored I/O straight from and into registered memory, and the TCP receive buffer |
 //! | `cma.rs` | cross-memory attach (`process_vm_readv`/`writev`) |
 //! | `fdpass.rs` | passing descriptors over Unix sockets (`SCM_RIGHTS`) |
+//! | `cuda.rs` | the CUDA driver API and cuFile, loaded with `dlopen` at run time |
 //! | `process.rs` | process attributes: effective uid, ptracer, descriptor limit |
 //!
 //! Every wrapper turns `-1` into [`io::Error`] through [`syscall!`]; calls
@@ -49,6 +50,7 @@ macro_rules! syscall {
 }
 
 pub mod cma;
+pub(crate) mod cuda;
 mod eventfd;
 pub mod fdpass;
 mod file;
