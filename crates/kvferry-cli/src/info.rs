@@ -59,17 +59,28 @@ fn netns() -> Result<String, (String, String)> {
     }
 }
 
+/// The library's own CUDA probe (the one VRAM registration uses): driver
+/// version, devices and cuFile, loaded at run time.
 fn gpu() -> Result<String, (String, String)> {
-    let dev = std::path::Path::new("/dev/nvidia0").exists();
-    let driver = std::fs::read_to_string("/proc/driver/nvidia/version").ok();
-    match (dev, driver) {
-        (true, Some(v)) => Ok(format!("NVIDIA driver: {}", v.lines().next().unwrap_or("").trim())),
-        (true, None) => Ok("/dev/nvidia0 present".into()),
-        _ => Err((
-            "no NVIDIA GPU visible (/dev/nvidia0 missing)".into(),
-            "VRAM backends need a GPU with its driver; DRAM, FILE and BLOCK work without".into(),
-        )),
+    let st = kvferry::cuda_status();
+    if st.devices.is_empty() {
+        return Err((
+            st.driver_error.unwrap_or_else(|| "the CUDA driver reports no device".into()),
+            "VRAM needs an NVIDIA GPU with its driver (libcuda.so.1); DRAM, FILE and BLOCK work without".into(),
+        ));
     }
+    let devs: Vec<String> =
+        st.devices.iter().map(|d| format!("{}: {} ({} MiB)", d.ordinal, d.name, d.total_mem >> 20)).collect();
+    let gds = if st.cufile {
+        "cuFile driver opens".to_string()
+    } else {
+        format!("no GDS: {}", st.cufile_error.unwrap_or_default())
+    };
+    Ok(format!(
+        "CUDA driver {}, devices [{}]; {gds}; VRAM registration checks pointer attributes",
+        st.driver_version.map_or_else(|| "?".into(), |v| format!("{}.{}", v / 1000, v % 1000 / 10)),
+        devs.join(", ")
+    ))
 }
 
 /// Asks each configured etcd endpoint for its revision, with the client
