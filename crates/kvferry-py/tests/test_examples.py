@@ -49,3 +49,9 @@ def test_p2p_bench_target_and_initiator():
     assert "Testing 64.0 KB..." in out and "Testing 1.0 MB..." in out, out
     assert len(re.findall(r"Bandwidth: [\d.]+ GB/s, Latency: [\d.]+ μs \(mean\)", out)) == 2, out
     assert "Connected to initiator!" in t_out, t_out
+
+
+def test_verify_prints_the_setup_check():
+    out = run(["-m", "kvferry.verify"])
+    assert "✓ kvferry version:" in out and "Available plugins: ['UCX'" in out and "POSIX" in out, out
+    assert "PyTorch" in out, out
