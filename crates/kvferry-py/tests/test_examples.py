@@ -1,10 +1,13 @@
 """The seeds' workflows shipped as examples (examples/python), run end to
 end at small sizes."""
 
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from conftest import free_port
 
@@ -85,3 +88,43 @@ def test_storage_without_a_storage_backend_is_a_clear_error(tmp_path):
                         "x", "--port", str(free_port()), "--storage_backend", "GDS"], capture_output=True,
                        text=True, timeout=30)
     assert p.returncode == 2 and "no storage backend" in p.stdout and "is required" in p.stdout, p.stdout
+
+
+@pytest.fixture
+def two_hosts():
+    """Two network namespaces joined by a veth pair (kvferry-test-support's
+    netns helper, in Python): yields (ns_a, ip_a, ns_b, ip_b)."""
+    tag = f"kvpy{os.getpid() % 100000}"
+    net = f"10.77.{os.getpid() % 250 + 1}"
+    a, b, va, vb = f"{tag}-a", f"{tag}-b", f"{tag}va", f"{tag}vb"
+    cmds = [["netns", "add", a], ["netns", "add", b], ["link", "add", va, "type", "veth", "peer", "name", vb],
+            ["link", "set", va, "netns", a], ["link", "set", vb, "netns", b],
+            ["-n", a, "addr", "add", f"{net}.1/24", "dev", va], ["-n", b, "addr", "add", f"{net}.2/24", "dev", vb],
+            ["-n", a, "link", "set", va, "up"], ["-n", b, "link", "set", vb, "up"],
+            ["-n", a, "link", "set", "lo", "up"], ["-n", b, "link", "set", "lo", "up"]]
+    try:
+        for c in cmds:
+            r = subprocess.run(["ip", *c], capture_output=True, text=True)
+            if r.returncode != 0:
+                pytest.skip(f"cannot create network namespaces: ip {' '.join(c)}: {r.stderr.strip()}")
+        yield a, f"{net}.1", b, f"{net}.2"
+    finally:
+        for ns in (a, b):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_p2p_bench_across_two_namespaces(two_hosts):
+    ns_a, ip_a, ns_b, _ = two_hosts
+    bench = EXAMPLES / "p2p_bench.py"
+    target = subprocess.Popen(["ip", "netns", "exec", ns_a, sys.executable, bench, "--mode", "target", "--ip",
+                               ip_a, "--port", "5555", "--buffer_sizes", "1MB", "--timeout", "30"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        p = subprocess.run(["ip", "netns", "exec", ns_b, sys.executable, bench, "--mode", "initiator", "--ip", ip_a,
+                            "--port", "5555", "--buffer_sizes", "1MB", "--iterations", "10", "--warmup", "1",
+                            "--timeout", "30"], capture_output=True, text=True, timeout=60)
+        t_out, _ = target.communicate(timeout=30)
+    finally:
+        target.kill()
+    assert p.returncode == 0 and "Testing 1.0 MB..." in p.stdout and "GB/s" in p.stdout, p.stdout + p.stderr
+    assert target.returncode == 0 and "Connected to initiator!" in t_out, t_out
