@@ -128,3 +128,21 @@ def test_p2p_bench_across_two_namespaces(two_hosts):
         target.kill()
     assert p.returncode == 0 and "Testing 1.0 MB..." in p.stdout and "GB/s" in p.stdout, p.stdout + p.stderr
     assert target.returncode == 0 and "Connected to initiator!" in t_out, t_out
+
+
+def test_storage_across_two_namespaces(two_hosts, tmp_path):
+    ns_a, ip_a, ns_b, _ = two_hosts
+    (tmp_path / "agents.txt").write_text(f"srv0 {ip_a} 5556\n")
+    server = subprocess.Popen(["ip", "netns", "exec", ns_a, sys.executable, STORAGE, "--role", "server",
+                               "--fileprefix", tmp_path / "s", "--name", "srv0", "--port", "5556", *SMALL],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        p = subprocess.run(["ip", "netns", "exec", ns_b, sys.executable, STORAGE, "--role", "client",
+                            "--agents_file", tmp_path / "agents.txt", "--fileprefix", tmp_path / "c", "--name",
+                            "cli", *SMALL], capture_output=True, text=True, timeout=60)
+        s_out, _ = server.communicate(timeout=30)
+    finally:
+        server.kill()
+    assert p.returncode == 0 and "remote read-back from srv0: verified OK" in p.stdout, p.stdout + p.stderr
+    assert "local read-back: verified OK" in p.stdout, p.stdout
+    assert server.returncode == 0 and "files verified OK" in s_out, s_out
