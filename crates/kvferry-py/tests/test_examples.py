@@ -146,3 +146,26 @@ def test_storage_across_two_namespaces(two_hosts, tmp_path):
     assert p.returncode == 0 and "remote read-back from srv0: verified OK" in p.stdout, p.stdout + p.stderr
     assert "local read-back: verified OK" in p.stdout, p.stdout
     assert server.returncode == 0 and "files verified OK" in s_out, s_out
+
+
+def test_streaming_across_two_namespaces(two_hosts):
+    ns_a, ip_a, ns_b, _ = two_hosts
+    meta = subprocess.Popen(["ip", "netns", "exec", ns_a, sys.executable, "-c",
+                             f"import kvferry, time; s = kvferry.MetaServer('{ip_a}:9998'); print(s.url, "
+                             "flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    stream = EXAMPLES / "streaming" / "nixl_sender_receiver.py"
+    small = ["--num_buffers", "8", "--buffer_size", "65536", "--transfers", "200", "--threshold", "6",
+             "--progress", "2", "--timeout", "40"]
+    try:
+        url = meta.stdout.readline().strip()
+        assert url.startswith("http://"), url
+        rx = subprocess.Popen(["ip", "netns", "exec", ns_a, sys.executable, stream, "--mode", "receiver",
+                               "--metadata_url", url, *small], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+        tx = subprocess.run(["ip", "netns", "exec", ns_b, sys.executable, stream, "--mode", "sender",
+                             "--metadata_url", url, *small], capture_output=True, text=True, timeout=60)
+        r_out, _ = rx.communicate(timeout=30)
+    finally:
+        meta.kill()
+    assert tx.returncode == 0 and "Backpressure:" in tx.stdout, tx.stdout + tx.stderr
+    assert rx.returncode == 0 and "✓ No buffer overrun (0 mismatches)" in r_out, r_out
