@@ -38,3 +38,55 @@ pub fn init(format: LogFormat) {
         LogFormat::Json => builder.json().try_init(),
     };
 }
+
+/// The text printed for an error that ends a command: `kvferry: <error>`,
+/// then one `  caused by: <cause>` line for each error in its `source()`
+/// chain whose text the lines above do not already hold (`Error::io` puts
+/// the OS error in its message and keeps it as the source, so it would
+/// otherwise be printed twice).
+pub fn error_report(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = format!("kvferry: {e}");
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !text.is_empty() && !out.contains(&text) {
+            out.push_str("\n  caused by: ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Wrap(&'static str, Option<std::io::Error>);
+
+    impl std::fmt::Display for Wrap {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Wrap {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_ref().map(|e| e as _)
+        }
+    }
+
+    #[test]
+    fn report_prints_each_cause_once() {
+        let io = std::io::Error::from_raw_os_error(libc::ENOENT);
+        let e = kvferry::Error::io("open /nope", io);
+        let r = error_report(&e);
+        assert!(r.starts_with("kvferry: "), "{r}");
+        assert_eq!(r.matches("No such file").count(), 1, "the OS error is already in the message: {r}");
+        assert!(!r.contains("caused by"), "{r}");
+        let w = Wrap("binding the metrics port failed", Some(std::io::Error::other("address in use")));
+        assert_eq!(error_report(&w), "kvferry: binding the metrics port failed\n  caused by: address in use");
+        assert_eq!(error_report(&Wrap("plain", None)), "kvferry: plain");
+    }
+}

@@ -74,7 +74,9 @@ fn main() {
         Cmd::Bench { which: Some(BenchCmd::Meta(a)), .. } => bench::meta::run(&a),
     };
     if let Err(e) = r {
-        eprintln!("kvferry: {e}");
+        // Printed once, here, with its cause chain; commands return errors
+        // rather than logging them.
+        eprintln!("{}", logging::error_report(&e));
         std::process::exit(1);
     }
 }
