@@ -86,6 +86,13 @@ def connect(agent, role, peer, dl):
         time.sleep(0.005)
 
 
+def landing(value, expected):
+    """Whether ``value`` is ``expected`` partly written over ``EMPTY``: each
+    byte is the byte of one or the other."""
+    v, e, m = value.to_bytes(8, "little"), expected.to_bytes(8, "little"), EMPTY.to_bytes(8, "little")
+    return all(b in (x, y) for b, x, y in zip(v, e, m))
+
+
 def receiver(a):
     dl = Deadline(a.timeout, "receiver")
     print("[receiver] Starting", flush=True)
@@ -104,14 +111,15 @@ def receiver(a):
         if t_first is None:
             t_first = time.perf_counter()
         if seq.value != got:
-            # Over TCP the header can land a few bytes at a time: a value that
-            # is neither empty nor expected counts as an overrun only once it
-            # stops changing (an overrun leaves seq + k * NUM_BUFFERS there).
-            v, t = seq.value, time.perf_counter()
-            while time.perf_counter() - t < 0.002 and seq.value != got:
-                if seq.value != v:
-                    v, t = seq.value, time.perf_counter()
+            # Over TCP the header can land a few bytes at a time, so a value
+            # whose every byte is either EMPTY's or the expected one's is
+            # still arriving: wait for it (bounded by the deadline). Any other
+            # value is an overrun (it leaves seq + k * NUM_BUFFERS there).
+            while seq.value != got and landing(seq.value, got):
+                dl.check(f"the header of transfer {got}")
             if seq.value != got:
+                print(f"[receiver] slot {got % a.num_buffers}: sequence {seq.value:#x}, expected {got}",
+                      file=sys.stderr, flush=True)
                 mismatches += 1
         seq.value = EMPTY
         got += 1
