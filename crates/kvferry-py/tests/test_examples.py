@@ -30,6 +30,16 @@ def test_streaming_backpressure_engages_without_overruns():
     assert checks >= 1 and ahead < 6, out
 
 
+@pytest.mark.parametrize("buffer_size", [65536, 65480])
+def test_streaming_over_tcp_never_sees_a_consumed_header_again(buffer_size):
+    # Each size puts one slot's header on a 64-byte boundary: the slot a copy
+    # that stores its first bytes twice (glibc memcpy) brought back stale.
+    out = run([EXAMPLES / "streaming" / "nixl_sender_receiver.py", "--backend", "TCP", "--num_buffers", "8",
+               "--buffer_size", buffer_size, "--transfers", "400", "--threshold", "6", "--progress", "2",
+               "--timeout", "40"])
+    assert "✓ No buffer overrun (0 mismatches)" in out and "[main] ✓ Success!" in out, out
+
+
 def test_streaming_bad_threshold_is_a_clear_error():
     p = subprocess.run([sys.executable, EXAMPLES / "streaming" / "nixl_sender_receiver.py", "--num_buffers", "4",
                         "--threshold", "9"], capture_output=True, text=True, timeout=30)
@@ -148,16 +158,10 @@ def test_storage_across_two_namespaces(two_hosts, tmp_path):
     assert server.returncode == 0 and "files verified OK" in s_out, s_out
 
 
-# Known open bug, found by this test on 2026-12-02 and not yet diagnosed: over
-# TCP the receiver finds, at sequence n, the value n - NUM_BUFFERS in its slot
-# although it cleared that slot after reading it (always the same slot in a
-# run), i.e. the slot's header is written again, stale, after the receiver
-# consumed it. It reproduces on one host with the TCP backend:
-#   python examples/python/streaming/nixl_sender_receiver.py --backend TCP \
-#     --num_buffers 8 --buffer_size 65536 --transfers 400 --threshold 6 --progress 2
-# (the sample prints each such slot and value); UCX on one host (SHM) is clean.
-# Kept as a reproduction, not counted as passing.
-@pytest.mark.xfail(reason="slot header rewritten after it was consumed over TCP (open bug, see comment)", strict=False)
+# This test found, on 2026-12-02, a slot header coming back after the
+# receiver consumed it over TCP: glibc's memcpy, copying a frame into a
+# 64-byte-aligned slot, stored its first bytes a second time at the end.
+# The target now copies with sys::copy_once (each byte written once).
 def test_streaming_across_two_namespaces(two_hosts):
     ns_a, ip_a, ns_b, _ = two_hosts
     meta = subprocess.Popen(["ip", "netns", "exec", ns_a, sys.executable, "-c",

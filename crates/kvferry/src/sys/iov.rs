@@ -177,8 +177,9 @@ pub(crate) unsafe fn scatter(mut src: &[u8], spans: &[Span]) {
         }
         let k = (len as usize).min(src.len());
         // SAFETY: `addr..addr+k` lies in a span the caller promised writable and
-        // unshared; `src` is a distinct local buffer.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), addr as *mut u8, k) };
+        // unshared; `src` is a distinct local buffer. Each byte is written once
+        // (the application may watch registered memory while it lands).
+        unsafe { super::copy_once(addr as *mut u8, src.as_ptr(), k) };
         src = &src[k..];
     }
 }

@@ -50,6 +50,7 @@ macro_rules! syscall {
 }
 
 pub mod cma;
+mod copy;
 pub(crate) mod cuda;
 mod eventfd;
 pub mod fdpass;
@@ -59,6 +60,7 @@ mod mmap;
 mod process;
 mod socket;
 
+pub(crate) use copy::copy_once;
 pub(crate) use eventfd::EventFd;
 pub(crate) use file::{
     add_seals, device_size, dio_align, dup, fs_type, fstat, logical_block_size, memfd_create, pread, pwrite, seals,

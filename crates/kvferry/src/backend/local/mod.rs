@@ -198,8 +198,10 @@ impl BackendXfer for LocalXfer {
             // registration (held locked); the local range lies in memory this
             // agent registered, whose registrant promised it stays valid while
             // registered (`register_mem`'s contract, or an AlignedBuf kept alive).
-            // `copy` tolerates overlap (an agent moving within its own region).
-            unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, s.len as usize) };
+            // Each byte is written once, front to back (the owner may watch its
+            // memory while it lands); overlap (an agent moving within its own
+            // region) is allowed.
+            unsafe { crate::sys::copy_once(dst as *mut u8, src as *const u8, s.len as usize) };
         }
         drop(regions);
         if let Some(n) = notif {

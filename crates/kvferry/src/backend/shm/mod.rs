@@ -602,10 +602,10 @@ impl ShmXfer {
             // above, under the read lock held until the copy ends), so by the
             // LinkState invariant that mapping is still in place: a revocation
             // or the link's death unmaps only under the write lock. The memfd
-            // is sealed against shrinking, so no page of it can vanish. `copy`
-            // tolerates overlap (it cannot happen between two processes'
-            // distinct pages, but costs nothing).
-            unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, c.len) };
+            // is sealed against shrinking, so no page of it can vanish. Each
+            // byte is written once, front to back: the owner may watch its
+            // memory while it lands (`copy_once`).
+            unsafe { sys::copy_once(dst as *mut u8, src as *const u8, c.len) };
         }
         if self.local.is_empty() {
             drop(st);
