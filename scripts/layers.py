@@ -16,7 +16,7 @@ import sys
 # Lowest first: a module may use only what comes before it.
 LAYERS = [
     "error", "types", "codec", "params", "host", "sys", "cuda", "os", "auth", "admission",
-    "notif", "mem", "desc", "storage", "metadata", "backend", "request", "agent",
+    "notif", "mem", "desc", "storage", "metadata", "backend", "telemetry", "request", "agent",
 ]
 SRC = os.path.join(os.path.dirname(__file__), "..", "crates", "kvferry", "src")
 

@@ -71,6 +71,7 @@ pub mod params;
 mod request;
 mod storage;
 mod sys;
+pub mod telemetry;
 mod types;
 
 pub use agent::xfer_types::{PreparedList, RequestBuilder};
@@ -85,6 +86,7 @@ pub use mem::{page_size, AlignedBuf, HUGE_PAGE};
 pub use notif::Notifications;
 pub use params::{ParamSpec, Params};
 pub use request::Request;
+pub use telemetry::{AgentMetrics, MetricsServer, XferTelemetry};
 pub use types::{check_agent_name, AccessKey, FileInfo, RegionId, MAX_BACKENDS, MAX_NAME_LEN, MAX_NOTIF_LEN};
 pub use types::{DataPath, MemType, XferOp, XferState};
 

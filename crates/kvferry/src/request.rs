@@ -9,6 +9,7 @@ use parking_lot::Mutex;
 
 use crate::backend::{BackendXfer, CostEstimate};
 use crate::error::{Error, ErrorKind, Result};
+use crate::telemetry::{XferMetrics, XferTelemetry};
 use crate::types::{DataPath, XferOp, XferState};
 
 /// What a request keeps of the agent that created it: the agent's name, for
@@ -40,6 +41,16 @@ pub(crate) struct RequestParts {
     pub(crate) xfer: Box<dyn BackendXfer>,
     /// The notification stored with the request.
     pub(crate) notif: Option<Vec<u8>>,
+    /// The agent's metrics series for this request, when telemetry is on.
+    pub(crate) metrics: Option<Arc<XferMetrics>>,
+}
+
+/// A request's telemetry, when it is on: the posting running and the last one done.
+struct Telemetry {
+    metrics: Arc<XferMetrics>,
+    /// The running posting: its wall-clock start, start and time in `post`.
+    running: Option<(std::time::SystemTime, Instant, Duration)>,
+    last: Option<XferTelemetry>,
 }
 
 struct ReqInner {
@@ -48,6 +59,7 @@ struct ReqInner {
     posted: bool,
     in_flight: bool,
     failed: Option<Error>,
+    tel: Option<Box<Telemetry>>,
 }
 
 /// A transfer request. `Send + Sync`: any thread may post, poll or wait.
@@ -80,7 +92,8 @@ impl fmt::Debug for Request {
 
 impl Request {
     pub(crate) fn new(parts: RequestParts) -> Self {
-        let RequestParts { owner, backend, op, peer, total_bytes, segments, cost, xfer, notif } = parts;
+        let RequestParts { owner, backend, op, peer, total_bytes, segments, cost, xfer, notif, metrics } = parts;
+        let tel = metrics.map(|metrics| Box::new(Telemetry { metrics, running: None, last: None }));
         Request {
             owner,
             backend,
@@ -89,7 +102,7 @@ impl Request {
             total_bytes,
             segments,
             cost,
-            inner: Mutex::new(ReqInner { xfer, notif, posted: false, in_flight: false, failed: None }),
+            inner: Mutex::new(ReqInner { xfer, notif, posted: false, in_flight: false, failed: None, tel }),
         }
     }
 
@@ -116,7 +129,14 @@ impl Request {
                         format!("request to '{}' is still in flight; wait for it before posting again", self.peer),
                     ))
                 }
-                Ok(XferState::Done) | Err(_) => g.in_flight = false,
+                Ok(XferState::Done) => {
+                    g.in_flight = false;
+                    self.settle(&mut g, Ok(()));
+                }
+                Err(e) => {
+                    g.in_flight = false;
+                    self.settle(&mut g, Err(e.kind()));
+                }
             }
         }
         if let Some(n) = notif {
@@ -131,27 +151,65 @@ impl Request {
         }
         g.posted = true;
         g.failed = None;
+        let started = g.tel.is_some().then(|| (std::time::SystemTime::now(), Instant::now()));
         let ReqInner { xfer, notif, .. } = &mut *g;
-        match xfer.post(notif.as_deref()) {
+        let r = xfer.post(notif.as_deref());
+        if let (Some(t), Some((wall, t0))) = (g.tel.as_mut(), started) {
+            t.running = Some((wall, t0, t0.elapsed()));
+        }
+        match r {
             Ok(s) => {
                 g.in_flight = s == XferState::InProgress;
+                if s == XferState::Done {
+                    self.settle(&mut g, Ok(()));
+                }
                 Ok(s)
             }
             Err(e) => {
                 g.failed = Some(e.clone());
+                self.settle(&mut g, Err(e.kind()));
                 Err(e)
             }
         }
+    }
+
+    /// Records the end of the running posting in its telemetry (when on).
+    fn settle(&self, g: &mut ReqInner, r: std::result::Result<(), ErrorKind>) {
+        let Some(t) = g.tel.as_mut() else { return };
+        let Some((start, t0, post_duration)) = t.running.take() else { return };
+        let xfer_duration = t0.elapsed();
+        t.metrics.record(post_duration, xfer_duration, self.total_bytes, r);
+        t.last = Some(XferTelemetry {
+            start,
+            post_duration,
+            xfer_duration,
+            total_bytes: self.total_bytes,
+            desc_count: self.segments,
+            backend: self.backend.to_string(),
+            ok: r.is_ok(),
+        });
+    }
+
+    /// What the last completed (or failed) posting took: `None` while
+    /// telemetry is off ([`AgentConfig::telemetry`](crate::AgentConfig)) or
+    /// before a posting ended. NIXL's `getXferTelemetry`.
+    pub fn telemetry(&self) -> Option<XferTelemetry> {
+        self.inner.lock().tel.as_ref().and_then(|t| t.last.clone())
+    }
+
+    /// Whether this request records telemetry (the agent's setting when it was created).
+    pub fn telemetry_enabled(&self) -> bool {
+        self.inner.lock().tel.is_some()
     }
 
     /// Where the last posting stands, without blocking. An error is final
     /// for that posting and is reported again until the next post.
     pub fn status(&self) -> Result<XferState> {
         let mut g = self.inner.lock();
-        Self::poll_locked(&mut g)
+        self.poll_locked(&mut g)
     }
 
-    fn poll_locked(g: &mut ReqInner) -> Result<XferState> {
+    fn poll_locked(&self, g: &mut ReqInner) -> Result<XferState> {
         if let Some(e) = &g.failed {
             return Err(e.clone());
         }
@@ -164,11 +222,15 @@ impl Request {
         match g.xfer.poll() {
             Ok(s) => {
                 g.in_flight = s == XferState::InProgress;
+                if s == XferState::Done {
+                    self.settle(g, Ok(()));
+                }
                 Ok(s)
             }
             Err(e) => {
                 g.in_flight = false;
                 g.failed = Some(e.clone());
+                self.settle(g, Err(e.kind()));
                 Err(e)
             }
         }
@@ -182,7 +244,7 @@ impl Request {
         loop {
             {
                 let mut g = self.inner.lock();
-                if Self::poll_locked(&mut g)? == XferState::Done {
+                if self.poll_locked(&mut g)? == XferState::Done {
                     return Ok(());
                 }
                 let left = deadline.saturating_duration_since(Instant::now());
@@ -196,12 +258,14 @@ impl Request {
                 match g.xfer.poll_for(left.min(Duration::from_millis(2))) {
                     Ok(XferState::Done) => {
                         g.in_flight = false;
+                        self.settle(&mut g, Ok(()));
                         return Ok(());
                     }
                     Ok(XferState::InProgress) => {}
                     Err(e) => {
                         g.in_flight = false;
                         g.failed = Some(e.clone());
+                        self.settle(&mut g, Err(e.kind()));
                         return Err(e);
                     }
                 }
@@ -248,6 +312,11 @@ impl Drop for Request {
         let g = self.inner.get_mut();
         if g.in_flight {
             g.xfer.cancel();
+            if let Some(t) = g.tel.as_mut() {
+                if let Some((_, t0, post)) = t.running.take() {
+                    t.metrics.record(post, t0.elapsed(), self.total_bytes, Err(ErrorKind::Canceled));
+                }
+            }
         }
     }
 }

@@ -77,6 +77,11 @@ pub struct AgentConfig {
     /// Default: none (add them with `create_backend`), or `KVFERRY_BACKENDS`
     /// through [`AgentConfig::from_env`].
     pub backends: Vec<(String, Params)>,
+    /// Per-request telemetry ([`Request::telemetry`](crate::Request::telemetry))
+    /// and agent metrics ([`Agent::metrics_text`](crate::Agent::metrics_text)).
+    /// Default: off, costing nothing measurable ([`from_env`](Self::from_env)
+    /// reads `KVFERRY_TELEMETRY`, or NIXL's `NIXL_TELEMETRY_ENABLE`: `1`/`y`/`yes`/`true`).
+    pub telemetry: bool,
 }
 
 impl Default for AgentConfig {
@@ -100,6 +105,7 @@ impl Default for AgentConfig {
             metadata_lease: Duration::from_secs(5),
             notif_limits: NotifLimits::default(),
             backends: Vec::new(),
+            telemetry: false,
         }
     }
 }
@@ -123,6 +129,9 @@ impl AgentConfig {
         if let Some(ns) = env("KVFERRY_ETCD_NAMESPACE", Some("NIXL_ETCD_NAMESPACE")) {
             self.metadata_namespace = ns;
         }
+        if let Some(v) = env(crate::telemetry::TELEMETRY_ENV[0], Some(crate::telemetry::TELEMETRY_ENV[1])) {
+            self.telemetry = crate::telemetry::switch_on(&v);
+        }
         if let Some(user) = env("KVFERRY_ETCD_USER", None) {
             let password = lookup("KVFERRY_ETCD_PASSWORD").unwrap_or_default();
             self.etcd_credentials = Some(EtcdCredentials::new(user, password));
@@ -134,7 +143,7 @@ impl AgentConfig {
     /// `KVFERRY_AUTH_TOKEN`, `KVFERRY_METADATA_URL`, `KVFERRY_ETCD_ENDPOINTS`
     /// (or NIXL's `NIXL_ETCD_ENDPOINTS`), `KVFERRY_ETCD_NAMESPACE` (or
     /// `NIXL_ETCD_NAMESPACE`), `KVFERRY_ETCD_USER` and
-    /// `KVFERRY_ETCD_PASSWORD`, but no backends (`KVFERRY_BACKENDS` is read
+    /// `KVFERRY_ETCD_PASSWORD`, `KVFERRY_TELEMETRY` (or `NIXL_TELEMETRY_ENABLE`), but no backends (`KVFERRY_BACKENDS` is read
     /// only by [`from_env`](Self::from_env)). For programs that choose their
     /// backends themselves yet honour the deployment's token and store, as
     /// the `kvferry` CLI does.

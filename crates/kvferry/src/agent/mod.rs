@@ -25,6 +25,7 @@ mod central;
 mod config;
 mod files;
 mod memory;
+mod metrics;
 mod p2p;
 mod peers;
 mod query;
@@ -77,6 +78,8 @@ pub(crate) struct AgentInner {
     /// The peer-to-peer metadata listener, when `config.listener` is on;
     /// dropping it (with the agent) stops its thread.
     pub(super) listener: Mutex<Option<crate::metadata::listener::ListenerHandle>>,
+    /// Counters and histograms, when `config.telemetry` is on.
+    pub(super) metrics: Option<Arc<crate::telemetry::AgentMetrics>>,
 }
 
 impl Drop for AgentInner {
@@ -140,6 +143,7 @@ impl Agent {
         }
         let backends = config.backends.clone();
         let notif_limits = config.notif_limits;
+        let metrics = if config.telemetry { Some(Arc::new(crate::telemetry::AgentMetrics::new(name)?)) } else { None };
         let agent = Agent {
             inner: Arc::new(AgentInner {
                 name: name.into(),
@@ -155,6 +159,7 @@ impl Agent {
                 central: Mutex::new(None),
                 exports: Mutex::new(Vec::new()),
                 listener: Mutex::new(None),
+                metrics,
             }),
         };
         agent.with_all(&backends)?;

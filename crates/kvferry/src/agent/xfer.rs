@@ -346,6 +346,7 @@ impl Agent {
             owner: self.inner.clone(),
             backend: slot.name.clone(),
             op,
+            metrics: self.inner.metrics.as_ref().map(|m| m.xfer(&slot.name, op, &peer)),
             peer,
             total_bytes: total,
             segments: n,

@@ -1,0 +1,281 @@
+//! An agent's counters and histograms, in a Prometheus registry of its own.
+//!
+//! Families (every one carries the constant label `agent`):
+//!
+//! | family | labels | what |
+//! |---|---|---|
+//! | `kvferry_tx_bytes_total`, `kvferry_rx_bytes_total` | backend, peer | bytes WRITE sent / READ received |
+//! | `kvferry_tx_requests_total`, `kvferry_rx_requests_total` | backend, peer | postings completed |
+//! | `kvferry_xfer_time_seconds` | backend, op | post to completion seen (histogram) |
+//! | `kvferry_post_time_seconds` | backend, op | time inside `post` (histogram) |
+//! | `kvferry_errors_total` | backend, kind | failed postings by [`ErrorKind`] |
+//! | `kvferry_registered_bytes`, `kvferry_registrations` | | memory and files registered now |
+//! | `kvferry_loaded_peers` | | remote agents loaded now |
+//! | `kvferry_notifs_queued`, `kvferry_notifs_dropped_total` | | notifications held, refused |
+//!
+//! Peer names are chosen by peers, so the `peer` label is bounded: the
+//! first [`PEER_LABELS`] peers get their own series, the rest share
+//! `other`. Label sets are resolved once per request ([`XferMetrics`]).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use prometheus::{
+    exponential_buckets, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::types::XferOp;
+
+/// Peers with a `peer` label of their own; later ones are counted as `other`.
+pub const PEER_LABELS: usize = 64;
+
+/// The label value shared by peers beyond [`PEER_LABELS`].
+pub const OTHER_PEER: &str = "other";
+
+/// An agent's metrics (see the module doc for the families).
+pub struct AgentMetrics {
+    registry: Registry,
+    tx_bytes: IntCounterVec,
+    rx_bytes: IntCounterVec,
+    tx_requests: IntCounterVec,
+    rx_requests: IntCounterVec,
+    xfer_time: HistogramVec,
+    post_time: HistogramVec,
+    errors: IntCounterVec,
+    registered_bytes: IntGauge,
+    registrations: IntGauge,
+    loaded_peers: IntGauge,
+    notifs_queued: IntGauge,
+    notifs_dropped: IntCounter,
+    /// Peers that have a label of their own.
+    peers: Mutex<HashSet<String>>,
+}
+
+impl std::fmt::Debug for AgentMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentMetrics").field("peers", &self.peers.lock().len()).finish()
+    }
+}
+
+fn metric_err(e: prometheus::Error) -> Error {
+    Error::internal(format!("metrics registry: {e}"))
+}
+
+/// The agent's state that the gauges show, read when metrics are rendered.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AgentGauges {
+    /// Bytes of memory and files registered now.
+    pub registered_bytes: u64,
+    /// Registrations held now.
+    pub registrations: u64,
+    /// Remote agents loaded now.
+    pub loaded_peers: u64,
+    /// Notifications received and not yet taken.
+    pub notifs_queued: u64,
+    /// Notifications refused so far (a full queue).
+    pub notifs_dropped: u64,
+}
+
+impl AgentMetrics {
+    /// A registry for agent `agent` with every family registered.
+    pub fn new(agent: &str) -> Result<AgentMetrics> {
+        let labels = [("agent".to_string(), agent.to_string())].into_iter().collect();
+        let registry = Registry::new_custom(None, Some(labels)).map_err(metric_err)?;
+        let counters = |name: &str, help: &str, l: &[&str]| -> Result<IntCounterVec> {
+            let c = IntCounterVec::new(Opts::new(name, help), l).map_err(metric_err)?;
+            registry.register(Box::new(c.clone())).map_err(metric_err)?;
+            Ok(c)
+        };
+        // 1 µs to about 4 s, by factors of 4.
+        let buckets = exponential_buckets(1e-6, 4.0, 12).map_err(metric_err)?;
+        let histograms = |name: &str, help: &str| -> Result<HistogramVec> {
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.clone()), &["backend", "op"])
+                .map_err(metric_err)?;
+            registry.register(Box::new(h.clone())).map_err(metric_err)?;
+            Ok(h)
+        };
+        let gauge = |name: &str, help: &str| -> Result<IntGauge> {
+            let g = IntGauge::new(name, help).map_err(metric_err)?;
+            registry.register(Box::new(g.clone())).map_err(metric_err)?;
+            Ok(g)
+        };
+        let bp = ["backend", "peer"];
+        let notifs_dropped =
+            IntCounter::new("kvferry_notifs_dropped_total", "Notifications refused because the queue was full.")
+                .map_err(metric_err)?;
+        registry.register(Box::new(notifs_dropped.clone())).map_err(metric_err)?;
+        Ok(AgentMetrics {
+            tx_bytes: counters("kvferry_tx_bytes_total", "Bytes sent by completed WRITE postings.", &bp)?,
+            rx_bytes: counters("kvferry_rx_bytes_total", "Bytes received by completed READ postings.", &bp)?,
+            tx_requests: counters("kvferry_tx_requests_total", "Completed WRITE postings.", &bp)?,
+            rx_requests: counters("kvferry_rx_requests_total", "Completed READ postings.", &bp)?,
+            xfer_time: histograms("kvferry_xfer_time_seconds", "From post to completion seen, per posting.")?,
+            post_time: histograms("kvferry_post_time_seconds", "Time spent inside post, per posting.")?,
+            errors: counters("kvferry_errors_total", "Failed postings by error kind.", &["backend", "kind"])?,
+            registered_bytes: gauge("kvferry_registered_bytes", "Bytes of memory and files registered.")?,
+            registrations: gauge("kvferry_registrations", "Registrations held.")?,
+            loaded_peers: gauge("kvferry_loaded_peers", "Remote agents whose metadata is loaded.")?,
+            notifs_queued: gauge("kvferry_notifs_queued", "Notifications received and not yet taken.")?,
+            notifs_dropped,
+            registry,
+            peers: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// The `peer` label for `peer`: its name while fewer than
+    /// [`PEER_LABELS`] peers have one, else [`OTHER_PEER`].
+    fn peer_label(&self, peer: &str) -> String {
+        let mut p = self.peers.lock();
+        if p.contains(peer) || (p.len() < PEER_LABELS && p.insert(peer.to_string())) {
+            peer.to_string()
+        } else {
+            OTHER_PEER.to_string()
+        }
+    }
+
+    /// The series one request updates, resolved once (at request creation).
+    pub(crate) fn xfer(&self, backend: &str, op: XferOp, peer: &str) -> Arc<XferMetrics> {
+        let peer = self.peer_label(peer);
+        let (bytes, requests) = match op {
+            XferOp::Write => (&self.tx_bytes, &self.tx_requests),
+            XferOp::Read => (&self.rx_bytes, &self.rx_requests),
+        };
+        let bp = [backend, peer.as_str()];
+        let op = match op {
+            XferOp::Write => "WRITE",
+            XferOp::Read => "READ",
+        };
+        let bo = [backend, op];
+        Arc::new(XferMetrics {
+            bytes: bytes.with_label_values(&bp),
+            requests: requests.with_label_values(&bp),
+            xfer_time: self.xfer_time.with_label_values(&bo),
+            post_time: self.post_time.with_label_values(&bo),
+            errors: self.errors.clone(),
+            backend: backend.to_string(),
+        })
+    }
+
+    /// Renders every family in Prometheus' text format (version 0.0.4),
+    /// with the gauges set from `g` first.
+    pub fn render(&self, g: AgentGauges) -> Result<String> {
+        let clamp = |v: u64| v.min(i64::MAX as u64) as i64;
+        self.registered_bytes.set(clamp(g.registered_bytes));
+        self.registrations.set(clamp(g.registrations));
+        self.loaded_peers.set(clamp(g.loaded_peers));
+        self.notifs_queued.set(clamp(g.notifs_queued));
+        let seen = self.notifs_dropped.get();
+        if g.notifs_dropped > seen {
+            self.notifs_dropped.inc_by(g.notifs_dropped - seen);
+        }
+        TextEncoder::new().encode_to_string(&self.registry.gather()).map_err(metric_err)
+    }
+}
+
+/// The series of one request (its backend, op and peer), resolved once.
+pub(crate) struct XferMetrics {
+    bytes: IntCounter,
+    requests: IntCounter,
+    xfer_time: Histogram,
+    post_time: Histogram,
+    errors: IntCounterVec,
+    backend: String,
+}
+
+impl XferMetrics {
+    /// Counts one posting that ended: `Ok` adds its bytes and request,
+    /// an error its kind; both record the times.
+    pub(crate) fn record(&self, post: Duration, total: Duration, bytes: u64, r: std::result::Result<(), ErrorKind>) {
+        self.post_time.observe(post.as_secs_f64());
+        self.xfer_time.observe(total.as_secs_f64());
+        match r {
+            Ok(()) => {
+                self.bytes.inc_by(bytes);
+                self.requests.inc();
+            }
+            Err(kind) => self.errors.with_label_values(&[self.backend.as_str(), &kind_label(kind)]).inc(),
+        }
+    }
+}
+
+/// The `kind` label of an error: its name in snake case (`remote_disconnect`).
+fn kind_label(kind: ErrorKind) -> String {
+    let name = format!("{kind:?}");
+    let mut out = String::with_capacity(name.len() + 4);
+    for (i, c) in name.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postings_show_in_the_text_format() {
+        let m = AgentMetrics::new("a1").unwrap();
+        let x = m.xfer("TCP", XferOp::Write, "b");
+        x.record(Duration::from_micros(3), Duration::from_micros(40), 4096, Ok(()));
+        x.record(Duration::from_micros(3), Duration::from_micros(40), 4096, Ok(()));
+        x.record(Duration::from_micros(3), Duration::from_millis(2), 4096, Err(ErrorKind::RemoteDisconnect));
+        let r = m.xfer("SHM", XferOp::Read, "c");
+        r.record(Duration::from_micros(1), Duration::from_micros(9), 100, Ok(()));
+        let g = AgentGauges {
+            registered_bytes: 1 << 20,
+            registrations: 2,
+            loaded_peers: 2,
+            notifs_queued: 1,
+            notifs_dropped: 3,
+        };
+        let text = m.render(g).unwrap();
+        for line in [
+            r#"kvferry_tx_bytes_total{backend="TCP",peer="b",agent="a1"} 8192"#,
+            r#"kvferry_tx_requests_total{backend="TCP",peer="b",agent="a1"} 2"#,
+            r#"kvferry_rx_bytes_total{backend="SHM",peer="c",agent="a1"} 100"#,
+            r#"kvferry_errors_total{backend="TCP",kind="remote_disconnect",agent="a1"} 1"#,
+            r#"kvferry_xfer_time_seconds_count{backend="TCP",op="WRITE",agent="a1"} 3"#,
+            r#"kvferry_registered_bytes{agent="a1"} 1048576"#,
+            r#"kvferry_loaded_peers{agent="a1"} 2"#,
+            r#"kvferry_notifs_dropped_total{agent="a1"} 3"#,
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+        assert!(text.contains("# TYPE kvferry_xfer_time_seconds histogram"));
+        // The dropped counter follows the agent's count without double counting.
+        let text = m.render(AgentGauges { notifs_dropped: 5, ..g }).unwrap();
+        assert!(text.contains(r#"kvferry_notifs_dropped_total{agent="a1"} 5"#), "{text}");
+    }
+
+    #[test]
+    fn peer_labels_are_bounded() {
+        let m = AgentMetrics::new("a").unwrap();
+        for i in 0..PEER_LABELS + 50 {
+            m.xfer("TCP", XferOp::Write, &format!("peer-{i}\"\n{{}}")).record(
+                Duration::ZERO,
+                Duration::ZERO,
+                1,
+                Ok(()),
+            );
+        }
+        let text = m.render(AgentGauges::default()).unwrap();
+        let series = text.lines().filter(|l| l.starts_with("kvferry_tx_bytes_total{")).count();
+        assert_eq!(series, PEER_LABELS + 1, "{PEER_LABELS} named peers and `other`");
+        assert!(text.contains(r#"peer="other",agent="a"} 50"#), "{text}");
+        // Hostile names are escaped, never break a line.
+        assert!(text.lines().all(|l| l.starts_with('#') || l.starts_with("kvferry_")), "{text}");
+    }
+
+    #[test]
+    fn error_kinds_are_snake_case() {
+        assert_eq!(kind_label(ErrorKind::RemoteDisconnect), "remote_disconnect");
+        assert_eq!(kind_label(ErrorKind::Timeout), "timeout");
+    }
+}
