@@ -58,10 +58,19 @@ pub struct ServeArgs {
     /// Publish metadata and exposed descriptors to etcd at these endpoints.
     #[arg(long)]
     pub etcd: Option<String>,
+    /// Serve Prometheus metrics at http://METRICS_BIND:PORT/metrics (turns
+    /// telemetry on; 0 picks a free port, printed on start).
+    #[arg(long)]
+    pub metrics_port: Option<u16>,
+    /// Address the metrics port binds (the metrics name peers: keep it
+    /// private unless a scraper elsewhere needs it).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub metrics_bind: String,
 }
 
 fn config(a: &ServeArgs) -> Result<AgentConfig> {
     let mut cfg = AgentConfig::env_defaults();
+    cfg.telemetry |= a.metrics_port.is_some();
     if let Some(p) = a.listen_port {
         cfg = cfg.with_listener(p);
     }
@@ -89,6 +98,14 @@ fn config(a: &ServeArgs) -> Result<AgentConfig> {
     Ok(cfg)
 }
 
+/// Starts the `/metrics` exporter (`--metrics-port`) and prints its URL.
+fn serve_metrics(agent: &Agent, bind: &str, port: u16) -> Result<kvferry::MetricsServer> {
+    let host = if bind.contains(':') { format!("[{bind}]") } else { bind.to_string() };
+    let m = agent.serve_metrics(&format!("{host}:{port}"))?;
+    println!("KVFERRY-METRICS {}", m.url());
+    Ok(m)
+}
+
 /// `kvferry serve`.
 pub fn run(a: &ServeArgs) -> Result<()> {
     let agent = Agent::new(&a.name, config(a)?)?;
@@ -106,6 +123,7 @@ pub fn run(a: &ServeArgs) -> Result<()> {
         let id = agent.register_local_file(f, size, a.direct)?;
         files.push(RegDesc::new(0, size, id));
     }
+    let _metrics = a.metrics_port.map(|port| serve_metrics(&agent, &a.metrics_bind, port)).transpose()?;
     let listener = rendezvous::listen(&a.ip, a.port)?;
     let addr = listener.local_addr().map_err(|e| Error::io("rendezvous: local address", e))?;
     let stop = Arc::new(AtomicBool::new(false));

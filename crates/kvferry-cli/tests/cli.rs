@@ -196,6 +196,26 @@ fn serve_answers_and_stops_on_sigterm() {
     assert!(st.success(), "serve exits cleanly on SIGTERM: {st}");
 }
 
+#[test]
+fn serve_exports_prometheus_metrics() {
+    let (mut child, line) = start(
+        "serve",
+        Command::new(env!("CARGO_BIN_EXE_kvferry"))
+            .args(["serve", "--backends", "tcp", "--mem-size", "1M", "--ip", "127.0.0.1", "--port", "0"])
+            .args(["--metrics-port", "0"])
+            .stderr(Stdio::null()),
+    );
+    let url = line.strip_prefix("KVFERRY-METRICS http://").unwrap_or_else(|| panic!("{line}"));
+    let addr = url.trim_end_matches("/metrics");
+    let (status, body) = http(addr, "GET /metrics", None);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("kvferry_registered_bytes{agent=\"kvferry-target\"} 1048576"), "{body}");
+    assert!(body.contains("# TYPE kvferry_loaded_peers gauge"), "{body}");
+    assert_eq!(http(addr, "GET /", None).0, 404);
+    child.signal(libc::SIGTERM).unwrap();
+    child.exits_within(Duration::from_secs(10)).expect("serve stops on SIGTERM");
+}
+
 /// Starts `cmd` (killed when the returned handle drops) and returns it with
 /// the first line it prints.
 fn start(what: &str, cmd: &mut Command) -> (Child, String) {

@@ -63,6 +63,15 @@ fn postings_are_timed_and_counted() {
         assert!(text.contains(line), "missing {line} in\n{text}");
     }
 
+    // The target counts what it served for its peers.
+    let served = b.metrics_text().unwrap();
+    for line in [
+        r#"kvferry_served_bytes_total{backend="TCP",op="WRITE",agent="tel-b"} 196608"#,
+        r#"kvferry_refused_frames_total{backend="TCP",agent="tel-b"} 0"#,
+    ] {
+        assert!(served.contains(line), "missing {line} in\n{served}");
+    }
+
     // Served over HTTP for a scraper, the same text.
     let srv = a.serve_metrics("127.0.0.1:0").unwrap();
     let http = scrape(&srv.url());

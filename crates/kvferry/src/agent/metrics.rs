@@ -27,7 +27,7 @@ impl Agent {
                 ),
             ));
         };
-        m.render(self.gauges())
+        m.render(&self.gauges())
     }
 
     fn gauges(&self) -> AgentGauges {
@@ -41,6 +41,7 @@ impl Agent {
             loaded_peers: self.inner.peers.read().len() as u64,
             notifs_queued: self.inner.notifs.len() as u64,
             notifs_dropped: self.inner.notifs.dropped(),
+            served: self.inner.backends.read().iter().map(|b| (b.name.to_string(), b.backend.served())).collect(),
         }
     }
 

@@ -214,6 +214,21 @@ pub struct CostEstimate {
     pub method: &'static str,
 }
 
+/// What a backend did for peers as their target (a TCP target applying
+/// their frames), for metrics. Backends whose peers move bytes themselves
+/// (SHM, LOCAL) report nothing: the initiator counts those.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServedStats {
+    /// Bytes peers' WRITEs put into this agent's memory and files.
+    pub write_bytes: u64,
+    /// Bytes peers' READs took from this agent's memory and files.
+    pub read_bytes: u64,
+    /// Frames (pieces of requests) applied for peers.
+    pub frames: u64,
+    /// Frames refused (bad key, outside a registration, a storage error).
+    pub refused: u64,
+}
+
 /// A way to move bytes. Implementations are shared between threads.
 pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// The canonical upper-case name (`TCP`, `SHM`, ...).
@@ -221,6 +236,11 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
 
     /// What this backend can do.
     fn capabilities(&self) -> Capabilities;
+
+    /// What it served to peers so far as their target. Default: nothing.
+    fn served(&self) -> ServedStats {
+        ServedStats::default()
+    }
 
     /// The effective parameters (defaults overlaid with the caller's).
     fn params(&self) -> Params;

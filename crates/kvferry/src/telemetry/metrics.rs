@@ -12,6 +12,8 @@
 //! | `kvferry_registered_bytes`, `kvferry_registrations` | | memory and files registered now |
 //! | `kvferry_loaded_peers` | | remote agents loaded now |
 //! | `kvferry_notifs_queued`, `kvferry_notifs_dropped_total` | | notifications held, refused |
+//! | `kvferry_served_bytes_total` | backend, op | bytes peers' requests moved here, as their target |
+//! | `kvferry_served_frames_total`, `kvferry_refused_frames_total` | backend | frames served, refused |
 //!
 //! Peer names are chosen by peers, so the `peer` label is bounded: the
 //! first [`PEER_LABELS`] peers get their own series, the rest share
@@ -27,6 +29,7 @@ use prometheus::{
     TextEncoder,
 };
 
+use crate::backend::ServedStats;
 use crate::error::{Error, ErrorKind, Result};
 use crate::types::XferOp;
 
@@ -51,8 +54,14 @@ pub struct AgentMetrics {
     loaded_peers: IntGauge,
     notifs_queued: IntGauge,
     notifs_dropped: IntCounter,
+    served_bytes: IntCounterVec,
+    served_frames: IntCounterVec,
+    refused_frames: IntCounterVec,
     /// Peers that have a label of their own.
     peers: Mutex<HashSet<String>>,
+    /// Held while rendering: the counters that follow the agent's totals are
+    /// advanced by differences, once.
+    render: Mutex<()>,
 }
 
 impl std::fmt::Debug for AgentMetrics {
@@ -65,8 +74,9 @@ fn metric_err(e: prometheus::Error) -> Error {
     Error::internal(format!("metrics registry: {e}"))
 }
 
-/// The agent's state that the gauges show, read when metrics are rendered.
-#[derive(Clone, Copy, Debug, Default)]
+/// The agent's state that the gauges (and the totals kept elsewhere) show,
+/// read when metrics are rendered.
+#[derive(Clone, Debug, Default)]
 pub struct AgentGauges {
     /// Bytes of memory and files registered now.
     pub registered_bytes: u64,
@@ -78,6 +88,16 @@ pub struct AgentGauges {
     pub notifs_queued: u64,
     /// Notifications refused so far (a full queue).
     pub notifs_dropped: u64,
+    /// What each backend served to peers as their target, by backend name.
+    pub served: Vec<(String, ServedStats)>,
+}
+
+/// Advances `c` to `total` (a total counted elsewhere); never backwards.
+fn follow(c: &IntCounter, total: u64) {
+    let seen = c.get();
+    if total > seen {
+        c.inc_by(total - seen);
+    }
 }
 
 impl AgentMetrics {
@@ -121,8 +141,16 @@ impl AgentMetrics {
             loaded_peers: gauge("kvferry_loaded_peers", "Remote agents whose metadata is loaded.")?,
             notifs_queued: gauge("kvferry_notifs_queued", "Notifications received and not yet taken.")?,
             notifs_dropped,
+            served_bytes: counters(
+                "kvferry_served_bytes_total",
+                "Bytes peers' requests moved here.",
+                &["backend", "op"],
+            )?,
+            served_frames: counters("kvferry_served_frames_total", "Frames served to peers.", &["backend"])?,
+            refused_frames: counters("kvferry_refused_frames_total", "Frames of peers refused.", &["backend"])?,
             registry,
             peers: Mutex::new(HashSet::new()),
+            render: Mutex::new(()),
         })
     }
 
@@ -162,15 +190,19 @@ impl AgentMetrics {
 
     /// Renders every family in Prometheus' text format (version 0.0.4),
     /// with the gauges set from `g` first.
-    pub fn render(&self, g: AgentGauges) -> Result<String> {
+    pub fn render(&self, g: &AgentGauges) -> Result<String> {
+        let _one = self.render.lock();
         let clamp = |v: u64| v.min(i64::MAX as u64) as i64;
         self.registered_bytes.set(clamp(g.registered_bytes));
         self.registrations.set(clamp(g.registrations));
         self.loaded_peers.set(clamp(g.loaded_peers));
         self.notifs_queued.set(clamp(g.notifs_queued));
-        let seen = self.notifs_dropped.get();
-        if g.notifs_dropped > seen {
-            self.notifs_dropped.inc_by(g.notifs_dropped - seen);
+        follow(&self.notifs_dropped, g.notifs_dropped);
+        for (b, st) in g.served.iter().filter(|(_, st)| *st != ServedStats::default()) {
+            follow(&self.served_bytes.with_label_values(&[b.as_str(), "WRITE"]), st.write_bytes);
+            follow(&self.served_bytes.with_label_values(&[b.as_str(), "READ"]), st.read_bytes);
+            follow(&self.served_frames.with_label_values(&[b.as_str()]), st.frames);
+            follow(&self.refused_frames.with_label_values(&[b.as_str()]), st.refused);
         }
         TextEncoder::new().encode_to_string(&self.registry.gather()).map_err(metric_err)
     }
@@ -228,14 +260,16 @@ mod tests {
         x.record(Duration::from_micros(3), Duration::from_millis(2), 4096, Err(ErrorKind::RemoteDisconnect));
         let r = m.xfer("SHM", XferOp::Read, "c");
         r.record(Duration::from_micros(1), Duration::from_micros(9), 100, Ok(()));
+        let served = ServedStats { write_bytes: 10, read_bytes: 20, frames: 3, refused: 1 };
         let g = AgentGauges {
             registered_bytes: 1 << 20,
             registrations: 2,
             loaded_peers: 2,
             notifs_queued: 1,
             notifs_dropped: 3,
+            served: vec![("TCP".into(), served)],
         };
-        let text = m.render(g).unwrap();
+        let text = m.render(&g).unwrap();
         for line in [
             r#"kvferry_tx_bytes_total{backend="TCP",peer="b",agent="a1"} 8192"#,
             r#"kvferry_tx_requests_total{backend="TCP",peer="b",agent="a1"} 2"#,
@@ -245,13 +279,17 @@ mod tests {
             r#"kvferry_registered_bytes{agent="a1"} 1048576"#,
             r#"kvferry_loaded_peers{agent="a1"} 2"#,
             r#"kvferry_notifs_dropped_total{agent="a1"} 3"#,
+            r#"kvferry_served_bytes_total{backend="TCP",op="READ",agent="a1"} 20"#,
+            r#"kvferry_refused_frames_total{backend="TCP",agent="a1"} 1"#,
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }
         assert!(text.contains("# TYPE kvferry_xfer_time_seconds histogram"));
         // The dropped counter follows the agent's count without double counting.
-        let text = m.render(AgentGauges { notifs_dropped: 5, ..g }).unwrap();
+        let served = ServedStats { write_bytes: 15, ..served };
+        let text = m.render(&AgentGauges { notifs_dropped: 5, served: vec![("TCP".into(), served)], ..g }).unwrap();
         assert!(text.contains(r#"kvferry_notifs_dropped_total{agent="a1"} 5"#), "{text}");
+        assert!(text.contains(r#"kvferry_served_bytes_total{backend="TCP",op="WRITE",agent="a1"} 15"#), "{text}");
     }
 
     #[test]
@@ -265,7 +303,7 @@ mod tests {
                 Ok(()),
             );
         }
-        let text = m.render(AgentGauges::default()).unwrap();
+        let text = m.render(&AgentGauges::default()).unwrap();
         let series = text.lines().filter(|l| l.starts_with("kvferry_tx_bytes_total{")).count();
         assert_eq!(series, PEER_LABELS + 1, "{PEER_LABELS} named peers and `other`");
         assert!(text.contains(r#"peer="other",agent="a"} 50"#), "{text}");

@@ -279,6 +279,7 @@ impl BackendPlugin for TcpPlugin {
             conns: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             listen_fd: listener.as_raw_fd(),
+            served: Default::default(),
         });
         let sh = shared.clone();
         let h = std::thread::Builder::new()
@@ -322,6 +323,8 @@ pub(crate) struct Shared {
     conns: Mutex<HashMap<u64, Arc<server::Slot>>>,
     next_id: AtomicU64,
     listen_fd: std::os::fd::RawFd,
+    /// What the target served: bytes written, bytes read, frames, refused frames.
+    served: [AtomicU64; 4],
 }
 
 /// A live DRAM registration as the target checks frames against it.
@@ -350,6 +353,12 @@ pub(crate) fn frame_budget(peer_timeout: Duration, len: u64) -> Duration {
 }
 
 impl Shared {
+    /// Counts one frame served to a peer: `bytes` written (WRITE) or read.
+    fn count_served(&self, write: bool, bytes: u64) {
+        self.served[if write { 0 } else { 1 }].fetch_add(bytes, Ordering::Relaxed);
+        self.served[2].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Keeps a thread's handle for joining at shutdown (and forgets finished ones).
     fn track(&self, h: JoinHandle<()>) {
         let mut t = self.threads.lock();
@@ -411,6 +420,11 @@ impl Drop for TcpBackend {
 impl Backend for TcpBackend {
     fn name(&self) -> &str {
         "TCP"
+    }
+
+    fn served(&self) -> crate::backend::ServedStats {
+        let [w, r, f, x] = self.shared.served.each_ref().map(|a| a.load(Ordering::Relaxed));
+        crate::backend::ServedStats { write_bytes: w, read_bytes: r, frames: f, refused: x }
     }
 
     fn capabilities(&self) -> Capabilities {

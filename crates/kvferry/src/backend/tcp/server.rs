@@ -618,6 +618,9 @@ impl<'a> ConnState<'a> {
         let r = FileServer::finish(&p.job);
         // Finished (or cancelled): no I/O touches the buffer any more.
         let buf = p.buf.take();
+        if r.is_ok() {
+            self.shared.count_served(p.job.is_write(), p.len);
+        }
         let sent = match r {
             Err(e) => self.send_error(p.op, &state::storage_refusal(&e)),
             Ok(()) if p.job.is_write() => {
@@ -639,6 +642,7 @@ impl<'a> ConnState<'a> {
     }
 
     fn send_error(&self, op: u64, e: &ProtoError) -> io::Result<()> {
+        self.shared.served[3].fetch_add(1, Ordering::Relaxed);
         let msg = format!("agent '{}': {}", self.shared.agent, e.message);
         let msg = &msg.as_bytes()[..msg.len().min(proto::MAX_ERROR_MSG as usize)];
         let h = Header { ty: FrameType::Error, status: e.status, count: 0, op, len: msg.len() as u64 };
@@ -825,6 +829,7 @@ impl<'a> ConnState<'a> {
             // The registrant agreed that peers may write registered memory at any time.
             unsafe { self.rx.read_spans(self.fd, &self.spans, h.len, &mut until(self.deadline))? };
             drop(_in_use);
+            self.shared.count_served(true, h.len);
             let ack = Header::new(FrameType::Ack, h.op, 0, 0);
             sys::write_bufs(self.fd, &[&ack.encode()])
         } else {
@@ -832,7 +837,9 @@ impl<'a> ConnState<'a> {
             self.spans.insert(0, (head.as_ptr() as u64, HEADER_LEN as u64));
             // SAFETY: as above for the checked spans (published, registered);
             // the first span is `head`, alive on this stack frame.
-            unsafe { sys::writev_until(self.fd, &self.spans, Some(self.deadline)) }
+            unsafe { sys::writev_until(self.fd, &self.spans, Some(self.deadline))? };
+            self.shared.count_served(false, h.len);
+            Ok(())
         }
     }
 }
