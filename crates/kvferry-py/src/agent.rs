@@ -64,6 +64,8 @@ fn hint_refs(h: &[String]) -> Vec<&str> {
 #[derive(Debug)]
 pub struct PyAgent {
     agent: Agent,
+    /// The `/metrics` exporter started by `serve_metrics`, stopped with the agent.
+    metrics: Mutex<Option<kvferry::MetricsServer>>,
     /// Errors of asynchronous store fetches, by peer, until looked at.
     fetch_errors: Arc<Mutex<HashMap<String, String>>>,
 }
@@ -77,7 +79,8 @@ impl PyAgent {
     #[new]
     #[pyo3(signature = (name, backends = None, *, listener = false, listen_port = 0, listen_addr = None,
         from_env = true, connect_timeout = None, peer_timeout = None, metadata_timeout = None,
-        metadata_url = None, etcd_endpoints = None, namespace = None, auth_token = None, worker_threads = 0))]
+        metadata_url = None, etcd_endpoints = None, namespace = None, auth_token = None, worker_threads = 0,
+        telemetry = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -95,6 +98,7 @@ impl PyAgent {
         namespace: Option<String>,
         auth_token: Option<String>,
         worker_threads: usize,
+        telemetry: Option<bool>,
     ) -> PyResult<Self> {
         let mut cfg = match (from_env, backends.is_none()) {
             (true, true) => kv(AgentConfig::from_env())?,
@@ -141,9 +145,36 @@ impl PyAgent {
             cfg = cfg.with_auth_token(t);
         }
         cfg.worker_threads = worker_threads;
+        if let Some(t) = telemetry {
+            cfg.telemetry = t;
+        }
         let name = name.to_string();
         let agent = kv(py.detach(move || Agent::new(&name, cfg)))?;
-        Ok(PyAgent { agent, fetch_errors: Default::default() })
+        Ok(PyAgent { agent, metrics: Mutex::new(None), fetch_errors: Default::default() })
+    }
+
+    /// Whether telemetry is on (requests' `telemetry()`, `metrics_text()`).
+    #[getter]
+    fn telemetry(&self) -> bool {
+        self.agent.telemetry_enabled()
+    }
+
+    /// The agent's metrics in Prometheus' text format (`kvferry.NotSupportedError`
+    /// while telemetry is off).
+    fn metrics_text(&self) -> PyResult<String> {
+        kv(self.agent.metrics_text())
+    }
+
+    /// Serves `metrics_text()` at `http://{addr}/metrics` until the agent is
+    /// closed (one exporter per agent; a second call replaces the first).
+    /// Returns the URL. `addr` like `"127.0.0.1:9400"`; port 0 picks one.
+    #[pyo3(signature = (addr = "127.0.0.1:0"))]
+    fn serve_metrics(&self, py: Python<'_>, addr: &str) -> PyResult<String> {
+        let server = kv(py.detach(|| self.agent.serve_metrics(addr)))?;
+        let url = server.url();
+        let old = self.metrics.lock().replace(server);
+        py.detach(move || drop(old));
+        Ok(url)
     }
 
     /// The agent's name.

@@ -4,7 +4,7 @@
 //! that is still waiting on it keeps its own share until it returns.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use pyo3::exceptions::PyValueError;
@@ -31,22 +31,14 @@ fn released(what: &str) -> PyErr {
     py_err(kvferry::Error::new(ErrorKind::InvalidParam, format!("this {what} was released; create a new one")))
 }
 
-/// Timing of the last posting, for NIXL's `get_xfer_telemetry`.
-#[derive(Debug, Default, Clone, Copy)]
-struct Telemetry {
-    start_us: u64,
-    post_us: u64,
-    xfer_us: u64,
-    posted_at: Option<Instant>,
-    done: bool,
-}
+/// `(start_us, post_us, xfer_us, total_bytes, descriptors)`, as Python sees telemetry.
+type TelemetryTuple = (u64, u64, u64, u64, usize);
 
 /// A transfer request: created once, posted many times.
 #[pyclass(frozen, module = "kvferry._kvferry", name = "Request")]
 #[derive(Debug)]
 pub struct PyRequest {
     req: Mutex<Option<Arc<kvferry::Request>>>,
-    tel: Mutex<Telemetry>,
     backend: String,
     total_bytes: u64,
     segments: usize,
@@ -60,7 +52,6 @@ impl PyRequest {
             total_bytes: r.total_bytes(),
             segments: r.segments(),
             req: Mutex::new(Some(Arc::new(r))),
-            tel: Mutex::new(Telemetry::default()),
         }
     }
 
@@ -72,16 +63,6 @@ impl PyRequest {
     fn get(&self) -> PyResult<Arc<kvferry::Request>> {
         self.req.lock().clone().ok_or_else(|| released("request"))
     }
-
-    fn observe(&self, state: XferState) {
-        if state == XferState::Done {
-            let mut t = self.tel.lock();
-            if !t.done {
-                t.done = true;
-                t.xfer_us = t.posted_at.map(|p| p.elapsed().as_micros() as u64).unwrap_or(0);
-            }
-        }
-    }
 }
 
 #[pymethods]
@@ -92,21 +73,7 @@ impl PyRequest {
     fn post(&self, py: Python<'_>, notif: Option<&Bound<'_, PyAny>>) -> PyResult<bool> {
         let req = self.get()?;
         let msg = notif.map(msg_bytes).transpose()?;
-        let start = Instant::now();
-        let wall = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_micros() as u64;
-        let r = py.detach(|| req.post(msg.as_deref()));
-        {
-            let mut t = self.tel.lock();
-            *t = Telemetry {
-                start_us: wall,
-                post_us: start.elapsed().as_micros() as u64,
-                xfer_us: 0,
-                posted_at: Some(start),
-                done: false,
-            };
-        }
-        let s = kv(r)?;
-        self.observe(s);
+        let s = kv(py.detach(|| req.post(msg.as_deref())))?;
         Ok(s == XferState::Done)
     }
 
@@ -115,7 +82,6 @@ impl PyRequest {
     fn status(&self, py: Python<'_>) -> PyResult<bool> {
         let req = self.get()?;
         let s = kv(py.detach(|| req.status()))?;
-        self.observe(s);
         Ok(s == XferState::Done)
     }
 
@@ -127,9 +93,7 @@ impl PyRequest {
         let t = Duration::try_from_secs_f64(timeout).map_err(|_| {
             PyValueError::new_err(format!("timeout must be a non-negative number of seconds, not {timeout}"))
         })?;
-        kv(py.detach(|| req.wait(t)))?;
-        self.observe(XferState::Done);
-        Ok(())
+        kv(py.detach(|| req.wait(t)))
     }
 
     /// Cancels what is in flight and frees the request. Safe to call twice.
@@ -180,11 +144,25 @@ impl PyRequest {
         Ok((c.duration.as_micros() as u64, c.err_margin.as_micros() as u64, c.method))
     }
 
-    /// Timing of the last posting: `(start_us since the epoch, post_us,
-    /// xfer_us, total_bytes, segments)`; xfer_us is 0 until it is seen done.
-    fn telemetry(&self) -> (u64, u64, u64, u64, usize) {
-        let t = *self.tel.lock();
-        (t.start_us, t.post_us, t.xfer_us, self.total_bytes, self.segments)
+    /// Telemetry of the last posting that ended: `(start_us since the
+    /// epoch, post_us, xfer_us, total_bytes, descriptors)`, all 0 but the
+    /// last two before one ended; `None` when the agent's telemetry is off
+    /// (`Agent(..., telemetry=True)` or `KVFERRY_TELEMETRY=1`).
+    fn telemetry(&self) -> PyResult<Option<TelemetryTuple>> {
+        let r = self.get()?;
+        if !r.telemetry_enabled() {
+            return Ok(None);
+        }
+        Ok(Some(match r.telemetry() {
+            Some(t) => (
+                t.start_us(),
+                t.post_duration.as_micros() as u64,
+                t.xfer_duration.as_micros() as u64,
+                t.total_bytes,
+                t.desc_count,
+            ),
+            None => (0, 0, 0, self.total_bytes, self.segments),
+        }))
     }
 
     fn __repr__(&self) -> String {

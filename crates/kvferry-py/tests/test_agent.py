@@ -307,3 +307,34 @@ def test_torch_tensor_registration_when_torch_is_present():
         assert torch.equal(src, dst)
     with pytest.raises(kvferry.InvalidParamError, match="contiguous"):
         a.register(torch.ones(4, 4).t())
+
+
+def test_telemetry_and_prometheus_metrics(monkeypatch):
+    import urllib.request
+
+    monkeypatch.delenv("KVFERRY_TELEMETRY", raising=False)
+    monkeypatch.delenv("NIXL_TELEMETRY_ENABLE", raising=False)
+    a = kvferry.Agent(unique("ta"), ["TCP"], telemetry=True)
+    b = kvferry.Agent(unique("tb"), ["TCP"], telemetry=True)
+    src, dst = kvferry.AlignedBuf(8192), kvferry.AlignedBuf(8192)
+    with a.register(src), b.register(dst):
+        link(a, b)
+        with a.request("WRITE", src, dst, b.name) as req:
+            assert req.telemetry == kvferry.XferTelemetry(0, 0, 0, 8192, 1)
+            for _ in range(2):
+                req.post()
+                req.wait(10)
+            t = req.telemetry
+            assert t.total_bytes == 8192 and t.desc_count == 1 and t.start_us > 0 and t.xfer_us >= t.post_us
+        text = a.metrics_text()
+        assert f'kvferry_tx_bytes_total{{backend="TCP",peer="{b.name}",agent="{a.name}"}} 16384' in text, text
+        assert f'kvferry_served_bytes_total{{backend="TCP",op="WRITE",agent="{b.name}"}} 16384' in b.metrics_text()
+        url = a.serve_metrics()
+        with urllib.request.urlopen(url, timeout=5) as r:
+            assert r.status == 200 and b"kvferry_tx_requests_total" in r.read()
+    off = kvferry.Agent(unique("toff"), ["LOCAL"])
+    assert not off.telemetry
+    with pytest.raises(kvferry.NotSupportedError, match="KVFERRY_TELEMETRY=1"):
+        off.metrics_text()
+    monkeypatch.setenv("KVFERRY_TELEMETRY", "1")
+    assert kvferry.Agent(unique("tenv"), ["LOCAL"]).telemetry

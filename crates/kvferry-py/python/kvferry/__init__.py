@@ -14,7 +14,7 @@ Two APIs over one Rust core:
 """
 
 from . import _kvferry
-from ._agent import Agent, AlignedBuf, Request, XferState, plugin_params, plugins
+from ._agent import Agent, AlignedBuf, Request, XferState, XferTelemetry, plugin_params, plugins
 from . import _errors
 from ._errors import *  # noqa: F401,F403  (the exception classes, listed in _errors.__all__)
 
@@ -32,6 +32,7 @@ __all__ = [
     "AlignedBuf",
     "Request",
     "XferState",
+    "XferTelemetry",
     "XferDescList",
     "RegDescList",
     "Registration",

@@ -5,6 +5,7 @@ from ._agent import Agent as Agent
 from ._agent import AlignedBuf as AlignedBuf
 from ._agent import Request as Request
 from ._agent import XferState as XferState
+from ._agent import XferTelemetry as XferTelemetry
 from ._agent import plugin_params as plugin_params
 from ._agent import plugins as plugins
 from ._errors import BackendError as BackendError

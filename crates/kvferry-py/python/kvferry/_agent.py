@@ -6,12 +6,12 @@ import asyncio
 import enum
 import itertools
 import os
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
 
 from . import _kvferry
 from ._mem import region_of
 
-__all__ = ["Agent", "Request", "AlignedBuf", "XferState", "plugins", "plugin_params"]
+__all__ = ["Agent", "Request", "AlignedBuf", "XferState", "XferTelemetry", "plugins", "plugin_params"]
 
 XferDescList = _kvferry.XferDescList
 RegDescList = _kvferry.RegDescList
@@ -24,6 +24,18 @@ class XferState(enum.Enum):
 
     DONE = "DONE"
     IN_PROGRESS = "PROC"
+
+
+class XferTelemetry(NamedTuple):
+    """What a request's last posting took (NIXL's ``nixlXferTelemetry``):
+    times in microseconds, ``start_us`` since the Unix epoch; all 0 but the
+    sizes until a posting ended."""
+
+    start_us: int
+    post_us: int
+    xfer_us: int
+    total_bytes: int
+    desc_count: int
 
 
 class AlignedBuf(_kvferry.AlignedBuf):
@@ -105,6 +117,13 @@ class Request:
         """``(duration_us, error_margin_us, method)``."""
         return self._r.estimate_cost()
 
+    @property
+    def telemetry(self) -> Optional[XferTelemetry]:
+        """What the last posting took; None while the agent's telemetry is
+        off (``Agent(..., telemetry=True)`` or ``KVFERRY_TELEMETRY=1``)."""
+        t = self._r.telemetry()
+        return None if t is None else XferTelemetry(*t)
+
     def __enter__(self) -> "Request":
         return self
 
@@ -142,7 +161,9 @@ class Agent:
     ``listener`` serves metadata to peers on ``listen_port`` (0: any free
     port). Other keywords: ``connect_timeout``, ``peer_timeout``,
     ``metadata_timeout`` (seconds), ``metadata_url``, ``etcd_endpoints``,
-    ``namespace``, ``auth_token``, ``worker_threads``, ``from_env``.
+    ``namespace``, ``auth_token``, ``worker_threads``, ``from_env``,
+    ``telemetry`` (per-request telemetry and metrics; None: from
+    ``KVFERRY_TELEMETRY``/``NIXL_TELEMETRY_ENABLE``).
     """
 
     def __init__(self, name: str, backends: Optional[Iterable[Any]] = None, **config: Any):
@@ -170,6 +191,22 @@ class Agent:
     def listen_port(self) -> Optional[int]:
         """Port of the metadata listener, if it runs."""
         return self._a.listen_port
+
+    # --- telemetry ---------------------------------------------------------
+    @property
+    def telemetry(self) -> bool:
+        """Whether requests record telemetry and the agent counts metrics."""
+        return self._a.telemetry
+
+    def metrics_text(self) -> str:
+        """The agent's metrics in Prometheus' text format
+        (``kvferry.NotSupportedError`` while telemetry is off)."""
+        return self._a.metrics_text()
+
+    def serve_metrics(self, addr: str = "127.0.0.1:0") -> str:
+        """Serves :meth:`metrics_text` at ``http://addr/metrics`` while the
+        agent lives; returns the URL (port 0 picks one)."""
+        return self._a.serve_metrics(addr)
 
     def create_backend(self, name: str, params: Optional[Mapping[str, Any]] = None, **kw: Any) -> None:
         """Creates backend ``name`` with parameters over its defaults."""

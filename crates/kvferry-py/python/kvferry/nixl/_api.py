@@ -211,6 +211,7 @@ class nixl_agent:
                 listener=bool(nixl_conf.enable_listen),
                 listen_port=int(nixl_conf.port) if nixl_conf.enable_listen else 0,
                 worker_threads=max(int(nixl_conf.num_threads), 0),
+                telemetry=self._telemetry,
             )
         except _e.Error as e:
             raise _nixl_error(e) from None
@@ -485,8 +486,10 @@ class nixl_agent:
         if not self._telemetry:
             raise nixlBind.nixlNoTelemetryError("NIXL_ERR_NO_TELEMETRY: telemetry is not enabled; set "
                                                "capture_telemetry=True or NIXL_TELEMETRY_ENABLE=y")
-        start, post, xfer, total, count = handle._req.telemetry()
-        return nixlBind.nixlXferTelemetry(start, post, xfer, total, count)
+        t = handle._req.telemetry()
+        if t is None:
+            raise nixlBind.nixlNoTelemetryError("NIXL_ERR_NO_TELEMETRY: telemetry is not enabled for this request")
+        return nixlBind.nixlXferTelemetry(*t)
 
     @_translate
     def estimate_xfer_cost(self, req_handle: nixl_xfer_handle) -> tuple:
