@@ -4,7 +4,8 @@
 //! not this module, from Python code.
 //!
 //! Rules kept here: every call that can wait releases the GIL
-//! (`Python::detach`) and no Rust thread ever needs it; malformed input from
+//! (`Python::detach`) and no Rust thread needs it but the log forwarder
+//! (`logs.rs`), which holds no lock of kvferry's when it takes it; malformed input from
 //! Python raises an exception, never a panic; errors keep kvferry's kind and
 //! message (see `kvferry._errors`).
 
@@ -14,6 +15,7 @@ mod agent;
 mod buf;
 mod desc;
 mod errors;
+mod logs;
 mod request;
 
 /// The extension module.
@@ -28,7 +30,9 @@ fn _kvferry(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<request::PyRequest>()?;
     m.add_class::<request::PyPrepared>()?;
     m.add_class::<request::PyRegistration>()?;
+    m.add_function(wrap_pyfunction!(logs::_emit_log, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    logs::install();
     m.add("MEM_TYPES", kvferry::MemType::ALL.iter().map(|t| t.as_str()).collect::<Vec<_>>())?;
     Ok(())
 }

@@ -73,3 +73,20 @@ def test_stubs_and_py_typed_ship():
 
     files = {p.name for p in r.files("kvferry").iterdir()}
     assert "py.typed" in files and "__init__.pyi" in files
+
+
+def test_rust_logs_reach_python_logging(caplog):
+    import logging
+    import time
+
+    from kvferry import _kvferry
+
+    with caplog.at_level(logging.WARNING, logger="kvferry"):
+        _kvferry._emit_log("warn", "a warning from Rust")
+        _kvferry._emit_log("debug", "below the default filter")
+        deadline = time.time() + 5
+        while not any("a warning from Rust" in r.getMessage() for r in caplog.records) and time.time() < deadline:
+            time.sleep(0.01)
+    rec = [r for r in caplog.records if "a warning from Rust" in r.getMessage()]
+    assert rec and rec[0].name == "kvferry.py" and rec[0].levelno == logging.WARNING, caplog.records
+    assert not any("below the default filter" in r.getMessage() for r in caplog.records)
