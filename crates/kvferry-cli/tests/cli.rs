@@ -216,6 +216,73 @@ fn serve_exports_prometheus_metrics() {
     child.exits_within(Duration::from_secs(10)).expect("serve stops on SIGTERM");
 }
 
+#[test]
+fn mooncake_nvmeof_bench_flags_target_initiator_and_loopback() {
+    let srv = kvferry::metadata::server::MetaServer::start("127.0.0.1:0").unwrap();
+    let meta = format!("{}/metadata", srv.url());
+    let dir = format!("/var/tmp/kvferry-mc-{}", std::process::id());
+    std::fs::create_dir_all(&dir).unwrap();
+    let seg = format!("127.0.0.1:{}", 20000 + std::process::id() % 10000);
+    let files = format!("{dir}/f0 {dir}/f1");
+    let (mut target, line) = start(
+        "mooncake target",
+        Command::new(env!("CARGO_BIN_EXE_kvferry"))
+            .args(["bench", "storage", "--mode=target", &format!("--local_server_name={seg}")])
+            .args([format!("--metadata_server={meta}"), "--trtype=tcp".into(), "--traddr=127.0.0.1".into()])
+            .args(["--trsvcid=4420".to_string(), format!("--files={files}"), "--file-size=8M".into()])
+            .stderr(Stdio::null()),
+    );
+    assert_eq!(line.trim(), format!("KVFERRY-TARGET published as {seg}"));
+    let o = kvferry(&[
+        "bench",
+        "storage",
+        "--mode=initiator",
+        "--local_server_name=127.0.0.1:8082",
+        &format!("--metadata_server={meta}"),
+        "--operation=write",
+        &format!("--segment_id={seg}"),
+        "--batch_size=8",
+        "--block_size=65536",
+        "--duration=0.5",
+        "--threads=1",
+        "--report_unit=MB",
+    ]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    let row = out.lines().find(|l| l.starts_with("TCP ")).unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(row.split_whitespace().take(4).collect::<Vec<_>>(), ["TCP", "WRITE", "64K", "8"], "{out}");
+    let done = out.lines().find(|l| l.starts_with("Test completed: duration ")).unwrap_or_else(|| panic!("{out}"));
+    assert!(done.contains(", batch count ") && done.ends_with(" MB/s"), "{done}");
+    assert!(std::fs::metadata(format!("{dir}/f1")).unwrap().len() >= 8 << 20, "both files were exported");
+    target.signal(libc::SIGTERM).unwrap();
+    assert!(target.exits_within(Duration::from_secs(10)).expect("the target stops on SIGTERM").success());
+    assert!(!std::path::Path::new(&format!("{dir}/f1")).exists(), "the files it created are removed");
+
+    // Loopback: the target is a child process, found through the store too;
+    // Mooncake's environment variable turns O_DIRECT on.
+    let o = Command::new(env!("CARGO_BIN_EXE_kvferry"))
+        .env("MC_NVMEOF_GENERIC_DIRECT_IO", "on")
+        .env("MC_NVMEOF_GENERIC_NUM_WORKERS", "4")
+        .args(["bench", "storage", "--mode=loopback", &format!("--metadata_server={meta}"), "--operation=read"])
+        .args([format!("--segment_id={seg}-lb"), "--batch_size=4".into(), "--block_size=4096".into()])
+        .args([
+            "--duration=0.3",
+            "--report_unit=GiB",
+            &format!("--files={dir}/g0"),
+            "--file-size=4M",
+            "--check-consistency",
+        ])
+        .output()
+        .unwrap();
+    let out = text(&o);
+    assert!(o.status.success() && out.contains("Test completed: ") && out.contains(" GiB/s"), "{out}");
+    let bad = kvferry(&["bench", "storage", "--report_unit=TB"]);
+    assert!(!bad.status.success() && text(&bad).contains("expected GB, GiB, Gb or MB"), "{}", text(&bad));
+    let lost = kvferry(&["bench", "storage", "--mode=initiator", "--segment_id=x"]);
+    assert!(!lost.status.success() && text(&lost).contains("--segment_id needs --metadata_server"), "{}", text(&lost));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Starts `cmd` (killed when the returned handle drops) and returns it with
 /// the first line it prints.
 fn start(what: &str, cmd: &mut Command) -> (Child, String) {

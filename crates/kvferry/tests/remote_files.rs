@@ -195,3 +195,56 @@ fn large_reads_are_pipelined_in_order() {
     assert!(back.iter().zip(&pattern).all(|(a, b)| *a == !*b), "every byte written back");
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// The seed's reliability claim: one exported device failing does not
+/// affect the others. A loop device is exported beside a plain file; after
+/// WRITEs to both succeed, the device is switched read-only (`blockdev
+/// --setro`: this kernel has no device-mapper for an error target). From
+/// then on WRITEs to it fail with a clear error naming it, while the file
+/// keeps taking WRITEs, the device still serves READs, and the connection
+/// stays up. Root only (loop devices).
+#[test]
+fn a_device_that_turns_read_only_fails_alone() {
+    use kvferry_test_support::fs::{is_root, sh, skipped, LoopDev};
+    if !is_root() {
+        return skipped("a_device_that_turns_read_only_fails_alone", "needs root for a loop device");
+    }
+    let d = dir("ro");
+    let img = d.join("dev.img");
+    std::fs::write(&img, vec![0u8; 4 << 20]).unwrap();
+    let dev = match LoopDev::attach(&img) {
+        Ok(l) => l,
+        Err(e) => return skipped("a_device_that_turns_read_only_fails_alone", &e),
+    };
+    let (target, init) = pair();
+    let fdev = target.register_local_file(&dev.dev, 4 << 20, false).unwrap();
+    let ffile = target.register_local_file(d.join("ok"), 4 << 20, false).unwrap();
+    init.load_remote_metadata(&target.local_metadata().unwrap()).unwrap();
+    let mut buf = AlignedBuf::new(128 << 10).unwrap();
+    buf.as_mut_slice()[..64 << 10].fill(0xA5);
+    let _r = init.register_buf(&buf).unwrap();
+    let src = buf.xfer_blocks(0, 64 << 10, 1).unwrap();
+    let back = buf.xfer_blocks(64 << 10, 64 << 10, 1).unwrap();
+    for i in 0..8u64 {
+        run(&init, XferOp::Write, &src, &file(fdev, i << 16, 64 << 10), target.name()).unwrap();
+        run(&init, XferOp::Write, &src, &file(ffile, i << 16, 64 << 10), target.name()).unwrap();
+    }
+    sh("blockdev", &["--setro", &dev.dev]).unwrap();
+    let failed = run(&init, XferOp::Write, &src, &file(fdev, 8 << 16, 64 << 10), target.name());
+    sh("blockdev", &["--setrw", &dev.dev]).unwrap();
+    let e = failed.expect_err("a WRITE to the read-only device fails");
+    eprintln!("the read-only device answered: {e}");
+    assert!(e.to_string().contains("refused by the target"), "{e}");
+    assert!(e.to_string().contains(&dev.dev) || e.to_string().contains(&fdev.to_string()), "names the device: {e}");
+    // The others are untouched: the file takes WRITEs, the device READs, over the same peer.
+    for i in 8..16u64 {
+        run(&init, XferOp::Write, &src, &file(ffile, i << 16, 64 << 10), target.name()).unwrap();
+    }
+    run(&init, XferOp::Read, &back, &file(fdev, 0, 64 << 10), target.name()).unwrap();
+    assert!(buf.as_slice()[64 << 10..].iter().all(|&b| b == 0xA5), "the device's earlier bytes read back");
+    let on_disk = std::fs::read(d.join("ok")).unwrap();
+    assert!(on_disk[..16 << 16].iter().all(|&b| b == 0xA5), "every WRITE to the file landed");
+    drop((target, init));
+    drop(dev);
+    std::fs::remove_dir_all(&d).unwrap();
+}

@@ -12,6 +12,7 @@ use kvferry::{Error, Params, Request, Result, XferState};
 use report::Timings;
 
 pub mod meta;
+pub mod mooncake;
 pub mod p2p;
 pub mod pattern;
 pub mod report;
@@ -22,7 +23,7 @@ pub mod summary;
 #[derive(Args, Debug, Clone)]
 pub struct Common {
     /// write or read.
-    #[arg(long, alias = "op_type", default_value = "write")]
+    #[arg(long, alias = "op_type", alias = "operation", default_value = "write")]
     pub op: String,
     /// Block sizes to measure, e.g. 4K,64K,1M,64M.
     #[arg(long, value_delimiter = ',')]

@@ -409,6 +409,11 @@ fn spawn_target(args: &P2pArgs) -> Result<(String, ChildGuard)> {
 /// Starts `kvferry <argv>` as a loopback target and returns the rendezvous
 /// address it prints; the guard kills it if the run ends early.
 pub(crate) fn spawn_child(argv: &[String]) -> Result<(String, ChildGuard)> {
+    spawn_child_saying(argv, "KVFERRY-TARGET listening on ")
+}
+
+/// Starts `kvferry argv…` and returns what its first line says after `prefix`.
+pub(crate) fn spawn_child_saying(argv: &[String], prefix: &str) -> Result<(String, ChildGuard)> {
     let exe = std::env::current_exe().map_err(|e| Error::io("locating the kvferry binary", e))?;
     let mut cmd = Command::new(exe);
     cmd.args(argv);
@@ -424,7 +429,7 @@ pub(crate) fn spawn_child(argv: &[String]) -> Result<(String, ChildGuard)> {
     BufReader::new(out).read_line(&mut line).map_err(|e| Error::io("reading the target's address", e))?;
     let addr = line
         .trim()
-        .strip_prefix("KVFERRY-TARGET listening on ")
+        .strip_prefix(prefix)
         .ok_or_else(|| {
             Error::new(kvferry::ErrorKind::Backend, format!("the loopback target did not start (it said {line:?})"))
         })?

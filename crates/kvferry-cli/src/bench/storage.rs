@@ -15,6 +15,7 @@ use kvferry::{
     XferOp, XferState,
 };
 
+use super::mooncake::{self, MooncakeFlags};
 use super::report::{self, Point, Timings};
 use super::{pattern, BufferKind, Common};
 use crate::rendezvous::{self, Msg};
@@ -76,13 +77,16 @@ pub struct StorageArgs {
     #[arg(long, default_value_t = 0)]
     pub port: u16,
     /// Block size (alias of --block-sizes with one value).
-    #[arg(long)]
+    #[arg(long, alias = "block_size")]
     pub block_size: Option<String>,
     /// Batch size (alias of --batch-sizes with one value).
-    #[arg(long)]
+    #[arg(long, alias = "batch_size")]
     pub batch_size: Option<usize>,
     #[command(flatten)]
     pub common: Common,
+    /// Mooncake's `transfer_engine_nvmeof_generic_bench` flags.
+    #[command(flatten)]
+    pub mooncake: MooncakeFlags,
 }
 
 struct BenchFile {
@@ -208,14 +212,30 @@ fn sweep_flags(a: &StorageArgs) -> Common {
 }
 
 fn posix_params(a: &StorageArgs, c: &Common) -> Result<kvferry::Params> {
-    let mut params = c.backend_params()?;
+    let mut params = kvferry::Params::new();
+    if let Some(n) = mooncake::env_num_workers()? {
+        params.set("threads", n.to_string());
+    }
+    for (k, v) in c.backend_params()?.iter() {
+        params.set(k, v);
+    }
     if let Some(e) = &a.engine {
         params.set("engine", e);
     }
     Ok(params)
 }
 
+/// The flags with Mooncake's spellings and environment folded in.
+fn normalized(a: &StorageArgs) -> Result<StorageArgs> {
+    a.mooncake.check()?;
+    let mut a = a.clone();
+    a.files = mooncake::split_files(&a.files);
+    a.direct |= mooncake::env_direct_io();
+    Ok(a)
+}
+
 fn run_inner(a: &StorageArgs, print: bool) -> Result<Vec<Point>> {
+    let a = &normalized(a)?;
     let c = sweep_flags(a);
     let op: XferOp = c.op.parse()?;
     if a.mode == StorageMode::Target {
@@ -252,6 +272,9 @@ fn run_inner(a: &StorageArgs, print: bool) -> Result<Vec<Point>> {
         out.push(p);
     }
     bar.finish_and_clear();
+    if print && !c.json {
+        println!("{}", a.mooncake.completed_line(&out)?);
+    }
     Ok(out)
 }
 
@@ -287,14 +310,17 @@ fn local_session(a: &StorageArgs, c: &Common, op: XferOp, max: usize) -> Result<
 /// Exports the files and serves one initiator over TCP (remote file segments).
 fn run_target(a: &StorageArgs, c: &Common, op: XferOp) -> Result<()> {
     let files = prepare_files(a, op)?;
-    let agent = Agent::new(
-        &format!("bench-storage-target-{}", std::process::id()),
-        AgentConfig::env_defaults()
-            .with_backend("posix", posix_params(a, c)?)
-            .with_backend("tcp", kvferry::Params::new()),
-    )?;
+    let name =
+        a.mooncake.local_server_name.clone().unwrap_or_else(|| format!("bench-storage-target-{}", std::process::id()));
+    let config = AgentConfig::env_defaults()
+        .with_backend("posix", posix_params(a, c)?)
+        .with_backend("tcp", kvferry::Params::new());
+    let agent = Agent::new(&name, a.mooncake.with_store(config)?)?;
     for f in &files {
         agent.register_local_file(&f.path, f.size, a.direct)?;
+    }
+    if a.mooncake.metadata_server.is_some() {
+        return serve_published(&agent);
     }
     let listener = rendezvous::listen(&a.ip, a.port)?;
     let addr = listener.local_addr().map_err(|e| Error::io("rendezvous: local address", e))?;
@@ -323,7 +349,80 @@ fn run_target(a: &StorageArgs, c: &Common, op: XferOp) -> Result<()> {
     }
 }
 
+/// Mooncake's target: publishes the agent (its exported files included)
+/// to the metadata service and serves initiators until SIGINT or SIGTERM.
+fn serve_published(agent: &Agent) -> Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).map_err(|e| Error::io("installing signal handlers", e))?;
+    }
+    agent.send_local_metadata(kvferry::MetaPeer::Store)?;
+    println!("KVFERRY-TARGET published as {}", agent.name());
+    eprintln!("bench storage: target '{}' published; serving until SIGINT or SIGTERM", agent.name());
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = agent.invalidate_local_metadata(kvferry::MetaPeer::Store);
+    Ok(())
+}
+
+/// Mooncake's initiator: finds the target `--segment_id` in the metadata
+/// service (in loopback mode, first starts it as a child process).
+fn store_session(a: &StorageArgs, c: &Common, max: usize) -> Result<Session> {
+    let mut keep: Vec<Box<dyn std::any::Any + Send + Sync>> = Vec::new();
+    let url = a.mooncake.metadata_server.clone().unwrap_or_default();
+    let segment = match (&a.mooncake.segment_id, a.mode) {
+        (Some(s), StorageMode::Initiator) => s.clone(),
+        (None, StorageMode::Initiator) => {
+            return Err(Error::invalid(
+                "bench storage --mode initiator --metadata_server needs --segment_id: the target's name",
+            ))
+        }
+        (seg, _) => {
+            let name = seg.clone().unwrap_or_else(|| format!("bench-storage-target-{}", std::process::id()));
+            let mut argv: Vec<String> =
+                ["bench", "storage", "--mode", "target", "--op", &c.op, "--local_server_name", &name]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect();
+            argv.extend(["--metadata_server".into(), url.clone(), "--file-size".into(), a.file_size.clone()]);
+            argv.extend(["--dir".into(), a.dir.display().to_string(), "--num-files".into(), a.num_files.to_string()]);
+            if !a.files.is_empty() {
+                argv.push("--files".into());
+                argv.push(a.files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(","));
+            }
+            if a.direct {
+                argv.push("--direct".into());
+            }
+            let (published, child) = super::p2p::spawn_child_saying(&argv, "KVFERRY-TARGET published as ")?;
+            keep.push(Box::new(child));
+            published
+        }
+    };
+    let agent = Agent::new(
+        &format!("bench-storage-initiator-{}", std::process::id()),
+        a.mooncake.with_store(AgentConfig::env_defaults().with_backend("tcp", c.backend_params()?))?,
+    )?;
+    let buf = c.buffer_or(BufferKind::Huge).alloc(max * 2)?;
+    let breg = agent.register_buf(&buf)?;
+    agent.fetch_remote_metadata(&segment, None, kvferry::MetaPeer::Store)?;
+    let files = agent.remote_files(&segment)?;
+    if files.is_empty() {
+        return Err(Error::not_found(format!("storage target '{segment}' exports no files")));
+    }
+    let target = Target {
+        agent: segment,
+        files: files.iter().enumerate().map(|(i, f)| (f.id, f.size, FILE_SEED.wrapping_add(i as u8))).collect(),
+    };
+    keep.insert(0, Box::new(breg));
+    Ok(Session { agent, buf, target, backend: "TCP", engine: "remote".into(), _keep: keep })
+}
+
 fn remote_session(a: &StorageArgs, c: &Common, _op: XferOp, max: usize) -> Result<Session> {
+    if a.mooncake.metadata_server.is_some() {
+        return store_session(a, c, max);
+    }
     let mut keep: Vec<Box<dyn std::any::Any + Send + Sync>> = Vec::new();
     let addr = if a.mode == StorageMode::Loopback {
         let mut argv: Vec<String> =
