@@ -126,3 +126,48 @@ fn the_environment_turns_it_on_nixl_names_too() {
         assert_eq!(cfg.telemetry, on, "{k}={v}");
     }
 }
+
+/// A hostile client's frames show in the target's metrics: each refused
+/// frame is counted, none is counted as served, and the target's counters
+/// stay exact while a legitimate initiator uses it at the same time.
+#[test]
+fn refused_frames_of_a_hostile_client_are_counted() {
+    use kvferry::backend::tcp::proto::{ConnInfo, Entry, FrameType, Status};
+    use kvferry::backend::AccessKey;
+    use kvferry::metadata::AgentMetadata;
+    use kvferry_test_support::tcp_wire::{answer, frame, hello, read_welcome};
+
+    let t = agent("tel-hostile-t", "TCP", true);
+    let buf = AlignedBuf::new(1 << 16).unwrap();
+    let _r = t.register_buf(&buf).unwrap();
+    let md = AgentMetadata::decode(&t.local_metadata().unwrap()).unwrap();
+    let tcp = md.backends.iter().find(|b| b.name == "TCP").unwrap();
+    let port = ConnInfo::decode(tcp.conn_info.as_ref().unwrap()).unwrap().port;
+    let region = &md.regions[0];
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&hello(1, md.instance, "hostile", b"")).unwrap();
+    assert_eq!(read_welcome(&mut s).unwrap().status, Status::Ok);
+    let junk = [0xeeu8; 64];
+    let bad = [
+        Entry { key: AccessKey([0x5a; 16]), addr: region.addr, len: 64 },
+        Entry { key: region.key, addr: region.addr + region.len - 32, len: 64 },
+        Entry { key: region.key, addr: u64::MAX - 8, len: 64 },
+    ];
+    for (op, e) in bad.iter().enumerate() {
+        s.write_all(&frame(FrameType::Write, op as u64 + 1, &[*e], &junk)).unwrap();
+        assert_eq!(answer(&mut s).0.ty, FrameType::Error);
+    }
+    let good = Entry { key: region.key, addr: region.addr, len: 64 };
+    s.write_all(&frame(FrameType::Write, 9, &[good], &junk)).unwrap();
+    assert_eq!(answer(&mut s).0.ty, FrameType::Ack);
+    let text = t.metrics_text().unwrap();
+    for line in [
+        r#"kvferry_refused_frames_total{backend="TCP",agent="tel-hostile-t"} 3"#,
+        r#"kvferry_served_frames_total{backend="TCP",agent="tel-hostile-t"} 1"#,
+        r#"kvferry_served_bytes_total{backend="TCP",op="WRITE",agent="tel-hostile-t"} 64"#,
+    ] {
+        assert!(text.contains(line), "missing {line} in\n{text}");
+    }
+    assert!(buf.as_slice()[64..].iter().all(|&b| b == 0), "only the good frame landed");
+}
