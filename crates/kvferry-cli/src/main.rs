@@ -30,9 +30,6 @@ enum Cmd {
         /// Summary as JSON lines.
         #[arg(long)]
         json: bool,
-        /// Also draw the summary's bandwidth and latency here (`.svg` or `.png`).
-        #[arg(long)]
-        plot: Option<std::path::PathBuf>,
     },
     /// Setup check: plugins, io_uring, cross-memory attach, namespaces, GPU, etcd.
     Info {
@@ -60,18 +57,14 @@ fn main() {
     let cli = Cli::parse();
     logging::init(cli.log_format);
     let r = match cli.cmd {
-        Cmd::Bench { which: None, json, plot } => bench::summary::run(json, plot.as_deref()),
+        Cmd::Bench { which: None, json } => bench::summary::run(json),
         Cmd::Bench { which: Some(BenchCmd::P2p(a)), .. } => {
             bench::p2p::run(&a)
                 .and_then(|pts| if pts.is_empty() { Ok(()) } else { a.common.plot(&pts, "kvferry bench p2p") })
         }
-        Cmd::Bench { which: Some(BenchCmd::Storage(a)), .. } => bench::storage::run(&a).and_then(|pts| {
-            if pts.is_empty() {
-                Ok(())
-            } else {
-                a.common.plot(&pts, "kvferry bench storage")
-            }
-        }),
+        Cmd::Bench { which: Some(BenchCmd::Storage(a)), .. } => {
+            bench::storage::run(&a).and_then(|pts| a.common.plot(&pts, "kvferry bench storage"))
+        }
         Cmd::Info { json } => {
             info::run(json);
             Ok(())

@@ -15,7 +15,6 @@ pub mod meta;
 pub mod mooncake;
 pub mod p2p;
 pub mod pattern;
-pub mod plot;
 pub mod report;
 pub mod storage;
 pub mod summary;
@@ -62,8 +61,7 @@ pub struct Common {
     /// One JSON object per line instead of the table.
     #[arg(long)]
     pub json: bool,
-    /// Write a chart of bandwidth and latency against block size here
-    /// (`.svg` or `.png`).
+    /// Write an SVG chart of bandwidth against block size here.
     #[arg(long)]
     pub plot: Option<PathBuf>,
     /// Backend parameter NAME=VALUE (repeatable), e.g. --param lanes=4.
@@ -140,10 +138,11 @@ impl Common {
 
     /// Writes the chart if --plot was given.
     pub fn plot(&self, points: &[report::Point], title: &str) -> Result<()> {
-        match &self.plot {
-            Some(path) => plot::write(path, points, title),
-            None => Ok(()),
+        if let Some(path) = &self.plot {
+            std::fs::write(path, report::svg_plot(points, title))
+                .map_err(|e| Error::io(format!("writing the chart to {}", path.display()), e))?;
         }
+        Ok(())
     }
 }
 

@@ -40,7 +40,7 @@ fn common(args: &[&str]) -> Common {
 }
 
 /// Runs the summary and prints its table (or JSON lines with `json`).
-pub fn run(json: bool, plot: Option<&std::path::Path>) -> Result<()> {
+pub fn run(json: bool) -> Result<()> {
     let started = Instant::now();
     let memcpy = memcpy_gbps(64 << 20);
     let mut rows: Vec<Point> = Vec::new();
@@ -48,9 +48,6 @@ pub fn run(json: bool, plot: Option<&std::path::Path>) -> Result<()> {
     let plugins = Agent::available_plugins();
     p2p_rows(&plugins, &mut rows, &mut skipped)?;
     storage_rows(&plugins, &mut rows, &mut skipped);
-    if let Some(path) = plot {
-        super::plot::write(path, &rows, "kvferry bench: every backend")?;
-    }
     if json {
         for p in &rows {
             println!("{}", serde_json::to_string(p).unwrap_or_default());
