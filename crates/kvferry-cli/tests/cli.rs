@@ -154,7 +154,7 @@ fn p2p_duration_table_and_plot() {
     assert!(out.contains("GB/s") && out.contains("prep p50"), "{out}");
     assert_eq!(out.lines().count(), 4, "header and three block sizes: {out}");
     let chart = std::fs::read_to_string(&svg).unwrap();
-    assert!(chart.starts_with("<svg") && chart.contains("LOCAL WRITE 2 threads"), "{chart}");
+    assert!(chart.starts_with("<svg") && chart.contains("LOCAL WRITE, 2 threads"), "{chart}");
     let png = dir.join("bw.png");
     let o = kvferry(&["bench", "p2p", "--backend", "local", "--block-sizes", "4K", "--plot", png.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));

@@ -1,6 +1,6 @@
 //! `--plot PATH`: a chart of bandwidth and average latency against block
-//! size, one line per series (backend, operation, batch size, engine,
-//! threads), drawn with plotters as SVG or PNG, chosen by the extension.
+//! size, one line per series (backend, operation, storage pattern, batch
+//! size, engine, threads), drawn with plotters as SVG or PNG, chosen by the extension.
 //!
 //! Text in PNGs is drawn with Noto Sans, built into the binary (the
 //! `ttf-noto-sans` crate), so no system font or fontconfig is needed. SVGs
@@ -21,8 +21,8 @@ use super::report::{size_str, Point};
 
 /// Chart size in pixels (SVG user units).
 const SIZE: (u32, u32) = (1280, 900);
-/// Width of the legend column on the right.
-const LEGEND_W: u32 = 300;
+/// Narrowest legend column on the right; it widens to fit the names.
+const LEGEND_MIN_W: u32 = 220;
 /// The font family name the text asks for (registered for PNGs).
 const FONT: &str = "sans-serif";
 /// Line colours, one per series in turn (the "tab10" palette).
@@ -86,14 +86,17 @@ struct Series {
 /// The name of `p`'s series: what tells its points from other lines.
 fn series_name(p: &Point) -> String {
     let mut name = format!("{} {}", p.backend, p.op);
+    if let Some(pat) = &p.pattern {
+        name.push_str(&format!(" {pat}"));
+    }
     if p.batch_size != 1 {
-        name.push_str(&format!(" batch {}", p.batch_size));
+        name.push_str(&format!(", batch {}", p.batch_size));
     }
     if let Some(e) = &p.engine {
-        name.push_str(&format!(" {e}"));
+        name.push_str(&format!(", {e}"));
     }
     if p.threads > 1 {
-        name.push_str(&format!(" {} threads", p.threads));
+        name.push_str(&format!(", {} threads", p.threads));
     }
     name
 }
@@ -179,16 +182,18 @@ fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, title: &str, s: &[Seri
     root.fill(&WHITE).map_err(drawing)?;
     let root = root.titled(title, (FONT, 34)).map_err(drawing)?;
     let (w, h) = root.dim_in_pixel();
-    let (charts, legend) = root.split_horizontally(w.saturating_sub(LEGEND_W));
+    let names = s.iter().map(|s| root.estimate_text_size(&s.name, &legend_style()).map_or(0, |(w, _)| w));
+    let legend_w = names.max().unwrap_or(0).saturating_add(100).clamp(LEGEND_MIN_W, w / 2);
+    let (charts, legend) = root.split_horizontally(w.saturating_sub(legend_w));
     let (top, bottom) = charts.split_vertically(h / 2);
     let all = || s.iter().flat_map(|s| s.samples.iter());
     let bw_max = all().map(|p| p.gbps).filter(|v| v.is_finite()).fold(0.0, f64::max).max(1e-3) * 1.15;
     let lat = all().map(|p| p.lat_us).filter(|v| v.is_finite() && *v > 0.0);
     let (lat_lo, lat_hi) = lat.fold((f64::INFINITY, 0.0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
-    let (lat_lo, lat_hi) = if lat_hi > 0.0 { (lat_lo / 1.6, lat_hi * 1.6) } else { (0.1, 10.0) };
+    let (lat_lo, lat_hi) = if lat_hi > 0.0 { (lat_lo, lat_hi) } else { (1.0, 1.0) };
     let y_bw = plotters::coord::types::RangedCoordf64::from(0.0..bw_max);
     panel(&top, "bandwidth", "bandwidth (GB/s)", y_bw, s, |p| p.gbps).map_err(drawing)?;
-    let y_lat: LogCoord<f64> = (lat_lo..lat_hi).log_scale().into();
+    let y_lat = decades(lat_lo, lat_hi);
     panel(&bottom, "average latency (log scale)", "average latency (µs)", y_lat, s, |p| p.lat_us).map_err(drawing)?;
     draw_legend(&legend, s).map_err(drawing)?;
     root.present().map_err(drawing)
@@ -205,6 +210,17 @@ fn x_axis(s: &[Series]) -> impl Ranged<ValueType = f64> + ValueFormatter<f64> {
     let step = ((e_hi - e_lo) / 12 + 1) as usize;
     let ticks: Vec<f64> = (e_lo..=e_hi).step_by(step).map(|e| 2f64.powi(e)).collect();
     (lo / 1.5..hi * 1.5).log_scale().with_key_points(ticks)
+}
+
+/// A log axis from the decade below `lo` to the decade above `hi`, ticks on
+/// each decade (and at 2 and 5 times it when there are few decades).
+fn decades(lo: f64, hi: f64) -> impl Ranged<ValueType = f64> + ValueFormatter<f64> {
+    let (e_lo, e_hi) = ((lo / 1.25).log10().floor() as i32, (hi * 1.25).log10().ceil() as i32);
+    let e_hi = e_hi.max(e_lo + 1);
+    let steps: &[f64] = if e_hi - e_lo < 3 { &[1.0, 2.0, 5.0] } else { &[1.0] };
+    let mut ticks: Vec<f64> = (e_lo..e_hi).flat_map(|e| steps.iter().map(move |m| m * 10f64.powi(e))).collect();
+    ticks.push(10f64.powi(e_hi));
+    (10f64.powi(e_lo)..10f64.powi(e_hi)).log_scale().with_key_points(ticks)
 }
 
 /// Draws one panel: `value` of every series against block size.
@@ -246,7 +262,12 @@ where
             .filter(|(_, v)| v.is_finite() && *v > 0.0)
             .collect();
         chart.draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))?;
-        chart.draw_series(pts.iter().map(|&xy| Circle::new(xy, 4, color.filled())))?;
+        // Past ten series the colours come round again, with another marker.
+        match marker(i) {
+            Marker::Circle => chart.draw_series(pts.iter().map(|&xy| Circle::new(xy, 4, color.filled())))?,
+            Marker::Triangle => chart.draw_series(pts.iter().map(|&xy| TriangleMarker::new(xy, 6, color.filled())))?,
+            Marker::Cross => chart.draw_series(pts.iter().map(|&xy| Cross::new(xy, 5, color.stroke_width(2))))?,
+        };
     }
     Ok(())
 }
@@ -259,15 +280,39 @@ fn draw_legend<DB: DrawingBackend>(
     let left = Pos::new(HPos::Left, VPos::Center);
     let head = TextStyle::from((FONT, 23).into_font()).color(&BLACK).pos(left);
     area.draw(&Text::new("series", (12, 60), head))?;
-    let style = TextStyle::from((FONT, 19).into_font()).color(&BLACK).pos(left);
     for (i, series) in s.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
         let y = 92 + 28 * i as i32;
         area.draw(&PathElement::new(vec![(12, y), (44, y)], color.stroke_width(2)))?;
-        area.draw(&Circle::new((28, y), 4, color.filled()))?;
-        area.draw(&Text::new(series.name.clone(), (54, y), style.clone()))?;
+        match marker(i) {
+            Marker::Circle => area.draw(&Circle::new((28, y), 4, color.filled()))?,
+            Marker::Triangle => area.draw(&TriangleMarker::new((28, y), 6, color.filled()))?,
+            Marker::Cross => area.draw(&Cross::new((28, y), 5, color.stroke_width(2)))?,
+        }
+        area.draw(&Text::new(series.name.clone(), (54, y), legend_style()))?;
     }
     Ok(())
+}
+
+/// The legend's text.
+fn legend_style() -> TextStyle<'static> {
+    TextStyle::from((FONT, 19).into_font()).color(&BLACK).pos(Pos::new(HPos::Left, VPos::Center))
+}
+
+/// The marker of a series' points.
+enum Marker {
+    Circle,
+    Triangle,
+    Cross,
+}
+
+/// Series `i`'s marker: circles for the first ten, then triangles, crosses.
+fn marker(i: usize) -> Marker {
+    match i / COLORS.len() % 3 {
+        0 => Marker::Circle,
+        1 => Marker::Triangle,
+        _ => Marker::Cross,
+    }
 }
 
 /// An axis number: as many decimals as it needs, at most three.
@@ -350,8 +395,9 @@ mod tests {
     #[test]
     fn series_names_and_numbers() {
         let t = Timings { iters: 1, bytes: 4096, elapsed: Duration::from_micros(10), ..Default::default() };
-        let p = t.point("storage", "POSIX", "READ", Some("uring".into()), 4096, 64, 2, true);
-        assert_eq!(series_name(&p), "POSIX READ batch 64 uring 2 threads");
+        let mut p = t.point("storage", "POSIX", "READ", Some("uring".into()), 4096, 64, 2, true);
+        p.pattern = Some("rand".into());
+        assert_eq!(series_name(&p), "POSIX READ rand, batch 64, uring, 2 threads");
         assert_eq!(series(&points()).len(), 2);
         assert_eq!((number(2.0), number(0.25), number(12.5)), ("2".into(), "0.25".into(), "12.5".into()));
     }

@@ -65,28 +65,52 @@ impl Samples {
 /// One measured point: a block size and batch size on one backend.
 #[derive(Debug, Serialize)]
 pub struct Point {
+    /// Which benchmark: "p2p" or "storage".
     pub bench: &'static str,
+    /// The backend measured, e.g. "SHM" or "POSIX".
     pub backend: String,
+    /// The operation: "WRITE" or "READ".
     pub op: String,
+    /// The storage engine (uring, threads), for storage points.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub engine: Option<String>,
+    /// The storage offset pattern (seq, rand), for storage points.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pattern: Option<String>,
+    /// Bytes per descriptor.
     pub block_size: u64,
+    /// Descriptors per request.
     pub batch_size: usize,
+    /// Threads posting at once.
     pub threads: usize,
+    /// Timed requests completed.
     pub iters: u64,
+    /// Bytes moved by the timed requests.
     pub bytes: u64,
+    /// Wall time of the timed requests.
     pub seconds: f64,
+    /// Bandwidth in GB/s (10^9 bytes per second).
     pub gbps: f64,
+    /// Descriptors per second, for storage points.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub iops: Option<f64>,
+    /// Post to completion, mean, in µs.
     pub lat_us_avg: f64,
+    /// Post to completion, median, in µs.
     pub lat_us_p50: f64,
+    /// Post to completion, 99th percentile, in µs.
     pub lat_us_p99: f64,
+    /// Request preparation, mean, in µs.
     pub prep_us_avg: f64,
+    /// Request preparation, median, in µs.
     pub prep_us_p50: f64,
+    /// Request preparation, 99th percentile, in µs.
     pub prep_us_p99: f64,
+    /// The post call alone, median, in µs.
     pub post_us_p50: f64,
+    /// The post call alone, 99th percentile, in µs.
     pub post_us_p99: f64,
+    /// Whether every byte was checked after the point (with --check-consistency).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub verified: Option<bool>,
 }
@@ -130,6 +154,7 @@ impl Timings {
             backend: backend.to_string(),
             op: op.to_string(),
             engine,
+            pattern: None,
             block_size: block,
             batch_size: batch,
             threads,
