@@ -30,6 +30,10 @@ enum Cmd {
         /// Summary as JSON lines.
         #[arg(long)]
         json: bool,
+        /// Write a chart of the summary's bandwidth and latency against
+        /// block size here: an SVG or a PNG, told by the extension.
+        #[arg(long)]
+        plot: Option<std::path::PathBuf>,
     },
     /// Setup check: plugins, io_uring, cross-memory attach, namespaces, GPU, etcd.
     Info {
@@ -57,14 +61,15 @@ fn main() {
     let cli = Cli::parse();
     logging::init(cli.log_format);
     let r = match cli.cmd {
-        Cmd::Bench { which: None, json } => bench::summary::run(json),
-        Cmd::Bench { which: Some(BenchCmd::P2p(a)), .. } => {
-            bench::p2p::run(&a)
-                .and_then(|pts| if pts.is_empty() { Ok(()) } else { a.common.plot(&pts, "kvferry bench p2p") })
-        }
-        Cmd::Bench { which: Some(BenchCmd::Storage(a)), .. } => {
-            bench::storage::run(&a).and_then(|pts| a.common.plot(&pts, "kvferry bench storage"))
-        }
+        Cmd::Bench { which: None, json, plot } => bench::summary::run(json, plot.as_deref()),
+        // A --plot name that is not .svg or .png fails before the run, not after it.
+        Cmd::Bench { which: Some(BenchCmd::P2p(a)), .. } => bench::plot::check(a.common.plot.as_deref())
+            .and_then(|()| bench::p2p::run(&a))
+            // A target measures nothing: there is no chart to draw.
+            .and_then(|pts| if pts.is_empty() { Ok(()) } else { a.common.plot(&pts, "kvferry bench p2p") }),
+        Cmd::Bench { which: Some(BenchCmd::Storage(a)), .. } => bench::plot::check(a.common.plot.as_deref())
+            .and_then(|()| bench::storage::run(&a))
+            .and_then(|pts| a.common.plot(&pts, "kvferry bench storage")),
         Cmd::Info { json } => {
             info::run(json);
             Ok(())

@@ -153,7 +153,18 @@ fn p2p_duration_table_and_plot() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("GB/s") && out.contains("prep p50"), "{out}");
     assert_eq!(out.lines().count(), 4, "header and three block sizes: {out}");
-    assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
+    let chart = std::fs::read_to_string(&svg).unwrap();
+    assert!(chart.starts_with("<svg") && chart.contains("LOCAL WRITE, 2 threads"), "{chart}");
+    let png = dir.join("bw.png");
+    let o = kvferry(&["bench", "p2p", "--backend", "local", "--block-sizes", "4K", "--plot", png.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
+    // A name that is neither .svg nor .png fails before the run: no table.
+    let o = kvferry(&["bench", "p2p", "--backend", "local", "--block-sizes", "4K", "--plot", "bw.jpg"]);
+    assert!(!o.status.success() && text(&o).contains(".svg") && text(&o).contains(".png"), "{}", text(&o));
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("GB/s"), "{}", text(&o));
+    let o = kvferry(&["bench", "--plot", "summary.txt"]);
+    assert!(!o.status.success() && text(&o).contains(".png"), "{}", text(&o));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -15,6 +15,7 @@ pub mod meta;
 pub mod mooncake;
 pub mod p2p;
 pub mod pattern;
+pub mod plot;
 pub mod report;
 pub mod storage;
 pub mod summary;
@@ -61,7 +62,8 @@ pub struct Common {
     /// One JSON object per line instead of the table.
     #[arg(long)]
     pub json: bool,
-    /// Write an SVG chart of bandwidth against block size here.
+    /// Write a chart of bandwidth and latency against block size here: an
+    /// SVG or a PNG, told by the extension (.svg, .png).
     #[arg(long)]
     pub plot: Option<PathBuf>,
     /// Backend parameter NAME=VALUE (repeatable), e.g. --param lanes=4.
@@ -136,13 +138,9 @@ impl Common {
         }
     }
 
-    /// Writes the chart if --plot was given.
+    /// Writes the chart if --plot was given (see [`plot::write`]).
     pub fn plot(&self, points: &[report::Point], title: &str) -> Result<()> {
-        if let Some(path) = &self.plot {
-            std::fs::write(path, report::svg_plot(points, title))
-                .map_err(|e| Error::io(format!("writing the chart to {}", path.display()), e))?;
-        }
-        Ok(())
+        self.plot.as_deref().map_or(Ok(()), |path| plot::write(path, points, title))
     }
 }
 

@@ -1,7 +1,6 @@
 //! Results of one benchmark point, and the ways they are shown: a table with
-//! nixlbench's columns, JSON lines, and an SVG chart.
+//! nixlbench's columns and JSON lines (charts: [`super::plot`]).
 
-use std::fmt::Write as _;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
@@ -66,28 +65,52 @@ impl Samples {
 /// One measured point: a block size and batch size on one backend.
 #[derive(Debug, Serialize)]
 pub struct Point {
+    /// Which benchmark: "p2p" or "storage".
     pub bench: &'static str,
+    /// The backend measured, e.g. "SHM" or "POSIX".
     pub backend: String,
+    /// The operation: "WRITE" or "READ".
     pub op: String,
+    /// The storage engine (uring, threads), for storage points.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub engine: Option<String>,
+    /// The storage offset pattern (seq, rand), for storage points.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pattern: Option<String>,
+    /// Bytes per descriptor.
     pub block_size: u64,
+    /// Descriptors per request.
     pub batch_size: usize,
+    /// Threads posting at once.
     pub threads: usize,
+    /// Timed requests completed.
     pub iters: u64,
+    /// Bytes moved by the timed requests.
     pub bytes: u64,
+    /// Wall time of the timed requests.
     pub seconds: f64,
+    /// Bandwidth in GB/s (10^9 bytes per second).
     pub gbps: f64,
+    /// Descriptors per second, for storage points.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub iops: Option<f64>,
+    /// Post to completion, mean, in µs.
     pub lat_us_avg: f64,
+    /// Post to completion, median, in µs.
     pub lat_us_p50: f64,
+    /// Post to completion, 99th percentile, in µs.
     pub lat_us_p99: f64,
+    /// Request preparation, mean, in µs.
     pub prep_us_avg: f64,
+    /// Request preparation, median, in µs.
     pub prep_us_p50: f64,
+    /// Request preparation, 99th percentile, in µs.
     pub prep_us_p99: f64,
+    /// The post call alone, median, in µs.
     pub post_us_p50: f64,
+    /// The post call alone, 99th percentile, in µs.
     pub post_us_p99: f64,
+    /// Whether every byte was checked after the point (with --check-consistency).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub verified: Option<bool>,
 }
@@ -131,6 +154,7 @@ impl Timings {
             backend: backend.to_string(),
             op: op.to_string(),
             engine,
+            pattern: None,
             block_size: block,
             batch_size: batch,
             threads,
@@ -250,86 +274,6 @@ pub fn summary_row(p: &Point) -> String {
     line(&[SUMMARY], Some(p))
 }
 
-/// An SVG line chart of bandwidth against block size (log scale), one line
-/// per backend and operation.
-pub fn svg_plot(points: &[Point], title: &str) -> String {
-    let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
-    for p in points {
-        let key = format!("{} {} x{}", p.backend, p.op, p.batch_size);
-        let xy = ((p.block_size as f64).log2(), p.gbps);
-        match series.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, v)) => v.push(xy),
-            None => series.push((key, vec![xy])),
-        }
-    }
-    let (w, h, m) = (800.0, 480.0, 60.0);
-    let xmin = points.iter().map(|p| (p.block_size as f64).log2()).fold(f64::INFINITY, f64::min);
-    let xmax = points.iter().map(|p| (p.block_size as f64).log2()).fold(f64::NEG_INFINITY, f64::max);
-    let ymax = points.iter().map(|p| p.gbps).fold(0.0, f64::max).max(1e-3) * 1.1;
-    let xspan = (xmax - xmin).max(1.0);
-    let sx = |x: f64| m + (x - xmin) / xspan * (w - 2.0 * m);
-    let sy = |y: f64| h - m - y / ymax * (h - 2.0 * m);
-    let colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
-    let mut s = String::new();
-    let _ = write!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = write!(
-        s,
-        r#"<rect width="100%" height="100%" fill="white"/><text x="{}" y="24" text-anchor="middle" font-size="16">{}</text>"#,
-        w / 2.0,
-        xml(title)
-    );
-    let _ = write!(
-        s,
-        r#"<line x1="{m}" y1="{}" x2="{}" y2="{}" stroke="black"/><line x1="{m}" y1="{m}" x2="{m}" y2="{}" stroke="black"/>"#,
-        h - m,
-        w - m,
-        h - m,
-        h - m
-    );
-    for i in 0..=4 {
-        let y = ymax * f64::from(i) / 4.0;
-        let _ = write!(s, r#"<text x="{}" y="{}" text-anchor="end">{y:.2}</text>"#, m - 6.0, sy(y) + 4.0);
-    }
-    let mut x = xmin.floor();
-    while x <= xmax {
-        let _ = write!(
-            s,
-            r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
-            sx(x),
-            h - m + 18.0,
-            size_str(2f64.powf(x) as u64)
-        );
-        x += 1.0f64.max((xspan / 10.0).ceil());
-    }
-    let _ = write!(
-        s,
-        r#"<text x="{}" y="{}" text-anchor="middle">block size</text><text x="16" y="{}" transform="rotate(-90 16 {})" text-anchor="middle">GB/s</text>"#,
-        w / 2.0,
-        h - 16.0,
-        h / 2.0,
-        h / 2.0
-    );
-    for (i, (name, pts)) in series.iter().enumerate() {
-        let c = colors[i % colors.len()];
-        let path: Vec<String> = pts.iter().map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y))).collect();
-        let _ = write!(s, r#"<polyline fill="none" stroke="{c}" stroke-width="2" points="{}"/>"#, path.join(" "));
-        for &(x, y) in pts {
-            let _ = write!(s, r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{c}"/>"#, sx(x), sy(y));
-        }
-        let _ =
-            write!(s, r#"<text x="{}" y="{}" fill="{c}">{}</text>"#, m + 10.0, m + 16.0 * (i as f64 + 1.0), xml(name));
-    }
-    s.push_str("</svg>\n");
-    s
-}
-
-fn xml(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,17 +289,6 @@ mod tests {
         assert_eq!(size_str(64 << 20), "64M");
         assert_eq!(size_str(4096), "4K");
         assert_eq!(size_str(1000), "1000");
-    }
-
-    #[test]
-    fn plot_is_svg() {
-        let t = Timings { iters: 1, bytes: 4096, elapsed: Duration::from_micros(10), ..Default::default() };
-        let pts = vec![
-            t.point("p2p", "LOCAL", "WRITE", None, 4096, 1, 1, false),
-            t.point("p2p", "LOCAL", "WRITE", None, 1 << 20, 1, 1, false),
-        ];
-        let svg = svg_plot(&pts, "a <test>");
-        assert!(svg.starts_with("<svg") && svg.contains("polyline") && svg.contains("&lt;test&gt;"));
     }
 
     #[test]

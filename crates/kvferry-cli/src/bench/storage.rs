@@ -42,6 +42,16 @@ pub enum Pattern {
     Rand,
 }
 
+impl Pattern {
+    /// The flag's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pattern::Seq => "seq",
+            Pattern::Rand => "rand",
+        }
+    }
+}
+
 /// Arguments of `kvferry bench storage`.
 #[derive(Args, Debug, Clone)]
 pub struct StorageArgs {
@@ -265,6 +275,7 @@ fn run_inner(a: &StorageArgs, print: bool) -> Result<Vec<Point>> {
             true,
         );
         p.verified = c.check_consistency.then_some(true);
+        p.pattern = Some(a.pattern.as_str().to_string());
         if print {
             bar.suspend(|| c.emit(&p));
         }

@@ -2,6 +2,7 @@
 //! sweep over every backend that works here and a local storage sweep, then
 //! one summary table with single-thread memcpy measured in the same run.
 
+use std::path::Path;
 use std::time::Instant;
 
 use clap::Parser;
@@ -39,8 +40,10 @@ fn common(args: &[&str]) -> Common {
     W::try_parse_from(argv).expect("built-in summary flags parse").c
 }
 
-/// Runs the summary and prints its table (or JSON lines with `json`).
-pub fn run(json: bool) -> Result<()> {
+/// Runs the summary and prints its table (or JSON lines with `json`), and
+/// writes its chart to `plot` when given (SVG or PNG by the extension).
+pub fn run(json: bool, plot: Option<&Path>) -> Result<()> {
+    super::plot::check(plot)?;
     let started = Instant::now();
     let memcpy = memcpy_gbps(64 << 20);
     let mut rows: Vec<Point> = Vec::new();
@@ -52,10 +55,10 @@ pub fn run(json: bool) -> Result<()> {
         for p in &rows {
             println!("{}", serde_json::to_string(p).unwrap_or_default());
         }
-        return Ok(());
+    } else {
+        print_table(started, memcpy, &rows, &skipped);
     }
-    print_table(started, memcpy, &rows, &skipped);
-    Ok(())
+    plot.map_or(Ok(()), |path| super::plot::write(path, &rows, "kvferry bench (summary)"))
 }
 
 /// The point-to-point rows of every memory backend this build has and this
