@@ -418,16 +418,19 @@ fn store_session(a: &StorageArgs, c: &Common, max: usize) -> Result<Session> {
     let buf = c.buffer_or(BufferKind::Huge).alloc(max * 2)?;
     let breg = agent.register_buf(&buf)?;
     agent.fetch_remote_metadata(&segment, None, kvferry::MetaPeer::Store)?;
-    let files = agent.remote_files(&segment)?;
-    if files.is_empty() {
-        return Err(Error::not_found(format!("storage target '{segment}' exports no files")));
-    }
-    let target = Target {
-        agent: segment,
-        files: files.iter().enumerate().map(|(i, f)| (f.id, f.size, FILE_SEED.wrapping_add(i as u8))).collect(),
-    };
+    let target = remote_target(&agent, segment)?;
     keep.insert(0, Box::new(breg));
     Ok(Session { agent, buf, target, backend: "TCP", engine: "remote".into(), _keep: keep })
+}
+
+/// The files the loaded target `name` exports, as a run addresses them.
+fn remote_target(agent: &Agent, name: String) -> Result<Target> {
+    let files = agent.remote_files(&name)?;
+    if files.is_empty() {
+        return Err(Error::not_found(format!("storage target '{name}' exports no files")));
+    }
+    let files = files.iter().enumerate().map(|(i, f)| (f.id, f.size, FILE_SEED.wrapping_add(i as u8))).collect();
+    Ok(Target { agent: name, files })
 }
 
 fn remote_session(a: &StorageArgs, c: &Common, _op: XferOp, max: usize) -> Result<Session> {
@@ -478,14 +481,7 @@ fn remote_session(a: &StorageArgs, c: &Common, _op: XferOp, max: usize) -> Resul
         return Err(Error::malformed("rendezvous: the storage target did not answer Ready"));
     };
     let name = agent.load_remote_metadata(&metadata)?;
-    let files = agent.remote_files(&name)?;
-    if files.is_empty() {
-        return Err(Error::not_found(format!("storage target '{name}' exports no files")));
-    }
-    let target = Target {
-        agent: name,
-        files: files.iter().enumerate().map(|(i, f)| (f.id, f.size, FILE_SEED.wrapping_add(i as u8))).collect(),
-    };
+    let target = remote_target(&agent, name)?;
     keep.insert(0, Box::new(breg));
     // The rendezvous closes before the child guard waits for the target to leave.
     keep.insert(0, Box::new(s));
