@@ -585,6 +585,7 @@ pub fn run(args: &P2pArgs) -> Result<Vec<Point>> {
     Ok(out)
 }
 
+/// A bar over `n` points on stderr; hidden with `--json` or when stderr is not a terminal.
 pub(crate) fn progress(n: usize, json: bool) -> indicatif::ProgressBar {
     if json || !std::io::stderr().is_terminal() {
         return indicatif::ProgressBar::hidden();
@@ -593,5 +594,18 @@ pub(crate) fn progress(n: usize, json: bool) -> indicatif::ProgressBar {
     if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} {elapsed}") {
         bar.set_style(style.progress_chars("=> "));
     }
+    bar
+}
+
+/// A spinner naming the step running (the summary run); hidden like [`progress`].
+pub(crate) fn spinner(json: bool) -> indicatif::ProgressBar {
+    if json || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {elapsed} {msg}") {
+        bar.set_style(style);
+    }
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
     bar
 }

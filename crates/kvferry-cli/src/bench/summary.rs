@@ -6,10 +6,11 @@ use std::path::Path;
 use std::time::Instant;
 
 use clap::Parser;
+use indicatif::ProgressBar;
 use kvferry::{Agent, Result};
 
 use super::p2p::{self, Mode, P2pArgs};
-use super::report::{summary_header, summary_row, Point};
+use super::report::{size_str, summary_header, summary_row, Point};
 use super::storage::{self, StorageArgs};
 use super::Common;
 
@@ -49,8 +50,10 @@ pub fn run(json: bool, plot: Option<&Path>) -> Result<()> {
     let mut rows: Vec<Point> = Vec::new();
     let mut skipped: Vec<String> = Vec::new();
     let plugins = Agent::available_plugins();
-    p2p_rows(&plugins, &mut rows, &mut skipped)?;
-    storage_rows(&plugins, &mut rows, &mut skipped);
+    let bar = p2p::spinner(json);
+    p2p_rows(&plugins, &mut rows, &mut skipped, &bar)?;
+    storage_rows(&plugins, &mut rows, &mut skipped, &bar);
+    bar.finish_and_clear();
     if json {
         for p in &rows {
             println!("{}", serde_json::to_string(p).unwrap_or_default());
@@ -63,7 +66,7 @@ pub fn run(json: bool, plot: Option<&Path>) -> Result<()> {
 
 /// The point-to-point rows of every memory backend this build has and this
 /// machine can run (the others are named in `skipped`).
-fn p2p_rows(plugins: &[String], rows: &mut Vec<Point>, skipped: &mut Vec<String>) -> Result<()> {
+fn p2p_rows(plugins: &[String], rows: &mut Vec<Point>, skipped: &mut Vec<String>, bar: &ProgressBar) -> Result<()> {
     for backend in ["LOCAL", "SHM", "TCP"] {
         if !plugins.iter().any(|p| p == backend) {
             skipped.push(format!("{backend}: not in this build"));
@@ -105,6 +108,7 @@ fn p2p_rows(plugins: &[String], rows: &mut Vec<Point>, skipped: &mut Vec<String>
                 }
             };
             for (block, batch) in super::sweep(&c)? {
+                bar.set_message(format!("{backend} {op} {} x{batch}", size_str(block as u64)));
                 let t = p2p::run_point(&s, &c, op.parse()?, block, batch)?;
                 let mut p = t.point("p2p", backend, &op.to_uppercase(), None, block as u64, batch, 1, false);
                 p.verified = Some(true);
@@ -116,7 +120,7 @@ fn p2p_rows(plugins: &[String], rows: &mut Vec<Point>, skipped: &mut Vec<String>
 }
 
 /// The storage rows (POSIX, O_DIRECT on a 256 MiB file).
-fn storage_rows(plugins: &[String], rows: &mut Vec<Point>, skipped: &mut Vec<String>) {
+fn storage_rows(plugins: &[String], rows: &mut Vec<Point>, skipped: &mut Vec<String>, bar: &ProgressBar) {
     if plugins.iter().any(|p| p == "POSIX") {
         for (op, block, batch, pat) in
             [("write", "1M", 64, "seq"), ("read", "1M", 64, "seq"), ("read", "4K", 64, "rand")]
@@ -139,6 +143,7 @@ fn storage_rows(plugins: &[String], rows: &mut Vec<Point>, skipped: &mut Vec<Str
                 "2",
                 "--check-consistency",
             ]);
+            bar.set_message(format!("POSIX {op} {block} x{batch} {pat}"));
             match storage::run_quiet(&a) {
                 Ok(mut v) => rows.append(&mut v),
                 Err(e) => skipped.push(format!("POSIX {op} {block}: {e}")),
