@@ -328,7 +328,7 @@ def test_telemetry_and_prometheus_metrics(monkeypatch):
             assert t.total_bytes == 8192 and t.desc_count == 1 and t.start_us > 0 and t.xfer_us >= t.post_us
         text = a.metrics_text()
         assert f'kvferry_tx_bytes_total{{backend="TCP",peer="{b.name}",agent="{a.name}"}} 16384' in text, text
-        assert f'kvferry_served_bytes_total{{backend="TCP",op="WRITE",agent="{b.name}"}} 16384' in b.metrics_text()
+        assert f'kvferry_served_bytes_total{{backend="TCP",op="WRITE",peer="{a.name}",agent="{b.name}"}} 16384' in b.metrics_text()
         url = a.serve_metrics()
         with urllib.request.urlopen(url, timeout=5) as r:
             assert r.status == 200 and b"kvferry_tx_requests_total" in r.read()

@@ -66,8 +66,9 @@ fn postings_are_timed_and_counted() {
     // The target counts what it served for its peers.
     let served = b.metrics_text().unwrap();
     for line in [
-        r#"kvferry_served_bytes_total{backend="TCP",op="WRITE",agent="tel-b"} 196608"#,
-        r#"kvferry_refused_frames_total{backend="TCP",agent="tel-b"} 0"#,
+        r#"kvferry_served_bytes_total{backend="TCP",op="WRITE",peer="tel-a",agent="tel-b"} 196608"#,
+        r#"kvferry_refused_frames_total{backend="TCP",peer="tel-a",agent="tel-b"} 0"#,
+        r#"kvferry_serve_time_seconds_count{backend="TCP",peer="tel-a",agent="tel-b"} "#,
     ] {
         assert!(served.contains(line), "missing {line} in\n{served}");
     }
@@ -163,9 +164,10 @@ fn refused_frames_of_a_hostile_client_are_counted() {
     assert_eq!(answer(&mut s).0.ty, FrameType::Ack);
     let text = t.metrics_text().unwrap();
     for line in [
-        r#"kvferry_refused_frames_total{backend="TCP",agent="tel-hostile-t"} 3"#,
-        r#"kvferry_served_frames_total{backend="TCP",agent="tel-hostile-t"} 1"#,
-        r#"kvferry_served_bytes_total{backend="TCP",op="WRITE",agent="tel-hostile-t"} 64"#,
+        r#"kvferry_refused_frames_total{backend="TCP",peer="hostile",agent="tel-hostile-t"} 3"#,
+        r#"kvferry_served_frames_total{backend="TCP",peer="hostile",agent="tel-hostile-t"} 1"#,
+        r#"kvferry_served_bytes_total{backend="TCP",op="WRITE",peer="hostile",agent="tel-hostile-t"} 64"#,
+        r#"kvferry_serve_time_seconds_count{backend="TCP",peer="hostile",agent="tel-hostile-t"} 1"#,
     ] {
         assert!(text.contains(line), "missing {line} in\n{text}");
     }

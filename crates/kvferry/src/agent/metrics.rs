@@ -41,7 +41,13 @@ impl Agent {
             loaded_peers: self.inner.peers.read().len() as u64,
             notifs_queued: self.inner.notifs.len() as u64,
             notifs_dropped: self.inner.notifs.dropped(),
-            served: self.inner.backends.read().iter().map(|b| (b.name.to_string(), b.backend.served())).collect(),
+            served: self
+                .inner
+                .backends
+                .read()
+                .iter()
+                .flat_map(|b| b.backend.served().into_iter().map(|(peer, st)| (b.name.to_string(), peer, st)))
+                .collect(),
         }
     }
 

@@ -214,19 +214,29 @@ pub struct CostEstimate {
     pub method: &'static str,
 }
 
-/// What a backend did for peers as their target (a TCP target applying
-/// their frames), for metrics. Backends whose peers move bytes themselves
+/// Upper bounds (seconds) of the serve-time buckets of [`ServedStats`]:
+/// 1 µs to about 4 s by factors of 4 (the same as the agent's histograms).
+pub const SERVE_TIME_BOUNDS: [f64; 12] =
+    [1e-6, 4e-6, 1.6e-5, 6.4e-5, 2.56e-4, 1.024e-3, 4.096e-3, 1.6384e-2, 6.5536e-2, 0.262144, 1.048576, 4.194304];
+
+/// What a backend did for one peer as its target (a TCP target applying
+/// its frames), for metrics. Backends whose peers move bytes themselves
 /// (SHM, LOCAL) report nothing: the initiator counts those.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServedStats {
-    /// Bytes peers' WRITEs put into this agent's memory and files.
+    /// Bytes the peer's WRITEs put into this agent's memory and files.
     pub write_bytes: u64,
-    /// Bytes peers' READs took from this agent's memory and files.
+    /// Bytes the peer's READs took from this agent's memory and files.
     pub read_bytes: u64,
-    /// Frames (pieces of requests) applied for peers.
+    /// Frames (pieces of requests) applied for the peer.
     pub frames: u64,
     /// Frames refused (bad key, outside a registration, a storage error).
     pub refused: u64,
+    /// Frames by serve time (from the frame's header to its answer sent):
+    /// one count per bound of [`SERVE_TIME_BOUNDS`], then the rest.
+    pub time_buckets: Vec<u64>,
+    /// Total serve time of the frames counted.
+    pub time_sum: Duration,
 }
 
 /// A way to move bytes. Implementations are shared between threads.
@@ -237,9 +247,10 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// What this backend can do.
     fn capabilities(&self) -> Capabilities;
 
-    /// What it served to peers so far as their target. Default: nothing.
-    fn served(&self) -> ServedStats {
-        ServedStats::default()
+    /// What it served so far as a target, per peer (as each names itself).
+    /// Default: nothing.
+    fn served(&self) -> Vec<(String, ServedStats)> {
+        Vec::new()
     }
 
     /// The effective parameters (defaults overlaid with the caller's).

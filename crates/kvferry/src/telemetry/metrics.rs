@@ -12,8 +12,9 @@
 //! | `kvferry_registered_bytes`, `kvferry_registrations` | | memory and files registered now |
 //! | `kvferry_loaded_peers` | | remote agents loaded now |
 //! | `kvferry_notifs_queued`, `kvferry_notifs_dropped_total` | | notifications held, refused |
-//! | `kvferry_served_bytes_total` | backend, op | bytes peers' requests moved here, as their target |
-//! | `kvferry_served_frames_total`, `kvferry_refused_frames_total` | backend | frames served, refused |
+//! | `kvferry_served_bytes_total` | backend, peer, op | bytes peers' requests moved here, as their target |
+//! | `kvferry_served_frames_total`, `kvferry_refused_frames_total` | backend, peer | frames served, refused |
+//! | `kvferry_serve_time_seconds` | backend, peer | time to serve a frame, header to answer (histogram) |
 //!
 //! Peer names are chosen by peers, so the `peer` label is bounded: the
 //! first [`PEER_LABELS`] peers get their own series, the rest share
@@ -29,7 +30,7 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::backend::ServedStats;
+use crate::backend::{ServedStats, SERVE_TIME_BOUNDS};
 use crate::error::{Error, ErrorKind, Result};
 use crate::types::XferOp;
 
@@ -57,6 +58,8 @@ pub struct AgentMetrics {
     served_bytes: IntCounterVec,
     served_frames: IntCounterVec,
     refused_frames: IntCounterVec,
+    /// The agent's name, for the families rendered by hand.
+    agent: String,
     /// Peers that have a label of their own.
     peers: Mutex<HashSet<String>>,
     /// Held while rendering: the counters that follow the agent's totals are
@@ -88,8 +91,8 @@ pub struct AgentGauges {
     pub notifs_queued: u64,
     /// Notifications refused so far (a full queue).
     pub notifs_dropped: u64,
-    /// What each backend served to peers as their target, by backend name.
-    pub served: Vec<(String, ServedStats)>,
+    /// What each backend served to each peer as its target: `(backend, peer, totals)`.
+    pub served: Vec<(String, String, ServedStats)>,
 }
 
 /// Advances `c` to `total` (a total counted elsewhere); never backwards.
@@ -144,10 +147,11 @@ impl AgentMetrics {
             served_bytes: counters(
                 "kvferry_served_bytes_total",
                 "Bytes peers' requests moved here.",
-                &["backend", "op"],
+                &["backend", "peer", "op"],
             )?,
-            served_frames: counters("kvferry_served_frames_total", "Frames served to peers.", &["backend"])?,
-            refused_frames: counters("kvferry_refused_frames_total", "Frames of peers refused.", &["backend"])?,
+            served_frames: counters("kvferry_served_frames_total", "Frames served to peers.", &bp)?,
+            refused_frames: counters("kvferry_refused_frames_total", "Frames of peers refused.", &bp)?,
+            agent: agent.to_string(),
             registry,
             peers: Mutex::new(HashSet::new()),
             render: Mutex::new(()),
@@ -198,14 +202,45 @@ impl AgentMetrics {
         self.loaded_peers.set(clamp(g.loaded_peers));
         self.notifs_queued.set(clamp(g.notifs_queued));
         follow(&self.notifs_dropped, g.notifs_dropped);
-        for (b, st) in g.served.iter().filter(|(_, st)| *st != ServedStats::default()) {
-            follow(&self.served_bytes.with_label_values(&[b.as_str(), "WRITE"]), st.write_bytes);
-            follow(&self.served_bytes.with_label_values(&[b.as_str(), "READ"]), st.read_bytes);
-            follow(&self.served_frames.with_label_values(&[b.as_str()]), st.frames);
-            follow(&self.refused_frames.with_label_values(&[b.as_str()]), st.refused);
+        let served: Vec<_> = g.served.iter().filter(|(_, _, st)| st.frames + st.refused > 0).collect();
+        for (b, peer, st) in &served {
+            let (b, peer) = (b.as_str(), peer.as_str());
+            follow(&self.served_bytes.with_label_values(&[b, peer, "WRITE"]), st.write_bytes);
+            follow(&self.served_bytes.with_label_values(&[b, peer, "READ"]), st.read_bytes);
+            follow(&self.served_frames.with_label_values(&[b, peer]), st.frames);
+            follow(&self.refused_frames.with_label_values(&[b, peer]), st.refused);
         }
-        TextEncoder::new().encode_to_string(&self.registry.gather()).map_err(metric_err)
+        let mut text = TextEncoder::new().encode_to_string(&self.registry.gather()).map_err(metric_err)?;
+        serve_time_family(&mut text, &self.agent, &served);
+        Ok(text)
     }
+}
+
+/// Appends `kvferry_serve_time_seconds`, a histogram whose buckets the
+/// backends count themselves (so it is written here, not by the registry).
+fn serve_time_family(text: &mut String, agent: &str, served: &[&(String, String, ServedStats)]) {
+    use std::fmt::Write as _;
+    if served.is_empty() {
+        return;
+    }
+    text.push_str("# HELP kvferry_serve_time_seconds Time to serve a peer's frame, header to answer.\n");
+    text.push_str("# TYPE kvferry_serve_time_seconds histogram\n");
+    for (b, peer, st) in served {
+        let labels = format!("backend=\"{}\",peer=\"{}\",agent=\"{}\"", escape(b), escape(peer), escape(agent));
+        let mut cum = 0u64;
+        for (i, n) in st.time_buckets.iter().enumerate() {
+            cum += n;
+            let le = SERVE_TIME_BOUNDS.get(i).map(|b| b.to_string()).unwrap_or_else(|| "+Inf".into());
+            let _ = writeln!(text, "kvferry_serve_time_seconds_bucket{{{labels},le=\"{le}\"}} {cum}");
+        }
+        let _ = writeln!(text, "kvferry_serve_time_seconds_sum{{{labels}}} {}", st.time_sum.as_secs_f64());
+        let _ = writeln!(text, "kvferry_serve_time_seconds_count{{{labels}}} {cum}");
+    }
+}
+
+/// A label value in Prometheus' text format: backslash, quote and newline escaped.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 /// The series of one request (its backend, op and peer), resolved once.
@@ -260,14 +295,21 @@ mod tests {
         x.record(Duration::from_micros(3), Duration::from_millis(2), 4096, Err(ErrorKind::RemoteDisconnect));
         let r = m.xfer("SHM", XferOp::Read, "c");
         r.record(Duration::from_micros(1), Duration::from_micros(9), 100, Ok(()));
-        let served = ServedStats { write_bytes: 10, read_bytes: 20, frames: 3, refused: 1 };
+        let served = ServedStats {
+            write_bytes: 10,
+            read_bytes: 20,
+            frames: 3,
+            refused: 1,
+            time_buckets: vec![0, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            time_sum: Duration::from_micros(20),
+        };
         let g = AgentGauges {
             registered_bytes: 1 << 20,
             registrations: 2,
             loaded_peers: 2,
             notifs_queued: 1,
             notifs_dropped: 3,
-            served: vec![("TCP".into(), served)],
+            served: vec![("TCP".into(), "b\"x".into(), served.clone())],
         };
         let text = m.render(&g).unwrap();
         for line in [
@@ -279,17 +321,25 @@ mod tests {
             r#"kvferry_registered_bytes{agent="a1"} 1048576"#,
             r#"kvferry_loaded_peers{agent="a1"} 2"#,
             r#"kvferry_notifs_dropped_total{agent="a1"} 3"#,
-            r#"kvferry_served_bytes_total{backend="TCP",op="READ",agent="a1"} 20"#,
-            r#"kvferry_refused_frames_total{backend="TCP",agent="a1"} 1"#,
+            r#"kvferry_served_bytes_total{backend="TCP",op="READ",peer="b\"x",agent="a1"} 20"#,
+            r#"kvferry_refused_frames_total{backend="TCP",peer="b\"x",agent="a1"} 1"#,
+            r#"kvferry_serve_time_seconds_bucket{backend="TCP",peer="b\"x",agent="a1",le="0.000004"} 2"#,
+            r#"kvferry_serve_time_seconds_bucket{backend="TCP",peer="b\"x",agent="a1",le="+Inf"} 3"#,
+            r#"kvferry_serve_time_seconds_count{backend="TCP",peer="b\"x",agent="a1"} 3"#,
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }
         assert!(text.contains("# TYPE kvferry_xfer_time_seconds histogram"));
         // The dropped counter follows the agent's count without double counting.
         let served = ServedStats { write_bytes: 15, ..served };
-        let text = m.render(&AgentGauges { notifs_dropped: 5, served: vec![("TCP".into(), served)], ..g }).unwrap();
+        let text = m
+            .render(&AgentGauges { notifs_dropped: 5, served: vec![("TCP".into(), "b\"x".into(), served)], ..g })
+            .unwrap();
         assert!(text.contains(r#"kvferry_notifs_dropped_total{agent="a1"} 5"#), "{text}");
-        assert!(text.contains(r#"kvferry_served_bytes_total{backend="TCP",op="WRITE",agent="a1"} 15"#), "{text}");
+        assert!(
+            text.contains(r#"kvferry_served_bytes_total{backend="TCP",op="WRITE",peer="b\"x",agent="a1"} 15"#),
+            "{text}"
+        );
     }
 
     #[test]

@@ -52,6 +52,7 @@ mod posting;
 // The wire format is public for the fuzzers and the hostile tests only.
 #[doc(hidden)]
 pub mod proto;
+mod served;
 mod server;
 mod state;
 mod xfer;
@@ -279,7 +280,7 @@ impl BackendPlugin for TcpPlugin {
             conns: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             listen_fd: listener.as_raw_fd(),
-            served: Default::default(),
+            served: served::ServedTable::default(),
         });
         let sh = shared.clone();
         let h = std::thread::Builder::new()
@@ -323,8 +324,8 @@ pub(crate) struct Shared {
     conns: Mutex<HashMap<u64, Arc<server::Slot>>>,
     next_id: AtomicU64,
     listen_fd: std::os::fd::RawFd,
-    /// What the target served: bytes written, bytes read, frames, refused frames.
-    served: [AtomicU64; 4],
+    /// What the target served, per peer.
+    served: served::ServedTable,
 }
 
 /// A live DRAM registration as the target checks frames against it.
@@ -353,12 +354,6 @@ pub(crate) fn frame_budget(peer_timeout: Duration, len: u64) -> Duration {
 }
 
 impl Shared {
-    /// Counts one frame served to a peer: `bytes` written (WRITE) or read.
-    fn count_served(&self, write: bool, bytes: u64) {
-        self.served[if write { 0 } else { 1 }].fetch_add(bytes, Ordering::Relaxed);
-        self.served[2].fetch_add(1, Ordering::Relaxed);
-    }
-
     /// Keeps a thread's handle for joining at shutdown (and forgets finished ones).
     fn track(&self, h: JoinHandle<()>) {
         let mut t = self.threads.lock();
@@ -422,9 +417,8 @@ impl Backend for TcpBackend {
         "TCP"
     }
 
-    fn served(&self) -> crate::backend::ServedStats {
-        let [w, r, f, x] = self.shared.served.each_ref().map(|a| a.load(Ordering::Relaxed));
-        crate::backend::ServedStats { write_bytes: w, read_bytes: r, frames: f, refused: x }
+    fn served(&self) -> Vec<(String, crate::backend::ServedStats)> {
+        self.shared.served.snapshot()
     }
 
     fn capabilities(&self) -> Capabilities {

@@ -321,6 +321,10 @@ struct ConnState<'a> {
     slot: &'a Slot,
     fd: RawFd,
     peer: Arc<str>,
+    /// What this peer was served (counters shared by its connections).
+    stats: Arc<super::served::PeerServed>,
+    /// When the frame being handled started (its header was read).
+    started: Instant,
     /// Bytes received and not handled yet.
     rx: sys::RecvBuf,
     spans: Vec<Span>,
@@ -343,6 +347,8 @@ const SPARE_KEEP: Duration = Duration::from_millis(20);
 struct PendingFile<'a> {
     op: u64,
     len: u64,
+    /// When its frame started (for the serve time).
+    started: Instant,
     job: Arc<crate::storage::Job>,
     /// The staging buffer; `None` once handed back.
     buf: Option<Staged<'a>>,
@@ -433,6 +439,8 @@ fn serve_conn(shared: &Shared, stream: &TcpStream, slot: &Slot) -> io::Result<()
         slot,
         fd,
         peer: hello.name.as_str().into(),
+        stats: shared.served.for_peer(&hello.name),
+        started: Instant::now(),
         rx: sys::RecvBuf::new(RECV_BUF),
         spans: Vec::new(),
         deadline: Instant::now(),
@@ -600,7 +608,7 @@ impl<'a> ConnState<'a> {
                 return self.send_error(h.op, &state::storage_refusal(&e));
             }
         };
-        self.order.hold(h.len, PendingFile { op: h.op, len: h.len, job, buf: Some(staging) });
+        self.order.hold(h.len, PendingFile { op: h.op, len: h.len, started: self.started, job, buf: Some(staging) });
         Ok(())
     }
 
@@ -619,7 +627,7 @@ impl<'a> ConnState<'a> {
         // Finished (or cancelled): no I/O touches the buffer any more.
         let buf = p.buf.take();
         if r.is_ok() {
-            self.shared.count_served(p.job.is_write(), p.len);
+            self.stats.served(p.job.is_write(), p.len, p.started.elapsed());
         }
         let sent = match r {
             Err(e) => self.send_error(p.op, &state::storage_refusal(&e)),
@@ -642,7 +650,7 @@ impl<'a> ConnState<'a> {
     }
 
     fn send_error(&self, op: u64, e: &ProtoError) -> io::Result<()> {
-        self.shared.served[3].fetch_add(1, Ordering::Relaxed);
+        self.stats.refused();
         let msg = format!("agent '{}': {}", self.shared.agent, e.message);
         let msg = &msg.as_bytes()[..msg.len().min(proto::MAX_ERROR_MSG as usize)];
         let h = Header { ty: FrameType::Error, status: e.status, count: 0, op, len: msg.len() as u64 };
@@ -686,6 +694,7 @@ impl<'a> ConnState<'a> {
                 }
             };
             last_frame = Instant::now();
+            self.started = last_frame;
             // The whole frame (entries and payload) must arrive by then.
             self.deadline = last_frame + frame_budget(self.shared.peer_timeout, h.len);
             self.dispatch(&h)?;
@@ -829,7 +838,8 @@ impl<'a> ConnState<'a> {
             // The registrant agreed that peers may write registered memory at any time.
             unsafe { self.rx.read_spans(self.fd, &self.spans, h.len, &mut until(self.deadline))? };
             drop(_in_use);
-            self.shared.count_served(true, h.len);
+            // Counted before the answer: a peer that saw its ACK sees the count.
+            self.stats.served(true, h.len, self.started.elapsed());
             let ack = Header::new(FrameType::Ack, h.op, 0, 0);
             sys::write_bufs(self.fd, &[&ack.encode()])
         } else {
@@ -838,7 +848,7 @@ impl<'a> ConnState<'a> {
             // SAFETY: as above for the checked spans (published, registered);
             // the first span is `head`, alive on this stack frame.
             unsafe { sys::writev_until(self.fd, &self.spans, Some(self.deadline))? };
-            self.shared.count_served(false, h.len);
+            self.stats.served(false, h.len, self.started.elapsed());
             Ok(())
         }
     }
