@@ -375,8 +375,16 @@ mod tests {
         write(&path, &points(), "kvferry bench p2p").unwrap();
         let bytes = std::fs::read(&path).unwrap();
         assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"));
-        let info = png::Decoder::new(std::io::Cursor::new(bytes)).read_info().unwrap().info().clone();
+        let mut reader = png::Decoder::new(std::io::Cursor::new(bytes)).read_info().unwrap();
+        let info = reader.info().clone();
         assert_eq!((info.width, info.height), SIZE);
+        let mut pixels = vec![0u8; reader.output_buffer_size()];
+        let frame = reader.next_frame(&mut pixels).unwrap();
+        let channels = frame.color_type.samples();
+        let drawn =
+            pixels[..frame.buffer_size()].chunks(channels).filter(|p| p.iter().take(3).any(|&c| c < 200)).count();
+        let total = (info.width * info.height) as usize;
+        assert!(drawn * 100 > total, "lines, axes and text cover more than 1% of the picture: {drawn} of {total}");
         let _ = std::fs::remove_file(path);
     }
 
