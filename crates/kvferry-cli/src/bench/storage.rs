@@ -397,15 +397,8 @@ fn store_session(a: &StorageArgs, c: &Common, max: usize) -> Result<Session> {
                     .iter()
                     .map(|s| s.to_string())
                     .collect();
-            argv.extend(["--metadata_server".into(), url.clone(), "--file-size".into(), a.file_size.clone()]);
-            argv.extend(["--dir".into(), a.dir.display().to_string(), "--num-files".into(), a.num_files.to_string()]);
-            if !a.files.is_empty() {
-                argv.push("--files".into());
-                argv.push(a.files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(","));
-            }
-            if a.direct {
-                argv.push("--direct".into());
-            }
+            argv.extend(["--metadata_server".into(), url.clone()]);
+            argv.extend(target_file_args(a));
             let (published, child) = super::p2p::spawn_child_saying(&argv, "KVFERRY-TARGET published as ")?;
             keep.push(Box::new(child));
             published
@@ -421,6 +414,25 @@ fn store_session(a: &StorageArgs, c: &Common, max: usize) -> Result<Session> {
     let target = remote_target(&agent, segment)?;
     keep.insert(0, Box::new(breg));
     Ok(Session { agent, buf, target, backend: "TCP", engine: "remote".into(), _keep: keep })
+}
+
+/// The flags a loopback run hands its child target about the files to
+/// export: engine, size, directory, names, O_DIRECT.
+fn target_file_args(a: &StorageArgs) -> Vec<String> {
+    let mut argv = Vec::new();
+    if let Some(e) = &a.engine {
+        argv.extend(["--engine".into(), e.clone()]);
+    }
+    argv.extend(["--file-size".into(), a.file_size.clone()]);
+    argv.extend(["--dir".into(), a.dir.display().to_string(), "--num-files".into(), a.num_files.to_string()]);
+    if !a.files.is_empty() {
+        argv.push("--files".into());
+        argv.push(a.files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(","));
+    }
+    if a.direct {
+        argv.push("--direct".into());
+    }
+    argv
 }
 
 /// The files the loaded target `name` exports, as a run addresses them.
@@ -444,18 +456,7 @@ fn remote_session(a: &StorageArgs, c: &Common, _op: XferOp, max: usize) -> Resul
                 .iter()
                 .map(|s| s.to_string())
                 .collect();
-        if let Some(e) = &a.engine {
-            argv.extend(["--engine".into(), e.clone()]);
-        }
-        argv.extend(["--file-size".into(), a.file_size.clone()]);
-        argv.extend(["--dir".into(), a.dir.display().to_string(), "--num-files".into(), a.num_files.to_string()]);
-        if !a.files.is_empty() {
-            argv.push("--files".into());
-            argv.push(a.files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(","));
-        }
-        if a.direct {
-            argv.push("--direct".into());
-        }
+        argv.extend(target_file_args(a));
         let (addr, child) = super::p2p::spawn_child(&argv)?;
         keep.push(Box::new(child));
         addr
