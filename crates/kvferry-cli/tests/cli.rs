@@ -287,6 +287,12 @@ fn mooncake_nvmeof_bench_flags_target_initiator_and_loopback() {
         .unwrap();
     let out = text(&o);
     assert!(o.status.success() && out.contains("Test completed: ") && out.contains(" GiB/s"), "{out}");
+    let o = Command::new(env!("CARGO_BIN_EXE_kvferry"))
+        .env("MC_NVMEOF_GENERIC_NUM_WORKERS", "many")
+        .args(["bench", "storage", "--file-size=4M", "--block-size=4K", "--batch-size=1", "--iters=1"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success() && text(&o).contains("expected 1..=1024"), "{}", text(&o));
     let bad = kvferry(&["bench", "storage", "--report_unit=TB"]);
     assert!(!bad.status.success() && text(&bad).contains("expected GB, GiB, Gb or MB"), "{}", text(&bad));
     let lost = kvferry(&["bench", "storage", "--mode=initiator", "--segment_id=x"]);

@@ -50,7 +50,9 @@ struct Telemetry {
     metrics: Arc<XferMetrics>,
     /// The running posting: its wall-clock start, start and time in `post`.
     running: Option<(std::time::SystemTime, Instant, Duration)>,
-    last: Option<XferTelemetry>,
+    /// The last posting that ended: wall-clock start, time in `post`, time
+    /// to completion seen, success (the rest of its telemetry is the request's).
+    last: Option<(std::time::SystemTime, Duration, Duration, bool)>,
 }
 
 struct ReqInner {
@@ -129,13 +131,9 @@ impl Request {
                         format!("request to '{}' is still in flight; wait for it before posting again", self.peer),
                     ))
                 }
-                Ok(XferState::Done) => {
-                    g.in_flight = false;
-                    self.settle(&mut g, Ok(()));
-                }
-                Err(e) => {
-                    g.in_flight = false;
-                    self.settle(&mut g, Err(e.kind()));
+                // Done, or failed: the error was the old posting's; a new one starts.
+                r => {
+                    let _ = self.observe(&mut g, r);
                 }
             }
         }
@@ -157,20 +155,23 @@ impl Request {
         if let (Some(t), Some((wall, t0))) = (g.tel.as_mut(), started) {
             t.running = Some((wall, t0, t0.elapsed()));
         }
-        match r {
-            Ok(s) => {
-                g.in_flight = s == XferState::InProgress;
-                if s == XferState::Done {
-                    self.settle(&mut g, Ok(()));
-                }
-                Ok(s)
-            }
+        self.observe(&mut g, r)
+    }
+
+    /// Applies what the backend said of the running posting (from `post`,
+    /// `poll` or `poll_for`): in flight or not, its error kept, and its
+    /// telemetry recorded once it ended.
+    fn observe(&self, g: &mut ReqInner, r: Result<XferState>) -> Result<XferState> {
+        g.in_flight = matches!(r, Ok(XferState::InProgress));
+        match &r {
+            Ok(XferState::InProgress) => {}
+            Ok(XferState::Done) => self.settle(g, Ok(())),
             Err(e) => {
                 g.failed = Some(e.clone());
-                self.settle(&mut g, Err(e.kind()));
-                Err(e)
+                self.settle(g, Err(e.kind()));
             }
         }
+        r
     }
 
     /// Records the end of the running posting in its telemetry (when on).
@@ -179,22 +180,23 @@ impl Request {
         let Some((start, t0, post_duration)) = t.running.take() else { return };
         let xfer_duration = t0.elapsed();
         t.metrics.record(post_duration, xfer_duration, self.total_bytes, r);
-        t.last = Some(XferTelemetry {
-            start,
-            post_duration,
-            xfer_duration,
-            total_bytes: self.total_bytes,
-            desc_count: self.segments,
-            backend: self.backend.to_string(),
-            ok: r.is_ok(),
-        });
+        t.last = Some((start, post_duration, xfer_duration, r.is_ok()));
     }
 
     /// What the last completed (or failed) posting took: `None` while
     /// telemetry is off ([`AgentConfig::telemetry`](crate::AgentConfig)) or
     /// before a posting ended. NIXL's `getXferTelemetry`.
     pub fn telemetry(&self) -> Option<XferTelemetry> {
-        self.inner.lock().tel.as_ref().and_then(|t| t.last.clone())
+        let (start, post_duration, xfer_duration, ok) = self.inner.lock().tel.as_ref()?.last?;
+        Some(XferTelemetry {
+            start,
+            post_duration,
+            xfer_duration,
+            total_bytes: self.total_bytes,
+            desc_count: self.segments,
+            backend: self.backend.to_string(),
+            ok,
+        })
     }
 
     /// Whether this request records telemetry (the agent's setting when it was created).
@@ -219,21 +221,8 @@ impl Request {
         if !g.in_flight {
             return Ok(XferState::Done);
         }
-        match g.xfer.poll() {
-            Ok(s) => {
-                g.in_flight = s == XferState::InProgress;
-                if s == XferState::Done {
-                    self.settle(g, Ok(()));
-                }
-                Ok(s)
-            }
-            Err(e) => {
-                g.in_flight = false;
-                g.failed = Some(e.clone());
-                self.settle(g, Err(e.kind()));
-                Err(e)
-            }
-        }
+        let r = g.xfer.poll();
+        self.observe(g, r)
     }
 
     /// Blocks until the last posting completes, fails, or `timeout` passes
@@ -255,19 +244,9 @@ impl Request {
                     )));
                 }
                 // Wait in short slices so that other threads can poll too.
-                match g.xfer.poll_for(left.min(Duration::from_millis(2))) {
-                    Ok(XferState::Done) => {
-                        g.in_flight = false;
-                        self.settle(&mut g, Ok(()));
-                        return Ok(());
-                    }
-                    Ok(XferState::InProgress) => {}
-                    Err(e) => {
-                        g.in_flight = false;
-                        g.failed = Some(e.clone());
-                        self.settle(&mut g, Err(e.kind()));
-                        return Err(e);
-                    }
+                let r = g.xfer.poll_for(left.min(Duration::from_millis(2)));
+                if self.observe(&mut g, r)? == XferState::Done {
+                    return Ok(());
                 }
             }
         }

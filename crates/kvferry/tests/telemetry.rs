@@ -12,6 +12,12 @@ fn agent(name: &str, backend: &str, telemetry: bool) -> Agent {
     Agent::new(name, cfg).unwrap()
 }
 
+/// A WRITE of `blocks` 4 KiB blocks from `a`'s `src` to `b`'s `dst`.
+fn write_request(a: &Agent, b: &Agent, src: &AlignedBuf, dst: &AlignedBuf, blocks: usize) -> kvferry::Request {
+    let (local, remote) = (src.xfer_blocks(0, 4096, blocks).unwrap(), dst.xfer_blocks(0, 4096, blocks).unwrap());
+    a.create_request(XferOp::Write, &local, &remote, b.name(), None).unwrap()
+}
+
 fn scrape(url: &str) -> String {
     let addr = url.trim_start_matches("http://").trim_end_matches("/metrics");
     let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -30,15 +36,7 @@ fn postings_are_timed_and_counted() {
     let _ra = a.register_buf(&src).unwrap();
     let _rb = b.register_buf(&dst).unwrap();
     a.load_remote_metadata(&b.local_metadata().unwrap()).unwrap();
-    let req = a
-        .create_request(
-            XferOp::Write,
-            &src.xfer_blocks(0, 4096, 16).unwrap(),
-            &dst.xfer_blocks(0, 4096, 16).unwrap(),
-            "tel-b",
-            None,
-        )
-        .unwrap();
+    let req = write_request(&a, &b, &src, &dst, 16);
     assert!(req.telemetry_enabled() && a.telemetry_enabled());
     assert_eq!(req.telemetry(), None, "nothing before the first posting ends");
     for _ in 0..3 {
@@ -78,6 +76,13 @@ fn postings_are_timed_and_counted() {
     let http = scrape(&srv.url());
     assert!(http.starts_with("HTTP/1.1 200") && http.contains("kvferry_tx_requests_total"), "{http}");
 
+    // The exporter does not keep the agent alive: a scrape after it is gone is a 500.
+    let gone = agent("tel-gone", "LOCAL", true);
+    let orphan = gone.serve_metrics("127.0.0.1:0").unwrap();
+    drop(gone);
+    let http = scrape(&orphan.url());
+    assert!(http.starts_with("HTTP/1.1 500") && http.contains("the agent was dropped"), "{http}");
+
     // A posting that fails is counted by its kind, with its telemetry marked failed.
     drop((_rb, b));
     let failed = (0..50).find_map(|_| {
@@ -100,15 +105,7 @@ fn off_by_default_and_says_how_to_turn_it_on() {
     let _ra = a.register_buf(&src).unwrap();
     let _rb = b.register_buf(&dst).unwrap();
     a.load_remote_metadata(&b.local_metadata().unwrap()).unwrap();
-    let req = a
-        .create_request(
-            XferOp::Write,
-            &src.xfer_blocks(0, 4096, 1).unwrap(),
-            &dst.xfer_blocks(0, 4096, 1).unwrap(),
-            "tel-off-b",
-            None,
-        )
-        .unwrap();
+    let req = write_request(&a, &b, &src, &dst, 1);
     req.post(None).unwrap();
     req.wait(Duration::from_secs(5)).unwrap();
     assert!(!req.telemetry_enabled() && req.telemetry().is_none());
