@@ -189,6 +189,14 @@ impl PyAgent {
         self.agent.listen_port()
     }
 
+    /// Starts the metadata listener on `port` (0: any free one) and returns
+    /// the port it took; for an agent built without `listener`, once its
+    /// backends exist. Fails if a listener is on.
+    #[pyo3(signature = (port = 0))]
+    fn start_listener(&self, port: u16) -> PyResult<u16> {
+        kv(self.agent.start_listener(port))
+    }
+
     /// Names of every plugin this process knows.
     #[staticmethod]
     fn plugins() -> Vec<String> {

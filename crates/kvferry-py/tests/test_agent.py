@@ -238,6 +238,13 @@ def test_metadata_listener_and_store(meta_server):
         assert t.name in s.peers
         t.send_partial_metadata(reg, "blk")
         s.forget(t.name)
+        # Without connection info a partial blob cannot introduce a peer
+        # (NIXL: "no common backend"); it merges into a loaded one.
+        with pytest.raises(kvferry.BackendError, match="no backend in common"):
+            s.fetch_metadata(t.name, label="blk")
+        assert t.name not in s.peers
+        t.send_partial_metadata(reg, "conn", include_conn_info=True)
+        s.fetch_metadata(t.name, label="conn")
         s.fetch_metadata(t.name, label="blk")
         assert s.check_remote(t.name, buf.xfer_descs())
         t.store().put("app/key", b"v\0")

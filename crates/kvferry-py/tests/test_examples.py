@@ -21,9 +21,38 @@ def run(args, timeout=60):
     return out
 
 
+def served(server_cmd, client_cmd, timeout=60):
+    """Runs ``server_cmd`` in the background and ``client_cmd`` to its end,
+    then waits for the server; returns (client rc, client output, server rc,
+    server output). A side that hangs is killed and both outputs are kept,
+    so a failure shows what each side said."""
+    server = subprocess.Popen([*map(str, server_cmd)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        try:
+            c = subprocess.run([*map(str, client_cmd)], capture_output=True, text=True, timeout=timeout)
+            c_rc, c_out = c.returncode, c.stdout + c.stderr
+        except subprocess.TimeoutExpired as e:
+            # Its partial output comes as bytes even with text=True.
+            parts = (x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr))
+            c_rc, c_out = "hung", "".join(parts) + "\n[test: the client hung and was killed]"
+        try:
+            s_out, _ = server.communicate(timeout=timeout / 2)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            s_out, _ = server.communicate()
+            s_out += "\n[test: the server hung and was killed]"
+    finally:
+        server.kill()
+    return c_rc, c_out, server.returncode, s_out
+
+
 def test_streaming_backpressure_engages_without_overruns():
+    # A receiver that spends 300 µs on each slot is slower than any sender
+    # here, so the sender must wait on progress (a fast receiver would let it
+    # run free and the check below would depend on scheduling).
     out = run([EXAMPLES / "streaming" / "nixl_sender_receiver.py", "--num_buffers", "8", "--buffer_size",
-               "65536", "--transfers", "300", "--threshold", "6", "--progress", "2", "--timeout", "40"])
+               "65536", "--transfers", "300", "--threshold", "6", "--progress", "2", "--timeout", "40",
+               "--consume_us", "300"])
     assert "✓ No buffer overrun (0 mismatches)" in out and "[main] ✓ Success!" in out, out
     checks = int(re.search(r"Backpressure: (\d+) checks", out).group(1))
     ahead = int(re.search(r"max ahead: (\d+)/8", out).group(1))
@@ -77,20 +106,24 @@ SMALL = ["--buf_size", "65536", "--batch_size", "8", "--iterations", "2", "--tim
 def test_storage_client_and_server_verify_every_byte(tmp_path):
     port = free_port()
     (tmp_path / "agents.txt").write_text(f"srv0 127.0.0.1 {port}\n")
-    server = subprocess.Popen([sys.executable, STORAGE, "--role", "server", "--fileprefix", tmp_path / "s",
-                               "--name", "srv0", "--port", str(port), *SMALL], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-    try:
-        out = run([STORAGE, "--role", "client", "--agents_file", tmp_path / "agents.txt", "--fileprefix",
-                   tmp_path / "c", "--name", "cli", *SMALL])
-        s_out, _ = server.communicate(timeout=30)
-    finally:
-        server.kill()
-    assert server.returncode == 0 and "cli done; files verified OK" in s_out, s_out
+    c_rc, out, s_rc, s_out = served(
+        [sys.executable, STORAGE, "--role", "server", "--fileprefix", tmp_path / "s", "--name", "srv0", "--port",
+         port, *SMALL],
+        [sys.executable, STORAGE, "--role", "client", "--agents_file", tmp_path / "agents.txt", "--fileprefix",
+         tmp_path / "c", "--name", "cli", *SMALL])
+    both = f"client ({c_rc}):\n{out}\nserver ({s_rc}):\n{s_out}"
+    assert c_rc == 0 and s_rc == 0 and "cli done; files verified OK" in s_out, both
     for line in ("local read-back: verified OK", "remote read-back from srv0: verified OK",
                  "remote WRITE via srv0:", "remote READ via srv0:", "GB/s"):
-        assert line in out, out
+        assert line in out, both
     assert (tmp_path / "ssrv0_7.bin").stat().st_size == 65536
+
+
+def test_storage_server_gives_up_without_clients(tmp_path):
+    p = subprocess.run([sys.executable, STORAGE, "--role", "server", "--fileprefix", tmp_path / "s", "--name",
+                        "lonely", "--port", str(free_port()), "--buf_size", "4096", "--batch_size", "1",
+                        "--timeout", "1"], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 3 and "no request from any client" in p.stdout, p.stdout + p.stderr
 
 
 def test_storage_without_a_storage_backend_is_a_clear_error(tmp_path):
@@ -126,36 +159,28 @@ def two_hosts():
 def test_p2p_bench_across_two_namespaces(two_hosts):
     ns_a, ip_a, ns_b, _ = two_hosts
     bench = EXAMPLES / "p2p_bench.py"
-    target = subprocess.Popen(["ip", "netns", "exec", ns_a, sys.executable, bench, "--mode", "target", "--ip",
-                               ip_a, "--port", "5555", "--buffer_sizes", "1MB", "--timeout", "30"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        p = subprocess.run(["ip", "netns", "exec", ns_b, sys.executable, bench, "--mode", "initiator", "--ip", ip_a,
-                            "--port", "5555", "--buffer_sizes", "1MB", "--iterations", "10", "--warmup", "1",
-                            "--timeout", "30"], capture_output=True, text=True, timeout=60)
-        t_out, _ = target.communicate(timeout=30)
-    finally:
-        target.kill()
-    assert p.returncode == 0 and "Testing 1.0 MB..." in p.stdout and "GB/s" in p.stdout, p.stdout + p.stderr
-    assert target.returncode == 0 and "Connected to initiator!" in t_out, t_out
+    c_rc, out, s_rc, t_out = served(
+        ["ip", "netns", "exec", ns_a, sys.executable, bench, "--mode", "target", "--ip", ip_a, "--port", "5555",
+         "--buffer_sizes", "1MB", "--timeout", "30"],
+        ["ip", "netns", "exec", ns_b, sys.executable, bench, "--mode", "initiator", "--ip", ip_a, "--port", "5555",
+         "--buffer_sizes", "1MB", "--iterations", "10", "--warmup", "1", "--timeout", "30"])
+    both = f"initiator ({c_rc}):\n{out}\ntarget ({s_rc}):\n{t_out}"
+    assert c_rc == 0 and "Testing 1.0 MB..." in out and "GB/s" in out, both
+    assert s_rc == 0 and "Connected to initiator!" in t_out, both
 
 
 def test_storage_across_two_namespaces(two_hosts, tmp_path):
     ns_a, ip_a, ns_b, _ = two_hosts
     (tmp_path / "agents.txt").write_text(f"srv0 {ip_a} 5556\n")
-    server = subprocess.Popen(["ip", "netns", "exec", ns_a, sys.executable, STORAGE, "--role", "server",
-                               "--fileprefix", tmp_path / "s", "--name", "srv0", "--port", "5556", *SMALL],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        p = subprocess.run(["ip", "netns", "exec", ns_b, sys.executable, STORAGE, "--role", "client",
-                            "--agents_file", tmp_path / "agents.txt", "--fileprefix", tmp_path / "c", "--name",
-                            "cli", *SMALL], capture_output=True, text=True, timeout=60)
-        s_out, _ = server.communicate(timeout=30)
-    finally:
-        server.kill()
-    assert p.returncode == 0 and "remote read-back from srv0: verified OK" in p.stdout, p.stdout + p.stderr
-    assert "local read-back: verified OK" in p.stdout, p.stdout
-    assert server.returncode == 0 and "files verified OK" in s_out, s_out
+    c_rc, out, s_rc, s_out = served(
+        ["ip", "netns", "exec", ns_a, sys.executable, STORAGE, "--role", "server", "--fileprefix", tmp_path / "s",
+         "--name", "srv0", "--port", "5556", *SMALL],
+        ["ip", "netns", "exec", ns_b, sys.executable, STORAGE, "--role", "client", "--agents_file",
+         tmp_path / "agents.txt", "--fileprefix", tmp_path / "c", "--name", "cli", *SMALL])
+    both = f"client ({c_rc}):\n{out}\nserver ({s_rc}):\n{s_out}"
+    assert c_rc == 0 and "remote read-back from srv0: verified OK" in out, both
+    assert "local read-back: verified OK" in out, both
+    assert s_rc == 0 and "files verified OK" in s_out, both
 
 
 # This test found, on 2026-12-02, a slot header coming back after the

@@ -500,3 +500,35 @@ fn descriptor_lists_travel_as_bytes() {
     assert!(a.check_remote(b.name(), Some(&remote)));
     assert_eq!(XferDescList::from_bytes(&wire[..3]).unwrap_err().kind(), ErrorKind::Malformed);
 }
+
+#[test]
+fn a_peer_with_no_common_backend_is_refused_until_it_has_one() {
+    let a = Agent::with_backends(&name("a"), &["local"]).unwrap();
+    let b = Agent::with_backends(&name("b"), &[]).unwrap();
+    // `b` still creating its backends: loading it would name a peer no
+    // backend can reach, and a fetch loop would stop asking.
+    let e = a.load_remote_metadata(&b.local_metadata().unwrap()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Backend, "{e}");
+    assert!(e.message().contains("no backend in common") && e.message().contains("this agent has [LOCAL]"), "{e}");
+    assert!(a.remote_agents().is_empty() && !a.check_remote(b.name(), None));
+    b.create_backend("LOCAL", &Params::new()).unwrap();
+    assert_eq!(a.load_remote_metadata(&b.local_metadata().unwrap()).unwrap(), b.name());
+    assert!(a.check_remote(b.name(), None));
+}
+
+#[test]
+fn the_listener_starts_once_after_construction() {
+    let a = Agent::with_backends(&name("a"), &["local"]).unwrap();
+    let b = Agent::with_backends(&name("b"), &["local"]).unwrap();
+    assert_eq!(b.listen_port(), None);
+    let port = b.start_listener(0).unwrap();
+    assert!(port != 0 && b.listen_port() == Some(port));
+    let e = b.start_listener(0).unwrap_err();
+    assert!(e.message().contains("already listens"), "{e}");
+    a.fetch_remote_metadata(b.name(), None, kvferry::MetaPeer::addr("127.0.0.1", port).unwrap()).unwrap();
+    let deadline = std::time::Instant::now() + T;
+    while !a.check_remote(b.name(), None) {
+        assert!(std::time::Instant::now() < deadline, "the late listener never served b's metadata");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}

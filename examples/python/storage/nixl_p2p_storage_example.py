@@ -94,13 +94,22 @@ def setup(agent, a, tag):
     return mem, dram, files, paths
 
 
+def done(agent, h, deadline, what):
+    """Whether ``h`` finished: raises when it failed or ``deadline`` passed."""
+    state = agent.check_xfer_state(h)
+    if state == "ERR":
+        raise RuntimeError(f"{what} failed (see the log above for why)")
+    if state != "DONE" and time.time() > deadline:
+        raise TimeoutError(f"{what} did not finish in time (--timeout)")
+    return state == "DONE"
+
+
 def run_all(agent, handles, deadline, what):
     for h in handles:
         agent.transfer(h)
     for h in handles:
-        while agent.check_xfer_state(h) != "DONE":
-            if time.time() > deadline:
-                raise TimeoutError(f"{what} did not finish")
+        while not done(agent, h, deadline, what):
+            pass
 
 
 def pipelined(agent, first, second, deadline, what):
@@ -110,15 +119,12 @@ def pipelined(agent, first, second, deadline, what):
     pending = set(range(len(first)))
     while pending:
         for i in list(pending):
-            if agent.check_xfer_state(first[i]) == "DONE":
+            if done(agent, first[i], deadline, what):
                 agent.transfer(second[i])
                 pending.discard(i)
-        if time.time() > deadline:
-            raise TimeoutError(f"{what} did not finish")
     for h in second:
-        while agent.check_xfer_state(h) != "DONE":
-            if time.time() > deadline:
-                raise TimeoutError(f"{what} did not finish")
+        while not done(agent, h, deadline, what):
+            pass
 
 
 def report(role, what, seconds, nbytes):
@@ -192,8 +198,13 @@ def server(a):
     ok = True
     while True:
         notes = {}
+        quiet_until = time.time() + a.timeout
         while not notes:
             notes = {k: v for k, v in agent.get_new_notifs().items() if v}
+            if not notes and time.time() > quiet_until:
+                print(f"[{a.name}] no request from any client in {a.timeout:.0f} s (--timeout); giving up",
+                      flush=True)
+                return 3
             time.sleep(0.0005)
         for peer, msgs in notes.items():
             for m in msgs:

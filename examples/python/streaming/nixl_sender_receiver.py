@@ -46,9 +46,13 @@ def parse():
     p.add_argument("--backend", default="UCX", help="UCX (SHM/TCP chosen per peer) or TCP")
     p.add_argument("--metadata_url", default=None, help="kvferry meta-server URL (else the environment's store)")
     p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--consume_us", type=float, default=0.0,
+                   help="time the receiver spends on each slot before freeing it (a slow consumer)")
     a = p.parse_args()
     if a.num_buffers < 1 or a.buffer_size < 1 or a.transfers < 1 or a.progress < 1:
         p.error("--num_buffers, --buffer_size, --transfers and --progress must be positive")
+    if a.consume_us < 0:
+        p.error("--consume_us must not be negative")
     if not 0 < a.threshold <= a.num_buffers:
         p.error(f"--threshold must be in 1..{a.num_buffers} (--num_buffers), or the sender overruns the ring")
     return a
@@ -121,6 +125,10 @@ def receiver(a):
                 print(f"[receiver] slot {got % a.num_buffers}: sequence {seq.value:#x}, expected {got}",
                       file=sys.stderr, flush=True)
                 mismatches += 1
+        if a.consume_us:
+            consume_until = time.perf_counter() + a.consume_us / 1e6
+            while time.perf_counter() < consume_until:
+                pass
         seq.value = EMPTY
         got += 1
         if got % a.progress == 0 or got == a.transfers:

@@ -192,6 +192,12 @@ class Agent:
         """Port of the metadata listener, if it runs."""
         return self._a.listen_port
 
+    def start_listener(self, port: int = 0) -> int:
+        """Starts the metadata listener on ``port`` (0: any free one) for an
+        agent made without ``listener``, once its backends exist, and returns
+        the port. Raises if a listener is on already."""
+        return self._a.start_listener(port)
+
     # --- telemetry ---------------------------------------------------------
     @property
     def telemetry(self) -> bool:

@@ -164,7 +164,7 @@ impl Agent {
         };
         agent.with_all(&backends)?;
         if agent.inner.config.listener {
-            agent.start_listener()?;
+            agent.start_listener(agent.inner.config.listen_port)?;
         }
         Ok(agent)
     }

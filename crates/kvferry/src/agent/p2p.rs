@@ -18,8 +18,22 @@ use crate::error::{Error, Result};
 use crate::metadata::listener::{self, Caller, Handler, ListenerHandle, ListenerRequest, Op};
 
 impl Agent {
-    /// Starts the metadata listener (called by [`Agent::new`] when `config.listener` is on).
-    pub(crate) fn start_listener(&self) -> Result<()> {
+    /// Starts the metadata listener on `port` (0: any free one) of
+    /// [`AgentConfig::listener_bind_addr`](crate::AgentConfig::listener_bind_addr)
+    /// and returns the port it took. [`Agent::new`] calls it when
+    /// `config.listener` is on; an agent built without it can start it later,
+    /// once it has created its backends, so that no peer fetches metadata
+    /// that lists none (NIXL starts its listener before its backends, and a
+    /// fast peer loads an agent it cannot reach). Fails if a listener is on.
+    pub fn start_listener(&self, port: u16) -> Result<u16> {
+        let mut slot = self.inner.listener.lock();
+        if let Some(h) = slot.as_ref() {
+            return Err(Error::invalid(format!(
+                "agent '{}' already listens on {}; one listener per agent",
+                self.name(),
+                h.local_addr()
+            )));
+        }
         let cfg = &self.inner.config;
         let weak: Weak<AgentInner> = Arc::downgrade(&self.inner);
         let handler: Handler = Arc::new(move |caller, req| {
@@ -27,14 +41,15 @@ impl Agent {
             agent.handle_listener(caller, req).map_err(|e| e.to_string())
         });
         let h = ListenerHandle::start(
-            SocketAddr::new(cfg.listener_bind_addr(), cfg.listen_port),
+            SocketAddr::new(cfg.listener_bind_addr(), port),
             cfg.listener_limits,
             cfg.auth_token.clone(),
             handler,
         )?;
         tracing::debug!(agent = %self.name(), addr = %h.local_addr(), "metadata listener started");
-        *self.inner.listener.lock() = Some(h);
-        Ok(())
+        let port = h.port();
+        *slot = Some(h);
+        Ok(port)
     }
 
     fn handle_listener(&self, caller: Caller, req: ListenerRequest) -> Result<Option<Vec<u8>>> {

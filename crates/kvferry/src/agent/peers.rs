@@ -290,7 +290,16 @@ impl Agent {
         let loaded = base.map_or(0, |p| p.loaded_mask);
         let merge_from = base.filter(|_| md.partial);
         let slots = self.slots();
-        let loaded = self.load_into_backends(&name, &md, &slots, loaded)?;
+        let loaded = match self.load_into_backends(&name, &md, &slots, loaded) {
+            Ok(l) => l,
+            Err(e) => {
+                if old.is_some() && !same_instance {
+                    // Its backends dropped the old instance above: so does the table.
+                    self.inner.peers.write().remove(&name);
+                }
+                return Err(e);
+            }
+        };
         let peer = RemotePeer::merged(name.clone(), md, merge_from, &slots, loaded, origin, charged);
         let loaded_name = peer.name.to_string();
         self.inner.peers.write().insert(name, Arc::new(peer));
@@ -299,8 +308,8 @@ impl Agent {
 
     /// Hands `md`'s connection info to each local backend it names; returns
     /// `loaded` (the slots that hold the peer already) with those that
-    /// loaded it now. Fails only if no slot holds it then (each failure is
-    /// logged otherwise).
+    /// loaded it now. Fails if no slot holds it then: a backend refused it,
+    /// or it publishes none this agent has (each failure is logged otherwise).
     fn load_into_backends(
         &self,
         name: &Arc<str>,
@@ -326,6 +335,24 @@ impl Agent {
             return Err(Error::new(
                 crate::ErrorKind::Backend,
                 format!("could not load agent '{name}' into any backend: {}", failures.join("; ")),
+            ));
+        }
+        if loaded == 0 {
+            // Loaded, it could be named in requests and notifications that
+            // no backend can carry; and a peer fetched while it was still
+            // creating its backends would stay unreachable. Refused, the
+            // caller's fetch loop asks again.
+            let theirs: Vec<&str> =
+                md.backends.iter().filter(|b| b.conn_info.is_some()).map(|b| b.name.as_str()).collect();
+            let ours: Vec<&str> = slots.iter().map(|s| s.name.as_ref()).collect();
+            return Err(Error::new(
+                crate::ErrorKind::Backend,
+                format!(
+                    "agent '{name}' publishes no backend in common with agent '{}' (it publishes [{}], this agent has [{}]): create a common backend (TCP, SHM or LOCAL) on both, or load its metadata again once it has created its backends",
+                    self.name(),
+                    theirs.join(", "),
+                    ours.join(", ")
+                ),
             ));
         }
         for f in &failures {

@@ -208,8 +208,9 @@ class nixl_agent:
             self.agent = _kvferry.Agent(
                 agent_name,
                 [],
-                listener=bool(nixl_conf.enable_listen),
-                listen_port=int(nixl_conf.port) if nixl_conf.enable_listen else 0,
+                # The listener starts below, once the backends exist: a peer
+                # fetching earlier would load metadata that lists none.
+                listener=False,
                 worker_threads=max(int(nixl_conf.num_threads), 0),
                 telemetry=self._telemetry,
             )
@@ -233,6 +234,11 @@ class nixl_agent:
                 logger.warning("Skipping backend registration %s due to the missing plugin.", bknd)
                 continue
             self.create_backend(bknd, {})
+        if nixl_conf.enable_listen:
+            try:
+                self.agent.start_listener(int(nixl_conf.port))
+            except _e.Error as e:
+                raise _nixl_error(e) from None
         self.nixl_mems = {
             "DRAM": nixlBind.DRAM_SEG,
             "VRAM": nixlBind.VRAM_SEG,
