@@ -98,3 +98,90 @@ impl Drop for Etcd {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A running S3-compatible server (moto's, through `scripts/s3_test_server.py`)
+/// on a free loopback port, with authentication on and one bucket; killed
+/// on drop (it keeps everything in memory: nothing is left behind).
+#[derive(Debug)]
+pub struct S3 {
+    child: crate::process::Child,
+    /// `http://127.0.0.1:<port>`.
+    pub endpoint: String,
+    /// Its port.
+    pub port: u16,
+    /// The bucket it made.
+    pub bucket: String,
+    /// Keys it accepts.
+    pub access_key: String,
+    /// The secret of `access_key`.
+    pub secret_key: String,
+}
+
+/// The Python with moto: `KVFERRY_TEST_PYTHON`, else the workspace's
+/// `.venv-test` (what `./scripts/test.sh` makes), else `python3`.
+pub fn test_python() -> PathBuf {
+    if let Some(p) = std::env::var_os("KVFERRY_TEST_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = workspace_root().join(".venv-test/bin/python");
+    if venv.exists() {
+        venv
+    } else {
+        PathBuf::from("python3")
+    }
+}
+
+/// The workspace's root directory.
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+impl S3 {
+    /// Starts the server and waits until it serves, or panics saying why.
+    pub fn start() -> S3 {
+        let script = workspace_root().join("scripts/s3_test_server.py");
+        let py = test_python();
+        let mut cmd = Command::new(&py);
+        cmd.arg(&script).stderr(Stdio::null());
+        let mut child = crate::process::Child::spawn("the S3 test server", &mut cmd, "");
+        let line = child.try_line(Duration::from_secs(60)).unwrap_or_else(|| {
+            panic!(
+                "the S3 test server ({} {}) did not start within 60 s: pip install 'moto[server]' boto3 into it \
+                 (./scripts/test.sh installs both into .venv-test), or point KVFERRY_TEST_PYTHON at a Python that has them",
+                py.display(),
+                script.display()
+            )
+        });
+        let field = |k: &str| -> String {
+            let pat = format!("\"{k}\": \"");
+            let at = line.find(&pat).unwrap_or_else(|| panic!("the S3 test server printed no {k}: {line}")) + pat.len();
+            line[at..].split('"').next().unwrap_or_default().to_string()
+        };
+        let endpoint = field("endpoint");
+        let port = endpoint.rsplit(':').next().and_then(|p| p.parse().ok()).expect("a port in the endpoint");
+        S3 {
+            endpoint,
+            port,
+            bucket: field("bucket"),
+            access_key: field("access_key"),
+            secret_key: field("secret_key"),
+            child,
+        }
+    }
+
+    /// OBJ backend parameters that reach this server, in `(name, value)` pairs.
+    pub fn params(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("bucket", self.bucket.clone()),
+            ("endpoint_override", self.endpoint.clone()),
+            ("access_key", self.access_key.clone()),
+            ("secret_key", self.secret_key.clone()),
+            ("region", "us-east-1".into()),
+        ]
+    }
+
+    /// Kills the server now.
+    pub fn kill(&mut self) {
+        self.child.kill();
+    }
+}

@@ -28,6 +28,7 @@ use crate::types::MemType;
 pub use crate::types::{AccessKey, RegionId, XferOp, XferState};
 
 pub mod local;
+pub mod obj;
 pub mod posix;
 mod registry;
 pub mod shm;
@@ -86,7 +87,7 @@ pub struct Capabilities {
     /// Notifications (standalone and attached to requests).
     pub notifications: bool,
     /// Preference when several backends can serve a request: lower wins.
-    /// Built-ins: LOCAL 0, SHM 10, POSIX 20, TCP 50; user backends default to 100.
+    /// Built-ins: LOCAL 0, SHM 10, POSIX 20, OBJ 30, TCP 50; user backends default to 100.
     pub rank: u16,
 }
 

@@ -19,6 +19,7 @@ fn builtin() -> Vec<Arc<dyn BackendPlugin>> {
         Arc::new(super::shm::ShmPlugin),
         Arc::new(super::posix::PosixPlugin),
         Arc::new(super::tcp::TcpPlugin),
+        Arc::new(super::obj::ObjPlugin),
     ]
 }
 
