@@ -27,17 +27,23 @@ echo "==> layers, function length, docs"
 python3 scripts/layers.py
 python3 scripts/long_fns.py
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features --quiet
+# A venv with what the tests run besides Rust: maturin, pytest and numpy for
+# the Python package, moto's S3 server and boto3 for the OBJ backend's tests
+# (scripts/s3_test_server.py, which the Rust tests start through
+# KVFERRY_TEST_PYTHON). torch is not installed: its tests skip without it.
+echo "==> python venv (.venv-test): maturin, pytest, numpy, moto[server], boto3"
+VENV="$PWD/.venv-test"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check maturin pytest numpy "moto[server]" boto3
+export KVFERRY_TEST_PYTHON="$VENV/bin/python"
+
 echo "==> cargo test"
 cargo test --workspace --all-targets --all-features
 cargo test --workspace --doc --all-features
 
-# The Python package (crates/kvferry-py): a venv with maturin, pytest and
-# numpy, the extension built into it (a debug build, quick on 2 cores; `pip
-# install ./crates/kvferry-py` builds the same package in release mode), and
-# its pytest suite. torch is not installed: its tests skip without it.
+# The Python package (crates/kvferry-py): the extension built into the venv
+# (a debug build, quick on 2 cores; `pip install ./crates/kvferry-py` builds
+# the same package in release mode), and its pytest suite.
 echo "==> python: build kvferry into .venv-test and run pytest"
-VENV="$PWD/.venv-test"
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check maturin pytest numpy
 (cd crates/kvferry-py && VIRTUAL_ENV="$VENV" PATH="$VENV/bin:$PATH" maturin develop -q)
 "$VENV/bin/python" -m pytest -q crates/kvferry-py/tests

@@ -62,3 +62,23 @@ def meta_server(monkeypatch):
     monkeypatch.setenv("KVFERRY_METADATA_URL", s.url)
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """moto's S3 server (scripts/s3_test_server.py) on a free loopback port,
+    authentication on: yields its JSON (endpoint, bucket, access_key,
+    secret_key); stopped afterwards."""
+    import json
+
+    script = HERE.parents[2] / "scripts" / "s3_test_server.py"
+    p = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = p.stdout.readline()
+        if not line:
+            pytest.fail(f"{script} did not start: pip install 'moto[server]' boto3 (./scripts/test.sh does)")
+        yield json.loads(line)
+    finally:
+        p.kill()
+        p.wait()

@@ -9,6 +9,7 @@ import os
 from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
 
 from . import _kvferry
+from ._errors import InvalidParamError
 from ._mem import region_of
 
 __all__ = ["Agent", "Request", "AlignedBuf", "XferState", "XferTelemetry", "plugins", "plugin_params"]
@@ -254,6 +255,16 @@ class Agent:
         path = os.fspath(path)
         fd_id = next(_FILE_IDS)
         return self._a.register(RegDescList("FILE", [(0, size, fd_id, f"{','.join(flags)}:{path}")]), [])
+
+    def register_object(self, key: str, size: int = 0, dev: Optional[int] = None) -> Registration:
+        """Registers the object ``key`` of the OBJ backend's bucket: ``size``
+        bytes (0: its current size; it must exist then). OBJ transfers then
+        use ``(offset, len, dev)`` with ``dev = reg.descs[0][2]`` (``dev``
+        picks it; default: a fresh number)."""
+        if not isinstance(key, str) or not key:
+            raise InvalidParamError("register_object: the object key must be a non-empty str")
+        dev = next(_FILE_IDS) if dev is None else dev
+        return self._a.register(RegDescList("OBJ", [(0, size, dev, key.encode())]), [])
 
     def export_file(self, path: Union[str, os.PathLike], size: int, direct: bool = False) -> int:
         """Exports a file to remote initiators; returns its file id (the

@@ -233,7 +233,15 @@ class nixl_agent:
             if bknd not in self.plugin_list:
                 logger.warning("Skipping backend registration %s due to the missing plugin.", bknd)
                 continue
-            self.create_backend(bknd, {})
+            if not instantiate_all:
+                self.create_backend(bknd, {})
+                continue
+            try:
+                self.create_backend(bknd, {})
+            except _e.Error as e:
+                # Every plugin with default parameters: one that needs some
+                # (OBJ's bucket) is skipped, as a missing plugin is.
+                logger.warning("Skipping backend %s: it does not start with default parameters: %s", bknd, e)
         if nixl_conf.enable_listen:
             try:
                 self.agent.start_listener(int(nixl_conf.port))
@@ -401,16 +409,18 @@ class nixl_agent:
     @_translate
     def query_memory(self, reg_list: Any, backend: str, mem_type: Optional[str] = None) -> list:
         """Size, mode and mtime (strings) of storage descriptors; None where
-        missing. ``meta_info`` may be a plain path, as in NIXL."""
+        missing. For FILE, ``meta_info`` may be a plain path, as in NIXL;
+        for OBJ it is the object key."""
         descs = self.get_reg_descs(reg_list, mem_type)
         if backend not in self.backends:
             raise ValueError(f"Backend '{backend}' not found. Available backends: {list(self.backends.keys())}")
         if descs is None:
             raise TypeError("query_memory: no valid descriptors (see the error logged above)")
         rows = []
+        plain_paths = descs.mem_type in ("FILE", "BLOCK")
         for d in descs:
             meta = d[3]
-            if meta.startswith(b"/") or (meta and b":" not in meta):
+            if plain_paths and (meta.startswith(b"/") or (meta and b":" not in meta)):
                 meta = b"r:" + meta
             rows.append((d[0], d[1], d[2], meta))
         out = self.agent.query_mem(_kvferry.RegDescList(descs.mem_type, rows))
