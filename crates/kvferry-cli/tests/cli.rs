@@ -886,3 +886,38 @@ fn library_logs_reach_stderr_filtered_and_as_json() {
     assert!(event["fields"]["addr"].as_str().is_some_and(|a| a.starts_with("127.0.0.1:")), "{event}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn storage_bench_over_obj_verifies_against_a_real_s3_server() {
+    let s3 = kvferry_test_support::servers::S3::start();
+    let creds = [
+        "--obj_bucket_name",
+        &s3.bucket,
+        "--obj_endpoint_override",
+        &s3.endpoint,
+        "--access-key",
+        &s3.access_key,
+        "--secret-key",
+        &s3.secret_key,
+    ];
+    for op in ["write", "read"] {
+        let mut args = vec!["bench", "storage", "--backend", "obj", "--op", op, "--block-sizes", "64K,1M"];
+        args.extend(["--batch-size", "4", "--iters", "3", "--warmup", "1", "--check-consistency", "--json"]);
+        args.extend(creds);
+        let o = kvferry(&args);
+        assert!(o.status.success(), "{op}: {}", text(&o));
+        let lines: Vec<serde_json::Value> =
+            String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON")).collect();
+        assert_eq!(lines.len(), 2, "{}", text(&o));
+        for l in &lines {
+            assert_eq!(l["backend"], "OBJ");
+            assert_eq!(l["op"], op.to_uppercase());
+            assert_eq!(l["verified"], true);
+            assert_eq!(l["bytes"].as_u64(), Some(3 * 4 * l["block_size"].as_u64().unwrap()), "{l}");
+        }
+    }
+    let o = kvferry(&["bench", "storage", "--backend", "obj", "--mode", "target"]);
+    assert!(!o.status.success() && text(&o).contains("--mode local"), "{}", text(&o));
+    let o = kvferry(&["bench", "storage", "--backend", "obj", "--op", "write", "--block-size", "4K", "--iters", "1"]);
+    assert!(!o.status.success() && text(&o).contains("bucket"), "no bucket: {}", text(&o));
+}

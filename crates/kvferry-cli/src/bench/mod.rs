@@ -13,6 +13,7 @@ use report::Timings;
 
 pub mod meta;
 pub mod mooncake;
+pub mod obj;
 pub mod p2p;
 pub mod pattern;
 pub mod plot;

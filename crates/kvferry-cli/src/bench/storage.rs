@@ -2,7 +2,8 @@
 //! POSIX backend, in the shape of fio runs (block size, batch = queue depth,
 //! O_DIRECT, sequential or random offsets); and remote file segments, as in
 //! Mooncake's NVMe-oF bench: a target exports files, an initiator on another
-//! process or host moves bytes to and from them over TCP.
+//! process or host moves bytes to and from them over TCP. `--backend obj`
+//! measures S3 objects instead (`bench/obj.rs`).
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
@@ -52,9 +53,24 @@ impl Pattern {
     }
 }
 
+/// The storage backend a run measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum StorageBackend {
+    /// Files and block devices (the POSIX backend).
+    Posix,
+    /// Objects of an S3-compatible store (the OBJ backend): --bucket, --endpoint.
+    Obj,
+}
+
 /// Arguments of `kvferry bench storage`.
 #[derive(Args, Debug, Clone)]
 pub struct StorageArgs {
+    /// posix (files, block devices) or obj (S3 objects; local mode only).
+    #[arg(long, value_enum, default_value_t = StorageBackend::Posix)]
+    pub backend: StorageBackend,
+    /// Where OBJ's objects live.
+    #[command(flatten)]
+    pub obj: super::obj::ObjFlags,
     /// local (default), or target / initiator / loopback for remote files.
     #[arg(long, value_enum, default_value_t = StorageMode::Local)]
     pub mode: StorageMode,
@@ -248,10 +264,21 @@ fn run_inner(a: &StorageArgs, print: bool) -> Result<Vec<Point>> {
     let a = &normalized(a)?;
     let c = sweep_flags(a);
     let op: XferOp = c.op.parse()?;
+    if a.backend == StorageBackend::Obj && a.mode != StorageMode::Local {
+        return Err(Error::invalid(
+            "--backend obj runs in --mode local: the agent moves its own DRAM to and from the store",
+        ));
+    }
     if a.mode == StorageMode::Target {
         return run_target(a, &c, op).map(|()| Vec::new());
     }
     let points = super::sweep(&c)?;
+    if a.backend == StorageBackend::Obj {
+        if print && !c.json {
+            println!("{}", report::table_header(true));
+        }
+        return super::obj::run(&a.obj, &c, op, &points, print);
+    }
     let max = points.iter().map(|(b, n)| b * n).max().unwrap_or(0) * c.threads.max(1);
     let s = match a.mode {
         StorageMode::Local => local_session(a, &c, op, max)?,
