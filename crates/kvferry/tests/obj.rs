@@ -83,6 +83,23 @@ fn round_trips_below_and_above_the_multipart_threshold() {
 }
 
 #[test]
+fn an_upload_of_more_parts_than_permits_completes() {
+    // One S3 request at a time, four 5 MiB parts: each part must finish
+    // (and give its permit back) while the upload waits for the next.
+    let s3 = S3::start();
+    let a = agent(params(&s3, &[("max_in_flight", "1")]));
+    let len = 20 * MIB;
+    let src = filled(len, 42);
+    let dst = AlignedBuf::new(len).unwrap();
+    let (_s, _d) = (a.register_buf(&src).unwrap(), a.register_buf(&dst).unwrap());
+    let _o = object(&a, "permits/a", len as u64, 1).unwrap();
+    let whole = obj_descs(&[(0, len as u64, 1)]);
+    run(&a, XferOp::Write, &src.xfer_blocks(0, len, 1).unwrap(), &whole).unwrap();
+    run(&a, XferOp::Read, &dst.xfer_blocks(0, len, 1).unwrap(), &whole).unwrap();
+    assert!(src.as_slice() == dst.as_slice());
+}
+
+#[test]
 fn ranged_reads_land_at_their_offsets_and_stop_at_the_end() {
     let s3 = S3::start();
     let a = agent(params(&s3, &[]));

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::stream::StreamExt;
 use object_store::aws::AmazonS3;
 use object_store::path::Path;
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload};
@@ -97,38 +97,35 @@ impl Io {
 
     /// A multipart upload of `parts`, in parallel; aborted when a part or
     /// the completion fails, so that nothing half-written becomes visible.
+    /// Each part runs as its own task holding its permit (its body is a
+    /// copy: it touches no registered memory), so parts progress while this
+    /// one waits for the next permit.
     async fn multipart(&self, path: &Path, parts: &[Vec<Span>]) -> Result<()> {
         let what = format!("WRITE (multipart upload) of object '{path}'");
         let mut upload = {
             let _permit = self.permit().await?;
             self.store.put_multipart(path).await.map_err(|e| self.error(e, &what))?
         };
-        let mut inflight = FuturesUnordered::new();
+        let mut tasks = Parts(Vec::with_capacity(parts.len()));
         let mut failed = None;
         for part in parts {
+            if tasks.0.iter().any(|t| t.is_finished()) {
+                failed = tasks.first_error().await;
+                if failed.is_some() {
+                    break;
+                }
+            }
             let permit = self.permit().await?;
             let body: PutPayload = part.iter().map(copy_out).collect();
             let fut = upload.put_part(body);
-            inflight.push(async move {
+            tasks.0.push(tokio::spawn(async move {
                 let r = fut.await;
                 drop(permit);
                 r
-            });
-            // Collect what finished, without waiting, so a failure stops
-            // the upload early.
-            while let Some(Some(r)) = futures_util::FutureExt::now_or_never(inflight.next()) {
-                if let Err(e) = r {
-                    failed.get_or_insert(e);
-                }
-            }
-            if failed.is_some() {
-                break;
-            }
+            }));
         }
-        while let Some(r) = inflight.next().await {
-            if let Err(e) = r {
-                failed.get_or_insert(e);
-            }
+        if failed.is_none() {
+            failed = tasks.wait_all().await;
         }
         let outcome = match failed {
             Some(e) => Err(e),
@@ -222,6 +219,57 @@ impl Io {
             src = s.source();
         }
         Error::new(kind, format!("OBJ: {what} in bucket '{}' failed: {why} ({hint})", self.bucket))
+    }
+}
+
+/// The part tasks of one multipart upload; those still running when it is
+/// dropped (the posting was canceled) are aborted.
+struct Parts(Vec<tokio::task::JoinHandle<object_store::Result<()>>>);
+
+impl Parts {
+    /// The first error among the finished parts (which are removed).
+    async fn first_error(&mut self) -> Option<object_store::Error> {
+        let mut first = None;
+        let mut i = 0;
+        while i < self.0.len() {
+            if self.0[i].is_finished() {
+                let r = (&mut self.0[i]).await;
+                self.0.swap_remove(i);
+                if let Some(e) = part_error(r) {
+                    first.get_or_insert(e);
+                }
+            } else {
+                i += 1;
+            }
+        }
+        first
+    }
+
+    /// Waits for every part; the first error, if any.
+    async fn wait_all(&mut self) -> Option<object_store::Error> {
+        let mut first = None;
+        for t in self.0.drain(..) {
+            if let Some(e) = part_error(t.await) {
+                first.get_or_insert(e);
+            }
+        }
+        first
+    }
+}
+
+fn part_error(r: std::result::Result<object_store::Result<()>, tokio::task::JoinError>) -> Option<object_store::Error> {
+    match r {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e),
+        Err(e) => Some(object_store::Error::JoinError { source: e }),
+    }
+}
+
+impl Drop for Parts {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
     }
 }
 
