@@ -19,6 +19,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::plan::{Op, Span};
 use crate::error::{Error, ErrorKind, Result};
 
+/// The largest object a read-modify-write reads into memory: S3's largest
+/// single PUT.
+const MAX_RMW: u64 = 5 << 30;
+
 /// What the operations of every request share.
 #[derive(Debug)]
 pub(super) struct Io {
@@ -74,9 +78,15 @@ impl Io {
         let mut done = 0u64;
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| self.error(e, &what()))?;
-            let n = (chunk.len() as u64).min(len - done);
-            copy_in(mem + done, &chunk[..n as usize]);
-            done += n;
+            if chunk.len() as u64 > len - done {
+                // The store chooses what it sends: never past the range.
+                return Err(Error::new(
+                    ErrorKind::Backend,
+                    format!("{}: the store sent more bytes than the range holds", what()),
+                ));
+            }
+            copy_in(mem + done, &chunk);
+            done += chunk.len() as u64;
         }
         if done != len {
             return Err(Error::new(
@@ -149,6 +159,12 @@ impl Io {
         let mut body = {
             let _permit = self.permit().await?;
             let got = self.store.get(path).await.map_err(|e| self.error(e, &what))?;
+            if got.meta.size > MAX_RMW {
+                return Err(Error::invalid(format!(
+                    "{what}: the object holds {} bytes, over the {MAX_RMW} a read-modify-write holds in memory; write it whole",
+                    got.meta.size
+                )));
+            }
             got.bytes().await.map_err(|e| self.error(e, &what))?.to_vec()
         };
         for (offset, span) in patches {
