@@ -9,8 +9,9 @@
 //! path on loopback).
 //!
 //! `cargo run --release -p kvferry --example streaming -- [TCP|SHM|LOCAL]
-//! [num_buffers] [buffer_size] [transfers] [threshold] [progress]`
-//! (defaults: TCP 64 1048576 700 60 16; the seed's 16 MiB slots work too).
+//! [num_buffers] [buffer_size] [transfers] [threshold] [progress] [consume_us]`
+//! (defaults: TCP 64 1048576 700 60 16 0; the seed's 16 MiB slots work too;
+//! `consume_us` makes the receiver a slow consumer).
 //! The Python version, with two hosts: `examples/python/streaming/`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,6 +30,8 @@ struct Config {
     transfers: u64,
     threshold: u64,
     progress: u64,
+    /// Time the receiver spends on each slot before freeing it (a slow consumer).
+    consume: Duration,
 }
 
 /// What a run found.
@@ -55,8 +58,12 @@ fn slots(buf: &AlignedBuf, cfg: &Config) -> kvferry::Result<Vec<XferDescList>> {
 }
 
 fn run(cfg: &Config) -> kvferry::Result<Outcome> {
-    let rx = Agent::with_backends(&format!("stream-rx-{}", std::process::id()), &[cfg.backend.as_str()])?;
-    let tx = Agent::with_backends(&format!("stream-tx-{}", std::process::id()), &[cfg.backend.as_str()])?;
+    // Names unique per run: an agent of the previous run may still be
+    // going away (its name is free once its last thread lets go of it).
+    static RUNS: AtomicU64 = AtomicU64::new(0);
+    let tag = format!("{}-{}", std::process::id(), RUNS.fetch_add(1, Ordering::Relaxed));
+    let rx = Agent::with_backends(&format!("stream-rx-{tag}"), &[cfg.backend.as_str()])?;
+    let tx = Agent::with_backends(&format!("stream-tx-{tag}"), &[cfg.backend.as_str()])?;
     let slot = 8 + cfg.buffer_size;
     if slot % 8 != 0 {
         return Err(kvferry::Error::invalid("buffer_size must be a multiple of 8"));
@@ -113,6 +120,10 @@ fn receive(rx: &Agent, sender: &str, ring: &AlignedBuf, slot: usize, cfg: &Confi
                 eprintln!("receiver: slot {}: sequence {v:#x}, expected {got}", got % cfg.num_buffers as u64);
                 mismatches += 1;
             }
+        }
+        let consumed = Instant::now() + cfg.consume;
+        while Instant::now() < consumed {
+            std::hint::spin_loop();
         }
         word.store(EMPTY, Ordering::Release);
         if (got + 1) % cfg.progress == 0 || got + 1 == cfg.transfers {
@@ -180,6 +191,7 @@ fn main() {
         transfers: num(3, 700),
         threshold: num(4, 60),
         progress: num(5, 16).max(1),
+        consume: Duration::from_micros(num(6, 0)),
     };
     if cfg.threshold == 0 || cfg.threshold > cfg.num_buffers as u64 {
         eprintln!("threshold must be in 1..={}", cfg.num_buffers);
@@ -224,6 +236,9 @@ mod tests {
                     transfers: 400,
                     threshold: 6,
                     progress: 2,
+                    // A receiver slower than the sender, so that backpressure
+                    // must engage whatever the scheduler does.
+                    consume: Duration::from_micros(300),
                 };
                 let o = run(&cfg).unwrap();
                 assert_eq!(o.mismatches, 0, "{cfg:?}");

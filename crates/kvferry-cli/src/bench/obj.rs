@@ -35,7 +35,7 @@ pub struct ObjFlags {
     /// http or https for an endpoint given without a scheme.
     #[arg(long, alias = "obj_scheme")]
     pub scheme: Option<String>,
-    /// Key prefix of the bench's objects (default: kvferry-bench/<pid>).
+    /// Key prefix of the bench's objects (default: `kvferry-bench/<pid>`).
     #[arg(long)]
     pub obj_prefix: Option<String>,
 }
