@@ -239,6 +239,35 @@ fn writes_into_an_object_need_allow_rmw() {
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotSupported, "{e}");
     assert!(e.message().contains("allow_rmw"), "{e}");
+    // The first bytes of an object registered with its size would truncate it.
+    let e = a
+        .create_request(
+            XferOp::Write,
+            &patch.xfer_blocks(0, 100, 1).unwrap(),
+            &obj_descs(&[(0, 100, 1)]),
+            a.name(),
+            None,
+        )
+        .unwrap_err();
+    assert!(e.message().contains("ends at byte 100 of its 8192"), "{e}");
+    // Two registrations of one key are one object: two halves make it whole.
+    let (_h1, _h2) = (object(&a, "rmw/halves", 8192, 5).unwrap(), object(&a, "rmw/halves", 8192, 6).unwrap());
+    run(&a, XferOp::Write, &src.xfer_blocks(0, 4096, 2).unwrap(), &obj_descs(&[(0, 4096, 5), (4096, 4096, 6)]))
+        .unwrap();
+    let halves = AlignedBuf::new(8192).unwrap();
+    let _hb = a.register_buf(&halves).unwrap();
+    run(&a, XferOp::Read, &halves.xfer_blocks(0, 8192, 1).unwrap(), &obj_descs(&[(0, 8192, 5)])).unwrap();
+    assert!(halves.as_slice() == src.as_slice(), "one PUT of both halves");
+    let e = a
+        .create_request(
+            XferOp::Write,
+            &src.xfer_blocks(0, 4096, 2).unwrap(),
+            &obj_descs(&[(0, 4096, 5), (0, 4096, 6)]),
+            a.name(),
+            None,
+        )
+        .unwrap_err();
+    assert!(e.message().contains("written twice"), "{e}");
 
     let b = agent(params(&s3, &[("allow_rmw", "true")]));
     let (_bs, _bp) = (b.register_buf(&src).unwrap(), b.register_buf(&patch).unwrap());
@@ -283,6 +312,15 @@ fn bad_parameters_and_keys_are_refused_clearly() {
         )
         .unwrap_err();
     assert!(e.message().contains("UTF-8"), "{e}");
+    let e = a
+        .register_storage(
+            &RegDescList::from_descs(MemType::Obj, vec![RegDesc::with_meta(4096, 4096, 1, "at/offset")]),
+            &[],
+        )
+        .unwrap_err();
+    assert!(e.message().contains("addr must be 0"), "{e}");
+    let e = make(&[("multipart_threshold", "6G")]).unwrap_err();
+    assert!(e.message().contains("multipart_threshold"), "{e}");
     // With req_checksum=required every upload carries a SHA-256 the server checks.
     let src = filled(4096, 0);
     let _s = a.register_buf(&src).unwrap();

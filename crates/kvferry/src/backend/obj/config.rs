@@ -100,6 +100,11 @@ impl Config {
             )));
         }
         let multipart_threshold = p.parse_size(NAME, "multipart_threshold")?;
+        if multipart_threshold > 5 << 30 {
+            return Err(Error::invalid(format!(
+                "backend OBJ: multipart_threshold = {multipart_threshold} is over 5G, S3's largest single PUT"
+            )));
+        }
         let max_in_flight: usize = p.parse(NAME, "max_in_flight")?;
         let retries: usize = p.parse(NAME, "retries")?;
         let timeout_s: u64 = p.parse(NAME, "timeout")?;
@@ -127,32 +132,47 @@ impl Config {
         Ok((cfg, Arc::new(store)))
     }
 
-    /// The S3 client: the `AWS_*` environment first, the parameters over it.
+    /// The S3 client: each parameter, else its `AWS_*` variable. Only the
+    /// variables named here are read (a stray `AWS_ENDPOINT_URL_S3` or
+    /// `AWS_SESSION_TOKEN` cannot override or mix with the parameters);
+    /// without keys the client asks the instance metadata service.
     fn client(&self, p: &Params, retries: usize) -> Result<AmazonS3> {
         let scheme = p.raw("scheme").unwrap_or("https").trim().to_ascii_lowercase();
         if scheme != "http" && scheme != "https" {
             return Err(Error::invalid(format!("backend OBJ: scheme = '{scheme}' is not http or https")));
         }
-        let mut b = AmazonS3Builder::from_env().with_bucket_name(&self.bucket);
+        let virtual_hosts = p.parse_bool(NAME, "use_virtual_addressing")?;
+        let mut b = AmazonS3Builder::new().with_bucket_name(&self.bucket);
         let endpoint = text(p, "endpoint_override").or_else(|| env("AWS_ENDPOINT_URL"));
-        let mut allow_http = scheme == "http";
+        let mut allow_http = scheme == "http" || env("AWS_ALLOW_HTTP").is_some_and(|v| v == "true" || v == "1");
         if let Some(e) = endpoint {
-            let e = if e.contains("://") { e } else { format!("{scheme}://{e}") };
-            allow_http |= e.starts_with("http://");
-            b = b.with_endpoint(e);
+            let (s, host) = e.split_once("://").unwrap_or((scheme.as_str(), e.as_str()));
+            allow_http |= s == "http";
+            // With an endpoint the client uses it as given: a virtual-hosted
+            // bucket goes into the host here.
+            let host = if virtual_hosts { format!("{}.{host}", self.bucket) } else { host.to_string() };
+            b = b.with_endpoint(format!("{s}://{host}"));
         }
         let region = text(p, "region").or_else(|| env("AWS_REGION")).or_else(|| env("AWS_DEFAULT_REGION"));
         b = b.with_region(region.unwrap_or_else(|| "us-east-1".into()));
-        for (param, set) in [
-            ("access_key", AmazonS3Builder::with_access_key_id as fn(AmazonS3Builder, String) -> AmazonS3Builder),
-            ("secret_key", AmazonS3Builder::with_secret_access_key),
-            ("session_token", AmazonS3Builder::with_token),
+        let (key, secret) = (text(p, "access_key"), text(p, "secret_key"));
+        let from_env = key.is_none() && secret.is_none();
+        let (key, secret, token) = if from_env {
+            (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY"), env("AWS_SESSION_TOKEN"))
+        } else {
+            (key, secret, None)
+        };
+        let token = text(p, "session_token").or(token);
+        for (v, set) in [
+            (key, AmazonS3Builder::with_access_key_id as fn(AmazonS3Builder, String) -> AmazonS3Builder),
+            (secret, AmazonS3Builder::with_secret_access_key),
+            (token, AmazonS3Builder::with_token),
         ] {
-            if let Some(v) = text(p, param) {
+            if let Some(v) = v {
                 b = set(b, v);
             }
         }
-        b = b.with_virtual_hosted_style_request(p.parse_bool(NAME, "use_virtual_addressing")?);
+        b = b.with_virtual_hosted_style_request(virtual_hosts);
         match p.raw("req_checksum").unwrap_or("supported").trim().to_ascii_lowercase().as_str() {
             "supported" | "when_supported" => {}
             "required" | "when_required" => b = b.with_checksum_algorithm(Checksum::SHA256),

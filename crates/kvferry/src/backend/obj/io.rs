@@ -73,7 +73,17 @@ impl Io {
         let range = offset..offset + len;
         let what = || format!("READ of bytes {}..{} of object '{path}'", range.start, range.end);
         let opts = GetOptions { range: Some(GetRange::Bounded(range.clone())), ..GetOptions::default() };
-        let got = self.store.get_opts(path, opts).await.map_err(|e| self.error(e, &what()))?;
+        let got = self.store.get_opts(path, opts).await.map_err(|e| {
+            let text = e.to_string();
+            if text.contains("416") || text.contains("Range Not Satisfiable") || text.contains("InvalidRange") {
+                Error::new(
+                    ErrorKind::Backend,
+                    format!("OBJ: {}: it starts at or past the object's end; read within its size", what()),
+                )
+            } else {
+                self.error(e, &what())
+            }
+        })?;
         let mut stream = got.into_stream();
         let mut done = 0u64;
         while let Some(chunk) = stream.next().await {
@@ -112,10 +122,10 @@ impl Io {
     /// one waits for the next permit.
     async fn multipart(&self, path: &Path, parts: &[Vec<Span>]) -> Result<()> {
         let what = format!("WRITE (multipart upload) of object '{path}'");
-        let mut upload = {
+        let mut upload = Upload(Some({
             let _permit = self.permit().await?;
             self.store.put_multipart(path).await.map_err(|e| self.error(e, &what))?
-        };
+        }));
         let mut tasks = Parts(Vec::with_capacity(parts.len()));
         let mut failed = None;
         for part in parts {
@@ -127,25 +137,30 @@ impl Io {
             }
             let permit = self.permit().await?;
             let body: PutPayload = part.iter().map(copy_out).collect();
-            let fut = upload.put_part(body);
+            let fut = upload.get().put_part(body);
             tasks.0.push(tokio::spawn(async move {
                 let r = fut.await;
                 drop(permit);
                 r
             }));
         }
-        if failed.is_none() {
+        // Every part ends (or is stopped) before the upload completes or is
+        // aborted: a part stored after the abort would linger.
+        if failed.is_some() {
+            tasks.stop().await;
+        } else {
             failed = tasks.wait_all().await;
         }
         let outcome = match failed {
             Some(e) => Err(e),
             None => {
                 let _permit = self.permit().await?;
-                upload.complete().await.map(drop)
+                upload.get().complete().await.map(drop)
             }
         };
+        let mut done = upload.0.take().expect("the upload is held until here");
         if let Err(e) = outcome {
-            if let Err(a) = upload.abort().await {
+            if let Err(a) = done.abort().await {
                 tracing::warn!(object = %path, error = %a, "OBJ: aborting a failed multipart upload failed too; the store drops it by its lifecycle rules");
             }
             return Err(self.error(e, &what));
@@ -193,7 +208,10 @@ impl Io {
                     break;
                 }
             }
-            if let Err(e) = r.and(upload.complete().await.map(drop)) {
+            if r.is_ok() {
+                r = upload.complete().await.map(drop);
+            }
+            if let Err(e) = r {
                 let _ = upload.abort().await;
                 return Err(self.error(e, &what));
             }
@@ -261,6 +279,16 @@ impl Parts {
         first
     }
 
+    /// Stops the parts still running and waits until they are gone.
+    async fn stop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+        for t in self.0.drain(..) {
+            let _ = t.await;
+        }
+    }
+
     /// Waits for every part; the first error, if any.
     async fn wait_all(&mut self) -> Option<object_store::Error> {
         let mut first = None;
@@ -285,6 +313,27 @@ impl Drop for Parts {
     fn drop(&mut self) {
         for t in &self.0 {
             t.abort();
+        }
+    }
+}
+
+/// A multipart upload in progress: dropped before it completed or was
+/// aborted (its posting was canceled), it is aborted in the background, so
+/// that the store does not keep its parts.
+struct Upload(Option<Box<dyn object_store::MultipartUpload>>);
+
+impl Upload {
+    fn get(&mut self) -> &mut Box<dyn object_store::MultipartUpload> {
+        self.0.as_mut().expect("the upload is held until it completes or aborts")
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        if let (Some(mut u), Ok(rt)) = (self.0.take(), tokio::runtime::Handle::try_current()) {
+            rt.spawn(async move {
+                let _ = u.abort().await;
+            });
         }
     }
 }

@@ -116,6 +116,8 @@ impl BackendPlugin for ObjPlugin {
 #[derive(Debug)]
 struct ObjRegion {
     path: Path,
+    /// The registered size; 0: whatever the object holds.
+    len: u64,
 }
 
 #[derive(Debug)]
@@ -138,8 +140,9 @@ impl Inner {
             .ok_or_else(|| Error::new(crate::ErrorKind::Canceled, "OBJ: the backend is shutting down"))
     }
 
-    /// Runs `fut` on the runtime and waits for it (any thread may call this,
-    /// a runtime thread included: the future runs on the runtime's workers).
+    /// Runs `fut` on the runtime and waits for it. Called from the agent's
+    /// (the user's) threads, never from the runtime's own: a task spawned
+    /// there could wait behind the blocked caller.
     fn block_on<T: Send + 'static>(
         &self,
         fut: impl std::future::Future<Output = Result<T>> + Send + 'static,
@@ -150,7 +153,13 @@ impl Inner {
         });
         let bound = self.cfg.timeout * 2 + std::time::Duration::from_secs(1);
         rx.recv_timeout(bound).map_err(|_| {
-            Error::new(crate::ErrorKind::Timeout, format!("OBJ: the store did not answer within {bound:?}"))
+            Error::new(
+                crate::ErrorKind::Timeout,
+                format!(
+                    "OBJ: no answer within {bound:?}: the store is slow or down, or {} requests in flight were ahead of this one (max_in_flight)",
+                    self.cfg.max_in_flight
+                ),
+            )
         })?
     }
 }
@@ -205,6 +214,12 @@ impl Backend for ObjBackend {
         match region.mem_type {
             MemType::Dram => Ok(Vec::new()),
             MemType::Obj => {
+                if region.addr != 0 {
+                    return Err(Error::invalid(format!(
+                        "OBJ: a registration descriptor names a whole object: its addr must be 0, not {:#x} (transfer descriptors give offsets)",
+                        region.addr
+                    )));
+                }
                 let path = object_path(&region.meta_info)?;
                 if region.len == 0 {
                     let io = self.inner.io.clone();
@@ -216,7 +231,7 @@ impl Backend for ObjBackend {
                         )));
                     }
                 }
-                self.inner.table.write().insert(region.key, ObjRegion { path });
+                self.inner.table.write().insert(region.key, ObjRegion { path, len: region.len });
                 Ok(Vec::new())
             }
             other => Err(Error::not_supported(format!("OBJ moves DRAM and OBJ, not {other}"))),
@@ -295,10 +310,13 @@ impl ObjBackend {
     fn pieces(&self, plan: &XferPlan) -> Result<Pieces> {
         let table = self.inner.table.read();
         let (mut keys, mut objects): (Vec<AccessKey>, Vec<Path>) = (Vec::new(), Vec::new());
-        let mut index: HashMap<AccessKey, usize> = HashMap::new();
+        // By key (a request names a region by its access key) and by object
+        // (two registrations of one object are one object to write).
+        let mut by_key: HashMap<AccessKey, (usize, u64)> = HashMap::new();
+        let mut by_path: HashMap<Path, usize> = HashMap::new();
         let mut pieces = Vec::with_capacity(plan.segments.len());
         for (i, s) in plan.segments.iter().enumerate() {
-            let obj = match index.get(&s.remote_key) {
+            let (obj, obj_len) = match by_key.get(&s.remote_key) {
                 Some(o) => *o,
                 None => {
                     let r = table.get(&s.remote_key).ok_or_else(|| {
@@ -308,12 +326,22 @@ impl ObjBackend {
                         ))
                     })?;
                     keys.push(s.remote_key);
-                    objects.push(r.path.clone());
-                    index.insert(s.remote_key, keys.len() - 1);
-                    keys.len() - 1
+                    let next = objects.len();
+                    let obj = *by_path.entry(r.path.clone()).or_insert(next);
+                    if obj == next {
+                        objects.push(r.path.clone());
+                    }
+                    by_key.insert(s.remote_key, (obj, r.len));
+                    (obj, r.len)
                 }
             };
-            pieces.push(plan::Piece { obj: obj as ObjectId, offset: s.remote_addr, len: s.len, mem: s.local_addr });
+            pieces.push(plan::Piece {
+                obj: obj as ObjectId,
+                offset: s.remote_addr,
+                len: s.len,
+                mem: s.local_addr,
+                obj_len,
+            });
         }
         Ok((keys, objects, pieces))
     }

@@ -18,6 +18,8 @@ pub(crate) struct Piece {
     pub offset: u64,
     pub len: u64,
     pub mem: u64,
+    /// The object's registered size; 0: unknown (whatever it holds).
+    pub obj_len: u64,
 }
 
 /// Local memory: `len` bytes at `addr`.
@@ -90,7 +92,12 @@ fn writes(pieces: &[Piece], shape: Shape, name: impl Fn(ObjectId) -> String) -> 
                 (w[0].offset + w[0].len).min(w[1].offset + w[1].len)
             )));
         }
-        let whole = mine[0].offset == 0 && mine.windows(2).all(|w| w[0].offset + w[0].len == w[1].offset);
+        // Whole: from 0, no gap, and (when its size was registered) to its end;
+        // a shorter tiling of a sized object would truncate it.
+        let last = &mine[mine.len() - 1];
+        let whole = mine[0].offset == 0
+            && mine.windows(2).all(|w| w[0].offset + w[0].len == w[1].offset)
+            && (last.obj_len == 0 || last.offset + last.len >= last.obj_len);
         if whole {
             let data: Vec<Span> = mine.iter().map(|p| Span { addr: p.mem, len: p.len }).collect();
             let total: u64 = data.iter().map(|s| s.len).sum();
@@ -107,6 +114,8 @@ fn writes(pieces: &[Piece], shape: Shape, name: impl Fn(ObjectId) -> String) -> 
         } else {
             let gap = if mine[0].offset != 0 {
                 format!("starts at offset {}", mine[0].offset)
+            } else if mine.windows(2).all(|w| w[0].offset + w[0].len == w[1].offset) {
+                format!("ends at byte {} of its {} registered bytes", last.offset + last.len, last.obj_len)
             } else {
                 "leaves a gap".to_string()
             };
@@ -151,7 +160,7 @@ mod tests {
     const SHAPE: Shape = Shape { part_size: 100, multipart_threshold: 250, allow_rmw: false };
 
     fn piece(obj: ObjectId, offset: u64, len: u64, mem: u64) -> Piece {
-        Piece { obj, offset, len, mem }
+        Piece { obj, offset, len, mem, obj_len: 0 }
     }
 
     fn name(o: ObjectId) -> String {
@@ -196,6 +205,19 @@ mod tests {
             ops,
             [Op::Rmw { obj: 1, patches: vec![(0, Span { addr: 3, len: 8 }), (16, Span { addr: 7, len: 8 })] }]
         );
+    }
+
+    #[test]
+    fn a_prefix_of_a_sized_object_is_not_whole() {
+        let sized = |offset, len| Piece { obj_len: 100, ..piece(1, offset, len, 0) };
+        let e = plan(XferOp::Write, &[sized(0, 40)], SHAPE, name).unwrap_err();
+        assert!(e.message().contains("ends at byte 40 of its 100"), "{e}");
+        let rmw = Shape { allow_rmw: true, ..SHAPE };
+        assert!(matches!(plan(XferOp::Write, &[sized(0, 40)], rmw, name).unwrap()[..], [Op::Rmw { .. }]));
+        assert!(matches!(
+            plan(XferOp::Write, &[sized(0, 40), sized(40, 60)], SHAPE, name).unwrap()[..],
+            [Op::Put { .. }]
+        ));
     }
 
     #[test]

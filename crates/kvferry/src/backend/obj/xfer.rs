@@ -97,11 +97,10 @@ impl BackendXfer for ObjXfer {
         }
         {
             let table = self.inner.table.read();
-            if let Some(i) = self.keys.iter().position(|k| !table.contains_key(k)) {
-                return Err(Error::not_found(format!(
-                    "OBJ: object '{}' was deregistered after this request was created; register it again and create a new request",
-                    self.objects[i]
-                )));
+            if self.keys.iter().any(|k| !table.contains_key(k)) {
+                return Err(Error::not_found(
+                    "OBJ: an object of this request was deregistered after the request was created; register it again and create a new request",
+                ));
             }
         }
         let out = Arc::new(Outcome::default());
