@@ -122,7 +122,9 @@ fn side(cfg: &Config, listener: bool) -> Result<Side> {
     }
     let agent = Agent::new(&cfg.name, ac)?;
     let (n, k) = (cfg.buf_size, cfg.batch_size);
-    let buf = AlignedBuf::new(n * k)?;
+    // Private huge pages: O_DIRECT pins the pages of every I/O, and 2 MiB
+    // pages make that 512 times fewer pins than memfd's 4 KiB ones.
+    let buf = AlignedBuf::huge(n * k)?;
     let mode = if cfg.direct { "rw,direct,create" } else { "rw,create" };
     let paths: Vec<String> = (0..k).map(|i| format!("{}{}_{i}.bin", cfg.fileprefix, cfg.name)).collect();
     let regs = RegDescList::from_descs(
@@ -186,23 +188,26 @@ fn verify(s: &Side, cfg: &Config, who: &str) -> bool {
     bad.is_empty()
 }
 
-/// The local loop: every descriptor to its file and back, `iterations` times.
+/// The local loop: one request moves every descriptor to its file (and one
+/// back), `iterations` times after one untimed posting (which creates the
+/// files' blocks).
 fn local_loop(s: &mut Side, cfg: &Config) -> Result<bool> {
     let total = cfg.buf_size * cfg.batch_size * cfg.iterations;
     for i in 0..cfg.batch_size {
         s.buf.as_mut_slice()[i * cfg.buf_size..(i + 1) * cfg.buf_size].copy_from_slice(&pattern(i, cfg.buf_size));
     }
     let me = s.agent.name().to_string();
+    let dram = s.buf.xfer_blocks(0, cfg.buf_size, cfg.batch_size)?;
+    let files = XferDescList::from_descs(MemType::File, s.files.iter().flat_map(|f| f.iter().copied()).collect());
     for (op, what) in [(XferOp::Write, "local WRITE (DRAM->FILE)"), (XferOp::Read, "local READ (FILE->DRAM)")] {
+        let req = s.agent.create_request(op, &dram, &files, &me, None)?;
+        run_all(std::slice::from_ref(&req), cfg.timeout)?;
         if op == XferOp::Read {
             s.buf.as_mut_slice().fill(0);
         }
-        let reqs: Vec<Request> = (0..cfg.batch_size)
-            .map(|i| s.agent.create_request(op, &s.dram[i], &s.files[i], &me, None))
-            .collect::<Result<_>>()?;
         let t = Instant::now();
         for _ in 0..cfg.iterations {
-            run_all(&reqs, cfg.timeout)?;
+            run_all(std::slice::from_ref(&req), cfg.timeout)?;
         }
         report(&cfg.name, what, t.elapsed(), total);
     }
