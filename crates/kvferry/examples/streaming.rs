@@ -107,7 +107,9 @@ fn receive(rx: &Agent, sender: &str, ring: &AlignedBuf, slot: usize, cfg: &Confi
             if Instant::now() > deadline {
                 return Err(kvferry::Error::timeout(format!("receiver: transfer {got} never arrived")));
             }
-            std::hint::spin_loop();
+            // Yield: on a machine with few cores the thread that moves the
+            // bytes (the backend's, or the sender) needs this one's core.
+            std::thread::yield_now();
             v = word.load(Ordering::Acquire);
         }
         if v != got {
@@ -169,7 +171,7 @@ fn send(
         if sent >= cfg.num_buffers as u64 {
             // The slot's previous WRITE must be done before its memory is reused.
             while req.status()? != XferState::Done {
-                std::hint::spin_loop();
+                std::thread::yield_now();
             }
         }
         seq(src, slot, i).store(sent, Ordering::Release);
