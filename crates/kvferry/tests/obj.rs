@@ -129,7 +129,11 @@ fn ranged_reads_land_at_their_offsets_and_stop_at_the_end() {
     let _whole = object(&a, "ranges/a", 0, 2).unwrap();
     let e = run(&a, XferOp::Read, &dst.xfer_blocks(0, 4096, 1).unwrap(), &obj_descs(&[(len as u64 - 100, 4096, 2)]))
         .unwrap_err();
-    assert!(e.message().contains("ends at byte") || e.message().contains("range"), "{e}");
+    assert!(e.message().contains("ends at byte"), "{e}");
+    // Starting past the end: the store answers 416.
+    let e = run(&a, XferOp::Read, &dst.xfer_blocks(0, 4096, 1).unwrap(), &obj_descs(&[(len as u64 + 4096, 4096, 2)]))
+        .unwrap_err();
+    assert!(e.message().contains("starts at or past the object's end"), "{e}");
 }
 
 #[test]
@@ -326,4 +330,81 @@ fn bad_parameters_and_keys_are_refused_clearly() {
     let _s = a.register_buf(&src).unwrap();
     let _o = object(&a, "ok/key", 4096, 1).unwrap();
     run(&a, XferOp::Write, &src.xfer_blocks(0, 4096, 1).unwrap(), &obj_descs(&[(0, 4096, 1)])).unwrap();
+}
+
+/// A hostile "S3 server" on loopback: answers every request it reads with
+/// `respond` (the raw bytes, written as the closure likes).
+fn hostile_store(respond: fn(&mut std::net::TcpStream)) -> String {
+    use std::io::Read;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for mut c in l.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && c.read(&mut b).is_ok_and(|n| n == 1) {
+                    head.push(b[0]);
+                }
+                respond(&mut c);
+            });
+        }
+    });
+    url
+}
+
+/// READ of 4096 bytes in the middle of a guarded buffer from a store at
+/// `url`; returns the error and checks that no byte outside the range moved.
+fn guarded_read(url: &str, extra: &[(&str, &str)]) -> kvferry::Error {
+    let mut p = Params::new().with("bucket", "b").with("endpoint_override", url);
+    p.set("access_key", "k");
+    p.set("secret_key", "s");
+    for (k, v) in extra {
+        p.set(k, v);
+    }
+    let a = agent(p);
+    let mut buf = AlignedBuf::new(3 * 4096).unwrap();
+    buf.as_mut_slice().fill(0x5A);
+    let _b = a.register_buf(&buf).unwrap();
+    let _o = object(&a, "x", 100_000, 1).unwrap();
+    let e = run(&a, XferOp::Read, &buf.xfer_blocks(4096, 4096, 1).unwrap(), &obj_descs(&[(0, 4096, 1)])).unwrap_err();
+    let s = buf.as_slice();
+    assert!(s[..4096].iter().chain(&s[8192..]).all(|&x| x == 0x5A), "bytes outside the range were written");
+    e
+}
+
+#[test]
+fn a_store_that_sends_more_than_the_range_fails_the_read_without_overrun() {
+    let url = hostile_store(|c| {
+        use std::io::Write;
+        let body = vec![0xEEu8; 3 * 4096];
+        let head = format!(
+            "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-4095/100000\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let _ = c.write_all(head.as_bytes()).and_then(|()| c.write_all(&body));
+    });
+    let e = guarded_read(&url, &[("retries", "0")]);
+    assert_eq!(e.kind(), ErrorKind::Backend, "{e}");
+    assert!(e.message().contains("more bytes than the range"), "{e}");
+}
+
+#[test]
+fn a_store_that_trickles_bytes_fails_the_read_within_the_timeout() {
+    let url = hostile_store(|c| {
+        use std::io::Write;
+        let head = "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-4095/100000\r\nContent-Length: 4096\r\n\r\n";
+        let _ = c.write_all(head.as_bytes());
+        for _ in 0..4096 {
+            if c.write_all(&[0xEE]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    let t = Instant::now();
+    let e = guarded_read(&url, &[("retries", "0"), ("timeout", "2")]);
+    assert!(t.elapsed() < Duration::from_secs(15), "a slow store held the request {:?}", t.elapsed());
+    assert_eq!(e.kind(), ErrorKind::Backend, "{e}");
+    assert!(e.message().contains("timed out"), "{e}");
 }

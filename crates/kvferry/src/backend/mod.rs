@@ -358,6 +358,27 @@ pub trait BackendXfer: Send + fmt::Debug + 'static {
     }
 }
 
+/// The state of a posting of a local backend (POSIX, OBJ) from its outcome
+/// (`None`: still running): once it succeeded, the notification attached to
+/// it (`notif`, taken) goes to the agent itself, after the data.
+pub(crate) fn local_outcome(
+    outcome: Option<Result<()>>,
+    notifs: &NotifSink,
+    agent: &Arc<str>,
+    notif: &mut Option<Vec<u8>>,
+) -> Result<XferState> {
+    match outcome {
+        None => Ok(XferState::InProgress),
+        Some(Ok(())) => {
+            if let Some(n) = notif.take() {
+                notifs.push(agent.clone(), n)?;
+            }
+            Ok(XferState::Done)
+        }
+        Some(Err(e)) => Err(e),
+    }
+}
+
 /// Makes backends: one per backend kind, kept in the process-wide registry.
 pub trait BackendPlugin: Send + Sync + fmt::Debug + 'static {
     /// The canonical upper-case name.

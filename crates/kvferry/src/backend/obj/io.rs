@@ -92,7 +92,7 @@ impl Io {
                 // The store chooses what it sends: never past the range.
                 return Err(Error::new(
                     ErrorKind::Backend,
-                    format!("{}: the store sent more bytes than the range holds", what()),
+                    format!("OBJ: {}: the store sent more bytes than the range holds", what()),
                 ));
             }
             copy_in(mem + done, &chunk);
@@ -101,7 +101,7 @@ impl Io {
         if done != len {
             return Err(Error::new(
                 ErrorKind::Backend,
-                format!("{}: the object ends at byte {}; read within its size", what(), offset + done),
+                format!("OBJ: {}: the object ends at byte {}; read within its size", what(), offset + done),
             ));
         }
         Ok(())

@@ -74,17 +74,8 @@ impl ObjXfer {
         let Some((out, _)) = &self.posting else {
             return Err(Error::invalid("OBJ: the transfer was never posted"));
         };
-        let r = out.result.lock().clone();
-        match r.map(|r| r.map_err(|(kind, msg)| Error::new(kind, msg))) {
-            None => Ok(XferState::InProgress),
-            Some(Ok(())) => {
-                if let Some(n) = self.notif.take() {
-                    self.inner.notifs.push(self.inner.agent.clone(), n)?;
-                }
-                Ok(XferState::Done)
-            }
-            Some(Err(e)) => Err(e),
-        }
+        let r = out.result.lock().clone().map(|r| r.map_err(|(kind, msg)| Error::new(kind, msg)));
+        crate::backend::local_outcome(r, &self.inner.notifs, &self.inner.agent, &mut self.notif)
     }
 }
 

@@ -333,16 +333,7 @@ impl PosixXfer {
         let Some(job) = &self.job else {
             return Err(Error::invalid("POSIX: the transfer was never posted"));
         };
-        match job.outcome() {
-            None => Ok(XferState::InProgress),
-            Some(Ok(())) => {
-                if let Some(n) = self.notif.take() {
-                    self.inner.notifs.push(self.inner.agent.clone(), n)?;
-                }
-                Ok(XferState::Done)
-            }
-            Some(Err(e)) => Err(e),
-        }
+        super::local_outcome(job.outcome(), &self.inner.notifs, &self.inner.agent, &mut self.notif)
     }
 }
 
