@@ -167,9 +167,16 @@ fn rows(a: &ArrayView) -> PyResult<Vec<XferDesc>> {
             }
         }
         // A million rows is 24 MB of fresh memory: huge pages spare its page faults.
-        let mut out = Vec::new();
+        let mut out: Vec<XferDesc> = Vec::new();
         kvferry::os::reserve_huge(&mut out, n);
-        out.extend(words.chunks_exact(3).map(|r| XferDesc::new(r[0], r[1], r[2])));
+        const _: () = assert!(std::mem::size_of::<XferDesc>() == 3 * std::mem::size_of::<u64>());
+        // SAFETY: `XferDesc` is `repr(C)` of three `u64`s (asserted above), so
+        // `n` rows of `words` are exactly `n` descriptors; `out` has room for
+        // `n` (reserved above) and does not overlap the exporter's memory.
+        unsafe {
+            std::ptr::copy_nonoverlapping(words.as_ptr(), out.as_mut_ptr().cast::<u64>(), 3 * n);
+            out.set_len(n);
+        }
         return Ok(out);
     }
     let mut out = Vec::with_capacity(n);

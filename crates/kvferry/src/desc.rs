@@ -14,7 +14,12 @@ use crate::mem::AlignedBuf;
 use crate::types::MemType;
 
 /// One contiguous range to move: `(addr, len, dev_id)`.
+///
+/// Laid out as three native-endian `u64`s in that order (`repr(C)`), the
+/// layout of one row of an Nx3 `uint64` array, so that a million rows from
+/// Python are one `memcpy`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[repr(C)]
 pub struct XferDesc {
     /// Address (DRAM, VRAM) or byte offset (FILE, BLOCK, OBJ).
     pub addr: u64,

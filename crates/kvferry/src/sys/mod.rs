@@ -67,7 +67,7 @@ pub(crate) use file::{
     set_len, status_flags, FsType,
 };
 pub(crate) use iov::{read_buf, write_bufs, writev_all, writev_until, RecvBuf, Span};
-pub(crate) use mmap::{advise_huge, map_huge, map_shared, page_size, unmap};
+pub(crate) use mmap::{advise_huge, map_huge, map_shared, page_size, populate, unmap};
 pub(crate) use process::{allow_any_ptracer, effective_uid, raise_fd_limit};
 pub(crate) use socket::{
     connect_abstract, hung_up, interface_addrs, peer_cred, read_exact_by, send_within, set_buffers, shutdown,

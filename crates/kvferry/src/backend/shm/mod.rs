@@ -470,6 +470,9 @@ impl Backend for ShmBackend {
                                 s.remote_addr, s.len, plan.peer
                             ))
                         })?;
+                        if len >= POPULATE_MIN {
+                            m.populate(remote, len, plan.op == XferOp::Write);
+                        }
                         mapped.push(MappedCopy { local: s.local_addr as usize, remote, len });
                     }
                     None => {
@@ -530,6 +533,11 @@ fn attach_error(peer: &str, pid: u32, e: std::io::Error) -> Error {
         _ => Error::io(format!("SHM: cross-memory attach to agent '{peer}' (pid {pid})"), e),
     }
 }
+
+/// Segments of the mapped path at least this long have their pages of the
+/// owner's mapping populated at prepare (`Mapping::populate`); smaller ones
+/// fault a page or two at first use, cheaper than a system call each.
+const POPULATE_MIN: usize = 1 << 20;
 
 /// One segment of the mapped path: a local range and the same bytes of the
 /// owner's region as mapped into this process.
