@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use kvferry::{
     Agent, AgentConfig, AlignedBuf, Error, MemType, MetaPeer, Params, RegDesc, RegDescList, Registration, Request,
-    Result, XferDesc, XferDescList, XferOp, XferState,
+    Result, XferDesc, XferDescList, XferOp,
 };
 
 /// One run's flags.
@@ -152,28 +152,31 @@ fn run_all(reqs: &[Request], timeout: Duration) -> Result<()> {
     reqs.iter().try_for_each(|r| r.wait(timeout).map(drop))
 }
 
-/// Posts every `first`, and `second[i]` as soon as `first[i]` is done.
-fn pipelined(first: &[Request], second: &[Request], timeout: Duration) -> Result<()> {
+/// Runs `iterations` rounds of `first[i]` then `second[i]` for every slot
+/// `i`, pipelined: `second[i]` is posted as soon as `first[i]` is done, and
+/// the next round's `first[i]` as soon as `second[i]` is, so storage I/O of
+/// one round overlaps the network transfers of the other. Requests finish
+/// about in the order posted, so each is waited for in turn (asleep, not
+/// polling: on a small machine the transport's threads need those cores).
+fn pipelined(first: &[Request], second: &[Request], iterations: usize, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
+    let left = || deadline.saturating_duration_since(Instant::now());
     for r in first {
         r.post(None)?;
     }
-    let mut pending = vec![true; first.len()];
-    let mut left = first.len();
-    while left > 0 {
-        if Instant::now() > deadline {
-            return Err(Error::timeout("the pipelined transfer did not finish within --timeout"));
+    for round in 0..iterations {
+        for (f, s) in first.iter().zip(second) {
+            f.wait(left())?;
+            s.post(None)?;
         }
-        for (i, r) in first.iter().enumerate() {
-            if pending[i] && r.status()? == XferState::Done {
-                second[i].post(None)?;
-                pending[i] = false;
-                left -= 1;
+        for (f, s) in first.iter().zip(second) {
+            s.wait(left())?;
+            if round + 1 < iterations {
+                f.post(None)?;
             }
         }
-        std::thread::yield_now();
     }
-    second.iter().try_for_each(|r| r.wait(timeout).map(drop))
+    Ok(())
 }
 
 fn verify(s: &Side, cfg: &Config, who: &str) -> bool {
@@ -300,12 +303,10 @@ fn serve(s: &Side, cfg: &Config, peer: &str, op: &str, remote: &XferDescList) ->
         sto.push(s.agent.create_request(sto_op, &s.dram[i], &s.files[i], &me, None)?);
     }
     let t = Instant::now();
-    for _ in 0..cfg.iterations {
-        if write {
-            pipelined(&net, &sto, cfg.timeout)?;
-        } else {
-            pipelined(&sto, &net, cfg.timeout)?;
-        }
+    if write {
+        pipelined(&net, &sto, cfg.iterations, cfg.timeout)?;
+    } else {
+        pipelined(&sto, &net, cfg.iterations, cfg.timeout)?;
     }
     report(&cfg.name, &format!("{op} for {peer}"), t.elapsed(), cfg.buf_size * cfg.batch_size * cfg.iterations);
     Ok(())
