@@ -14,9 +14,11 @@ Each round runs, in this order:
   storage    the Rust storage example, server and client on loopback (64 x
              1 MiB, O_DIRECT, 20 iterations); `kvferry bench storage` with one
              64 MiB file and with 64 files of 1 MiB (the sample's layout);
-             `kvferry bench p2p --backend tcp` 64 MiB WRITE.
+             `kvferry bench p2p --backend tcp` 64 MiB WRITE; the Python storage
+             example on kvferry.nixl and, with --nixl, unmodified on NIXL.
   p2p        examples/python/p2p_bench.py over TCP (1, 16, 64 MiB) beside
-             `kvferry bench p2p --backend tcp` of the same sizes.
+             `kvferry bench p2p --backend tcp` of the same sizes and, with
+             --nixl, the same program on NIXL (UCX_TLS=tcp).
 Needs: cargo build --release -p kvferry-cli -p kvferry --example streaming
 --example storage; gcc; the Python package built into --python (maturin
 develop --release); etcd for the NIXL streaming run. Prints Markdown.
@@ -72,8 +74,7 @@ def streaming_rust(backend):
 def streaming_py(python, etcd, nixl=False):
     env = dict(os.environ, NIXL_ETCD_ENDPOINTS=etcd, NIXL_ETCD_NAMESPACE=f"/wf-{time.time_ns()}")
     if nixl:
-        site = sh(f"{python} -c 'import nixl, os; print(os.path.dirname(os.path.dirname(nixl.__file__)))'").strip()
-        env["NIXL_PLUGIN_DIR"] = os.path.join(site, ".nixl_cu13.mesonpy.libs/plugins")
+        env["NIXL_PLUGIN_DIR"] = nixl_plugins(python)
     out = sh(f"{python} nixl_sender_receiver.py", env=env, cwd=os.path.join(ROOT, "examples/python/streaming"))
     return float(re.search(r"\[receiver\] Bandwidth: ([\d.]+) MB/s", out).group(1)) / 1e3
 
@@ -97,6 +98,37 @@ def storage_sample():
             "remote WRITE": g(r"\[srv\] WRITE for cli", srv_out), "remote READ": g(r"\[srv\] READ for cli", srv_out)}
 
 
+def storage_py(python, nixl=False):
+    """examples/python/storage on kvferry.nixl or, with ``nixl``, unmodified
+    on NIXL (POSIX backend named, so NIXL never tries GDS without a GPU)."""
+    shutil.rmtree(DIR, ignore_errors=True)
+    os.makedirs(DIR)
+    p = port()
+    with open(f"{DIR}/agents", "w") as f:
+        f.write(f"srv 127.0.0.1 {p}\n")
+    env = dict(os.environ)
+    if nixl:
+        env["NIXL_PLUGIN_DIR"] = nixl_plugins(python)
+    ex = os.path.join(ROOT, "examples/python/storage/nixl_p2p_storage_example.py")
+    common = "--buf_size 1048576 --batch_size 64 --iterations 20 --direct --timeout 60 --storage_backend POSIX"
+    srv = subprocess.Popen(f"{python} {ex} --role server --fileprefix {DIR}/s --name srv --port {p} {common}",
+                           shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    time.sleep(1.0)
+    cli = sh(f"{python} {ex} --role client --agents_file {DIR}/agents --fileprefix {DIR}/c --name cli {common}",
+             env=env)
+    srv_out = srv.communicate(timeout=120)[0]
+    if "verified OK" not in srv_out or cli.count("verified OK") != 2:
+        raise RuntimeError(f"the Python storage sample did not verify:\n{cli}\n{srv_out}")
+    g = lambda pat, text: float(re.search(pat + r".*?([\d.]+) GB/s", text).group(1))
+    return {"local WRITE": g(r"local WRITE", cli), "local READ": g(r"local READ", cli),
+            "remote WRITE": g(r"\[srv\] WRITE for cli", srv_out), "remote READ": g(r"\[srv\] READ for cli", srv_out)}
+
+
+def nixl_plugins(python):
+    site = sh(f"{python} -c 'import nixl, os; print(os.path.dirname(os.path.dirname(nixl.__file__)))'").strip()
+    return os.path.join(site, ".nixl_cu13.mesonpy.libs/plugins")
+
+
 def bench_storage(op, files):
     layout = "--file-size 64M" if files == 1 else f"--num-files {files} --file-size 1M"
     out = sh(f"{K} bench storage --op {op} --block-size 1M --batch-size 64 --direct {layout} --iters 20 "
@@ -104,15 +136,18 @@ def bench_storage(op, files):
     return json.loads([l for l in out.splitlines() if l.startswith("{")][-1])["gbps"]
 
 
-def p2p_py(python):
+def p2p_py(python, nixl=False):
+    """examples/python/p2p_bench.py over TCP: kvferry's TCP backend, or with
+    ``nixl`` NIXL's UCX limited to TCP (UCX_TLS=tcp)."""
     p = port()
     ex = os.path.join(ROOT, "examples/python/p2p_bench.py")
-    t = subprocess.Popen([python, ex, "--mode", "target", "--ip", "127.0.0.1", "--port", str(p), "--backend", "TCP"],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    backend, env = ("UCX", dict(os.environ, UCX_TLS="tcp")) if nixl else ("TCP", None)
+    t = subprocess.Popen([python, ex, "--mode", "target", "--ip", "127.0.0.1", "--port", str(p), "--backend", backend],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        time.sleep(0.5)
-        out = sh(f"{python} {ex} --mode initiator --ip 127.0.0.1 --port {p} --backend TCP "
-                 f"--buffer_sizes 1MB,16MB,64MB --iterations 50 --warmup 5")
+        time.sleep(1.0)
+        out = sh(f"{python} {ex} --mode initiator --ip 127.0.0.1 --port {p} --backend {backend} "
+                 f"--buffer_sizes 1MB,16MB,64MB --iterations 50 --warmup 5", env=env)
     finally:
         t.wait(timeout=60)
     bw = [float(x) for x in re.findall(r"Bandwidth: ([\d.]+) GB/s", out)]
@@ -179,13 +214,19 @@ def main():
                 for op in ("write", "read"):
                     r[f"bench {op.upper()} 1 file"] = bench_storage(op, 1)
                     r[f"bench {op.upper()} 64 files"] = bench_storage(op, 64)
-                r["bench p2p TCP 64M"] = bench_p2p("64M", 10)
+                r["bench p2p TCP 64M"] = bench_p2p("64M", 20)
+                r.update({f"py sample {k} (kvferry)": v for k, v in storage_py(a.python).items()})
+                if a.nixl:
+                    r.update({f"py sample {k} (NIXL)": v for k, v in storage_py(a.nixl, nixl=True).items()})
                 for op in ("WRITE", "READ"):
                     r[f"min(TCP 64M, POSIX {op})"] = min(r["bench p2p TCP 64M"], r[f"bench {op} 1 file"])
             if "p2p" in only:
                 for k, v in p2p_py(a.python).items():
                     r[f"p2p_bench.py TCP {k}"] = v
                     r[f"bench p2p TCP {k} "] = bench_p2p(k, 50)
+                if a.nixl:
+                    for k, v in p2p_py(a.nixl, nixl=True).items():
+                        r[f"p2p_bench.py TCP {k} (NIXL)"] = v
             print(f"round {i + 1}: {json.dumps(r)}", file=sys.stderr, flush=True)
             results.append(r)
     finally:
@@ -200,7 +241,10 @@ def main():
              ("sample local WRITE", "bench WRITE 1 file"), ("sample local WRITE", "bench WRITE 64 files"),
              ("sample local READ", "bench READ 1 file"), ("sample local READ", "bench READ 64 files"),
              ("sample remote WRITE", "min(TCP 64M, POSIX WRITE)"), ("sample remote READ", "min(TCP 64M, POSIX READ)")]
+    pairs += [(f"py sample {k} (kvferry)", f"py sample {k} (NIXL)")
+              for k in ("local WRITE", "local READ", "remote WRITE", "remote READ")]
     pairs += [(f"p2p_bench.py TCP {k}", f"bench p2p TCP {k} ") for k in ("1M", "16M", "64M")]
+    pairs += [(f"p2p_bench.py TCP {k}", f"p2p_bench.py TCP {k} (NIXL)") for k in ("1M", "16M", "64M")]
     print("| workload | GB/s per round | reference, same rounds | median ratio |")
     print("|---|---|---|---|")
     print("\n".join(rows(results, pairs)))

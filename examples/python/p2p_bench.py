@@ -92,7 +92,9 @@ def initiator(a):
     print(f"Buffer sizes: {', '.join(human(s) for s in a.sizes)}\nIterations: {a.iterations} "
           f"(warmup: {a.warmup})\n{RULE}\n", flush=True)
     n = max(a.sizes)
-    agent = nixl_agent("p2p_initiator", nixl_agent_config(backends=[a.backend]))
+    # A listener on any port: NIXL completes a metadata fetch only in an
+    # agent whose listener thread runs.
+    agent = nixl_agent("p2p_initiator", nixl_agent_config(True, True, 0, backends=[a.backend]))
     addr = nixl_utils.malloc_passthru(n)
     nixl_utils.ba_buf(addr, n)
     agent.register_memory([(addr, n, 0, "")], "DRAM")

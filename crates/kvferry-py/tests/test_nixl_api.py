@@ -246,6 +246,41 @@ def test_query_memory_and_files(tmp_path):
         a.query_memory([(0, 0, 0, str(p))], "UCX", "FILE")
 
 
+def test_file_meta_info_is_the_callers_label_and_the_fd_decides(tmp_path):
+    """As in NIXL, a FILE registration names its file by the descriptor in
+    dev_id; meta_info is a label (a name, even another file's path) and the
+    descriptor's O_DIRECT holds."""
+    a = agent(["POSIX"])
+    target, decoy = tmp_path / "target.bin", tmp_path / "decoy.bin"
+    decoy.write_bytes(b"d" * 8192)
+    fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o644)
+    os.ftruncate(fd, 8192)
+    src = Mem(a, 8192, fill=0x5A)
+    for label in ("my kv file", str(decoy), ""):
+        reg = a.register_memory([(0, 8192, fd, label)], "FILE")
+        h = a.initialize_xfer("WRITE", a.get_xfer_descs([(src.addr, 8192, 0)], "DRAM"),
+                              a.get_xfer_descs([(0, 8192, fd)], "FILE"), a.name)
+        wait_done(a, h)
+        a.release_xfer_handle(h)
+        a.deregister_memory(reg)
+    os.close(fd)
+    assert target.read_bytes() == b"\x5a" * 8192 and decoy.read_bytes() == b"d" * 8192
+    # kvferry's own path spec ("<flags>:<path>") still opens the path itself.
+    reg = a.register_memory([(0, 0, 77, f"r:{decoy}")], "FILE")
+    a.deregister_memory(reg)
+    # The descriptor's O_DIRECT is kept: a misaligned range is refused, not buffered.
+    dfd = os.open(target, os.O_RDWR | getattr(os, "O_DIRECT", 0))
+    try:
+        reg = a.register_memory([(0, 8192, dfd, str(target))], "FILE")
+        with pytest.raises(kvferry.Error, match="(?i)align"):
+            h = a.initialize_xfer("WRITE", a.get_xfer_descs([(src.addr + 1, 100, 0)], "DRAM"),
+                                  a.get_xfer_descs([(1, 100, dfd)], "FILE"), a.name)
+            wait_done(a, h)
+        a.deregister_memory(reg)
+    finally:
+        os.close(dfd)
+
+
 def test_metadata_calls():
     a, b = agent(), agent()
     m = Mem(b, 4096)

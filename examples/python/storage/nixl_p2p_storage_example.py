@@ -63,7 +63,9 @@ def alloc(n):
 
 
 def make_agent(a, listen):
-    agent = nixl_agent(a.name, nixl_agent_config(True, listen, a.port, backends=["UCX"]))
+    # The client listens too (on any port): NIXL completes a fetch of a
+    # peer's metadata only in an agent whose listener thread runs.
+    agent = nixl_agent(a.name, nixl_agent_config(True, True, a.port if listen else 0, backends=["UCX"]))
     plugins = agent.get_plugin_list()
     want = ["GDS", "POSIX"] if a.storage_backend == "auto" else [a.storage_backend.upper()]
     found = [b for b in want if b in plugins]
@@ -108,23 +110,36 @@ def run_all(agent, handles, deadline, what):
     for h in handles:
         agent.transfer(h)
     for h in handles:
-        while not done(agent, h, deadline, what):
-            pass
+        wait(agent, h, deadline, what)
 
 
-def pipelined(agent, first, second, deadline, what):
-    """Posts every ``first``; posts ``second[i]`` as soon as ``first[i]`` is done."""
-    for h in first:
-        agent.transfer(h)
-    pending = set(range(len(first)))
-    while pending:
-        for i in list(pending):
-            if done(agent, first[i], deadline, what):
-                agent.transfer(second[i])
-                pending.discard(i)
+WINDOW = 8  # first steps of the server's pipeline in flight at once
+
+
+def wait(agent, h, deadline, what):
+    while not done(agent, h, deadline, what):
+        pass
+
+
+def pipelined(agent, first, second, iterations, deadline, what):
+    """``iterations`` rounds of ``first[i]`` then ``second[i]`` per slot,
+    pipelined: ``second[i]`` is posted as soon as ``first[i]`` is done, with
+    at most WINDOW first steps in flight, the next posted as each lands (in
+    the next round once the slot's ``second`` is done). 64 storage reads
+    posted at once all land together, leaving the network idle meanwhile."""
+    k = len(first)
+    total, window, posted = k * iterations, min(WINDOW, k), 0
+    for step in range(total):
+        while posted < total and posted < step + window:
+            slot = posted % k
+            if posted >= k:  # the slot's memory is reused: its last round must be done
+                wait(agent, second[slot], deadline, what)
+            agent.transfer(first[slot])
+            posted += 1
+        wait(agent, first[step % k], deadline, what)
+        agent.transfer(second[step % k])
     for h in second:
-        while not done(agent, h, deadline, what):
-            pass
+        wait(agent, h, deadline, what)
 
 
 def report(role, what, seconds, nbytes):
@@ -139,7 +154,7 @@ def verify(mem, a, who):
 
 
 def split(agent, dlist, mem_type):
-    return [agent.get_xfer_descs([dlist[i]], mem_type) for i in range(len(dlist))]
+    return [agent.get_xfer_descs([dlist[i]], mem_type) for i in range(dlist.descCount())]
 
 
 def client(a):
@@ -219,11 +234,10 @@ def server(a):
                        for d, r in zip(dram_h, remote)]
                 sto = [agent.initialize_xfer("WRITE" if op == b"WRITE" else "READ", d, f, a.name)
                        for d, f in zip(dram_h, file_h)]
-                for _ in range(a.iterations):
-                    if op == b"WRITE":
-                        pipelined(agent, net, sto, deadline, "remote WRITE")
-                    else:
-                        pipelined(agent, sto, net, deadline, "remote READ")
+                if op == b"WRITE":
+                    pipelined(agent, net, sto, a.iterations, deadline, "remote WRITE")
+                else:
+                    pipelined(agent, sto, net, a.iterations, deadline, "remote READ")
                 report(a.name, f"{op.decode()} for {peer}", time.perf_counter() - t,
                        a.buf_size * a.batch_size * a.iterations)
                 if op == b"WRITE":

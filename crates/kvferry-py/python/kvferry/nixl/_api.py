@@ -134,6 +134,31 @@ class nixl_thread_sync_t(Enum):
     NIXL_THREAD_SYNC_DEFAULT = nixlBind.NIXL_THREAD_SYNC_DEFAULT
 
 
+_PATH_FLAGS = {b"r", b"ro", b"w", b"wo", b"rw", b"direct", b"create", b"trunc"}
+
+
+def _is_path_spec(meta: bytes) -> bool:
+    """Whether ``meta`` is kvferry's POSIX path spec, ``<flags>:<path>``
+    with known flags (``rw,direct:/data/kv.bin``): kvferry's extension."""
+    flags, colon, path = meta.partition(b":")
+    return bool(colon and path and flags) and all(f in _PATH_FLAGS for f in flags.split(b",") if f)
+
+
+def _fd_mode(descs: Any) -> Any:
+    """NIXL's FILE and BLOCK registrations name an open descriptor in
+    ``dev_id``; ``meta_info`` is the caller's own label (a file name, say),
+    which NIXL's POSIX and GDS plugins never read. kvferry's POSIX would read
+    a bare absolute path as a file to open itself (dropping the descriptor's
+    ``O_DIRECT``) and refuse any other label, so such rows go to kvferry
+    with empty ``meta_info`` (fd mode). A ``<flags>:<path>`` spec stays."""
+    if descs.mem_type not in ("FILE", "BLOCK"):
+        return descs
+    rows = list(descs)
+    if all(not meta or _is_path_spec(meta) for _, _, _, meta in rows):
+        return descs
+    return type(descs)(descs.getType(), [(a, n, d, meta if _is_path_spec(meta) else b"") for a, n, d, meta in rows])
+
+
 class nixl_agent_config:
     """Configuration of a :class:`nixl_agent` (NIXL's positional order).
 
@@ -392,7 +417,7 @@ class nixl_agent:
         descs = self.get_reg_descs(reg_list, mem_type)
         if descs is None:
             raise TypeError("register_memory: no valid descriptors (see the error logged above)")
-        self.agent.register_kept(descs, self._hints(backends))
+        self.agent.register_kept(_fd_mode(descs), self._hints(backends))
         return descs
 
     @_translate
@@ -404,7 +429,7 @@ class nixl_agent:
             if reg is not None:
                 reg.deregister()
                 return
-        self.agent.deregister(dereg_list)
+        self.agent.deregister(_fd_mode(dereg_list))
 
     @_translate
     def query_memory(self, reg_list: Any, backend: str, mem_type: Optional[str] = None) -> list:
