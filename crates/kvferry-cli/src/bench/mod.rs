@@ -95,12 +95,17 @@ impl BufferKind {
         }
     }
 
-    /// Allocates `len` bytes of this kind.
+    /// Allocates `len` bytes of this kind, every page written (a pattern):
+    /// untouched anonymous memory reads as the kernel's shared zero page, so
+    /// a WRITE from it would send one cached page over and over instead of
+    /// memory, flattering the figure (fio writes real buffers too).
     pub fn alloc(self, len: usize) -> Result<kvferry::AlignedBuf> {
-        match self {
-            BufferKind::Shared => kvferry::AlignedBuf::new(len),
-            BufferKind::Huge => kvferry::AlignedBuf::huge(len),
-        }
+        let mut buf = match self {
+            BufferKind::Shared => kvferry::AlignedBuf::new(len)?,
+            BufferKind::Huge => kvferry::AlignedBuf::huge(len)?,
+        };
+        pattern::fill(buf.as_mut_slice(), 0, 0x5c);
+        Ok(buf)
     }
 }
 
