@@ -82,3 +82,59 @@ def s3():
     finally:
         p.kill()
         p.wait()
+
+
+class _StandInTensor:
+    """A CPU tensor with just what kvferry reads of a torch tensor
+    (``data_ptr``, ``numel``, ``element_size``, ``is_contiguous``,
+    ``get_device``, ``device``), over a numpy array."""
+
+    device = "cpu"
+
+    def __init__(self, array):
+        self._a = array
+
+    def data_ptr(self) -> int:
+        return self._a.ctypes.data
+
+    def numel(self) -> int:
+        return self._a.size
+
+    def element_size(self) -> int:
+        return self._a.itemsize
+
+    def is_contiguous(self) -> bool:
+        return self._a.flags.c_contiguous
+
+    def get_device(self) -> int:
+        return -1
+
+    def t(self) -> "_StandInTensor":
+        return _StandInTensor(self._a.T)
+
+
+@pytest.fixture
+def torch_module(monkeypatch):
+    """torch when it is installed; else a stand-in module whose tensors
+    carry the methods kvferry reads, backed by numpy, so that the tensor
+    paths run on every machine. (PyPI's Linux torch wheels need several GB
+    of CUDA libraries; the CPU-only wheels are not on PyPI.)"""
+    try:
+        import torch
+
+        return torch
+    except ImportError:
+        pass
+    import types
+
+    import numpy as np
+
+    mod = types.ModuleType("torch")
+    mod.Tensor = _StandInTensor
+    mod.float32 = np.float32
+    mod.full = lambda shape, value, dtype=np.float32: _StandInTensor(np.full(shape, value, dtype=dtype))
+    mod.zeros = lambda *shape, dtype=np.float32: _StandInTensor(np.zeros(shape, dtype=dtype))
+    mod.ones = lambda *shape, dtype=np.float32: _StandInTensor(np.ones(shape, dtype=dtype))
+    mod.equal = lambda x, y: bool(np.array_equal(x._a, y._a))
+    monkeypatch.setitem(sys.modules, "torch", mod)
+    return mod

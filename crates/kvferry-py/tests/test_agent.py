@@ -301,8 +301,8 @@ def test_handles_outlive_the_agent():
     rb.deregister()
 
 
-def test_torch_tensor_registration_when_torch_is_present():
-    torch = pytest.importorskip("torch")
+def test_torch_tensor_registration(torch_module):
+    torch = torch_module
     a, b = pair()
     src = torch.full((1024,), 3.0)
     dst = torch.zeros(1024)

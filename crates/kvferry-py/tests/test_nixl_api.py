@@ -387,8 +387,8 @@ def test_utils():
     nu.free_passthru(b)
 
 
-def test_torch_tensors_when_torch_is_present():
-    torch = pytest.importorskip("torch")
+def test_torch_tensors(torch_module):
+    torch = torch_module
     a = agent()
     t = torch.ones(1024, dtype=torch.float32)
     x = a.get_xfer_descs(t)
