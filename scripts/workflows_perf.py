@@ -83,49 +83,42 @@ def streaming_py(python, etcd, nixl=False):
     return float(re.search(r"\[receiver\] Bandwidth: ([\d.]+) MB/s", out).group(1)) / 1e3
 
 
-def storage_sample():
+def storage_run(prog, extra="", env=None, check=True, settle=0.3):
+    """One server and one client of the storage sample ``prog`` (a command
+    line) on loopback, 64 x 1 MiB, O_DIRECT, 20 iterations; the phases' GB/s
+    (remote phases as the server timed them). Every byte must verify."""
     shutil.rmtree(DIR, ignore_errors=True)
     os.makedirs(DIR)
     p = port()
     with open(f"{DIR}/agents", "w") as f:
         f.write(f"srv 127.0.0.1 {p}\n")
-    common = "--buf_size 1048576 --batch_size 64 --iterations 20 --direct --timeout 60"
-    srv = subprocess.Popen(f"{EX}/storage --role server --fileprefix {DIR}/s --name srv --port {p} {common}",
-                           shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    time.sleep(0.3)
-    cli = sh(f"{EX}/storage --role client --agents_file {DIR}/agents --fileprefix {DIR}/c --name cli {common}")
+    common = f"--buf_size 1048576 --batch_size 64 --iterations 20 --direct --timeout 60 {extra}"
+    srv = subprocess.Popen(f"{prog} --role server --fileprefix {DIR}/s --name srv --port {p} {common}",
+                           shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    time.sleep(settle)
+    cli = sh(f"{prog} --role client --agents_file {DIR}/agents --fileprefix {DIR}/c --name cli {common}",
+             env=env, check=check)
     srv_out = srv.communicate(timeout=120)[0]
     if "verified OK" not in srv_out or cli.count("verified OK") != 2:
-        raise RuntimeError(f"the storage sample did not verify:\n{cli}\n{srv_out}")
+        raise RuntimeError(f"{prog}: the storage sample did not verify:\n{cli}\n{srv_out}")
     g = lambda pat, text: float(re.search(pat + r".*?([\d.]+) GB/s", text).group(1))
     return {"local WRITE": g(r"local WRITE", cli), "local READ": g(r"local READ", cli),
             "remote WRITE": g(r"\[srv\] WRITE for cli", srv_out), "remote READ": g(r"\[srv\] READ for cli", srv_out)}
+
+
+def storage_sample():
+    """The Rust storage example."""
+    return storage_run(f"{EX}/storage")
 
 
 def storage_py(python, nixl=False):
     """examples/python/storage on kvferry.nixl or, with ``nixl``, unmodified
     on NIXL (POSIX backend named, so NIXL never tries GDS without a GPU)."""
-    shutil.rmtree(DIR, ignore_errors=True)
-    os.makedirs(DIR)
-    p = port()
-    with open(f"{DIR}/agents", "w") as f:
-        f.write(f"srv 127.0.0.1 {p}\n")
     env = dict(os.environ)
     if nixl:
         env["NIXL_PLUGIN_DIR"] = nixl_plugins(python)
     ex = os.path.join(ROOT, "examples/python/storage/nixl_p2p_storage_example.py")
-    common = "--buf_size 1048576 --batch_size 64 --iterations 20 --direct --timeout 60 --storage_backend POSIX"
-    srv = subprocess.Popen(f"{python} {ex} --role server --fileprefix {DIR}/s --name srv --port {p} {common}",
-                           shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    time.sleep(1.0)
-    cli = sh(f"{python} {ex} --role client --agents_file {DIR}/agents --fileprefix {DIR}/c --name cli {common}",
-             env=env, check=not nixl)
-    srv_out = srv.communicate(timeout=120)[0]
-    if "verified OK" not in srv_out or cli.count("verified OK") != 2:
-        raise RuntimeError(f"the Python storage sample did not verify:\n{cli}\n{srv_out}")
-    g = lambda pat, text: float(re.search(pat + r".*?([\d.]+) GB/s", text).group(1))
-    return {"local WRITE": g(r"local WRITE", cli), "local READ": g(r"local READ", cli),
-            "remote WRITE": g(r"\[srv\] WRITE for cli", srv_out), "remote READ": g(r"\[srv\] READ for cli", srv_out)}
+    return storage_run(f"{python} {ex}", "--storage_backend POSIX", env=env, check=not nixl, settle=1.0)
 
 
 def nixl_plugins(python):
