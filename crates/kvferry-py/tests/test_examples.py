@@ -100,7 +100,7 @@ def test_verify_prints_the_setup_check():
 
 
 STORAGE = EXAMPLES / "storage" / "nixl_p2p_storage_example.py"
-# 12 descriptors against the server's window of 8, over 3 rounds: its pipeline wraps.
+# 12 descriptors against the server's window of 6, over 3 rounds: its pipeline wraps.
 SMALL = ["--buf_size", "65536", "--batch_size", "12", "--iterations", "3", "--timeout", "30"]
 
 

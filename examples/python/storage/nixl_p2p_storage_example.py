@@ -113,9 +113,6 @@ def run_all(agent, handles, deadline, what):
         wait(agent, h, deadline, what)
 
 
-WINDOW = 8  # first steps of the server's pipeline in flight at once
-
-
 def wait(agent, h, deadline, what):
     while not done(agent, h, deadline, what):
         pass
@@ -124,11 +121,11 @@ def wait(agent, h, deadline, what):
 def pipelined(agent, first, second, iterations, deadline, what):
     """``iterations`` rounds of ``first[i]`` then ``second[i]`` per slot,
     pipelined: ``second[i]`` is posted as soon as ``first[i]`` is done, with
-    at most WINDOW first steps in flight, the next posted as each lands (in
+    half the slots' first steps in flight, the next posted as each lands (in
     the next round once the slot's ``second`` is done). 64 storage reads
     posted at once all land together, leaving the network idle meanwhile."""
     k = len(first)
-    total, window, posted = k * iterations, min(WINDOW, k), 0
+    total, window, posted = k * iterations, max(k // 2, 1), 0
     for step in range(total):
         while posted < total and posted < step + window:
             slot = posted % k
