@@ -74,8 +74,7 @@ impl Io {
         let what = || format!("READ of bytes {}..{} of object '{path}'", range.start, range.end);
         let opts = GetOptions { range: Some(GetRange::Bounded(range.clone())), ..GetOptions::default() };
         let got = self.store.get_opts(path, opts).await.map_err(|e| {
-            let text = e.to_string();
-            if text.contains("416") || text.contains("Range Not Satisfiable") || text.contains("InvalidRange") {
+            if range_not_satisfiable(&e) {
                 Error::new(
                     ErrorKind::Backend,
                     format!("OBJ: {}: it starts at or past the object's end; read within its size", what()),
@@ -354,4 +353,41 @@ fn copy_in(addr: u64, data: &[u8]) {
     // checked against this agent's registered DRAM (the caller never copies
     // past its range), alive while the request is in flight (as in copy_out).
     unsafe { crate::sys::copy_once(addr as *mut u8, data.as_ptr(), data.len()) };
+}
+
+/// Whether the store answered a GET with 416 (the range starts at or past
+/// the object's end). object_store has no variant for it, so this reads
+/// the status from its message, exactly: a bare "416" would also match a
+/// port or a request id in the text of any other error (a 404 from a
+/// server on port 34160 was once taken for a 416).
+fn range_not_satisfiable(e: &object_store::Error) -> bool {
+    if matches!(e, object_store::Error::NotFound { .. }) {
+        return false;
+    }
+    let text = e.to_string();
+    text.contains("status code: 416") || text.contains("Range Not Satisfiable") || text.contains("InvalidRange")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::range_not_satisfiable;
+
+    fn generic(msg: &str) -> object_store::Error {
+        object_store::Error::Generic { store: "S3", source: msg.to_string().into() }
+    }
+
+    #[test]
+    fn only_a_416_answer_is_a_range_past_the_end() {
+        assert!(range_not_satisfiable(&generic(
+            "Error performing GET http://127.0.0.1:9000/b/k in 2ms - Server returned non-2xx status code: 416 \
+             Range Not Satisfiable: <Error><Code>InvalidRange</Code></Error>"
+        )));
+        // A 404 whose text holds "416" (the server's port) is not one.
+        let missing = object_store::Error::NotFound {
+            path: "never/written".into(),
+            source: "Error performing GET http://127.0.0.1:34160/b/never/written - 404 Not Found".into(),
+        };
+        assert!(!range_not_satisfiable(&missing));
+        assert!(!range_not_satisfiable(&generic("Error performing GET http://127.0.0.1:41600/b/k: 500 Internal")));
+    }
 }
