@@ -357,9 +357,9 @@ fn copy_in(addr: u64, data: &[u8]) {
 
 /// Whether the store answered a GET with 416 (the range starts at or past
 /// the object's end). object_store has no variant for it, so this reads
-/// the status from its message, exactly: a bare "416" would also match a
-/// port or a request id in the text of any other error (a 404 from a
-/// server on port 34160 was once taken for a 416).
+/// the status from its message, exactly: a bare "416" also matches a port,
+/// a request id or a duration in the text of any other error (a test's 404
+/// was once reported as a read past the end that way).
 fn range_not_satisfiable(e: &object_store::Error) -> bool {
     if matches!(e, object_store::Error::NotFound { .. }) {
         return false;
