@@ -35,22 +35,27 @@ def nixl_program(name: str, *args: object, env: dict | None = None) -> subproces
     return subprocess.Popen(
         [sys.executable, "-m", "kvferry.nixl", str(PROGRAMS / name), *map(str, args)],
         stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        stderr=subprocess.PIPE,
         text=True,
         env=e,
     )
 
 
 def finish(p: subprocess.Popen, timeout: float = 60) -> str:
-    """Waits for ``p``; fails the test with its output unless it exited 0."""
+    """Waits for ``p``; fails the test with its output unless it exited 0.
+
+    Returns its stdout, then its stderr, each whole: the two streams are
+    read apart because a log line written to stderr while ``print`` writes
+    its pieces (``PYTHONUNBUFFERED`` makes each piece a write) would land in
+    the middle of a printed line."""
     try:
-        out, _ = p.communicate(timeout=timeout)
+        out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         p.kill()
-        out, _ = p.communicate()
-        pytest.fail(f"{p.args} timed out:\n{out}")
-    assert p.returncode == 0, f"{p.args} exited {p.returncode}:\n{out}"
-    return out
+        out, err = p.communicate()
+        pytest.fail(f"{p.args} timed out:\n{out}\n{err}")
+    assert p.returncode == 0, f"{p.args} exited {p.returncode}:\n{out}\n{err}"
+    return f"{out}\n{err}"
 
 
 @pytest.fixture

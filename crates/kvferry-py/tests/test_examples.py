@@ -21,12 +21,18 @@ def run(args, timeout=60):
     return out
 
 
+def whole(out: str, err: str) -> str:
+    """A program's stdout, then its stderr. They are read apart: a log line
+    on stderr can land inside a printed line when both share one pipe."""
+    return f"{out}\n{err}"
+
+
 def served(server_cmd, client_cmd, timeout=60):
     """Runs ``server_cmd`` in the background and ``client_cmd`` to its end,
     then waits for the server; returns (client rc, client output, server rc,
     server output). A side that hangs is killed and both outputs are kept,
     so a failure shows what each side said."""
-    server = subprocess.Popen([*map(str, server_cmd)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen([*map(str, server_cmd)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         try:
             c = subprocess.run([*map(str, client_cmd)], capture_output=True, text=True, timeout=timeout)
@@ -36,11 +42,10 @@ def served(server_cmd, client_cmd, timeout=60):
             parts = (x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr))
             c_rc, c_out = "hung", "".join(parts) + "\n[test: the client hung and was killed]"
         try:
-            s_out, _ = server.communicate(timeout=timeout / 2)
+            s_out = whole(*server.communicate(timeout=timeout / 2))
         except subprocess.TimeoutExpired:
             server.kill()
-            s_out, _ = server.communicate()
-            s_out += "\n[test: the server hung and was killed]"
+            s_out = whole(*server.communicate()) + "\n[test: the server hung and was killed]"
     finally:
         server.kill()
     return c_rc, c_out, server.returncode, s_out
@@ -79,12 +84,12 @@ def test_p2p_bench_target_and_initiator():
     port = free_port()
     bench = EXAMPLES / "p2p_bench.py"
     target = subprocess.Popen([sys.executable, bench, "--mode", "target", "--ip", "127.0.0.1", "--port", str(port),
-                               "--buffer_sizes", "64KB,1MB"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               "--buffer_sizes", "64KB,1MB"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)
     try:
         out = run([bench, "--mode", "initiator", "--ip", "127.0.0.1", "--port", port, "--buffer_sizes",
                    "64KB,1MB", "--iterations", "20", "--warmup", "2"])
-        t_out, _ = target.communicate(timeout=30)
+        t_out = whole(*target.communicate(timeout=30))
     finally:
         target.kill()
     assert target.returncode == 0, t_out
@@ -200,11 +205,11 @@ def test_streaming_across_two_namespaces(two_hosts):
         url = meta.stdout.readline().strip()
         assert url.startswith("http://"), url
         rx = subprocess.Popen(["ip", "netns", "exec", ns_a, sys.executable, stream, "--mode", "receiver",
-                               "--metadata_url", url, *small], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               "--metadata_url", url, *small], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)
         tx = subprocess.run(["ip", "netns", "exec", ns_b, sys.executable, stream, "--mode", "sender",
                              "--metadata_url", url, *small], capture_output=True, text=True, timeout=60)
-        r_out, _ = rx.communicate(timeout=30)
+        r_out = whole(*rx.communicate(timeout=30))
     finally:
         meta.kill()
     assert tx.returncode == 0 and "Backpressure:" in tx.stdout, tx.stdout + tx.stderr
