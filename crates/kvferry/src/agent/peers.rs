@@ -407,7 +407,8 @@ impl Agent {
         if peers.get(name).is_some_and(|p| p.instance == instance) {
             if let Some(p) = peers.remove(name) {
                 drop(peers);
-                tracing::warn!(agent = %self.name(), peer = %name, "peer disconnected: metadata invalidated");
+                // The backend logged why, at warn when work failed.
+                tracing::info!(agent = %self.name(), peer = %name, "peer disconnected: metadata invalidated");
                 self.unload_from_backends(&p);
             }
         }

@@ -156,9 +156,18 @@ impl Peer {
         }
     }
 
-    fn lost(&self, shared: &Shared) {
+    /// Tells the agent the peer is gone (unless this side closed it).
+    /// `in_flight`: whether a frame was owed or being sent when the
+    /// connection died. Only then did work fail, so only then is it a
+    /// warning; a peer that leaves while idle (its process ended, the usual
+    /// way a NIXL program finishes) is logged at info.
+    fn lost(&self, shared: &Shared, in_flight: bool) {
         if !self.closed.load(Ordering::Acquire) && !shared.closing.load(Ordering::Acquire) {
-            tracing::warn!(agent = %shared.agent, peer = %self.name, "TCP: peer lost");
+            if in_flight {
+                tracing::warn!(agent = %shared.agent, peer = %self.name, "TCP: peer lost with requests in flight");
+            } else {
+                tracing::info!(agent = %shared.agent, peer = %self.name, "TCP: peer closed its connection while idle");
+            }
             shared.events.peer_lost(&self.name, self.instance);
         }
     }
@@ -194,7 +203,7 @@ impl Lane {
             Ok(c) => c,
             Err(e) => {
                 if e.kind() == ErrorKind::RemoteDisconnect {
-                    peer.lost(shared);
+                    peer.lost(shared, true);
                 }
                 return Err(e);
             }
@@ -293,7 +302,7 @@ pub(super) fn send_notif(shared: &Arc<Shared>, peer: &Arc<Peer>, msg: &[u8]) -> 
     sys::write_bufs(c.fd(), &[&h.encode(), msg]).map_err(|e| {
         let err = c.io_error(peer, "sending a notification", e);
         c.fail(err.clone());
-        peer.lost(shared);
+        peer.lost(shared, true);
         err
     })
 }
@@ -489,7 +498,7 @@ impl Conn {
                 drop(_w);
                 self.fail(err);
                 if !self.by_us.load(Ordering::Acquire) {
-                    peer.lost(shared);
+                    peer.lost(shared, true);
                 }
             }
         }
@@ -777,7 +786,10 @@ impl Conn {
     /// Fails the connection with `err` (every frame it owes), frees its lane
     /// slot, and tells the agent the peer is lost unless this side closed it.
     pub(super) fn die(self: &Arc<Self>, shared: &Shared, peer: &Peer, err: Error) {
-        let first = self.pending.lock().dead.is_none();
+        let (first, owed) = {
+            let p = self.pending.lock();
+            (p.dead.is_none(), !p.q.is_empty())
+        };
         self.fail(err.clone());
         for l in &peer.lanes {
             let mut slot = l.conn.lock();
@@ -787,7 +799,7 @@ impl Conn {
         }
         if first && !self.by_us.load(Ordering::Acquire) {
             tracing::debug!(agent = %shared.agent, peer = %peer.name, error = %err, "TCP: connection died");
-            peer.lost(shared);
+            peer.lost(shared, owed);
         }
     }
 }
