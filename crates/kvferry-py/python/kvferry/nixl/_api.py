@@ -622,11 +622,14 @@ class nixl_agent:
             raise _nixl_error(e) from None
 
     def remove_remote_agent(self, agent: Union[str, bytes]) -> None:
-        """Forgets a peer and disconnects from it (unknown names are logged)."""
+        """Forgets a peer and disconnects from it. A name that is not loaded
+        returns quietly, as in NIXL (logged at debug): it is also the usual
+        case at a program's end, when the peer's exit closed its connection
+        and kvferry unloaded it then."""
         try:
             self.agent.invalidate_remote(_name(agent))
         except _e.NotFoundError as e:
-            logger.warning("remove_remote_agent: %s", e)
+            logger.debug("remove_remote_agent: %s (already unloaded if its connection closed)", e)
         except _e.Error as e:
             raise _nixl_error(e) from None
 
