@@ -407,7 +407,9 @@ impl Agent {
         if peers.get(name).is_some_and(|p| p.instance == instance) {
             if let Some(p) = peers.remove(name) {
                 drop(peers);
-                // The backend logged why, at warn when work failed.
+                // Info: a peer's program ending is the usual cause. Work that
+                // failed says so itself (its request's error, and TCP warns
+                // when frames were in flight).
                 tracing::info!(agent = %self.name(), peer = %name, "peer disconnected: metadata invalidated");
                 self.unload_from_backends(&p);
             }
