@@ -9,9 +9,10 @@ mod tcp_support;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kvferry::{Agent, AlignedBuf, ErrorKind, Params, XferOp};
+use kvferry_test_support::eventually;
 use tcp_support::{fetch, initiator, PeerProc};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
@@ -60,13 +61,9 @@ impl Recorder {
     }
 }
 
-/// Waits until `a` no longer has `peer` loaded.
+/// Waits (bounded) until `a` no longer has `peer` loaded.
 fn until_unloaded(a: &Agent, peer: &str) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while a.remote_agents().iter().any(|n| n == peer) {
-        assert!(Instant::now() < deadline, "{peer} still loaded 5 s after it left");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    eventually(&format!("{peer} unloaded after it left"), Duration::from_secs(5), || !a.check_remote(peer, None));
 }
 
 #[test]
